@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Set up everything wsgate's commands need on a fresh Debian machine, idempotently:
+# the virtualenv with the package and its dev tools, and the system binaries the
+# tests and demo use (redis-server, chromium; haproxy and nginx with --bench).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_bench=0
+want_browser=1
+for arg in "$@"; do
+  case "$arg" in
+    --bench) want_bench=1 ;;
+    --no-browser) want_browser=0 ;;
+    --minimal) want_browser=0 ;;
+    *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+PYTHON=${PYTHON:-python3}
+stamp=.venv/.wsgate-installed
+digest=$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
+  .venv/bin/pip install --quiet --upgrade pip
+  .venv/bin/pip install --quiet -e '.[dev]'
+  echo "$digest" > "$stamp"
+fi
+
+packages=()
+command -v redis-server >/dev/null || packages+=(redis-server)
+if [ "$want_browser" = 1 ]; then
+  command -v chromium >/dev/null || packages+=(chromium)
+fi
+if [ "$want_bench" = 1 ]; then
+  command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || packages+=(haproxy)
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || packages+=(nginx)
+fi
+if [ "${#packages[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing ${packages[*]} from Debian's packages"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+  else
+    echo "setup: cannot install ${packages[*]} (needs root and apt-get); tests that need them will skip" >&2
+  fi
+fi

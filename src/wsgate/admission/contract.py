@@ -1,0 +1,174 @@
+"""Types of the admission contract and the one rule that picks a backend."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from wsgate.config import RateConfig
+
+__all__ = [
+    "REJECT_STATUS",
+    "Admitted",
+    "AdmissionStore",
+    "Candidate",
+    "Limits",
+    "Reason",
+    "Rejected",
+    "Ticket",
+    "choose_backend",
+]
+
+
+class Reason(StrEnum):
+    """Why a connection was not admitted; each maps to one HTTP status."""
+
+    RATE_LIMITED = "rate_limited"
+    CLIENT_RATE_LIMITED = "client_rate_limited"
+    NO_CAPACITY = "no_capacity"
+    NO_HEALTHY_BACKEND = "no_healthy_backend"
+    STATE_UNAVAILABLE = "state_unavailable"
+    BACKEND_UNREACHABLE = "backend_unreachable"
+    DRAINING = "draining"
+
+
+REJECT_STATUS: Mapping[Reason, int] = {
+    Reason.RATE_LIMITED: 429,
+    Reason.CLIENT_RATE_LIMITED: 429,
+    Reason.NO_CAPACITY: 503,
+    Reason.NO_HEALTHY_BACKEND: 503,
+    Reason.STATE_UNAVAILABLE: 503,
+    Reason.BACKEND_UNREACHABLE: 502,
+    Reason.DRAINING: 503,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A healthy backend the policy would accept, with its cap."""
+
+    backend_id: str
+    cap: int
+
+
+_serials = itertools.count(1)
+
+
+@dataclass(slots=True, eq=False)
+class Ticket:
+    """Proof of one reserved slot; released exactly once."""
+
+    backend_id: str
+    serial: int = field(default_factory=lambda: next(_serials))
+    released: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    ticket: Ticket
+
+    @property
+    def backend_id(self) -> str:
+        return self.ticket.backend_id
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: Reason
+    retry_after: float  # seconds; 0 when a retry cannot help soon
+
+    @property
+    def status(self) -> int:
+        return REJECT_STATUS[self.reason]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a store enforces besides the caps carried by the candidates."""
+
+    connect_rate: RateConfig | None = None
+    client_connect_rate: RateConfig | None = None
+    no_capacity_retry_after: float = 5.0
+
+
+def choose_backend(
+    candidates: Sequence[Candidate],
+    active: Callable[[str], int],
+    *,
+    least_loaded: bool,
+    preferred: str | None = None,
+) -> str | None:
+    """Pick the backend that takes the next connection, or None when all are full.
+
+    ``preferred`` (affinity) wins while it has room. Otherwise ``least_loaded``
+    takes the candidate with the lowest share of its cap (ties go to the earlier
+    candidate), and first-fit takes the first candidate with room. The Redis
+    script implements this same rule; keep them in step.
+    """
+    best: str | None = None
+    best_load = 2.0
+    for candidate in candidates:
+        used = active(candidate.backend_id)
+        if used >= candidate.cap:
+            continue
+        if candidate.backend_id == preferred:
+            return candidate.backend_id
+        if not least_loaded:
+            if preferred is None:
+                return candidate.backend_id
+            if best is None:
+                best = candidate.backend_id
+            continue
+        load = used / candidate.cap
+        if load < best_load:
+            best, best_load = candidate.backend_id, load
+    return best
+
+
+class AdmissionStore(Protocol):
+    """Where admission decisions are made; one decision is one atomic step."""
+
+    kind: str  # "memory" or "redis"
+
+    @property
+    def mode(self) -> str:
+        """``ok``, or ``degraded`` while the shared state cannot be reached."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def configure(self, limits: Limits) -> None:
+        """Apply new rate limits (hot reload); caps travel with the candidates."""
+        ...
+
+    async def admit(
+        self,
+        candidates: Sequence[Candidate],
+        *,
+        client_key: str | None = None,
+        least_loaded: bool = False,
+        preferred: str | None = None,
+    ) -> Admitted | Rejected: ...
+
+    async def release(self, ticket: Ticket) -> None:
+        """Give the slot back; a second release of the same ticket does nothing."""
+        ...
+
+    def global_counts(self) -> Mapping[str, int]:
+        """Live connections per backend held by all replicas (last known)."""
+        ...
+
+    def local_counts(self) -> Mapping[str, int]:
+        """Live connections per backend held by this replica."""
+        ...
+
+    def tokens_available(self) -> float | None:
+        """Connect-rate tokens left in the global bucket; None when unlimited."""
+        ...
+
+    def live_replicas(self) -> int: ...

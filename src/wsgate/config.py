@@ -1,0 +1,352 @@
+"""The typed configuration: the one place that holds defaults and validation.
+
+A config is read from YAML, checked by pydantic models that forbid unknown keys,
+and may be overridden by command-line flags. Every user mistake ends in a
+:class:`ConfigError` whose message names the key and the problem in one line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "AffinityConfig",
+    "BackendSpec",
+    "Config",
+    "ConfigError",
+    "DnsDiscovery",
+    "Duration",
+    "FileDiscovery",
+    "HealthConfig",
+    "LimitsConfig",
+    "PassiveHealthConfig",
+    "QueueConfig",
+    "RateConfig",
+    "RebalanceConfig",
+    "StateConfig",
+    "TimeoutsConfig",
+    "format_duration",
+    "load_config",
+    "parse_address",
+    "parse_duration",
+    "redact_url",
+]
+
+
+class ConfigError(Exception):
+    """A configuration the user must fix; the message is one line meant for them."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Turn ``500ms``, ``5s``, ``2m``, ``1h`` or a bare number of seconds into seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 500ms, 5s or 2m, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration like 500ms, 5s or 2m, got {value!r}")
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Write seconds back in the config's own notation."""
+    if seconds and seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{seconds:g}s"
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+]
+
+
+def parse_address(value: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6, ``:port`` for the default host)."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return (host or default_host), int(port)
+
+
+def _check_address(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected host:port, got {value!r}")
+    parse_address(value)
+    return value.strip()
+
+
+Address = Annotated[str, BeforeValidator(_check_address)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RateConfig(_Model):
+    """A token bucket: ``per_second`` tokens refill, at most ``burst`` stored."""
+
+    per_second: float = Field(gt=0)
+    burst: int = Field(default=1, ge=1)
+
+
+class QueueConfig(_Model):
+    """Wait for a free slot instead of answering 503 at once."""
+
+    max: int = Field(default=0, ge=0)
+    timeout: Duration = 5.0
+
+
+class LimitsConfig(_Model):
+    max_connections_per_backend: int = Field(default=2, ge=1)
+    connect_rate: RateConfig | None = None
+    client_connect_rate: RateConfig | None = None
+    queue: QueueConfig = QueueConfig()
+    # What a 503 no_capacity answer tells clients to wait: nobody knows when a
+    # slot frees, so this is a hint that keeps retries from hammering the gate.
+    retry_after: Duration = 5.0
+
+
+class BackendSpec(_Model):
+    address: Address
+    id: str | None = None
+    max_connections: int | None = Field(default=None, ge=1)
+
+    @property
+    def backend_id(self) -> str:
+        return self.id or self.address
+
+
+def _backend_from_text(value: object) -> object:
+    return {"address": value} if isinstance(value, str) else value
+
+
+BackendEntry = Annotated[BackendSpec, BeforeValidator(_backend_from_text)]
+
+
+class DnsDiscovery(_Model):
+    name: str
+    port: int = Field(gt=0, lt=65536)
+    refresh: Duration = 5.0
+    server: Address | None = None  # resolver to ask; the system's when unset
+
+
+class FileDiscovery(_Model):
+    path: Path
+    refresh: Duration = 1.0
+
+
+class PassiveHealthConfig(_Model):
+    consecutive_failures: int = Field(default=5, ge=1)
+    ejection: Duration = 30.0
+
+
+class HealthConfig(_Model):
+    enabled: bool = True
+    path: str = "/health"
+    interval: Duration = 5.0
+    timeout: Duration = 1.0
+    healthy_threshold: int = Field(default=2, ge=1)
+    unhealthy_threshold: int = Field(default=3, ge=1)
+    passive: PassiveHealthConfig | None = None
+
+
+class TimeoutsConfig(_Model):
+    connect: Duration = 2.0
+    header: Duration = 10.0
+    idle: Duration | None = None
+
+
+class AffinityConfig(_Model):
+    by: Literal["none", "ip", "cookie", "header"] = "none"
+    cookie: str = "wsgate_backend"
+    header: str = "X-Session-Key"
+
+
+class StateConfig(_Model):
+    store: str = "memory"
+    namespace: str = "default"
+    lease_ttl: Duration = 15.0
+    timeout: Duration = 0.1
+    on_failure: Literal["closed", "local"] = "closed"
+
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value != "memory" and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"expected 'memory' or a redis:// URL, got {value!r}")
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _plain_namespace(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+            raise ValueError("use letters, digits, '.', '_' or '-' only")
+        return value
+
+
+def _state_from_text(value: object) -> object:
+    return {"store": value} if isinstance(value, str) else value
+
+
+class RebalanceConfig(_Model):
+    enabled: bool = False
+    max_skew: float = Field(default=1, ge=0)
+    rate: float = 2.0
+    close_code: int = Field(default=1012, ge=1000, le=4999)
+    interval: Duration = 1.0
+
+    @field_validator("rate", mode="before")
+    @classmethod
+    def _rate(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().removesuffix("/s")
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError("expected a rate like 2/s") from None
+        return value
+
+
+class Config(_Model):
+    listen: Address = "127.0.0.1:8080"
+    admin: Address | None = "127.0.0.1:9901"
+    admin_token: str | None = None
+    state: Annotated[StateConfig, BeforeValidator(_state_from_text)] = StateConfig()
+    backends: list[BackendEntry] | DnsDiscovery | FileDiscovery = Field(default_factory=list)
+    balance: Literal["round_robin", "least_conn", "p2c", "hash"] = "least_conn"
+    affinity: AffinityConfig = AffinityConfig()
+    limits: LimitsConfig = LimitsConfig()
+    health: HealthConfig = HealthConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    max_head_size: int = Field(default=16 * 1024, ge=1024)
+    connect_attempts: int = Field(default=3, ge=1)
+    drain_timeout: Duration = 30.0
+    max_connection_duration: Duration | None = None
+    rebalance: RebalanceConfig = RebalanceConfig()
+    access_log: bool = True
+    replica_id: str | None = None
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _discovery_shape(cls, value: object) -> object:
+        # `dns: {...}` and `file: PATH` are written as one-key mappings.
+        if isinstance(value, dict):
+            if set(value) == {"dns"}:
+                return DnsDiscovery.model_validate(value["dns"])
+            if set(value) == {"file"}:
+                spec = value["file"]
+                return FileDiscovery.model_validate(
+                    {"path": spec} if isinstance(spec, str) else spec
+                )
+            raise ValueError("expected a list of backends, {dns: {...}} or {file: PATH}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Config:
+        if isinstance(self.backends, list):
+            seen: set[str] = set()
+            for spec in self.backends:
+                if spec.backend_id in seen:
+                    raise ValueError(f"backend id {spec.backend_id!r} appears twice")
+                seen.add(spec.backend_id)
+        return self
+
+    def public_dump(self) -> dict[str, Any]:
+        """The effective configuration as plain data, secrets redacted."""
+        data = self.model_dump(mode="json")
+        data["state"]["store"] = redact_url(self.state.store)
+        if self.admin_token:
+            data["admin_token"] = "<redacted>"
+        return data
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL such as ``redis://:secret@host:6379/0``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{user}:<redacted>@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-"))
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{where}: {message}" if where else message
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"invalid config: {_describe(error)}") from None
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML file (if any), apply overrides (dotted keys allowed), validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config {path} is not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+        data = loaded
+    for dotted, value in (overrides or {}).items():
+        target = data
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = target.get(key)
+            if not isinstance(node, dict):
+                node = {}
+                target[key] = node
+            target = node
+        target[last] = value
+    return build_config(data)
