@@ -1,0 +1,1 @@
+"""The test bench: demo backend, load generator, local demo topology and their reports."""

@@ -1,0 +1,195 @@
+"""Start and stop the processes of a local topology (tests, demo and bench share this).
+
+Every process runs in its own process group so that stopping it stops its
+children too; :class:`ProcessGroup` stops everything it started, in reverse
+order, even when the code using it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+__all__ = [
+    "Process",
+    "ProcessGroup",
+    "RedisServer",
+    "find_redis_server",
+    "free_port",
+    "wait_for_port",
+    "wsgate_argv",
+]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0, process: Process | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if process is not None and process.popen.poll() is not None:
+                raise RuntimeError(
+                    f"{process.name} exited with {process.popen.returncode} before listening "
+                    f"on {host}:{port}; its output:\n{process.output()}"
+                ) from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
+            time.sleep(0.05)
+
+
+def wsgate_argv(*args: str) -> list[str]:
+    """The argv that runs a wsgate subcommand with this interpreter."""
+    return [sys.executable, "-m", "wsgate.cli", *args]
+
+
+class Process:
+    """One child process with its output captured to a file."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.popen = subprocess.Popen(
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signum)
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        if self.popen.poll() is None:
+            self.signal(signal.SIGCONT)
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.popen.wait(5)
+        else:
+            # Children of an exited leader may still hold the group.
+            self.signal(signal.SIGKILL)
+        self._log.close()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.popen.wait(5)
+
+
+class ProcessGroup:
+    """Processes started together and stopped together (reverse order)."""
+
+    def __init__(self, log_dir: Path | None = None):
+        self._own_dir = log_dir is None
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="wsgate-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.processes: list[Process] = []
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        port: tuple[str, int] | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 15.0,
+    ) -> Process:
+        process = Process(name, argv, self.log_dir, env)
+        self.processes.append(process)
+        if port is not None:
+            wait_for_port(*port, timeout=timeout, process=process)
+        return process
+
+    def stop_all(self) -> None:
+        while self.processes:
+            self.processes.pop().stop()
+        if self._own_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop_all()
+
+
+def find_redis_server() -> str | None:
+    """The redis-server binary on PATH or in the usual Debian place."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    return "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None
+
+
+class RedisServer:
+    """A private, non-persisting redis-server on a free loopback port."""
+
+    def __init__(self, group: ProcessGroup, name: str = "redis", port: int | None = None):
+        binary = find_redis_server()
+        if binary is None:
+            raise FileNotFoundError("redis-server not found; run ./scripts/setup.sh to install it")
+        self.group = group
+        self.name = name
+        self.binary = binary
+        self.port = port or free_port()
+        self.process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        argv = [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--protected-mode", "no",
+            "--dir", str(self.group.log_dir),
+        ]  # fmt: skip
+        self.process = self.group.start(self.name, argv, port=("127.0.0.1", self.port))
+        return self
+
+    def kill(self) -> None:
+        """Lose all data, as a crash would (the port stays the same on restart)."""
+        if self.process is not None:
+            self.process.kill()
+            self.group.processes.remove(self.process)
+            self.process = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
