@@ -77,4 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under ``python -m wsgate.cli`` this file runs as __main__; calling the imported
+    # module's main keeps one UsageError class, the one subcommands raise.
+    from wsgate.cli import main as imported_main
+
+    sys.exit(imported_main())
