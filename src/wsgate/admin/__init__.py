@@ -1,0 +1,1 @@
+"""What operators see: the admin HTTP API, Prometheus metrics, the dashboard."""

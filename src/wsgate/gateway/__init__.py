@@ -1,0 +1,1 @@
+"""The data plane: accept, read the request head, admit, connect, relay, release."""

@@ -1,0 +1,72 @@
+"""Connections to backends: opened with a timeout, pooled for keep-alive HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from wsgate.gateway.proxy import Upstream
+from wsgate.upstreams.pool import Backend
+
+if TYPE_CHECKING:
+    from wsgate.gateway.server import Gateway
+
+__all__ = ["Connector"]
+
+# Idle keep-alive connections kept per backend, and for how long.
+POOL_SIZE = 64
+POOL_IDLE = 30.0
+
+
+class Connector:
+    def __init__(self, gateway: Gateway):
+        self.gw = gateway
+        self._idle: dict[str, list[Upstream]] = {}
+
+    async def acquire(self, backend: Backend, *, pooled: bool) -> Upstream | None:
+        """A connection to ``backend`` (an idle pooled one for HTTP), or None when it fails."""
+        if pooled:
+            idle = self._idle.get(backend.id)
+            while idle:
+                upstream = idle.pop()
+                if not upstream.closed:
+                    return upstream
+        gw = self.gw
+        try:
+            async with asyncio.timeout(gw.config.timeouts.connect):
+                _, upstream = await gw.loop.create_connection(
+                    lambda: Upstream(gw, backend), backend.host, backend.port
+                )
+        except (OSError, TimeoutError) as error:
+            backend.connect_failures_total += 1
+            gw.pool.record_failure(backend, f"connect failed: {error or 'timeout'}")
+            return None
+        gw.pool.record_success(backend)
+        return upstream
+
+    def give_back(self, upstream: Upstream) -> None:
+        """Keep a finished HTTP connection for the next request, if it can be reused."""
+        idle = self._idle.setdefault(upstream.backend.id, [])
+        if upstream.closed or not upstream.reader.reusable or len(idle) >= POOL_SIZE:
+            upstream.abandon()
+            return
+        upstream.idle_since = time.monotonic()
+        idle.append(upstream)
+
+    def forget(self, upstream: Upstream) -> None:
+        idle = self._idle.get(upstream.backend.id)
+        if idle and upstream in idle:
+            idle.remove(upstream)
+
+    def expire_idle(self) -> None:
+        cutoff = time.monotonic() - POOL_IDLE
+        for idle in list(self._idle.values()):
+            for upstream in [u for u in idle if u.idle_since < cutoff]:
+                upstream.abandon()
+
+    def close(self) -> None:
+        for idle in list(self._idle.values()):
+            for upstream in list(idle):
+                upstream.abandon()
+        self._idle.clear()

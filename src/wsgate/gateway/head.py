@@ -1,0 +1,241 @@
+"""Request and response heads, without sockets.
+
+The gateway reads a request head with httptools, decides from it (WebSocket
+upgrade or plain HTTP, affinity key, validity), and writes a rewritten head to
+the backend. Everything here is bytes in, values out, so it is tested directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+__all__ = [
+    "HOP_BY_HOP",
+    "RequestHead",
+    "ResponseHead",
+    "cookie_value",
+    "error_response",
+    "render_request",
+    "render_response",
+    "retry_after_seconds",
+    "websocket_problem",
+]
+
+Header = tuple[bytes, bytes]
+
+# Headers that describe one hop, never forwarded as they are (RFC 9110 7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """One parsed request head. Header names keep their case; lookups ignore it."""
+
+    method: bytes = b""
+    target: bytes = b""
+    version: str = "1.1"
+    headers: list[Header] = field(default_factory=list)
+    upgrade: bool = False  # a WebSocket (or other) upgrade the parser accepted
+    keep_alive: bool = True
+    chunked: bool = False
+    content_length: int | None = None
+
+    def get(self, name: bytes) -> bytes | None:
+        name = name.lower()
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    def values(self, name: bytes) -> list[bytes]:
+        name = name.lower()
+        return [value for key, value in self.headers if key.lower() == name]
+
+    @property
+    def is_websocket(self) -> bool:
+        upgrade = self.get(b"upgrade")
+        return self.upgrade and upgrade is not None and upgrade.strip().lower() == b"websocket"
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def cookie(self, name: str) -> str | None:
+        return cookie_value(self.values(b"cookie"), name)
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int = 0
+    reason: bytes = b""
+    version: str = "1.1"
+    headers: list[Header] = field(default_factory=list)
+    keep_alive: bool = True
+    chunked: bool = False
+    content_length: int | None = None
+
+    def get(self, name: bytes) -> bytes | None:
+        name = name.lower()
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+def cookie_value(cookie_headers: Iterable[bytes], name: str) -> str | None:
+    """The value of cookie ``name`` in ``Cookie:`` headers, or None."""
+    wanted = name.encode()
+    for header in cookie_headers:
+        for pair in header.split(b";"):
+            key, sep, value = pair.strip().partition(b"=")
+            if sep and key == wanted:
+                return value.strip(b'"').decode("latin-1")
+    return None
+
+
+def websocket_problem(head: RequestHead) -> str | None:
+    """Why this upgrade request is not a valid WebSocket handshake (RFC 6455 4.2.1), or None."""
+    if head.method != b"GET":
+        return "a WebSocket handshake must use GET"
+    if head.version != "1.1":
+        return "a WebSocket handshake needs HTTP/1.1"
+    key = head.get(b"sec-websocket-key")
+    if key is None:
+        return "missing Sec-WebSocket-Key"
+    try:
+        if len(base64.b64decode(key.strip(), validate=True)) != 16:
+            return "Sec-WebSocket-Key must be 16 bytes in base64"
+    except (binascii.Error, ValueError):
+        return "Sec-WebSocket-Key is not base64"
+    version = head.get(b"sec-websocket-version")
+    if version is None or version.strip() != b"13":
+        return "Sec-WebSocket-Version must be 13"
+    return None
+
+
+def _join(lines: list[bytes]) -> bytes:
+    lines.append(b"")
+    lines.append(b"")
+    return b"\r\n".join(lines)
+
+
+def render_request(
+    head: RequestHead,
+    *,
+    client_ip: str,
+    request_id: str,
+    proto: str = "http",
+) -> bytes:
+    """The head sent to the backend.
+
+    WebSocket upgrades keep their ``Connection``/``Upgrade`` headers. Plain
+    requests go out as keep-alive HTTP/1.1 on a pooled connection, with the body
+    framed as the client framed it (chunked is re-chunked as it streams).
+    """
+    lines = [b"%s %s HTTP/1.1" % (head.method, head.target)]
+    forwarded_for: bytes | None = None
+    for name, value in head.headers:
+        lower = name.lower()
+        if lower == b"x-forwarded-for":
+            forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+            continue
+        if lower in (b"x-real-ip", b"x-forwarded-proto", b"x-request-id"):
+            continue
+        if lower in HOP_BY_HOP:
+            continue
+        lines.append(name + b": " + value)
+    if head.upgrade:
+        lines.append(b"Connection: Upgrade")
+        lines.append(b"Upgrade: " + (head.get(b"upgrade") or b"websocket"))
+    else:
+        lines.append(b"Connection: keep-alive")
+        if head.chunked:
+            lines.append(b"Transfer-Encoding: chunked")
+    ip = client_ip.encode()
+    lines.append(b"X-Forwarded-For: " + (forwarded_for + b", " + ip if forwarded_for else ip))
+    lines.append(b"X-Forwarded-Proto: " + proto.encode())
+    lines.append(b"X-Real-IP: " + ip)
+    lines.append(b"X-Request-Id: " + request_id.encode())
+    return _join(lines)
+
+
+def render_response(
+    head: ResponseHead,
+    *,
+    keep_alive: bool,
+    chunked: bool,
+    extra: Iterable[Header] = (),
+) -> bytes:
+    """The response head sent to the client (hop-by-hop headers rewritten)."""
+    reason = head.reason or (
+        HTTPStatus(head.status).phrase.encode() if _known(head.status) else b""
+    )
+    lines = [b"HTTP/1.1 %d %s" % (head.status, reason)]
+    for name, value in head.headers:
+        if name.lower() in HOP_BY_HOP:
+            continue
+        lines.append(name + b": " + value)
+    if head.status == 101:
+        lines.append(b"Connection: Upgrade")
+        lines.append(b"Upgrade: " + (head.get(b"upgrade") or b"websocket"))
+    else:
+        if chunked:
+            lines.append(b"Transfer-Encoding: chunked")
+        lines.append(b"Connection: keep-alive" if keep_alive else b"Connection: close")
+    lines.extend(name + b": " + value for name, value in extra)
+    return _join(lines)
+
+
+def _known(status: int) -> bool:
+    try:
+        HTTPStatus(status)
+    except ValueError:
+        return False
+    return True
+
+
+def retry_after_seconds(seconds: float) -> int:
+    """``Retry-After`` is whole seconds; never tell a client to retry at once."""
+    whole = int(seconds)
+    return max(1, whole if whole == seconds else whole + 1)
+
+
+def error_response(
+    status: int,
+    error: str,
+    *,
+    retry_after: float | None = None,
+    detail: str | None = None,
+    close: bool = False,
+    extra: Iterable[Header] = (),
+) -> bytes:
+    """A small JSON answer the gateway gives itself: rejections and bad requests."""
+    payload: dict[str, object] = {"error": error}
+    lines = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
+    if retry_after is not None:
+        seconds = retry_after_seconds(retry_after)
+        payload["retry_after"] = seconds
+        lines.append(b"Retry-After: %d" % seconds)
+    if detail:
+        payload["detail"] = detail
+    body = json.dumps(payload).encode()
+    lines.append(b"Content-Type: application/json")
+    lines.append(b"Content-Length: %d" % len(body))
+    lines.append(b"Connection: close" if close else b"Connection: keep-alive")
+    lines.extend(name + b": " + value for name, value in extra)
+    return _join(lines) + body

@@ -1,0 +1,239 @@
+"""HTTP/1.1 message framing as events, driven by httptools, with no sockets.
+
+:class:`RequestReader` and :class:`ResponseReader` take bytes and return events
+(``Head``, ``Body``, ``End``, ``Upgrade``), in the manner of h11: the protocols
+in :mod:`wsgate.gateway.proxy` only move bytes in and out. Problems a client can
+cause raise :class:`BadMessage` carrying the status to answer with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httptools
+
+from wsgate.gateway.head import RequestHead, ResponseHead
+
+__all__ = [
+    "BadMessage",
+    "Body",
+    "End",
+    "Event",
+    "Head",
+    "RequestReader",
+    "ResponseReader",
+    "Upgrade",
+]
+
+
+class BadMessage(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    head: RequestHead | ResponseHead
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """The head was an accepted upgrade; ``rest`` is what followed it (already the new protocol)."""
+
+    rest: bytes
+
+
+Event = Head | Body | End | Upgrade
+_END = End()
+
+
+def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None]:
+    chunked = False
+    length: int | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+        elif lower == b"content-length":
+            length = int(value)
+    return chunked, length
+
+
+class RequestReader:
+    """Reads requests one after another from a client connection."""
+
+    def __init__(self, max_head_size: int = 16 * 1024):
+        self.max_head_size = max_head_size
+        self._parser = httptools.HttpRequestParser(self)
+        self._events: list[Event] = []
+        self._head: RequestHead | None = None
+        self._url = b""
+        self._in_head = False
+        self._head_bytes = 0
+        self.upgraded = False
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Parse ``data``; return the events it completed."""
+        if self.upgraded:
+            raise RuntimeError("the connection was upgraded; its bytes are not HTTP")
+        events = self._events = []
+        if self._in_head or self._head is None:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0]
+            self.upgraded = True
+            events.append(Upgrade(data[offset:]))
+        except httptools.HttpParserCallbackError as error:
+            if isinstance(error.__context__, BadMessage):
+                raise error.__context__ from None
+            raise
+        except httptools.HttpParserError as error:
+            if self._in_head and self._head_bytes > self.max_head_size:
+                raise BadMessage(431, "request head too large") from None
+            raise BadMessage(400, f"malformed request: {error}") from None
+        if self._in_head and self._head_bytes > self.max_head_size:
+            raise BadMessage(431, "request head too large")
+        return events
+
+    @property
+    def idle(self) -> bool:
+        """True between requests: no byte of a next request has arrived."""
+        return self._head is None and self._head_bytes == 0
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head = RequestHead()
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._head is not None
+        self._head.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        head = self._head
+        assert head is not None
+        parser = self._parser
+        head.method = parser.get_method()
+        head.target = self._url
+        head.version = parser.get_http_version()
+        head.keep_alive = parser.should_keep_alive()
+        head.upgrade = parser.should_upgrade()
+        # A whole head can arrive in one read: measure it as well as the reads.
+        size = len(head.target) + sum(len(k) + len(v) + 4 for k, v in head.headers)
+        if size > self.max_head_size:
+            raise BadMessage(431, "request head too large")
+        try:
+            head.chunked, head.content_length = _framing(head.headers)
+        except ValueError:
+            raise BadMessage(400, "invalid Content-Length") from None
+        self._in_head = False
+        self._head_bytes = 0
+        self._events.append(Head(head))
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Body(body))
+
+    def on_message_complete(self) -> None:
+        self._events.append(_END)
+        self._head = None
+
+
+class ResponseReader:
+    """Reads the responses of one backend connection.
+
+    ``expect_no_body()`` must be called before feeding the answer to a HEAD
+    request: httptools cannot know that such a response has no body.
+    """
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._events: list[Event] = []
+        self._head: ResponseHead | None = None
+        self._no_body = False
+        self.upgraded = False
+        self.reusable = True
+
+    def expect_no_body(self) -> None:
+        self._no_body = True
+
+    def feed(self, data: bytes) -> list[Event]:
+        events = self._events = []
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.upgraded = True
+            events.append(Upgrade(data[upgrade.args[0] :]))
+        except httptools.HttpParserError as error:
+            if self._no_body and self._head is None:
+                return events  # bytes of a body we chose to ignore
+            raise BadMessage(502, f"malformed response from backend: {error}") from None
+        return events
+
+    def feed_eof(self) -> list[Event]:
+        """The backend closed: a close-delimited body ends here."""
+        events = self._events = []
+        if self._head is not None and not self._head.chunked and self._head.content_length is None:
+            events.append(_END)
+            self._head = None
+        return events
+
+    @property
+    def in_message(self) -> bool:
+        return self._head is not None
+
+    def on_message_begin(self) -> None:
+        self._head = ResponseHead()
+
+    def on_status(self, status: bytes) -> None:
+        assert self._head is not None
+        self._head.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._head is not None
+        self._head.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        head = self._head
+        assert head is not None
+        parser = self._parser
+        head.status = parser.get_status_code()
+        head.version = parser.get_http_version()
+        head.keep_alive = parser.should_keep_alive()
+        try:
+            head.chunked, head.content_length = _framing(head.headers)
+        except ValueError:
+            raise BadMessage(502, "invalid Content-Length from backend") from None
+        self._events.append(Head(head))
+        if not head.keep_alive:
+            self.reusable = False
+        if self._no_body:
+            # httptools cannot be told to skip the body, so the message ends here
+            # for us and the connection is not reused (see ``reusable``).
+            self._events.append(_END)
+            self._head = None
+            self.reusable = False
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Body(body))
+
+    def on_message_complete(self) -> None:
+        self._events.append(_END)
+        self._head = None

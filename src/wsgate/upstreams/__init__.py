@@ -1,0 +1,1 @@
+"""The backend pool: which backends exist, which are healthy, and what they hold."""

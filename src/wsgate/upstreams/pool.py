@@ -1,0 +1,150 @@
+"""The backends the gateway knows, with their health and what they hold.
+
+Health has two sources. Active checks (:mod:`.health`) flip ``healthy`` after
+``healthy_threshold`` successes or ``unhealthy_threshold`` failures. Passive
+ejection takes a backend out for a while after consecutive connect failures or
+5xx answers to upgrades, doubling the time on each repeat. A backend that has
+left discovery is ``draining``: no new connections, live ones closed gently.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsgate.admission import Candidate
+from wsgate.config import BackendSpec, PassiveHealthConfig, parse_address
+
+__all__ = ["Backend", "BackendPool"]
+
+log = logging.getLogger("wsgate.upstreams")
+
+
+@dataclass(eq=False)
+class Backend:
+    id: str
+    host: str
+    port: int
+    max_connections: int | None = None  # overrides the default cap
+    healthy: bool = True
+    draining: bool = False
+    ejected_until: float = 0.0
+    ejections: int = 0
+    consecutive_failures: int = 0  # passive: connect failures / 5xx on upgrade
+    check_successes: int = 0
+    check_failures: int = 0
+    admitted_total: int = 0
+    rejected_total: int = 0
+    connect_failures_total: int = 0
+    # Live connections on this replica; the proxy registers them for drain/rebalance.
+    connections: set[Any] = field(default_factory=set)
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def cap(self, default: int) -> int:
+        return self.max_connections if self.max_connections is not None else default
+
+    def available(self, now: float) -> bool:
+        return self.healthy and not self.draining and now >= self.ejected_until
+
+    @classmethod
+    def from_spec(cls, spec: BackendSpec, *, healthy: bool = True) -> Backend:
+        host, port = parse_address(spec.address)
+        return cls(spec.backend_id, host, port, spec.max_connections, healthy=healthy)
+
+
+class BackendPool:
+    def __init__(
+        self,
+        default_cap: int,
+        passive: PassiveHealthConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.default_cap = default_cap
+        self.passive = passive
+        self._clock = clock
+        self._backends: dict[str, Backend] = {}
+        self.on_change: list[Callable[[], None]] = []
+
+    def __iter__(self) -> Iterator[Backend]:
+        return iter(list(self._backends.values()))
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    def get(self, backend_id: str) -> Backend | None:
+        return self._backends.get(backend_id)
+
+    def candidates(self) -> list[Candidate]:
+        """The backends that may take new connections, in configured order."""
+        now = self._clock()
+        default = self.default_cap
+        return [
+            Candidate(b.id, b.cap(default)) for b in self._backends.values() if b.available(now)
+        ]
+
+    def caps(self) -> dict[str, int]:
+        return {b.id: b.cap(self.default_cap) for b in self._backends.values()}
+
+    def update(
+        self, specs: Iterable[BackendSpec], *, initial: bool = False
+    ) -> tuple[list[Backend], list[Backend]]:
+        """Make the pool match ``specs``; return (added, removed).
+
+        Backends that appear after start wait for a passing health check, so
+        they get connections only once they answer. Removed backends are marked
+        draining and kept while they still hold connections.
+        """
+        wanted = {spec.backend_id: spec for spec in specs}
+        added: list[Backend] = []
+        removed: list[Backend] = []
+        for backend_id, spec in wanted.items():
+            current = self._backends.get(backend_id)
+            host, port = parse_address(spec.address)
+            if current is None:
+                backend = Backend.from_spec(spec, healthy=initial)
+                self._backends[backend_id] = backend
+                added.append(backend)
+            else:
+                current.host, current.port = host, port
+                current.max_connections = spec.max_connections
+                if current.draining:
+                    current.draining = False
+                    log.info("backend %s is back in discovery", backend_id)
+        for backend_id, backend in list(self._backends.items()):
+            if backend_id not in wanted and not backend.draining:
+                backend.draining = True
+                removed.append(backend)
+        self.forget_drained()
+        if added or removed:
+            for callback in self.on_change:
+                callback()
+        return added, removed
+
+    def forget_drained(self) -> None:
+        for backend_id, backend in list(self._backends.items()):
+            if backend.draining and not backend.connections:
+                del self._backends[backend_id]
+
+    # Passive outlier detection
+    def record_success(self, backend: Backend) -> None:
+        backend.consecutive_failures = 0
+
+    def record_failure(self, backend: Backend, why: str) -> None:
+        backend.consecutive_failures += 1
+        passive = self.passive
+        if passive is None or backend.consecutive_failures < passive.consecutive_failures:
+            return
+        backend.ejections += 1
+        duration = passive.ejection * 2 ** (backend.ejections - 1)
+        backend.ejected_until = self._clock() + duration
+        backend.consecutive_failures = 0
+        log.warning(
+            "backend %s ejected for %.0fs after %d consecutive failures (last: %s)",
+            backend.id, duration, passive.consecutive_failures, why,
+        )  # fmt: skip
