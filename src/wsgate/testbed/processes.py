@@ -38,7 +38,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout: float = 10.0, process: Process | None = None) -> None:
+def wait_for_port(
+    host: str, port: int, timeout: float = 10.0, process: Process | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -63,7 +65,9 @@ def wsgate_argv(*args: str) -> list[str]:
 class Process:
     """One child process with its output captured to a file."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self, name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None
+    ):
         self.name = name
         self.argv = list(argv)
         self.log_path = log_dir / f"{name}.log"
@@ -144,7 +148,10 @@ class ProcessGroup:
         return self
 
     def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop_all()
 
