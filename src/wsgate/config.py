@@ -292,8 +292,15 @@ class Config(_Model):
 
 
 def redact_url(url: str) -> str:
-    """Hide the password of a URL such as ``redis://:secret@host:6379/0``."""
+    """Hide the password of a URL such as ``redis://:secret@host:6379/0``.
+
+    redis-py also takes ``?password=...`` in the query; that is hidden too.
+    """
     parts = urlsplit(url)
+    if parts.query and "password=" in parts.query:
+        query = re.sub(r"(^|&)password=[^&]*", r"\1password=<redacted>", parts.query)
+        parts = parts._replace(query=query)
+        url = urlunsplit(parts)
     if parts.password is None:
         return url
     user = parts.username or ""
