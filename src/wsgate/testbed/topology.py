@@ -48,7 +48,10 @@ class BackendProcess:
         http_json(f"http://{self.address}/stats/reset", method="POST")
 
     def set_health(self, ok: bool) -> None:
-        http_json(f"http://{self.address}/health/{'ok' if ok else 'fail'}", method="POST")
+        """Make the backend's /health answer 200 (ok) or 503 (failing)."""
+        url = f"http://{self.address}/health/{'ok' if ok else 'fail'}"
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5):
+            pass
 
 
 @dataclass
