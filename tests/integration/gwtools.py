@@ -74,11 +74,11 @@ async def pod_of(ws: ClientConnection) -> str:
     return str(answer["pod"])
 
 
-async def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_until(predicate: Any, within: float = 5.0, interval: float = 0.05) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(interval)
 
 
