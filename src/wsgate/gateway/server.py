@@ -157,6 +157,11 @@ class Gateway:
         """Sessions or HTTP exchanges still in flight."""
         return bool(self.sessions) or any(d.task for d in self.downstreams)
 
+    @property
+    def queued(self) -> int:
+        """Connections waiting in the admission queue for a slot."""
+        return len(self._waiters)
+
     async def stop(self) -> None:
         self.ready = False
         if self._server is not None:
