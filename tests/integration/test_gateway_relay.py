@@ -1,0 +1,184 @@
+"""What passes through the gateway arrives intact: WebSocket messages and HTTP bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+from collections import Counter
+
+import aiohttp
+import pytest
+from gwtools import open_many, open_one, raw_request, wait_until
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+
+from wsgate.testbed.processes import ProcessGroup
+from wsgate.testbed.topology import BackendProcess, GatewayProcess, start_backends, start_gateway
+
+
+@pytest.fixture
+def topology(procs: ProcessGroup) -> tuple[GatewayProcess, list[BackendProcess]]:
+    backends = start_backends(procs, 4)
+    gateway = start_gateway(
+        procs, backends, balance="round_robin", limits={"max_connections_per_backend": 50}
+    )
+    return gateway, backends
+
+
+SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000, 1 << 20, 4 << 20]
+
+
+async def test_messages_of_every_size_arrive_intact(topology) -> None:  # type: ignore[no-untyped-def]
+    gateway, _ = topology
+    ws = await open_one(gateway.ws_url)
+    try:
+        for size in SIZES:
+            payload = os.urandom(size)
+            await ws.send(payload)
+            assert await ws.recv() == payload, size
+            text = "é" * (size // 2)
+            await ws.send(text)
+            assert json.loads(await ws.recv())["echo"] == text, size
+    finally:
+        await ws.close()
+
+
+async def test_fragmented_messages_and_control_frames(topology) -> None:  # type: ignore[no-untyped-def]
+    gateway, _ = topology
+    ws = await open_one(gateway.ws_url)
+    try:
+        parts = [os.urandom(n) for n in (1, 1000, 70000, 3)]
+        await ws.send(parts)  # one message in four fragments
+        assert await ws.recv() == b"".join(parts)
+        await ws.send(["frag", "mented ", "text"])
+        assert json.loads(await ws.recv())["echo"] == "fragmented text"
+        latency = await (await ws.ping(b"are you there"))
+        assert latency >= 0
+        # A ping in the middle of a fragmented message (RFC 6455 5.4 allows it).
+        protocol = ws.protocol
+        protocol.send_frame(Frame(Opcode.BINARY, b"ab", fin=False))
+        protocol.send_frame(Frame(Opcode.PING, b"mid"))
+        protocol.send_frame(Frame(Opcode.CONT, b"cd", fin=True))
+        ws.send_data()  # type: ignore[attr-defined]
+        assert await ws.recv() == b"abcd"
+    finally:
+        await ws.close()
+
+
+@pytest.mark.parametrize("code,reason", [(1000, ""), (4001, "client says bye"), (1001, "away")])
+async def test_client_close_code_reaches_backend_and_back(topology, code: int, reason: str) -> None:  # type: ignore[no-untyped-def]
+    gateway, _ = topology
+    ws = await open_one(gateway.ws_url)
+    await ws.close(code, reason)
+    # The demo backend echoes the close it received: what comes back is what arrived.
+    assert ws.close_code == code
+    assert ws.close_reason == reason
+
+
+async def test_backend_close_code_reaches_client(topology) -> None:  # type: ignore[no-untyped-def]
+    gateway, backends = topology
+    conns = [await open_one(gateway.ws_url) for _ in range(4)]  # one per backend (round robin)
+    for backend in backends:
+        await asyncio.to_thread(
+            _post, f"http://{backend.address}/sessions/close?code=4002&reason=server%20bye&count=1"
+        )
+    for ws in conns:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 4002
+        assert ws.close_reason == "server bye"
+
+
+def _post(url: str) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=5):
+        pass
+
+
+async def test_many_sessions_in_parallel_keep_their_own_bytes(topology) -> None:  # type: ignore[no-untyped-def]
+    gateway, backends = topology
+    outcome = await open_many(gateway.ws_url, 40)
+    assert outcome.statuses[101] == 40
+
+    async def exchange(ws, index: int) -> None:  # type: ignore[no-untyped-def]
+        for round_ in range(20):
+            payload = f"{index}:{round_}".encode() * (1 + index * 50)
+            await ws.send(payload)
+            assert await ws.recv() == payload
+
+    await asyncio.gather(*(exchange(ws, i) for i, ws in enumerate(outcome.open)))
+    await asyncio.gather(*(ws.close() for ws in outcome.open))
+    await wait_until(lambda: sum(b.stats()["active_connections"] for b in backends) == 0)
+
+
+# -- plain HTTP -------------------------------------------------------------------------
+
+
+async def test_keep_alive_client_is_balanced_per_request(topology) -> None:  # type: ignore[no-untyped-def]
+    gateway, backends = topology
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        pods = Counter()
+        for _ in range(40):
+            async with session.get(gateway.http_url + "/") as response:
+                assert response.status == 200
+                pods[(await response.json())["pod"]] += 1
+        # One client connection the whole time...
+        assert len(connector._conns) <= 1  # type: ignore[attr-defined]
+    # ... yet every backend served its share.
+    assert pods == Counter({b.pod_id: 10 for b in backends})
+    assert sum(b.stats()["http_requests"] for b in backends) >= 40
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_request_and_response_bodies_stream_both_ways(topology, chunked: bool) -> None:  # type: ignore[no-untyped-def]
+    gateway, _ = topology
+    body = os.urandom(3 << 20)
+
+    async def pieces():  # type: ignore[no-untyped-def]
+        for start in range(0, len(body), 100_000):
+            yield body[start : start + 100_000]
+
+    async with aiohttp.ClientSession() as session:
+        data = pieces() if chunked else io.BytesIO(body)
+        async with session.post(gateway.http_url + "/echo", data=data) as response:
+            assert response.status == 200
+            assert await response.read() == body
+
+
+async def test_slow_request_holds_a_slot_while_it_runs(procs: ProcessGroup) -> None:
+    backends = start_backends(procs, 1)
+    gateway = start_gateway(procs, backends, limits={"max_connections_per_backend": 1})
+    async with aiohttp.ClientSession() as session:
+        slow = asyncio.create_task(session.get(gateway.http_url + "/slow?min=1.5&max=1.5"))
+        await wait_until(lambda: backends[0].stats()["http_in_flight"] == 1)
+        # The slot is taken: a WebSocket and another request are both refused.
+        refused = await open_many(gateway.ws_url, 1)
+        assert refused.statuses == Counter({503: 1})
+        async with session.get(gateway.http_url + "/") as response:
+            assert response.status == 503
+            assert int(response.headers["Retry-After"]) >= 1
+        response = await slow
+        assert response.status == 200
+        response.release()
+        async with session.get(gateway.http_url + "/") as response:
+            assert response.status == 200
+    assert backends[0].stats()["peak_http_in_flight"] == 1
+
+
+async def test_unreachable_backend_answers_502_and_releases(procs: ProcessGroup) -> None:
+    backends = start_backends(procs, 1)
+    gateway = start_gateway(
+        procs, backends, limits={"max_connections_per_backend": 1}, health={"interval": "60s"}
+    )
+    backends[0].process.kill()
+    for _ in range(3):  # would be 503 after the first if a slot leaked
+        status, headers, body = await raw_request(
+            "127.0.0.1", gateway.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        assert status == 502
+        assert json.loads(body)["error"] == "backend_unreachable"
+        assert int(headers["retry-after"]) >= 1
