@@ -223,8 +223,15 @@ class RebalanceConfig(_Model):
     enabled: bool = False
     max_skew: float = Field(default=1, ge=0)
     rate: float = 2.0
-    close_code: int = Field(default=1012, ge=1000, le=4999)
+    close_code: int = 1012
     interval: Duration = 1.0
+
+    @field_validator("close_code")
+    @classmethod
+    def _sendable(cls, value: int) -> int:
+        from wsgate.gateway.frames import check_close_code
+
+        return check_close_code(value)
 
     @field_validator("rate", mode="before")
     @classmethod
@@ -262,13 +269,16 @@ class Config(_Model):
     def _discovery_shape(cls, value: object) -> object:
         # `dns: {...}` and `file: PATH` are written as one-key mappings.
         if isinstance(value, dict):
-            if set(value) == {"dns"}:
-                return DnsDiscovery.model_validate(value["dns"])
-            if set(value) == {"file"}:
-                spec = value["file"]
-                return FileDiscovery.model_validate(
-                    {"path": spec} if isinstance(spec, str) else spec
-                )
+            try:
+                if set(value) == {"dns"}:
+                    return DnsDiscovery.model_validate(value["dns"])
+                if set(value) == {"file"}:
+                    spec = value["file"]
+                    return FileDiscovery.model_validate(
+                        {"path": spec} if isinstance(spec, str) else spec
+                    )
+            except ValidationError as error:
+                raise ValueError(f"{next(iter(value))}.{_describe(error)}") from None
             raise ValueError("expected a list of backends, {dns: {...}} or {file: PATH}")
         return value
 
@@ -313,7 +323,8 @@ def redact_url(url: str) -> str:
 
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-"))
+    # Drop pydantic's names for union branches and validators ("list[...]", "function-before[...]").
+    where = ".".join(str(part) for part in first["loc"] if "[" not in str(part))
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"

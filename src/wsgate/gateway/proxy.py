@@ -649,6 +649,7 @@ class Session:
         self.started = time.monotonic()
         self.closing_code = 0
         self.closing_reason = ""
+        self.injected = False
         self.close_timer: asyncio.TimerHandle | None = None
         self.done = False
         self.client_side = _ClientSide(self)
@@ -684,23 +685,27 @@ class Session:
         self.closing_code = code
         self.closing_reason = reason
         self.gw.stats.closed_by_gateway[reason] += 1
-        if self.tracker.at_boundary:
+        if self.tracker.close_seen:
+            pass  # the backend is closing already; its close frame is on its way
+        elif self.tracker.at_boundary:
             self._inject(b"")
         self.close_timer = self.gw.loop.call_later(CLOSE_GRACE, self.finish, f"closed_{reason}")
 
     def injection_point(self, data: bytes, offset: int) -> None:
         """Backend bytes arrived while a close waits for a frame boundary."""
-        if offset < 0:
-            self.client_transport.write(data)  # still inside a frame
+        if self.injected:
+            return  # after our close frame, nothing more reaches the client
+        if offset < 0 or self.tracker.close_seen:
+            # Still inside a frame, or the backend's own close is passing: let it through.
+            self.client_transport.write(data)
             return
         self._inject(data[:offset])
 
     def _inject(self, head_part: bytes) -> None:
+        self.injected = True
         self.client_transport.write(head_part + close_frame(self.closing_code, self.closing_reason))
         # From here on nothing more from the backend reaches the client; tell the
         # backend we are going away as a client would, and wait for both to close.
-        self.backend_side.feed = _ignore_frames
-        self.backend_side.write = _discard
         self.client_side.write = _discard
         with contextlib.suppress(Exception):
             self.backend_transport.write(masked_close_frame(1001, "gateway closing"))
@@ -725,17 +730,5 @@ class Session:
         exchange.log(f"closed_{self.closing_reason}" if self.closing_code else outcome)
 
 
-def masked_close_frame(code: int, reason: str = "") -> bytes:
-    """A close frame as a client sends it (masked), for the backend side."""
-    payload = struct.pack("!H", code) + reason.encode()[:123]
-    mask = os.urandom(4)
-    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
-    return bytes((0x88, 0x80 | len(payload))) + mask + masked
-
-
 def _discard(data: bytes | bytearray | memoryview) -> None:
     return None
-
-
-def _ignore_frames(data: bytes) -> int:
-    return 0
