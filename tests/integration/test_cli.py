@@ -57,9 +57,8 @@ def test_bad_config_file(tmp_path: Path) -> None:
     path.write_text("backends: [127.0.0.1:9001]\nlimits: {queue: {max: -1}}\n")
     result = run("serve", "-c", str(path))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "wsgate serve: error: invalid config: limits.queue.max: Input should be greater than or equal to 0"
-    ]
+    expected = "invalid config: limits.queue.max: Input should be greater than or equal to 0"
+    assert result.stderr.strip().splitlines() == [f"wsgate serve: error: {expected}"]
 
 
 def test_check_prints_the_effective_config(tmp_path: Path) -> None:

@@ -84,7 +84,10 @@ class TestForwardedHead:
         assert wire.endswith(b"\r\n\r\n")
 
     def test_plain_request_goes_out_keep_alive_without_hop_by_hop(self) -> None:
-        raw = b"GET / HTTP/1.0\r\nConnection: close\r\nKeep-Alive: 5\r\nTE: trailers\r\nAccept: */*\r\n\r\n"
+        raw = (
+            b"GET / HTTP/1.0\r\nConnection: close\r\nKeep-Alive: 5\r\nTE: trailers\r\n"
+            b"Accept: */*\r\n\r\n"
+        )
         head = only_head(RequestReader().feed(raw))
         assert not head.keep_alive
         wire = render_request(head, client_ip="1.2.3.4", request_id="x")
@@ -168,7 +171,8 @@ class TestFraming:
 class TestResponses:
     def test_switching_protocols_then_frames(self) -> None:
         events = ResponseReader().feed(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x00"
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\n\x81\x00"
         )
         assert isinstance(events[0], Head) and events[0].head.status == 101
         assert events[-1] == Upgrade(b"\x81\x00")
