@@ -1,0 +1,180 @@
+"""Prometheus metrics: a collector that reads the gateway when it is scraped.
+
+The data path only bumps plain integers (see :mod:`wsgate.gateway.stats`);
+turning them into metric families happens here, once per scrape, from one
+:class:`~wsgate.admin.snapshot.Snapshot`. The two histograms (connection
+duration, admission latency) are observed by the gateway itself and live on
+the same registry, so ``generate_latest(gw.stats.registry)`` exposes everything.
+
+Names follow the Prometheus conventions: a ``wsgate_`` prefix, base units
+(``_seconds``, ``_bytes``), ``_total`` on counters. Per-backend series carry a
+``backend`` label; there is no replica label, because every replica is scraped
+on its own and Prometheus adds the ``instance``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from wsgate.admin.snapshot import Snapshot, take_snapshot
+
+if TYPE_CHECKING:
+    from wsgate.gateway.server import Gateway
+
+__all__ = ["CONTENT_TYPE", "STORE_MODES", "GatewayCollector", "metric_families", "render"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+STORE_MODES = ("ok", "degraded")
+
+
+class GatewayCollector(Collector):
+    """Register on ``gw.stats.registry``; every scrape reads the gateway afresh."""
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(metric_families(take_snapshot(self.gateway)))
+
+
+def render(gateway: Gateway) -> bytes:
+    """The text exposition of everything on the gateway's registry."""
+    data: bytes = generate_latest(gateway.stats.registry)
+    return data
+
+
+def metric_families(snap: Snapshot) -> list[Metric]:
+    """The metric families of one snapshot (histograms are not here: they observe live)."""
+    families: list[Metric] = []
+
+    def gauge(name: str, doc: str, value: float) -> None:
+        families.append(GaugeMetricFamily(name, doc, value=value))
+
+    def counter(name: str, doc: str, value: float) -> None:
+        families.append(CounterMetricFamily(name, doc, value=value))
+
+    info = GaugeMetricFamily(
+        "wsgate_replica_info", "This replica's id and state store (always 1).",
+        labels=["replica", "store"],
+    )  # fmt: skip
+    info.add_metric([snap.replica, snap.store], 1)
+    families.append(info)
+    gauge("wsgate_start_time_seconds", "When this gateway started (unix time).", snap.started_at)
+    gauge("wsgate_ready", "1 while this replica takes new connections.", int(snap.ready))
+    gauge("wsgate_draining", "1 while this replica drains.", int(snap.draining))
+
+    # Connections, as the listener and the admission step saw them.
+    counter(
+        "wsgate_connections_accepted_total",
+        "Client TCP connections accepted by the listener.",
+        snap.accepted_total,
+    )
+    counter(
+        "wsgate_admitted_total",
+        "Connections and requests admitted to a backend (a slot was reserved).",
+        snap.admitted_total,
+    )
+    rejected = CounterMetricFamily(
+        "wsgate_rejected_total", "Connections and requests answered without a backend, by reason.",
+        labels=["reason"],
+    )  # fmt: skip
+    for reason, count in snap.rejected.items():
+        rejected.add_metric([reason], count)
+    families.append(rejected)
+    bad = CounterMetricFamily(
+        "wsgate_bad_requests_total", "Requests refused before admission (malformed, timed out).",
+        labels=["status"],
+    )  # fmt: skip
+    for status, count in sorted(snap.bad_requests.items()):
+        bad.add_metric([str(status)], count)
+    families.append(bad)
+    closed = CounterMetricFamily(
+        "wsgate_closed_by_gateway_total",
+        "Sessions the gateway closed itself (drain, rebalance, excess, max_duration).",
+        labels=["reason"],
+    )
+    for reason, count in sorted(snap.closed_by_gateway.items()):
+        closed.add_metric([reason], count)
+    families.append(closed)
+    counter(
+        "wsgate_affinity_fallbacks_total",
+        "Admissions that could not go to the affine backend and went elsewhere.",
+        snap.affinity_fallbacks,
+    )
+    relayed = CounterMetricFamily(
+        "wsgate_relayed_bytes_total",
+        "Bytes relayed after the request head: from_clients (to backends) and to_clients.",
+        labels=["direction"],
+    )
+    relayed.add_metric(["from_clients"], snap.bytes_from_clients)
+    relayed.add_metric(["to_clients"], snap.bytes_to_clients)
+    families.append(relayed)
+    gauge(
+        "wsgate_websocket_sessions",
+        "Live WebSocket sessions relayed by this replica.",
+        snap.sessions_here,
+    )
+    gauge("wsgate_queued_connections", "Connections waiting for a free slot.", snap.queued)
+
+    # Per backend.
+    per_backend: list[tuple[str, str, str, type[GaugeMetricFamily | CounterMetricFamily]]] = [
+        ("wsgate_backend_active_connections", "active_here",
+         "Live connections to the backend held by this replica.", GaugeMetricFamily),
+        ("wsgate_backend_global_active_connections", "active",
+         "Live connections to the backend held by all replicas (shared state).", GaugeMetricFamily),
+        ("wsgate_backend_max_connections", "max_connections",
+         "The backend's cap of concurrent connections.", GaugeMetricFamily),
+        ("wsgate_backend_healthy", "healthy",
+         "1 when health checks pass and the backend is not ejected.", GaugeMetricFamily),
+        ("wsgate_backend_ejected", "ejected",
+         "1 while passive outlier detection keeps the backend out.", GaugeMetricFamily),
+        ("wsgate_backend_draining", "draining",
+         "1 when the backend left discovery and only finishes its connections.", GaugeMetricFamily),
+        ("wsgate_backend_admitted_total", "admitted_total",
+         "Connections and requests admitted to the backend by this replica.", CounterMetricFamily),
+        ("wsgate_backend_rejected_total", "rejected_total",
+         "no_capacity answers given while the backend was a full candidate.", CounterMetricFamily),
+        ("wsgate_backend_connect_failures_total", "connect_failures_total",
+         "Failed attempts to connect to the backend (refused, timed out, closed early).",
+         CounterMetricFamily),
+        ("wsgate_backend_ejections_total", "ejections_total",
+         "Times passive outlier detection ejected the backend.", CounterMetricFamily),
+    ]  # fmt: skip
+    for name, field, doc, kind in per_backend:
+        family = kind(name, doc, labels=["backend"])
+        for b in snap.backends:
+            family.add_metric([b.id], float(getattr(b, field)))
+        families.append(family)
+
+    # The shared state.
+    if snap.tokens_available is not None:
+        gauge(
+            "wsgate_connect_rate_tokens_available",
+            "Tokens left in the global connect-rate bucket (as last seen).",
+            snap.tokens_available,
+        )
+    if snap.rate_burst is not None:
+        gauge("wsgate_connect_rate_burst", "Size of the connect-rate bucket.", snap.rate_burst)
+    mode = GaugeMetricFamily(
+        "wsgate_state_mode", "The state store's mode: 1 for the current one (ok or degraded).",
+        labels=["mode"],
+    )  # fmt: skip
+    for name in STORE_MODES:
+        mode.add_metric([name], int(snap.mode == name))
+    families.append(mode)
+    counter(
+        "wsgate_state_errors_total",
+        "Calls to the shared state store that failed or timed out.",
+        snap.store_errors_total,
+    )
+    gauge(
+        "wsgate_live_replicas",
+        "Gateway replicas holding a live lease in the shared state (1 for memory).",
+        snap.live_replicas,
+    )
+    return families
