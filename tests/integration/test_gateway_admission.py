@@ -7,6 +7,7 @@ sessions, their peak, the sessions their tripwire refused) and what clients got.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 
@@ -271,3 +272,55 @@ async def test_vanished_client_frees_its_slot(procs: ProcessGroup) -> None:
     assert time.monotonic() - started < 2
     await again.close()
     assert backends[0].stats()["refused"] == 0
+
+
+async def test_queue_waits_for_a_slot_in_order_then_times_out(procs: ProcessGroup) -> None:
+    backends = start_backends(procs, 1, tripwire=1)
+    gateway = start_gateway(
+        procs,
+        backends,
+        limits={"max_connections_per_backend": 1, "queue": {"max": 2, "timeout": "1500ms"}},
+    )
+    holder = await open_one(gateway.ws_url)
+    waiter = asyncio.create_task(open_one(gateway.ws_url))
+    await asyncio.sleep(0.3)
+    assert not waiter.done()  # queued, not refused
+    # One more fits the queue (max 2) behind the waiter; one more does not.
+    behind = asyncio.create_task(open_many(gateway.ws_url, 1))
+    await asyncio.sleep(0.2)
+    over = await open_many(gateway.ws_url, 1)
+    assert over.statuses == Counter({503: 1})
+    await holder.close()
+    queued = await asyncio.wait_for(waiter, 5)  # the first in line gets the freed slot
+    assert await pod_of(queued) == "pod-a"
+    overflow = await behind  # the second in line gives up at the queue timeout
+    assert overflow.statuses == Counter({503: 1})
+    # Whoever else waited gave up at the queue timeout with 503 no_capacity.
+    assert all(body["error"] == "no_capacity" for body in overflow.bodies)
+    assert backends[0].stats()["refused"] == 0
+    await queued.close()
+    await close_all(overflow.open)
+
+
+async def test_access_log_has_one_json_line_per_connection(procs: ProcessGroup) -> None:
+    backends = start_backends(procs, 1)
+    gateway = start_gateway(procs, backends, limits={"max_connections_per_backend": 1})
+    ws = await open_one(gateway.ws_url, additional_headers={"X-Request-Id": "trace-me"})
+    await ws.send(b"x" * 1000)
+    await ws.recv()
+    refused = await open_many(gateway.ws_url, 1)
+    await ws.close()
+    await wait_until(lambda: '"request_id":"trace-me"' in gateway.process.output())
+    lines = [
+        json.loads(line.split("wsgate.access: ", 1)[1])
+        for line in gateway.process.output().splitlines()
+        if "wsgate.access: " in line
+    ]
+    session = next(line for line in lines if line.get("request_id") == "trace-me")
+    assert session["kind"] == "websocket" and session["backend"] == "pod-a"
+    assert session["status"] == 101 and session["duration"] > 0
+    assert session["bytes_in"] >= 1000 and session["bytes_out"] >= 1000
+    assert session["client"] == "127.0.0.1"
+    reject = next(line for line in lines if line.get("status") == 503)
+    assert reject["outcome"] == "no_capacity"
+    assert refused.statuses[503] == 1

@@ -280,16 +280,20 @@ class Gateway:
                 remaining = deadline - self.loop.time()
                 if remaining <= 0:
                     return Rejected(Reason.NO_CAPACITY, self.config.limits.retry_after)
+                # Local releases wake the head of the line at once; the head also
+                # polls, because slots freed by other replicas send no wake-up.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), min(remaining, QUEUE_POLL))
                 wake.clear()
-                # Local releases wake the head of the queue; everyone polls, because
-                # slots freed by other replicas send no wake-up.
+                if self._waiters[0] is not wake:
+                    continue  # first come, first served
                 decision, _ = await self._decide(head, client_ip, exclude)
                 if not (isinstance(decision, Rejected) and decision.reason == Reason.NO_CAPACITY):
                     return decision
         finally:
             self._waiters.remove(wake)
+            if self._waiters:
+                self._waiters[0].set()  # the next in line tries now
 
     def release(self, ticket: Ticket) -> None:
         if ticket.released:
