@@ -42,7 +42,8 @@ class Connector:
             backend.connect_failures_total += 1
             gw.pool.record_failure(backend, f"connect failed: {error or 'timeout'}")
             return None
-        gw.pool.record_success(backend)
+        # Success is recorded when the backend answers: a backend that accepts
+        # connections but refuses every upgrade must still be ejected.
         return upstream
 
     def give_back(self, upstream: Upstream) -> None:
@@ -58,6 +59,11 @@ class Connector:
         idle = self._idle.get(upstream.backend.id)
         if idle and upstream in idle:
             idle.remove(upstream)
+
+    def drop_idle(self, backend_id: str) -> None:
+        """Close the idle connections to a backend that has left."""
+        for upstream in self._idle.pop(backend_id, []):
+            upstream.abandon()
 
     def expire_idle(self) -> None:
         cutoff = time.monotonic() - POOL_IDLE

@@ -17,15 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import struct
+import random
 import time
 import uuid
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
 from wsgate.admission import Admitted, Reason, Rejected, Ticket
-from wsgate.gateway.frames import FrameTracker, close_frame
+from wsgate.gateway.frames import FrameTracker, close_frame, masked_close_frame
 from wsgate.gateway.head import (
     RequestHead,
     ResponseHead,
@@ -219,7 +218,7 @@ class Downstream(asyncio.Protocol):
                 self.pending.popleft()
                 if self.upgraded:
                     return
-                if not keep_alive:
+                if not keep_alive or self.gw.draining:
                     self.close()
                     return
                 self.resume_reading()
@@ -378,13 +377,16 @@ class Exchange:
         finally:
             down.upstream = None
         if outcome == "upgraded":
+            gw.pool.record_success(backend)
             return True
         self.release()
         if outcome == "complete":
-            gw.pool.record_success(backend)
+            # Passive ejection counts refused upgrades; any other answer is a success.
             if 500 <= self.status < 600 and head.upgrade:
                 gw.pool.record_failure(backend, f"{self.status} on upgrade")
-            keep = head.keep_alive and not head.upgrade and self.request.ended
+            else:
+                gw.pool.record_success(backend)
+            keep = head.keep_alive and not head.upgrade and self.request.ended and not gw.draining
             self.log("ok" if self.status < 500 else "backend_error")
             if head.upgrade:
                 up.abandon()  # a refused upgrade leaves the connection in no known state
@@ -472,7 +474,7 @@ class Upstream(asyncio.Protocol):
                     head.content_length is None and _may_have_body(head.status, request.head)
                 )
                 self.chunked_out = chunked
-                keep = request.head.keep_alive and not request.head.upgrade
+                keep = request.head.keep_alive and not request.head.upgrade and not self.gw.draining
                 wire = render_response(
                     head, keep_alive=keep, chunked=chunked, extra=self.gw.response_headers(exchange)
                 )
@@ -647,6 +649,9 @@ class Session:
         self.backend_transport = backend_transport
         self.tracker = FrameTracker()
         self.started = time.monotonic()
+        # max_connection_duration is stretched or shrunk by up to 10% per session, so
+        # sessions opened together do not all end together.
+        self.duration_factor = random.uniform(0.9, 1.1)
         self.closing_code = 0
         self.closing_reason = ""
         self.injected = False
@@ -678,10 +683,13 @@ class Session:
     def age(self) -> float:
         return time.monotonic() - self.started
 
-    def close_gracefully(self, code: int, reason: str) -> None:
-        """Send the client a close frame at the next frame boundary; then wind down."""
+    def close_gracefully(self, code: int, reason: str) -> bool:
+        """Send the client a close frame at the next frame boundary; then wind down.
+
+        Returns False when the session is already closing or closed.
+        """
         if self.done or self.closing_code:
-            return
+            return False
         self.closing_code = code
         self.closing_reason = reason
         self.gw.stats.closed_by_gateway[reason] += 1
@@ -690,6 +698,7 @@ class Session:
         elif self.tracker.at_boundary:
             self._inject(b"")
         self.close_timer = self.gw.loop.call_later(CLOSE_GRACE, self.finish, f"closed_{reason}")
+        return True
 
     def injection_point(self, data: bytes, offset: int) -> None:
         """Backend bytes arrived while a close waits for a frame boundary."""

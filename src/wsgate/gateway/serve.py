@@ -1,4 +1,11 @@
-"""``wsgate serve``: run the gateway until SIGTERM/SIGINT (drain) or SIGKILL."""
+"""``wsgate serve``: run the gateway until SIGTERM/SIGINT (drain) or SIGKILL.
+
+SIGHUP reads the config again, with the same command-line overrides as at
+start, and applies it live (see :meth:`Gateway.reload`); ``--watch-config``
+does the same whenever the file's content changes. A config that does not
+load is refused with one log line and the running one stays. A second
+SIGTERM/SIGINT during a drain ends the drain at once.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +14,30 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from wsgate.config import Config, ConfigError, load_config
 from wsgate.runtime import raise_open_files_limit, run_async, setup_logging
 
-__all__ = ["add_arguments", "add_config_arguments", "config_from_args", "run"]
+if TYPE_CHECKING:
+    from wsgate.gateway.server import Gateway
+
+__all__ = [
+    "add_arguments",
+    "add_config_arguments",
+    "config_from_args",
+    "load_from_args",
+    "reload_gateway",
+    "run",
+    "serve",
+]
 
 log = logging.getLogger("wsgate.serve")
+
+# How often --watch-config reads the file to see whether it changed.
+WATCH_INTERVAL = 1.0
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,27 +81,78 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
+def load_from_args(args: argparse.Namespace) -> Config:
+    """The config as ``serve`` runs it: the file, then every command-line override.
+
+    Called at start and again on each reload, so a reload keeps the overrides.
+    """
+    config = config_from_args(args)
+    if getattr(args, "no_access_log", False):
+        config = config.model_copy(update={"access_log": False})
+    return config
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
     parser.add_argument(
         "--no-access-log", action="store_true", help="do not write the JSON access log"
     )
+    parser.add_argument(
+        "--watch-config",
+        action="store_true",
+        help="reload when the config file changes (SIGHUP always reloads)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    if args.no_access_log:
-        config = config.model_copy(update={"access_log": False})
+    config = load_from_args(args)
+    if args.watch_config and not args.config:
+        raise ConfigError("--watch-config needs a config file (-c FILE)")
     try:
         setup_logging(args.log_level)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     raise_open_files_limit()
-    return run_async(serve(config))
+    watch = Path(args.config) if args.watch_config else None
+    return run_async(serve(config, reload=lambda: load_from_args(args), watch=watch))
 
 
-async def serve(config: Config) -> int:
+def reload_gateway(gateway: Gateway, load: Callable[[], Config], why: str) -> bool:
+    """Load the config again and apply it; on any mistake keep the running one."""
+    try:
+        gateway.reload(load())
+    except ConfigError as error:
+        log.error("config reload (%s) refused, the running config stays: %s", why, error)
+        return False
+    except Exception:
+        log.exception("config reload (%s) failed", why)
+        return False
+    return True
+
+
+async def _watch(gateway: Gateway, load: Callable[[], Config], path: Path) -> None:
+    def content() -> bytes | None:
+        try:
+            return path.read_bytes()
+        except OSError:
+            return None  # being replaced: look again next round
+
+    seen = content()
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL)
+        now = content()
+        if now is not None and now != seen:
+            seen = now
+            reload_gateway(gateway, load, f"{path} changed")
+
+
+async def serve(
+    config: Config,
+    *,
+    reload: Callable[[], Config] | None = None,
+    watch: Path | None = None,
+) -> int:
     from wsgate.gateway.server import Gateway
 
     gateway = Gateway(config)
@@ -99,17 +173,36 @@ async def serve(config: Config) -> int:
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+
+    def on_stop_signal(signum: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("%s during the drain: closing what is still open now", signum.name)
+            gateway.cut_drain()
+        else:
+            log.info("%s received: draining", signum.name)
+            stop.set()
+
+    handled = [signal.SIGTERM, signal.SIGINT]
+    for signum in handled:
+        loop.add_signal_handler(signum, on_stop_signal, signum)
+    watcher: asyncio.Task[None] | None = None
+    if reload is not None:
+        handled.append(signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, reload_gateway, gateway, reload, "SIGHUP")
+        if watch is not None:
+            watcher = loop.create_task(_watch(gateway, reload, watch), name="watch-config")
     try:
         await stop.wait()
-        log.info("signal received: draining")
+        if watcher is not None:
+            watcher.cancel()
         await gateway.drain()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await gateway.stop()
         if admin is not None:
             await admin.stop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in handled:
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
     return 0

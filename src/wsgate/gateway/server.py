@@ -13,23 +13,26 @@ import contextlib
 import json
 import logging
 import os
+import random
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 from wsgate.admission import AdmissionStore, Admitted, Candidate, Limits, Reason, Rejected, Ticket
 from wsgate.admission.memory import MemoryStore
 from wsgate.balancing import cookie_token, make_policy, rendezvous_order
-from wsgate.config import Config, parse_address
+from wsgate.config import Config, ConfigError, DnsDiscovery, FileDiscovery, parse_address
 from wsgate.gateway.connector import Connector
 from wsgate.gateway.head import RequestHead
 from wsgate.gateway.proxy import Downstream, Exchange, Session
 from wsgate.gateway.stats import Stats
+from wsgate.upstreams.discovery import BackendSource, source_for
 from wsgate.upstreams.health import HealthChecker
 from wsgate.upstreams.pool import BackendPool
+from wsgate.upstreams.rebalance import ArrivalEstimate, local_share, plan_moves, spread
 
-__all__ = ["Gateway", "limits_of", "open_store"]
+__all__ = ["RESTART_KEYS", "Gateway", "limits_of", "open_store"]
 
 log = logging.getLogger("wsgate.gateway")
 access = logging.getLogger("wsgate.access")
@@ -37,6 +40,12 @@ access = logging.getLogger("wsgate.access")
 # Queued connections re-ask the store this often, to see slots other replicas freed.
 QUEUE_POLL = 0.25
 HOUSEKEEPING_INTERVAL = 1.0
+# How long start waits for the first discovery snapshot before listening anyway.
+DISCOVERY_START_WAIT = 5.0
+# A client closed by the rebalancer counts as on its way back this long (see ArrivalEstimate).
+RECONNECT_WINDOW = 10.0
+# Keys a running gateway cannot change: a reload keeps their running values.
+RESTART_KEYS = ("listen", "admin", "admin_token", "state", "replica_id")
 
 
 def limits_of(config: Config) -> Limits:
@@ -94,17 +103,32 @@ class Gateway:
         self._waiters: deque[asyncio.Event] = deque()
         self._background: set[asyncio.Task[Any]] = set()
         self._cookie_ids: dict[str, str] = {}
+        self._releases: set[asyncio.Task[None]] = set()
+        self._discovery: asyncio.Task[None] | None = None
+        self._arrivals = ArrivalEstimate(RECONNECT_WINDOW)
+        self._drain_cut = asyncio.Event()
         self.pool.on_change.append(self._pool_changed)
         self.stopped = asyncio.Event()
+        if self.store.kind == "redis":
+            from wsgate.admission.redis import RedisStore
+
+            if isinstance(self.store, RedisStore):
+                self.store.on_excess = self._close_excess
 
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.stopped = asyncio.Event()
+        self._drain_cut = asyncio.Event()
+        backends = self.config.backends
+        # A discovery source that cannot even be built is a config mistake: say so first.
+        source = None if isinstance(backends, list) else self._source(backends)
         await self.store.start()
-        if isinstance(self.config.backends, list):
-            self.pool.update(self.config.backends, initial=True)
-        self.health.sync()
+        if isinstance(backends, list):
+            self.pool.update(backends, initial=True)
+            self.health.sync()
+        elif source is not None:
+            await self._follow_discovery(source, initial=True, wait=DISCOVERY_START_WAIT)
         if self._sock is not None:
             self._server = await self.loop.create_server(
                 lambda: Downstream(self), sock=self._sock, backlog=4096
@@ -115,6 +139,7 @@ class Gateway:
                 lambda: Downstream(self), host, port, backlog=4096, reuse_address=True
             )
         self.spawn(self._housekeeping(), "housekeeping")
+        self.spawn(self._rebalance_forever(), "rebalance")
         self.ready = True
         log.info(
             "gateway %s listening on %s with %d backends, store %s",
@@ -146,11 +171,25 @@ class Gateway:
         for down in list(self.downstreams):
             if down.task is None:
                 down.close()  # idle keep-alive: nothing in flight
-        deadline = self.loop.time() + self.config.drain_timeout
+        started = self.loop.time()
+        deadline = started + self.config.drain_timeout
         # Polled, not signalled: drain happens once, and the data path stays free
         # of bookkeeping for it.
-        while self.busy and self.loop.time() < deadline:  # noqa: ASYNC110
+        while self.busy and self.loop.time() < deadline and not self._drain_cut.is_set():  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+        took = self.loop.time() - started
+        if self.busy:
+            requests = sum(1 for d in self.downstreams if d.task is not None)
+            log.warning(
+                "drain stopped after %.1fs with %d sessions and %d requests open: cutting them",
+                took, len(self.sessions), requests,
+            )  # fmt: skip
+        else:
+            log.info("drained in %.1fs: every connection closed", took)
+
+    def cut_drain(self) -> None:
+        """End a drain in progress now (a second SIGTERM): what is still open gets cut."""
+        self._drain_cut.set()
 
     @property
     def busy(self) -> bool:
@@ -172,6 +211,12 @@ class Gateway:
             down.close()
         self.connector.close()
         await self.health.close()
+        # Let transports finish closing, then wait (bounded) for the slots they give back.
+        await asyncio.sleep(0)
+        if self._releases:
+            await asyncio.wait(
+                list(self._releases), timeout=max(1.0, self.config.state.timeout * 4)
+            )
         for task in list(self._background):
             task.cancel()
         for task in list(self._background):
@@ -188,13 +233,213 @@ class Gateway:
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             self.connector.expire_idle()
+            known = len(self.pool)
             self.pool.forget_drained()
+            if len(self.pool) != known:
+                self.health.sync()  # stop checking backends that have drained and left
+            self.pool.end_ejections()
             if idle_timeout:
                 now_bytes = {s: s.bytes_in + s.bytes_out for s in self.sessions}
                 for session, total in now_bytes.items():
                     if session.age > idle_timeout and last_bytes.get(session) == total:
                         session.finish("idle_timeout")
                 last_bytes = now_bytes
+
+    # -- backends that come and go -----------------------------------------------------------
+    @staticmethod
+    def _source(config: DnsDiscovery | FileDiscovery) -> BackendSource:
+        try:
+            return source_for(config)
+        except ValueError as error:
+            raise ConfigError(f"backends: {error}") from None
+
+    async def _follow_discovery(
+        self, source: BackendSource, *, initial: bool, wait: float = 0.0
+    ) -> None:
+        """Feed ``source``'s snapshots into the pool from now on; wait up to ``wait``
+        seconds for the first one."""
+        if self._discovery is not None:
+            self._discovery.cancel()
+        first = self.loop.create_future()
+        self._discovery = self.spawn(self._discover(source, initial, first), "discovery")
+        if wait > 0:
+            try:
+                await asyncio.wait_for(asyncio.shield(first), wait)
+            except TimeoutError:
+                log.warning("no backends from %s after %.0fs; listening anyway", source, wait)
+
+    async def _discover(
+        self, source: BackendSource, initial: bool, first: asyncio.Future[None]
+    ) -> None:
+        log.info("following backends from %s every %gs", source, source.refresh)
+        async for specs in source.snapshots():
+            self.apply_backends(specs, initial=initial)
+            initial = False
+            if not first.done():
+                first.set_result(None)
+
+    def apply_backends(self, specs: list[Any], *, initial: bool = False) -> None:
+        """Make the pool match ``specs`` (a snapshot); drain the backends that left.
+
+        New backends take connections once healthy (at start: at once, as with a
+        static list). A backend that left takes no new connections, and its live
+        sessions are closed with 1001 at a frame boundary.
+        """
+        added, removed = self.pool.update(specs, initial=initial)
+        self.health.sync()
+        for backend in added:
+            wait = "" if backend.healthy else ", waiting for its health checks"
+            log.info("backend %s (%s) added%s", backend.id, backend.address, wait)
+        for backend in removed:
+            sessions = list(backend.connections)
+            log.info(
+                "backend %s (%s) removed: no new connections, closing its %d sessions",
+                backend.id, backend.address, len(sessions),
+            )  # fmt: skip
+            self.connector.drop_idle(backend.id)
+            for session in sessions:
+                session.close_gracefully(1001, "backend_removed")
+
+    # -- hot reload ---------------------------------------------------------------------------
+    def reload(self, new: Config) -> list[str]:
+        """Apply ``new`` to the running gateway without dropping a live connection.
+
+        Keys in :data:`RESTART_KEYS` keep their running values (logged). Limits and
+        caps apply to new connections only. Returns the top-level keys applied.
+
+        Raises:
+            ConfigError: ``new`` cannot be applied (nothing was changed).
+        """
+        old = self.config
+        fixed = [key for key in RESTART_KEYS if getattr(new, key) != getattr(old, key)]
+        if fixed:
+            log.warning(
+                "config reload: %s cannot change while running (restart to apply); "
+                "keeping the running value", ", ".join(fixed),
+            )  # fmt: skip
+            new = new.model_copy(update={key: getattr(old, key) for key in fixed})
+        changed = [key for key in type(new).model_fields if getattr(new, key) != getattr(old, key)]
+        source = None
+        if new.backends != old.backends and not isinstance(new.backends, list):
+            source = self._source(new.backends)
+        policy = make_policy(new.balance) if new.balance != old.balance else self.policy
+
+        self.config = new
+        self.policy = policy
+        self.store.configure(limits_of(new))
+        self.pool.default_cap = new.limits.max_connections_per_backend
+        self.pool.passive = new.health.passive
+        self.health.config = new.health
+        if new.backends != old.backends:
+            if source is not None:
+                self.spawn(self._follow_discovery(source, initial=False), "discovery-start")
+            else:
+                if self._discovery is not None:
+                    self._discovery.cancel()
+                    self._discovery = None
+                assert isinstance(new.backends, list)
+                self.apply_backends(new.backends)
+        self.health.sync()
+        self._pool_changed()
+        log.info("config reloaded: %s", ", ".join(changed) if changed else "nothing changed")
+        return changed
+
+    # -- moving and ending long-lived sessions ----------------------------------------------
+    async def _rebalance_forever(self) -> None:
+        while True:
+            interval = max(self.config.rebalance.interval, 0.05)
+            # Jittered, so replicas seldom plan from the same counts at the same moment.
+            await asyncio.sleep(interval * random.uniform(0.75, 1.25))
+            if self.draining:
+                continue
+            try:
+                await self.close_due_sessions()
+            except Exception:
+                log.exception("rebalancing failed; trying again next round")
+
+    async def close_due_sessions(self) -> int:
+        """One round: close sessions past max_connection_duration, and the sessions the
+        rebalance plan gives this replica, within the shared close budget.
+
+        Returns how many sessions were asked to close.
+        """
+        config = self.config
+        rebalance = config.rebalance
+        expired: list[Session] = []
+        limit = config.max_connection_duration
+        if limit:
+            now = time.monotonic()
+            expired = [
+                s
+                for s in self.sessions
+                if not s.closing_code and now - s.started >= limit * s.duration_factor
+            ]
+            expired.sort(key=lambda s: s.started)
+        moving = await self._rebalance_plan() if rebalance.enabled else []
+        due = set(expired)
+        wanted = expired + [s for s in moving if s not in due]
+        if not wanted:
+            return 0
+        granted = await self.store.acquire_close_tokens(rebalance.rate, len(wanted))
+        closed: Counter[str] = Counter()
+        for session in wanted[:granted]:
+            reason = "max_duration" if session in due else "rebalance"
+            if session.close_gracefully(rebalance.close_code, reason):
+                closed[f"{reason} on {session.backend.id}"] += 1
+        if closed:
+            log.info(
+                "closing %s with %d (%d wanted, budget %g/s for all replicas)",
+                ", ".join(f"{n} for {what}" for what, n in sorted(closed.items())),
+                rebalance.close_code, len(wanted), rebalance.rate,
+            )  # fmt: skip
+        return sum(closed.values())
+
+    async def _rebalance_plan(self) -> list[Session]:
+        """This replica's sessions to move now, most loaded backend and oldest first."""
+        max_skew = self.config.rebalance.max_skew
+        caps = {c.backend_id: c.cap for c in self.pool.candidates()}
+        counts = self.store.global_counts()
+        if len(caps) < 2 or spread(counts, caps) <= max_skew:
+            self._arrivals.observe(self.loop.time(), sum(counts.values()))
+            return []
+        # The plan must come from counts as fresh as the store can give.
+        refresh = getattr(self.store, "renew_now", None)
+        if refresh is not None:
+            await refresh()
+        counts = self.store.global_counts()
+        mine: dict[str, list[Session]] = {}
+        closing: Counter[str] = Counter()
+        for session in self.sessions:
+            if session.closing_code:
+                closing[session.backend.id] += 1
+            else:
+                mine.setdefault(session.backend.id, []).append(session)
+        # Sessions already closing are gone for the plan, and on their way back.
+        arriving = self._arrivals.observe(self.loop.time(), sum(counts.values()))
+        arriving += sum(closing.values())
+        visible = {b: max(0, n - closing[b]) for b, n in counts.items()}
+        moves = plan_moves(visible, caps, max_skew, arriving=arriving)
+        share = local_share(
+            moves,
+            visible,
+            {b: len(sessions) for b, sessions in mine.items()},
+            tail=lambda p: random.random() < p,
+        )
+        chosen: list[Session] = []
+        loads = {b: visible.get(b, 0) / caps[b] for b in share if b in caps}
+        for backend_id in sorted(share, key=lambda b: -loads.get(b, 0.0)):
+            oldest = sorted(mine[backend_id], key=lambda s: s.started)
+            chosen.extend(oldest[: share[backend_id]])
+        return chosen
+
+    def _close_excess(self, backend_id: str, count: int) -> None:
+        """The shared state found this replica over a cap: close its newest sessions there."""
+        backend = self.pool.get(backend_id)
+        if backend is None:
+            return
+        newest = sorted(backend.connections, key=lambda s: s.started, reverse=True)
+        for session in newest[:count]:
+            session.close_gracefully(1013, "excess")
 
     # -- admission ----------------------------------------------------------------------------
     def _pool_changed(self) -> None:
@@ -302,7 +547,10 @@ class Gateway:
         if isinstance(store, MemoryStore):
             store.release_now(ticket)
         else:
-            self.spawn(store.release(ticket), "release")
+            # Tracked apart from the background tasks: stop waits for these to land.
+            task = self.loop.create_task(store.release(ticket), name="release")
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
         if self._waiters:
             self._waiters[0].set()
 

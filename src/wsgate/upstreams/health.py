@@ -46,6 +46,10 @@ class HealthChecker:
     def sync(self) -> None:
         """Start checks for new backends, stop them for backends that left."""
         if not self.config.enabled:
+            # Checks turned off (at start or by a reload): every backend counts as healthy.
+            for task in self._tasks.values():
+                task.cancel()
+            self._tasks.clear()
             for backend in self.pool:
                 backend.healthy = True
             return

@@ -3,7 +3,8 @@
 Health has two sources. Active checks (:mod:`.health`) flip ``healthy`` after
 ``healthy_threshold`` successes or ``unhealthy_threshold`` failures. Passive
 ejection takes a backend out for a while after consecutive connect failures or
-5xx answers to upgrades, doubling the time on each repeat. A backend that has
+5xx answers to upgrades, doubling the time on each repeat without a success
+in between (up to :data:`MAX_EJECTION`). A backend that has
 left discovery is ``draining``: no new connections, live ones closed gently.
 """
 
@@ -18,9 +19,12 @@ from typing import Any
 from wsgate.admission import Candidate
 from wsgate.config import BackendSpec, PassiveHealthConfig, parse_address
 
-__all__ = ["Backend", "BackendPool"]
+__all__ = ["MAX_EJECTION", "Backend", "BackendPool"]
 
 log = logging.getLogger("wsgate.upstreams")
+
+# Doubling stops here, so a backend that keeps failing is retried every few minutes.
+MAX_EJECTION = 300.0
 
 
 @dataclass(eq=False)
@@ -33,6 +37,7 @@ class Backend:
     draining: bool = False
     ejected_until: float = 0.0
     ejections: int = 0
+    ejection_streak: int = 0  # ejections since the last success: each one lasts twice as long
     consecutive_failures: int = 0  # passive: connect failures / 5xx on upgrade
     check_successes: int = 0
     check_failures: int = 0
@@ -69,6 +74,7 @@ class BackendPool:
         self.passive = passive
         self._clock = clock
         self._backends: dict[str, Backend] = {}
+        self._ejected: set[str] = set()  # ids whose ejection has not been seen to end
         self.on_change: list[Callable[[], None]] = []
 
     def __iter__(self) -> Iterator[Backend]:
@@ -134,6 +140,7 @@ class BackendPool:
     # Passive outlier detection
     def record_success(self, backend: Backend) -> None:
         backend.consecutive_failures = 0
+        backend.ejection_streak = 0
 
     def record_failure(self, backend: Backend, why: str) -> None:
         backend.consecutive_failures += 1
@@ -141,10 +148,29 @@ class BackendPool:
         if passive is None or backend.consecutive_failures < passive.consecutive_failures:
             return
         backend.ejections += 1
-        duration = passive.ejection * 2 ** (backend.ejections - 1)
+        backend.ejection_streak += 1
+        duration = min(
+            passive.ejection * 2 ** (backend.ejection_streak - 1),
+            max(passive.ejection, MAX_EJECTION),
+        )
         backend.ejected_until = self._clock() + duration
         backend.consecutive_failures = 0
+        self._ejected.add(backend.id)
         log.warning(
             "backend %s ejected for %.0fs after %d consecutive failures (last: %s)",
             backend.id, duration, passive.consecutive_failures, why,
         )  # fmt: skip
+
+    def end_ejections(self) -> list[Backend]:
+        """The backends whose ejection has run out since the last call (logged)."""
+        now = self._clock()
+        ended = []
+        for backend_id in list(self._ejected):
+            backend = self._backends.get(backend_id)
+            if backend is None:
+                self._ejected.discard(backend_id)
+            elif now >= backend.ejected_until:
+                self._ejected.discard(backend_id)
+                ended.append(backend)
+                log.info("backend %s is back after its ejection", backend_id)
+        return ended
