@@ -1,0 +1,443 @@
+"""``wsgate demo``: the whole system on one machine, run against the seed scenario and checked.
+
+It starts 4 demo backends (each with a tripwire at 2 sessions), a gateway (cap 2
+per backend, 1 connect/s with a burst of 10, least connections, health checks)
+and runs seed 000's clients through it: 10 clients x 5 sessions, one new session
+every 10 s per client, a message every 10-20 s. ``--speed`` divides every client
+time, so ``--speed 2`` runs the same scenario twice as fast. At the end the
+backends' own counts are the truth the checks compare with:
+
+- no backend ever held more than its cap, and no tripwire fired;
+- every slot was used: the gateway admitted exactly as many sessions as fit;
+- everything else was refused with 429 or 503, and nothing failed otherwise;
+- the load's count per backend equals each backend's own count;
+- every message was answered;
+- every slot was free again once the clients left.
+
+The run exits non-zero when a check fails. ``--replicas N`` puts N gateways on
+one private redis-server; ``--keep`` leaves everything up to explore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wsgate.config import parse_duration
+from wsgate.runtime import raise_open_files_limit, run_async, setup_logging
+from wsgate.testbed.load import LoadPlan, run_load
+from wsgate.testbed.load_plan import Interval, parse_target
+from wsgate.testbed.processes import (
+    ProcessGroup,
+    RedisServer,
+    find_redis_server,
+    free_port,
+    wsgate_argv,
+)
+from wsgate.testbed.report import format_report, write_csv, write_plot
+from wsgate.testbed.topology import BackendProcess, GatewayProcess, start_backends
+
+__all__ = ["Check", "DemoShape", "add_arguments", "evaluate", "run"]
+
+_CLIENTS = 10
+_CONNECTIONS = 5
+_CONNECT_INTERVAL = 10.0
+_MESSAGE_INTERVAL = Interval(10.0, 20.0)
+_ADMIN_PORT = 9901
+_GATEWAY_REASONS = frozenset({"rate_limited", "client_rate_limited", "no_capacity"})
+_LISTEN_PORT = 8080
+
+
+@dataclass(frozen=True)
+class DemoShape:
+    """What the demo builds, and so what it must observe."""
+
+    backends: int = 4
+    cap: int = 2
+    tripwire: int = 2
+    clients: int = _CLIENTS
+    connections: int = _CONNECTIONS
+
+    @property
+    def capacity(self) -> int:
+        return self.backends * self.cap
+
+    @property
+    def wanted(self) -> int:
+        return self.clients * self.connections
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def evaluate(
+    shape: DemoShape,
+    report: dict[str, Any],
+    truth: dict[str, dict[str, Any]],
+    active_after: dict[str, int] | None = None,
+) -> list[Check]:
+    """The demo's checks: the load's report against the backends' own counts (pure)."""
+    connections = report["connections"]
+    peaks = {pod: stats["peak_connections"] for pod, stats in truth.items()}
+    refused = {pod: stats["refused"] for pod, stats in truth.items() if stats["refused"]}
+    checks = [
+        Check(
+            f"no backend ever above its cap of {shape.cap}",
+            max(peaks.values(), default=0) <= shape.cap and not refused,
+            f"peaks {peaks}"
+            + (f"; tripwires fired: {refused} sessions refused by backends" if refused else ""),
+        )
+    ]
+    expected = min(shape.capacity, shape.wanted)
+    spread = (
+        all(peak == shape.cap for peak in peaks.values())
+        if shape.wanted >= shape.capacity
+        else True
+    )
+    checks.append(
+        Check(
+            f"exactly {expected} sessions held at once, {shape.cap} on every backend",
+            connections["peak_open"] == expected and sum(peaks.values()) == expected and spread,
+            f"load saw a peak of {connections['peak_open']} open; backends' peaks {peaks}",
+        )
+    )
+    refusals = sum(connections["rejected"].values())
+    odd_statuses = {s: n for s, n in connections["rejected"].items() if s not in ("429", "503")}
+    # Refusals must come from the gateway's admission, not from a backend's tripwire.
+    odd_reasons = {
+        reason: n
+        for reason, n in connections["rejected_by_reason"].items()
+        if reason not in _GATEWAY_REASONS
+    }
+    expected_refusals = connections["attempted"] - connections["established"]
+    checks.append(
+        Check(
+            "everything else refused by the gateway with 429/503, nothing failed",
+            refusals == expected_refusals
+            and not odd_statuses
+            and not odd_reasons
+            and not connections["failed"]
+            and (refusals > 0 or shape.wanted <= shape.capacity),
+            f"{refusals} refused {connections['rejected']} of {connections['attempted']} attempts"
+            + (f"; not by the gateway: {odd_reasons}" if odd_reasons else "")
+            + (f"; failed {connections['failed']}" if connections["failed"] else ""),
+        )
+    )
+    counted = {
+        pod: stats["total_connections"]
+        for pod, stats in truth.items()
+        if stats["total_connections"]
+    }
+    checks.append(
+        Check(
+            "the load's sessions per backend equal the backends' own counts",
+            report["by_backend"] == counted and sum(counted.values()) == connections["established"],
+            f"load {report['by_backend']}; backends {counted}",
+        )
+    )
+    messages = report["messages"]
+    answered = sum(stats["messages"] for stats in truth.values())
+    checks.append(
+        Check(
+            "every message answered",
+            messages["sent"] == messages["received"] == answered and messages["sent"] > 0,
+            f"{messages['sent']} sent, {messages['received']} answered, backends saw {answered}",
+        )
+    )
+    if active_after is not None:
+        held = {key: n for key, n in active_after.items() if n}
+        checks.append(
+            Check(
+                "every slot free once the clients left",
+                not held,
+                f"still held: {held}" if held else "0 held at the backends and the gateways",
+            )
+        )
+    return checks
+
+
+def format_checks(checks: list[Check]) -> str:
+    lines = ["checks:"]
+    for check in checks:
+        mark = "PASS" if check.ok else "FAIL"
+        lines.append(f"  [{mark}] {check.name}: {check.detail}")
+    return "\n".join(lines)
+
+
+def _port(preferred: int) -> int:
+    """The usual port when it is free (so the README's URLs work), else any free port."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", preferred))
+        except OSError:
+            return free_port()
+    return preferred
+
+
+def _ready(gateway: GatewayProcess) -> bool:
+    try:
+        with urllib.request.urlopen(gateway.admin_url + "/ready", timeout=1) as response:
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def _gateway_active(gateways: list[GatewayProcess]) -> dict[str, int]:
+    held: dict[str, int] = {}
+    for gateway in gateways:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            for backend in gateway.admin("/clusters")["backends"]:
+                held[f"{gateway.name}:{backend['id']}"] = int(backend["active"])
+    return held
+
+
+def _settle(backends: list[BackendProcess], within: float = 5.0) -> dict[str, int]:
+    """Backends' open sessions once closes have landed (bounded wait)."""
+    deadline = time.monotonic() + within
+    while True:
+        active = {b.pod_id: int(b.stats()["active_connections"]) for b in backends}
+        if not any(active.values()) or time.monotonic() > deadline:
+            return active
+        time.sleep(0.05)
+
+
+def _start_gateway(group: ProcessGroup, name: str, config: dict[str, Any]) -> GatewayProcess:
+    path = group.log_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = int(config["listen"].rsplit(":", 1)[1])
+    admin_port = int(config["admin"].rsplit(":", 1)[1])
+    process = group.start(name, wsgate_argv("serve", "-c", str(path)), port=("127.0.0.1", port))
+    return GatewayProcess(name, port, admin_port, process, config, str(path))
+
+
+def build(
+    group: ProcessGroup, args: argparse.Namespace, shape: DemoShape
+) -> tuple[list[BackendProcess], list[GatewayProcess]]:
+    from wsgate.cli import UsageError
+
+    state: str = "memory"
+    if args.replicas > 1:
+        if find_redis_server() is None:
+            raise UsageError(
+                f"--replicas {args.replicas} needs redis-server to share state, and none was "
+                "found on PATH; install it (./scripts/setup.sh) or run with --replicas 1"
+            )
+        state = RedisServer(group).start().url
+    backends = start_backends(group, shape.backends, tripwire=shape.tripwire)
+    gateways = []
+    for index in range(args.replicas):
+        name = "gateway" if args.replicas == 1 else f"gateway-{index + 1}"
+        config = {
+            "listen": f"127.0.0.1:{_port(_LISTEN_PORT + index)}",
+            "admin": f"127.0.0.1:{_port(_ADMIN_PORT + index)}",
+            "state": state,
+            "backends": [{"address": b.address, "id": b.pod_id} for b in backends],
+            "balance": "least_conn",
+            "limits": {
+                "max_connections_per_backend": args.gateway_cap or shape.cap,
+                "connect_rate": {"per_second": 1, "burst": 10},
+            },
+            "health": {"path": "/health", "interval": "1s", "timeout": "500ms"},
+        }
+        gateways.append(_start_gateway(group, name, config))
+    deadline = time.monotonic() + 15
+    while not all(_ready(gateway) for gateway in gateways):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the gateway did not become ready within 15 s; see its log")
+        time.sleep(0.1)
+    return backends, gateways
+
+
+def plan_for(args: argparse.Namespace, gateways: list[GatewayProcess]) -> LoadPlan:
+    scale = 1.0 / args.speed
+    return LoadPlan(
+        targets=[parse_target(gateway.ws_url, http=False) for gateway in gateways],
+        clients=_CLIENTS,
+        connections=_CONNECTIONS,
+        connect_interval=_CONNECT_INTERVAL * scale,
+        message_interval=_MESSAGE_INTERVAL.scaled(scale),
+        duration=args.duration * scale,
+        source_ips=[f"127.0.0.{n}" for n in range(2, 2 + _CLIENTS)],
+        backoff_base=0.5,
+        backoff_max=5.0,
+        seed=args.seed,
+    )
+
+
+async def _scenario(
+    args: argparse.Namespace, backends: list[BackendProcess], gateways: list[GatewayProcess]
+) -> tuple[dict[str, Any], bool]:
+    """Run the clients; ``True`` when the run was cut short by Ctrl-C."""
+    plan = plan_for(args, gateways)
+    stop = asyncio.Event()
+    interrupted = False
+
+    def interrupt() -> None:
+        nonlocal interrupted
+        interrupted = True
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, interrupt)
+    assert plan.duration is not None
+    loop.call_later(plan.duration, stop.set)
+    banner = [
+        f"dashboard: {gateways[0].admin_url}/dashboard"
+        + "".join(f"  {g.admin_url}/dashboard" for g in gateways[1:]),
+        f"gateway{'s' if len(gateways) > 1 else ''}: {', '.join(g.ws_url for g in gateways)}"
+        f"   backends: {', '.join(b.pod_id + '@' + b.address for b in backends)}",
+        f"scenario: {plan.clients} clients x {plan.connections} sessions, one every "
+        f"{plan.connect_interval:g}s, a message every {_MESSAGE_INTERVAL.low / args.speed:g}-"
+        f"{_MESSAGE_INTERVAL.high / args.speed:g}s, for {plan.duration:g}s (speed {args.speed:g})",
+    ]
+    report, _ = await run_load(plan, view=args.view, stop=stop, banner=banner)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(signum)
+    return report, interrupted
+
+
+async def _wait_for_interrupt() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+
+def demo(args: argparse.Namespace) -> int:
+    shape = DemoShape()
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    with ProcessGroup(log_dir) as group:
+        print(
+            f"wsgate demo: starting {shape.backends} backends and {args.replicas} "
+            f"gateway(s); logs in {group.log_dir}",
+            flush=True,
+        )
+        try:
+            backends, gateways = build(group, args, shape)
+        except (RuntimeError, TimeoutError) as error:
+            head, _, output = str(error).partition("\n")
+            tail = "\n".join(output.splitlines()[-15:])
+            print(f"wsgate demo: error: {head}" + (f"\n{tail}" if tail else ""), file=sys.stderr)
+            return 1
+        report, interrupted = run_async(_scenario(args, backends, gateways))
+        print(format_report(report), flush=True)
+        if args.report_json:
+            Path(args.report_json).write_text(json.dumps(report, indent=2) + "\n")
+        if args.csv:
+            write_csv(report, Path(args.csv))
+        if args.plot:
+            write_plot(report, Path(args.plot))
+        if interrupted:
+            print("wsgate demo: interrupted; stopping everything (no checks)", flush=True)
+            return 130
+        active = _settle(backends)
+        active.update(_gateway_active(gateways))
+        truth = {backend.pod_id: backend.stats() for backend in backends}
+        checks = evaluate(shape, report, truth, active)
+        print(format_checks(checks), flush=True)
+        failed = [check for check in checks if not check.ok]
+        print(
+            f"wsgate demo: {'FAILED' if failed else 'passed'} "
+            f"({len(checks) - len(failed)} of {len(checks)} checks passed)",
+            flush=True,
+        )
+        if args.keep:
+            print(
+                "wsgate demo: everything is still running (dashboard "
+                f"{gateways[0].admin_url}/dashboard, logs in {group.log_dir}); Ctrl-C stops it all",
+                flush=True,
+            )
+            run_async(_wait_for_interrupt())
+        return 1 if failed else 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--speed",
+        type=_positive,
+        default=1.0,
+        metavar="X",
+        help="run the client scenario X times faster (default 1)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_duration,
+        default=60.0,
+        metavar="D",
+        help="scenario length before --speed (default 60s)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="gateways sharing a private redis-server",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="leave everything running after the report"
+    )
+    parser.add_argument("--view", choices=["auto", "live", "plain", "none"], default="auto")
+    parser.add_argument("--report-json", metavar="FILE")
+    parser.add_argument("--csv", metavar="FILE")
+    parser.add_argument("--plot", metavar="FILE.png")
+    parser.add_argument("--log-dir", metavar="DIR", help="keep the processes' logs here")
+    parser.add_argument("--seed", type=int, help="random seed for the clients")
+    parser.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
+    # For the test that proves the checks can fail: a gateway cap above the backends' tripwire.
+    parser.add_argument("--gateway-cap", type=int, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from wsgate.cli import UsageError
+
+    if args.replicas < 1:
+        raise UsageError("--replicas must be at least 1")
+    setup_logging(args.log_level)
+    raise_open_files_limit()
+    # SIGTERM outside the event loop unwinds like Ctrl-C, so the processes are stopped.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return demo(args)
+    except KeyboardInterrupt:
+        print("wsgate demo: interrupted; everything stopped", file=sys.stderr)
+        return 130
