@@ -133,16 +133,16 @@ def _recent_rates(overview: dict[str, Any], seconds: float) -> tuple[float, dict
     return admitted, by_reason
 
 
-def _bar(active: int, here: int, cap: int) -> Text:
+def _bar(active: int, here: int, cap: int, width: int) -> Text:
     scale = max(cap, active, 1)
     here = min(here, active)
-    cells_here = round(BAR_WIDTH * here / scale)
-    cells_all = round(BAR_WIDTH * active / scale)
+    cells_here = round(width * here / scale)
+    cells_all = round(width * active / scale)
     over = active > cap
     bar = Text()
     bar.append("█" * cells_here, style="red" if over else "bright_green")
     bar.append("█" * (cells_all - cells_here), style="red3" if over else "green4")
-    bar.append("░" * (BAR_WIDTH - cells_all), style="grey35")
+    bar.append("░" * (width - cells_all), style="grey35")
     count_style = "bold red" if over else "bold yellow" if active >= cap else "bold"
     bar.append(f" {active}/{cap}", style=count_style)
     return bar
@@ -166,8 +166,12 @@ def _uptime(seconds: float) -> str:
     return f"{minutes}m{s % 60}s" if minutes else f"{s}s"
 
 
-def render(overview: dict[str, Any], source: str, problem: str | None = None) -> RenderableType:
-    """The whole picture as one rich renderable."""
+def render(
+    overview: dict[str, Any], source: str, problem: str | None = None, width: int = 160
+) -> RenderableType:
+    """The whole picture as one rich renderable, for a terminal ``width`` columns wide."""
+    # The bars give way first when the terminal is narrow; the numbers stay.
+    bar_width = max(6, min(BAR_WIDTH, width - 106))
     state = overview["state"]
     totals = overview["totals"]
     mode_style = "bold green" if state["mode"] == "ok" else "bold red"
@@ -221,7 +225,7 @@ def render(overview: dict[str, Any], source: str, problem: str | None = None) ->
             cells.append(b["address"])
         cells += [
             _health(b),
-            _bar(b["active"], b["active_here"], b["max_connections"]),
+            _bar(b["active"], b["active_here"], b["max_connections"], bar_width),
             str(b["active"]),
             str(b["active_here"]),
             str(b["max_connections"]),
@@ -272,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(overview, indent=2))
         else:
-            console.print(render(overview, base))
+            console.print(render(overview, base, width=console.width))
         return 0
     try:
         if args.json:
@@ -287,7 +291,9 @@ def run(args: argparse.Namespace) -> int:
 def _watch(
     console: Console, base: str, token: str | None, overview: dict[str, Any], interval: float
 ) -> None:
-    with Live(render(overview, base), console=console, auto_refresh=False) as live:
+    with Live(
+        render(overview, base, width=console.width), console=console, auto_refresh=False
+    ) as live:
         while True:
             time.sleep(interval)
             problem = None
@@ -296,7 +302,7 @@ def _watch(
             except AdminUnreachable as error:
                 # Keep the last picture and say why it is stale; the gateway may come back.
                 problem = f"{time.strftime('%H:%M:%S')} {error}"
-            live.update(render(overview, base, problem), refresh=True)
+            live.update(render(overview, base, problem, console.width), refresh=True)
 
 
 def _watch_json(base: str, token: str | None, overview: dict[str, Any], interval: float) -> None:
