@@ -95,7 +95,7 @@ def metric_families(snap: Snapshot) -> list[Metric]:
     families.append(bad)
     closed = CounterMetricFamily(
         "wsgate_closed_by_gateway_total",
-        "Sessions the gateway closed itself (drain, rebalance, excess, max_duration).",
+        "Sessions the gateway closed itself (drain, backend_removed, rebalance, ...).",
         labels=["reason"],
     )
     for reason, count in sorted(snap.closed_by_gateway.items()):
