@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +62,7 @@ class Sample:
     attempted: int
     established: int
     rejected: int
+    rejected_by_status: dict[str, int]
     sent: int
     received: int
 
@@ -129,6 +129,7 @@ class LoadStats:
             attempted=self.attempted,
             established=self.established,
             rejected=sum(self.rejected.values()),
+            rejected_by_status=dict(sorted(self.rejected.items())),
             sent=self.sent,
             received=self.received,
         )
@@ -179,6 +180,7 @@ def build_report(stats: LoadStats, *, elapsed: float, urls: list[str]) -> dict[s
                 "attempted": s.attempted,
                 "established": s.established,
                 "rejected": s.rejected,
+                "rejected_by_status": s.rejected_by_status,
                 "sent": s.sent,
                 "received": s.received,
             }
@@ -246,6 +248,18 @@ def write_csv(report: dict[str, Any], path: Path) -> None:
     path.write_text(buffer.getvalue())
 
 
+def _per_second(times: list[float], totals: list[int], window: float = 1.0) -> list[float]:
+    """Rates of a cumulative count over a trailing window of at least ``window`` seconds."""
+    rates = []
+    start = 0
+    for index, now in enumerate(times):
+        while start < index and now - times[start + 1] >= window:
+            start += 1
+        span = now - times[start]
+        rates.append((totals[index] - totals[start]) / span if span > 0 else 0.0)
+    return rates
+
+
 def write_plot(report: dict[str, Any], path: Path) -> None:
     """Open connections per backend, and rejections per second, over time."""
     import matplotlib
@@ -257,19 +271,25 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     times = [sample["t"] for sample in timeline]
     pods = sorted({pod for sample in timeline for pod in sample["open_by_backend"]})
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    for pod in pods:
-        top.step(
-            times, [s["open_by_backend"].get(pod, 0) for s in timeline], where="post", label=pod
-        )
-    top.step(times, [s["open"] for s in timeline], where="post", label="all", color="black")
-    top.set_ylabel("open " + ("requests" if report["mode"] == "http" else "connections"))
     if pods:
+        # Stacked, so the top edge is the total and each band one backend's share.
+        top.stackplot(
+            times,
+            *[[s["open_by_backend"].get(pod, 0) for s in timeline] for pod in pods],
+            labels=pods,
+            step="post",
+            alpha=0.8,
+        )
         top.legend(loc="upper left", fontsize="small", ncol=4)
-    rates = [0.0]
-    for before, after in itertools.pairwise(timeline):
-        span = after["t"] - before["t"]
-        rates.append((after["rejected"] - before["rejected"]) / span if span > 0 else 0.0)
-    bottom.step(times, rates[: len(times)], where="post", color="tab:red")
+    else:
+        top.step(times, [s["open"] for s in timeline], where="post", color="black")
+    top.set_ylabel("open " + ("requests" if report["mode"] == "http" else "connections"))
+    statuses = sorted({status for s in timeline for status in s["rejected_by_status"]})
+    for status in statuses:
+        counts = [s["rejected_by_status"].get(status, 0) for s in timeline]
+        bottom.step(times, _per_second(times, counts), where="post", label=status)
+    if statuses:
+        bottom.legend(loc="upper left", fontsize="small", title="status")
     bottom.set_ylabel("rejections / s")
     bottom.set_xlabel("seconds since start")
     figure.suptitle(f"wsgate load against {', '.join(report['urls'])}", fontsize="medium")
