@@ -7,6 +7,7 @@ import json
 import subprocess
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -219,3 +220,23 @@ def test_retry_after_is_honoured_and_rejections_are_counted_through_the_gateway(
     truth = backend.stats()
     assert truth["total_connections"] == 1
     assert truth["refused"] == 0
+
+
+def test_connect_rate_spaces_attempts_across_all_clients(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    (backend,) = start_backends(procs, 1)
+    report = run_load(
+        tmp_path / "report.json", *ws_urls([backend]),
+        "--clients", "3", "--connections", "2", "--connect-rate", "5",
+        "--message-interval", "off", "--duration", "2s",
+    )  # fmt: skip
+    assert report["connections"]["established"] == 6
+    opened = [
+        datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        for line in backend.process.output().splitlines()
+        if "Active connections:" in line
+    ][:6]  # the six opens; the closes all come at the end
+    assert len(opened) == 6
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sorted(opened))]
+    assert min(gaps) >= 0.15, gaps  # 5 per second: one every 200 ms
