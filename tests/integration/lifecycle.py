@@ -14,7 +14,7 @@ from gwtools import wait_until
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from wsgate.testbed.processes import wait_for_port
+from wsgate.testbed.processes import ProcessGroup, free_port, wait_for_port, wsgate_argv
 from wsgate.testbed.topology import GatewayProcess
 
 __all__ = [
@@ -23,9 +23,36 @@ __all__ = [
     "logged",
     "ready_status",
     "rewrite",
+    "start_discovering",
     "started",
     "write",
 ]
+
+
+def start_discovering(
+    group: ProcessGroup,
+    discovery: dict[str, Any],
+    *,
+    name: str = "gateway",
+    flags: list[str] | None = None,
+    **config: Any,
+) -> GatewayProcess:
+    """``wsgate serve`` whose backends come from discovery (``{"file": ...}``, ``{"dns": ...}``),
+    started as ``start_gateway`` starts one, admin API included."""
+    port = free_port()
+    admin_port = free_port()
+    data: dict[str, Any] = {
+        "listen": f"127.0.0.1:{port}",
+        "admin": f"127.0.0.1:{admin_port}",
+        "backends": discovery,
+        "health": {"interval": "200ms", "timeout": "500ms"},
+    }
+    data.update(config)
+    path = group.log_dir / f"{name}.yaml"
+    write(path, yaml.safe_dump(data))
+    argv = wsgate_argv("serve", "-c", str(path), *(flags or []))
+    process = group.start(name, argv, port=("127.0.0.1", port))
+    return started(GatewayProcess(name, port, admin_port, process, data, str(path)))
 
 
 def started(gateway: GatewayProcess) -> GatewayProcess:
