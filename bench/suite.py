@@ -1,0 +1,638 @@
+"""``python -m bench``: every path through every figure, written to bench/results/.
+
+The run starts one echo backend, every path in front of it, and a pool of
+driver processes; then it measures:
+
+1. memory per idle connection, once per path on its freshly started process;
+2. ``--repetitions`` rounds of relay throughput, round-trip latency and
+   connection set-up rate, visiting the paths in a rotated order each round so
+   that a slow moment of the machine does not always land on the same path;
+3. the most concurrent connections each path holds, once per path, last.
+
+It writes ``latest.md`` and ``latest.json`` in ``--out``. docs/performance.md
+explains the method and what the figures mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+from bench.driver import DriverError, DriverPool, ExchangeTotals
+from bench.proxies import (
+    BASE_PATHS,
+    Endpoint,
+    Unavailable,
+    parse_path_name,
+    pin_tree,
+    start_echo,
+    start_path,
+    tree_rss,
+)
+from bench.report import Report, percentile
+from wsgate.runtime import raise_open_files_limit
+from wsgate.testbed.processes import ProcessGroup, RedisServer
+
+__all__ = ["FIGURES", "Plan", "main", "plan_from_args"]
+
+FIGURES = ("relay", "latency", "setup", "memory", "max-conns")
+T = TypeVar("T")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Plan:
+    paths: tuple[str, ...]
+    figures: frozenset[str]
+    repetitions: int
+    warmup: float
+    duration: float
+    sizes: tuple[int, ...]
+    conns: tuple[int, ...]
+    latency_conns: int
+    latency_rate: float
+    setup_concurrency: int
+    idle_conns: int
+    max_conns_bound: int
+    drivers: int
+    echo_processes: int
+    out: Path
+    smoke: bool
+    keep_logs: bool
+    pin: bool
+    settle: float  # seconds for a process to settle after connections open or close
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark wsgate side by side with HAProxy and nginx on this machine.",
+    )
+    add = parser.add_argument
+    add("--smoke", action="store_true", help="tiny sizes, one repetition: proves the bench works")
+    add("--paths", help=f"comma-separated paths (default: {','.join(BASE_PATHS)})")
+    add("--figures", help=f"comma-separated figures (default: {','.join(FIGURES)})")
+    add("--repetitions", type=int, help="rounds of the rate figures (default 3, smoke 1)")
+    add("--duration", type=float, help="seconds measured per figure (default 2.5)")
+    add("--warmup", type=float, help="seconds of load before measuring (default 0.5)")
+    add("--sizes", help="relay message sizes in bytes (default 64,16384)")
+    add("--conns", help="relay connection counts (default 50,1000)")
+    add("--latency-rate", type=float, help="paced messages/s for the latency figure (2000)")
+    add("--latency-conns", type=int, help="connections for the latency figure (50)")
+    add("--setup-concurrency", type=int, help="concurrent connectors for set-up rate (50)")
+    add("--idle-conns", type=int, help="idle connections for the memory figure (5000)")
+    add("--max-conns-bound", type=int, help="stop the max-connections figure here (30000)")
+    add("--drivers", type=int, help="driver processes (default: the load side's CPUs, at least 2)")
+    add(
+        "--echo-processes",
+        type=int,
+        help="echo backend processes (default: a third of the load side's CPUs, at least 1)",
+    )
+    add("--out", type=Path, help="directory for latest.md/latest.json (default bench/results)")
+    add(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bind the proxy to its own CPU(s) and the driver and echo to the others "
+        "(default: on with 2 CPUs or more)",
+    )
+    add("--keep-logs", action="store_true", help="keep the work directory with configs and logs")
+    return parser
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise SystemExit(f"python -m bench: error: {flag} takes comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"python -m bench: error: {flag} takes positive integers")
+    return values
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    smoke = bool(args.smoke)
+
+    def pick(value: T | None, full: T, tiny: T) -> T:
+        return value if value is not None else (tiny if smoke else full)
+
+    paths = tuple(p.strip() for p in (args.paths or ",".join(BASE_PATHS)).split(",") if p.strip())
+    for path in paths:
+        try:
+            parse_path_name(path)
+        except ValueError as error:
+            raise SystemExit(f"python -m bench: error: {error}") from None
+    figures = frozenset(f.strip() for f in (args.figures or ",".join(FIGURES)).split(","))
+    unknown = figures - set(FIGURES)
+    if unknown:
+        raise SystemExit(
+            f"python -m bench: error: unknown figure {sorted(unknown)[0]!r}; "
+            f"choose from {', '.join(FIGURES)}"
+        )
+    pin = args.pin if args.pin is not None else len(os.sched_getaffinity(0)) >= 2
+    # Drivers and echo share the CPUs the proxy does not use; about a third go to the echo.
+    load_cpus = (
+        len(cpu_split(sorted(os.sched_getaffinity(0)), 1)[0]) if pin else os.cpu_count() or 2
+    )
+    echo_processes = args.echo_processes or max(1, load_cpus // 3)
+    plan = Plan(
+        paths=paths,
+        figures=figures,
+        repetitions=pick(args.repetitions, 3, 1),
+        warmup=pick(args.warmup, 0.5, 0.1),
+        duration=pick(args.duration, 2.5, 0.3),
+        sizes=_ints(args.sizes, "--sizes") if args.sizes else (64, 16384),
+        conns=_ints(args.conns, "--conns") if args.conns else ((10, 40) if smoke else (50, 1000)),
+        latency_conns=pick(args.latency_conns, 50, 10),
+        latency_rate=pick(args.latency_rate, 2000.0, 200.0),
+        setup_concurrency=pick(args.setup_concurrency, 50, 10),
+        idle_conns=pick(args.idle_conns, 5000, 200),
+        max_conns_bound=pick(args.max_conns_bound, 30000, 300),
+        drivers=args.drivers or max(2, load_cpus - echo_processes),
+        echo_processes=echo_processes,
+        out=args.out or (RESULTS / "smoke.tmp" if smoke else RESULTS),
+        smoke=smoke,
+        keep_logs=bool(args.keep_logs),
+        pin=pin,
+        settle=0.2 if smoke else 1.0,
+    )
+    if plan.repetitions < 1 or plan.drivers < 1 or plan.echo_processes < 1:
+        raise SystemExit("python -m bench: error: counts must be at least 1")
+    if plan.duration <= 0 or plan.warmup < 0 or plan.latency_rate <= 0:
+        raise SystemExit("python -m bench: error: durations and rates must be positive")
+    return plan
+
+
+def cpu_split(available: Sequence[int], proxy_workers: int) -> tuple[set[int], set[int]]:
+    """The CPUs of the load side (driver and echo) and of a proxy with ``proxy_workers``.
+
+    The proxy takes the last CPUs, the load side the rest; where there are not
+    enough, they share.
+    """
+    cpus = sorted(available)
+    if len(cpus) < 2:
+        return set(cpus), set(cpus)
+    proxy = set(cpus[-proxy_workers:]) if proxy_workers < len(cpus) else set(cpus)
+    load = set(cpus) - proxy
+    return (load or set(cpus)), proxy
+
+
+def _size_label(size: int) -> str:
+    return f"{size // 1024} KiB" if size >= 1024 and size % 1024 == 0 else f"{size} B"
+
+
+_STARTED = time.monotonic()
+
+
+def _say(text: str) -> None:
+    print(f"[{time.monotonic() - _STARTED:6.1f}s] {text}", flush=True)
+
+
+class Bench:
+    """One run: the plan, the driver pool, the running paths and the report being filled."""
+
+    def __init__(self, plan: Plan, pool: DriverPool, report: Report, nofile: int) -> None:
+        self.plan = plan
+        self.pool = pool
+        self.report = report
+        self.nofile = nofile
+        self.endpoints: dict[str, Endpoint] = {}
+        self.size0 = plan.sizes[0]
+        self.conns0 = plan.conns[0]
+        self.at_bound: list[str] = []
+        # Each driver process holds one socket per connection, within the same limit.
+        self.max_conns_bound = min(plan.max_conns_bound, pool.size * (nofile - 64))
+
+    # ------------------------------------------------------------ table rows, in order
+
+    def declare(self) -> None:
+        plan, report = self.plan, self.report
+        if "relay" in plan.figures:
+            for conns in plan.conns:
+                for size in plan.sizes:
+                    report.declare(
+                        f"relay_{size}_{conns}",
+                        f"relay {_size_label(size)} x {conns} conns",
+                        "msg/s",
+                        higher_is_better=True,
+                    )
+            load = f"{_size_label(self.size0)} x {self.conns0} conns, saturated"
+            report.declare("loaded_p50", f"round trip p50, {load}", "us", higher_is_better=False)
+            report.declare("loaded_p99", f"round trip p99, {load}", "us", higher_is_better=False)
+        if "latency" in plan.figures:
+            paced = f"{plan.latency_rate:,.0f} msg/s paced, 64 B x {plan.latency_conns} conns"
+            for q in ("p50", "p99"):
+                title = f"round trip {q}, {paced}"
+                report.declare(f"latency_{q}", title, "us", higher_is_better=False)
+                report.declare(
+                    f"added_{q}", f"latency added over direct, {q}", "us", higher_is_better=False
+                )
+        if "setup" in plan.figures:
+            report.declare(
+                "setup",
+                f"connection set-up, {plan.setup_concurrency} concurrent",
+                "upgrades/s",
+                higher_is_better=True,
+            )
+        if "memory" in plan.figures:
+            report.declare(
+                "idle_memory",
+                f"memory per idle connection, {plan.idle_conns:,} open",
+                "bytes",
+                higher_is_better=False,
+            )
+        if "max-conns" in plan.figures:
+            report.declare(
+                "max_conns",
+                f"most concurrent connections held, nofile {self.nofile:,}",
+                "conns",
+                higher_is_better=True,
+            )
+
+    # ------------------------------------------------------------ the run
+
+    def start_paths(self, group: ProcessGroup) -> None:
+        echo, echo_pid = start_echo(group, self.plan.echo_processes)
+        available = sorted(os.sched_getaffinity(0))
+        load_cpus, _ = cpu_split(available, 1)
+        if self.plan.pin:
+            for pid in [*self.pool.pids, echo_pid]:
+                pin_tree(pid, load_cpus)
+            self.report.meta["cpus"] = {"load side (driver, echo, redis)": sorted(load_cpus)}
+        _say(f"echo backend on {echo}")
+        redis: list[RedisServer] = []
+        for name in self.plan.paths:
+            try:
+                endpoint = start_path(name, group, echo, nofile=self.nofile, redis=redis)
+                if self.plan.pin:
+                    self.pin(endpoint, available, load_cpus, redis)
+            except Unavailable as error:
+                self.report.status[name] = str(error).split(": ", 1)[-1]
+                _say(str(error))
+                continue
+            except (RuntimeError, TimeoutError, OSError) as error:
+                self._failed(name, f"did not start: {str(error).splitlines()[0]}", group)
+                continue
+            problem = self.preflight(endpoint)
+            if problem is not None:
+                self._failed(name, f"failed its first echo: {problem}", group)
+                continue
+            self.endpoints[name] = endpoint
+            self.report.status[name] = f"ok: {endpoint.version}"
+            self.report.meta.setdefault("argv", {})[name] = endpoint.argv
+            _say(f"{name}: ready on {endpoint.target} ({endpoint.version})")
+
+    def pin(
+        self,
+        endpoint: Endpoint,
+        available: list[int],
+        load_cpus: set[int],
+        redis: list[RedisServer],
+    ) -> None:
+        for server in redis:
+            if server.process is not None:
+                pin_tree(server.process.pid, load_cpus)
+        if endpoint.pid is None:
+            return
+        _, workers = parse_path_name(endpoint.name)
+        _, proxy_cpus = cpu_split(available, workers)
+        pin_tree(endpoint.pid, proxy_cpus)
+        self.report.meta.setdefault("cpus", {})[endpoint.name] = sorted(proxy_cpus)
+        if proxy_cpus & load_cpus:
+            self.report.note(
+                f"{endpoint.name} shares CPUs {sorted(proxy_cpus & load_cpus)} with the driver "
+                "and echo: this machine has too few CPUs to give it its own"
+            )
+
+    def _failed(self, name: str, reason: str, group: ProcessGroup) -> None:
+        self.report.status[name] = f"FAILED, {reason}"
+        _say(f"{name}: FAILED, {reason}")
+        for process in group.processes:
+            if process.name == name:
+                _say(f"----- last lines of {process.log_path} -----\n{process.output()[-2000:]}")
+
+    def preflight(self, endpoint: Endpoint) -> str | None:
+        try:
+            opened = self.pool.open(endpoint.target, self.pool.size, timeout=5.0, time_limit=10.0)
+            if opened.opened < self.pool.size:
+                return opened.first_error or "could not connect"
+            check = self.pool.check(timeout=5.0)
+            if check.completed < opened.opened:
+                return check.first_error or "no echo"
+            return None
+        except DriverError as error:
+            return str(error).splitlines()[0]
+        finally:
+            self.pool.close_all()
+
+    def ok_paths(self) -> list[str]:
+        return [name for name in self.plan.paths if name in self.endpoints]
+
+    def run(self) -> None:
+        plan = self.plan
+        names = self.ok_paths()
+        if "memory" in plan.figures:
+            for name in names:
+                self.guarded(name, "memory", partial(self.memory, self.endpoints[name]))
+        rate_figures = {"relay", "latency", "setup"} & plan.figures
+        if rate_figures:
+            for rep in range(plan.repetitions):
+                shift = rep % len(names) if names else 0
+                for name in names[shift:] + names[:shift]:
+                    _say(f"-- round {rep + 1}/{plan.repetitions}: {name}")
+                    endpoint = self.endpoints[name]
+                    self.guarded(name, "rates", partial(self.rates, endpoint))
+        self.report.derive_added("added_p50", "latency_p50")
+        self.report.derive_added("added_p99", "latency_p99")
+        if "max-conns" in plan.figures:
+            for name in names:
+                self.guarded(name, "max-conns", partial(self.max_conns, self.endpoints[name]))
+
+    def guarded(self, name: str, what: str, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except DriverError as error:
+            self.report.note(f"{name}, {what}: the driver failed: {str(error).splitlines()[0]}")
+            _say(f"{name} {what}: driver failed: {error}")
+            self.pool.close_all()
+
+    def rates(self, endpoint: Endpoint) -> None:
+        plan = self.plan
+        groups: dict[int, list[Callable[[], None]]] = {}
+        if "relay" in plan.figures:
+            for conns in plan.conns:
+                for size in plan.sizes:
+                    groups.setdefault(conns, []).append(partial(self.relay, endpoint, size, conns))
+        if "latency" in plan.figures:
+            groups.setdefault(plan.latency_conns, []).append(partial(self.latency, endpoint))
+        for conns, steps in groups.items():
+            opened = self.pool.open(endpoint.target, conns, timeout=10.0, time_limit=60.0)
+            try:
+                if opened.opened < conns:
+                    self.report.note(
+                        f"{endpoint.name}: opened {opened.opened} of {conns} connections "
+                        f"({opened.first_error}); those figures were skipped this round"
+                    )
+                    continue
+                for step in steps:
+                    step()
+            finally:
+                self.pool.close_all()
+        if "setup" in plan.figures:
+            self.setup(endpoint)
+
+    def _exchange_notes(self, endpoint: Endpoint, what: str, totals: ExchangeTotals) -> None:
+        if totals.errors:
+            self.report.note(
+                f"{endpoint.name}, {what}: {totals.errors} connection(s) failed "
+                f"(first: {totals.first_error})"
+            )
+
+    def relay(self, endpoint: Endpoint, size: int, conns: int) -> None:
+        plan = self.plan
+        totals = self.pool.exchange(size, warmup=plan.warmup, duration=plan.duration)
+        what = f"relay {_size_label(size)} x {conns}"
+        self._exchange_notes(endpoint, what, totals)
+        ordered = sorted(totals.latencies_ns)
+        p50, p99 = percentile(ordered, 0.50) / 1e3, percentile(ordered, 0.99) / 1e3
+        self.report.add(f"relay_{size}_{conns}", endpoint.name, totals.rate)
+        if size == self.size0 and conns == self.conns0 and ordered:
+            self.report.add("loaded_p50", endpoint.name, p50)
+            self.report.add("loaded_p99", endpoint.name, p99)
+        _say(f"  {what}: {totals.rate:,.0f} msg/s (p50 {p50:,.0f} µs, p99 {p99:,.0f} µs)")
+
+    def latency(self, endpoint: Endpoint) -> None:
+        plan = self.plan
+        interval = plan.latency_conns / plan.latency_rate
+        totals = self.pool.exchange(
+            64, warmup=plan.warmup, duration=plan.duration, interval=interval
+        )
+        self._exchange_notes(endpoint, "latency", totals)
+        ordered = sorted(totals.latencies_ns)
+        if not ordered:
+            return
+        p50, p99 = percentile(ordered, 0.50) / 1e3, percentile(ordered, 0.99) / 1e3
+        self.report.add("latency_p50", endpoint.name, p50)
+        self.report.add("latency_p99", endpoint.name, p99)
+        _say(f"  latency at {totals.rate:,.0f} msg/s: p50 {p50:,.0f} µs, p99 {p99:,.0f} µs")
+
+    def setup(self, endpoint: Endpoint) -> None:
+        plan = self.plan
+        rate, failed, first_error = self.pool.handshakes(
+            endpoint.target,
+            concurrency=plan.setup_concurrency,
+            warmup=plan.warmup,
+            duration=plan.duration,
+        )
+        if failed:
+            self.report.note(
+                f"{endpoint.name}, set-up: {failed} attempt(s) failed (first: {first_error})"
+            )
+        self.report.add("setup", endpoint.name, rate)
+        _say(f"  set-up: {rate:,.0f} upgrades/s ({failed} failed)")
+        time.sleep(self.plan.settle / 3)  # let the proxy finish closing what the loop left
+
+    def memory(self, endpoint: Endpoint) -> None:
+        if endpoint.pid is None:
+            return
+        count = self.plan.idle_conns
+        time.sleep(self.plan.settle / 3)
+        before = tree_rss(endpoint.pid)
+        try:
+            opened = self.pool.open(endpoint.target, count, concurrency=128, time_limit=90.0)
+            check = self.pool.check(timeout=10.0)
+            time.sleep(self.plan.settle)
+            after = tree_rss(endpoint.pid)
+        finally:
+            self.pool.close_all(timeout=30.0)
+        if check.completed < count:
+            self.report.note(
+                f"{endpoint.name}, memory: {check.completed} of {count} connections answered "
+                f"(first error: {opened.first_error or check.first_error})"
+            )
+        if check.completed:
+            per_conn = (after - before) / check.completed
+            self.report.add("idle_memory", endpoint.name, per_conn)
+            _say(
+                f"{endpoint.name} memory: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
+                f"with {check.completed} idle: {per_conn:,.0f} bytes/conn"
+            )
+        time.sleep(self.plan.settle / 2)
+
+    def max_conns(self, endpoint: Endpoint) -> None:
+        bound = self.max_conns_bound
+        started = time.monotonic()
+        try:
+            opened = self.pool.open(
+                endpoint.target,
+                bound,
+                concurrency=256,
+                timeout=3.0,
+                time_limit=90.0,
+                max_failures=max(10, 40 // self.pool.size),
+            )
+            check = self.pool.check(timeout=15.0)
+        finally:
+            self.pool.close_all(timeout=30.0)
+        held = check.completed
+        self.report.add("max_conns", endpoint.name, held)
+        if held >= bound:
+            self.at_bound.append(endpoint.name)
+        elif opened.first_error:
+            self.report.note(
+                f"{endpoint.name}, max connections: past {held:,}: {opened.first_error}"
+            )
+        _say(
+            f"{endpoint.name} max connections: {held:,} held ({opened.failed} refused, "
+            f"{time.monotonic() - started:.1f} s)"
+        )
+        time.sleep(self.plan.settle)
+
+    def final_notes(self) -> None:
+        if self.at_bound:
+            self.report.note(
+                f"{', '.join(self.at_bound)}: held all {self.max_conns_bound:,} connections "
+                "the bench asked for (its bound), so their true maximum is higher"
+            )
+        for key in self.report.figures:
+            if not key.startswith("relay_"):
+                continue
+            found = self.report.headroom(key)
+            if found is None:
+                continue
+            factor, best = found
+            title = self.report.figures[key].title
+            verdict = (
+                "the driver and echo leave room above every proxy"
+                if factor >= 1.3
+                else "TOO CLOSE: the driver or the echo backend may limit the proxied figures"
+            )
+            self.report.note(
+                f"{title}: direct is {factor:.2f}x the best proxied path ({best}); {verdict}."
+            )
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs, Linux {platform.release()}"
+
+
+def _meta(plan: Plan, nofile: int, argv: Sequence[str]) -> dict[str, object]:
+    return {
+        "title": "smoke run" if plan.smoke else "latest run",
+        "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join(["python", "-m", "bench", *argv]),
+        "machine": _machine(),
+        "python": platform.python_version(),
+        "uvloop": importlib.metadata.version("uvloop"),
+        "nofile": nofile,
+        "drivers": plan.drivers,
+        "echo_processes": plan.echo_processes,
+        "repetitions": plan.repetitions,
+        "warmup_s": plan.warmup,
+        "duration_s": plan.duration,
+        "load_before": os.getloadavg(),
+        "method": (
+            f"{plan.drivers} driver processes (raw asyncio protocols on uvloop) and one echo "
+            "backend on the same machine as the proxy"
+            + (
+                ", the proxy bound to its own CPU and the driver and echo to the other(s)"
+                if plan.pin
+                else ", sharing all CPUs with it"
+            )
+            + f"; {plan.repetitions} repetition(s) of "
+            f"{plan.warmup:g} s warm-up + {plan.duration:g} s measured per rate figure; memory "
+            "and max connections measured once per path."
+        ),
+    }
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy (stolen time included) since boot."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (all of them, at the end)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plan = plan_from_args(build_parser().parse_args(argv))
+    # SIGTERM (a CI timeout, `kill`) stops the run as Ctrl-C does: everything started is stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    nofile = raise_open_files_limit()
+    report = Report(list(plan.paths), _meta(plan, nofile, argv))
+    started = time.monotonic()
+    busy_before, own_before = _busy_cpu_seconds(), _own_cpu_seconds()
+    workdir = Path(tempfile.mkdtemp(prefix="wsgate-bench-"))
+    # Fork the drivers before any other child exists, so they inherit nothing of them.
+    pool = DriverPool(plan.drivers)
+    bench = Bench(plan, pool, report, nofile)
+    bench.declare()
+    try:
+        with ProcessGroup(workdir) as group:
+            bench.start_paths(group)
+            bench.run()
+    except KeyboardInterrupt:
+        _say("interrupted: everything started is stopped, no results written")
+        return 130
+    finally:
+        pool.stop()
+        if plan.keep_logs:
+            _say(f"configs and logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    others = (_busy_cpu_seconds() - busy_before) - (_own_cpu_seconds() - own_before)
+    capacity = elapsed * len(os.sched_getaffinity(0))
+    report.meta["elapsed_s"] = round(elapsed, 1)
+    report.meta["load_after"] = os.getloadavg()
+    report.meta["other_cpu_s"] = round(max(0.0, others), 1)
+    report.note(
+        f"Other work on this machine used {max(0.0, others):,.0f} CPU-seconds during the run "
+        f"({max(0.0, others) / capacity:.0%} of all its CPUs); it shows in the spread."
+    )
+    bench.final_notes()
+    plan.out.mkdir(parents=True, exist_ok=True)
+    markdown = report.to_markdown()
+    (plan.out / "latest.md").write_text(markdown)
+    (plan.out / "latest.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    _say("\n" + markdown)
+    _say(f"written: {plan.out / 'latest.md'} and {plan.out / 'latest.json'}")
+    failed = [name for name, status in report.status.items() if status.startswith("FAILED")]
+    return 1 if failed or ("direct" in plan.paths and "direct" not in bench.endpoints) else 0

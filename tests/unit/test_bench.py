@@ -1,0 +1,122 @@
+"""The benchmark's pure pieces: handshake bytes, frames, CPU split, statistics and tables."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from bench.driver import split
+from bench.proxies import parse_path_name
+from bench.report import Report, percentile
+from bench.suite import cpu_split
+from bench.wire import (
+    HandshakeError,
+    masked_frame,
+    parse_request_head,
+    response_status,
+    upgrade_request,
+    upgrade_response,
+    websocket_accept,
+)
+
+
+class TestHandshake:
+    def test_accept_matches_the_rfc_6455_example(self) -> None:
+        # RFC 6455 section 1.3.
+        assert websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+    def test_the_echo_answers_the_request_the_driver_sends(self) -> None:
+        request = upgrade_request("127.0.0.1", 9001, b"dGhlIHNhbXBsZSBub25jZQ==")
+        line, headers = parse_request_head(request.split(b"\r\n\r\n")[0])
+        assert line == b"GET / HTTP/1.1"
+        assert headers[b"upgrade"] == b"websocket"
+        response = upgrade_response(headers[b"sec-websocket-key"])
+        assert response_status(response.split(b"\r\n\r\n")[0]) == 101
+        assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in response
+
+    def test_a_non_http_answer_is_a_handshake_error(self) -> None:
+        with pytest.raises(HandshakeError):
+            response_status(b"SSH-2.0-OpenSSH")
+
+
+class TestMaskedFrame:
+    @pytest.mark.parametrize(
+        ("size", "header"), [(0, 2), (125, 2), (126, 4), (16384, 4), (70000, 10)]
+    )
+    def test_length_encoding_and_masking(self, size: int, header: int) -> None:
+        mask = b"\x01\x02\x03\x04"
+        frame = masked_frame(size, mask=mask)
+        assert frame[0] == 0x82  # FIN, binary
+        assert frame[1] & 0x80  # masked, as a client must
+        assert len(frame) == header + 4 + size
+        assert frame[header : header + 4] == mask
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(frame[header + 4 :]))
+        assert payload == bytes(i & 0xFF for i in range(size))
+
+
+def test_split_spreads_a_total_evenly() -> None:
+    assert split(10, 3) == [4, 3, 3]
+    assert sum(split(1001, 4)) == 1001
+
+
+def test_cpu_split_gives_the_proxy_its_own_cpus_where_there_are_enough() -> None:
+    assert cpu_split([0, 1], 1) == ({0}, {1})
+    assert cpu_split([0, 1, 2, 3], 2) == ({0, 1}, {2, 3})
+    assert cpu_split([0, 1], 2) == ({0, 1}, {0, 1})  # too few: they share
+    assert cpu_split([0], 1) == ({0}, {0})
+
+
+def test_path_names() -> None:
+    assert parse_path_name("haproxy") == ("haproxy", 1)
+    assert parse_path_name("wsgate-redis") == ("wsgate-redis", 1)
+    assert parse_path_name("wsgate-memory-w2") == ("wsgate-memory", 2)
+    with pytest.raises(ValueError, match="unknown path"):
+        parse_path_name("envoy")
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = list(range(1, 101))
+    assert percentile(values, 0.5) == 50
+    assert percentile(values, 0.99) == 99
+    assert percentile([7], 0.99) == 7
+    assert math.isnan(percentile([], 0.5))
+
+
+def _report() -> Report:
+    report = Report(["direct", "wsgate-memory", "haproxy"], {"command": "python -m bench"})
+    for path in report.paths:
+        report.status[path] = "ok: test"
+    report.declare("relay", "relay 64 B x 50 conns", "msg/s", higher_is_better=True)
+    report.declare("p99", "round trip p99", "us", higher_is_better=False)
+    for path, rates, p99s in [
+        ("direct", [300.0, 320.0, 310.0], [10.0, 12.0, 11.0]),
+        ("wsgate-memory", [120.0, 100.0, 110.0], [40.0, 50.0, 45.0]),
+        ("haproxy", [100.0, 90.0, 110.0], [30.0, 31.0, 32.0]),
+    ]:
+        for rate, p99 in zip(rates, p99s, strict=True):
+            report.add("relay", path, rate)
+            report.add("p99", path, p99)
+    return report
+
+
+def test_report_ratios_medians_and_added_latency() -> None:
+    report = _report()
+    assert report.ratio("relay", "wsgate-memory") == pytest.approx(1.1)
+    report.derive_added("added", "p99")
+    assert report.figures["added"].runs["haproxy"] == [20.0, 19.0, 21.0]
+    assert "direct" not in report.figures["added"].runs
+    assert report.headroom("relay") == (pytest.approx(310 / 110), "wsgate-memory")
+
+
+def test_report_writes_a_table_with_spread_and_a_ratio_table() -> None:
+    report = _report()
+    text = report.to_markdown()
+    assert "| figure | direct | wsgate-memory | haproxy |" in text
+    assert (
+        "| relay 64 B x 50 conns (msg/s) | 310 (300..320) | 110 (100..120) | 100 (90..110) |"
+        in text
+    )
+    assert "| relay 64 B x 50 conns ↑ | 3.10x | 1.10x |" in text
+    data = report.to_json()
+    assert data["figures"]["relay"]["paths"]["haproxy"]["median"] == 100.0
+    assert data["figures"]["relay"]["ratio_vs_haproxy"]["wsgate-memory"] == 1.1
