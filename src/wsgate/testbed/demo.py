@@ -205,7 +205,8 @@ def _gateway_active(gateways: list[GatewayProcess]) -> dict[str, int]:
     for gateway in gateways:
         with contextlib.suppress(OSError, ValueError, KeyError):
             for backend in gateway.admin("/clusters")["backends"]:
-                held[f"{gateway.name}:{backend['id']}"] = int(backend["active"])
+                # This replica's own count: exact, where "active" is the last shared count seen.
+                held[f"{gateway.name}:{backend['id']}"] = int(backend["active_here"])
     return held
 
 
@@ -351,7 +352,12 @@ def demo(args: argparse.Namespace) -> int:
             print("wsgate demo: interrupted; stopping everything (no checks)", flush=True)
             return 130
         active = _settle(backends)
-        active.update(_gateway_active(gateways))
+        deadline = time.monotonic() + 3
+        held = _gateway_active(gateways)
+        while any(held.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            held = _gateway_active(gateways)
+        active.update(held)
         truth = {backend.pod_id: backend.stats() for backend in backends}
         checks = evaluate(shape, report, truth, active)
         print(format_checks(checks), flush=True)
