@@ -144,7 +144,7 @@ def test_http_mode_with_thousands_of_concurrent_slow_requests(
     procs: ProcessGroup, tmp_path: Path
 ) -> None:
     backends = start_backends(procs, 2)
-    urls = [f"http://{b.address}/slow?min=0.5&max=1" for b in backends]
+    urls = [f"http://{b.address}/slow?min=1.5&max=2" for b in backends]
     started = time.monotonic()
     report = run_load(
         tmp_path / "report.json", "--http", *urls,
@@ -158,7 +158,7 @@ def test_http_mode_with_thousands_of_concurrent_slow_requests(
     assert all(s["peak_http_in_flight"] >= 950 for s in truth.values()), truth
     assert report["connections"]["peak_open"] == 2000
     assert report["connections"]["failed"] == {}
-    assert 500 <= report["latency_ms"]["rtt"]["p50"] <= 1500  # milliseconds
+    assert 1500 <= report["latency_ms"]["rtt"]["p50"] <= 3000  # milliseconds
 
 
 def test_the_health_port_answers_while_the_load_runs(procs: ProcessGroup, tmp_path: Path) -> None:

@@ -341,6 +341,7 @@ def demo(args: argparse.Namespace) -> int:
             print(f"wsgate demo: error: {head}" + (f"\n{tail}" if tail else ""), file=sys.stderr)
             return 1
         report, interrupted = run_async(_scenario(args, backends, gateways))
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # the loop put the default back
         print(format_report(report), flush=True)
         if args.report_json:
             Path(args.report_json).write_text(json.dumps(report, indent=2) + "\n")
