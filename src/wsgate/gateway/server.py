@@ -228,10 +228,10 @@ class Gateway:
         self.stopped.set()
 
     async def _housekeeping(self) -> None:
-        idle_timeout = self.config.timeouts.idle
         last_bytes: dict[Session, int] = {}
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            idle_timeout = self.config.timeouts.idle  # read each round: a reload may change it
             self.connector.expire_idle()
             known = len(self.pool)
             self.pool.forget_drained()
