@@ -17,12 +17,20 @@ import random
 import socket
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from typing import Any
 
 from wsgate.admission import AdmissionStore, Admitted, Candidate, Limits, Reason, Rejected, Ticket
 from wsgate.admission.memory import MemoryStore
 from wsgate.balancing import cookie_token, make_policy, rendezvous_order
-from wsgate.config import Config, ConfigError, DnsDiscovery, FileDiscovery, parse_address
+from wsgate.config import (
+    BackendSpec,
+    Config,
+    ConfigError,
+    DnsDiscovery,
+    FileDiscovery,
+    parse_address,
+)
 from wsgate.gateway.connector import Connector
 from wsgate.gateway.head import RequestHead
 from wsgate.gateway.proxy import Downstream, Exchange, Session
@@ -278,7 +286,7 @@ class Gateway:
             if not first.done():
                 first.set_result(None)
 
-    def apply_backends(self, specs: list[Any], *, initial: bool = False) -> None:
+    def apply_backends(self, specs: Iterable[BackendSpec], *, initial: bool = False) -> None:
         """Make the pool match ``specs`` (a snapshot); drain the backends that left.
 
         New backends take connections once healthy (at start: at once, as with a
