@@ -531,6 +531,8 @@ class Gateway:
         try:
             while True:
                 remaining = deadline - self.loop.time()
+                if self.draining:
+                    return Rejected(Reason.DRAINING, 1.0)
                 if remaining <= 0:
                     return Rejected(Reason.NO_CAPACITY, self.config.limits.retry_after)
                 # Local releases wake the head of the line at once; the head also
@@ -577,7 +579,11 @@ class Gateway:
         down, up = exchange.down, exchange.up
         assert down.transport is not None and up.transport is not None
         self.downstreams.discard(down)
-        Session(exchange, down.transport, up.transport).start(rest)
+        session = Session(exchange, down.transport, up.transport)
+        session.start(rest)
+        if self.draining:
+            # Admitted while the drain began (the decision was in flight): close it too.
+            session.close_gracefully(1001, "drain")
 
     def access_log(self, **fields: Any) -> None:
         if not self.config.access_log or not access.isEnabledFor(logging.INFO):
