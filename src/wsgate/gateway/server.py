@@ -280,11 +280,17 @@ class Gateway:
         self, source: BackendSource, initial: bool, first: asyncio.Future[None]
     ) -> None:
         log.info("following backends from %s every %gs", source, source.refresh)
-        async for specs in source.snapshots():
-            self.apply_backends(specs, initial=initial)
-            initial = False
-            if not first.done():
-                first.set_result(None)
+        while True:
+            try:
+                async for specs in source.snapshots():
+                    self.apply_backends(specs, initial=initial)
+                    initial = False
+                    if not first.done():
+                        first.set_result(None)
+            except Exception:
+                # Sources report their own failures; this is for the unforeseen ones.
+                log.exception("following %s failed; trying again", source)
+            await asyncio.sleep(source.refresh)
 
     def apply_backends(self, specs: Iterable[BackendSpec], *, initial: bool = False) -> None:
         """Make the pool match ``specs`` (a snapshot); drain the backends that left.
