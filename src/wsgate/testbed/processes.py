@@ -86,7 +86,8 @@ class Process:
         return self.popen.pid
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def signal(self, signum: int) -> None:
@@ -112,6 +113,7 @@ class Process:
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
         self.popen.wait(5)
+        self._log.close()
 
 
 class ProcessGroup:
