@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from wsgate.admission.contract import (
     REJECT_STATUS,
-    Admitted,
     AdmissionStore,
+    Admitted,
     Candidate,
     Limits,
     Reason,
@@ -25,8 +25,8 @@ from wsgate.admission.contract import (
 
 __all__ = [
     "REJECT_STATUS",
-    "Admitted",
     "AdmissionStore",
+    "Admitted",
     "Candidate",
     "Limits",
     "Reason",

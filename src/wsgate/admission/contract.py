@@ -6,14 +6,14 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from wsgate.config import RateConfig
 
 __all__ = [
     "REJECT_STATUS",
-    "Admitted",
     "AdmissionStore",
+    "Admitted",
     "Candidate",
     "Limits",
     "Reason",
@@ -172,3 +172,15 @@ class AdmissionStore(Protocol):
         ...
 
     def live_replicas(self) -> int: ...
+
+    async def acquire_close_tokens(self, per_second: float, want: int) -> int:
+        """How many rebalance closes the caller may do now (at most ``want``).
+
+        All replicas draw from one budget of ``per_second`` closes a second
+        with a burst of ``ceil(per_second)``, so together they close no faster.
+        """
+        ...
+
+    async def snapshot(self) -> dict[str, Any]:
+        """What the store knows, as JSON-ready data (admin API, ``wsgate state``)."""
+        ...

@@ -7,9 +7,11 @@ configured, and the reference the Redis store is tested against.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from wsgate.admission.contract import (
     Admitted,
@@ -22,7 +24,7 @@ from wsgate.admission.contract import (
 )
 from wsgate.admission.rate import gcra, tokens_left
 
-__all__ = ["MemoryStore"]
+__all__ = ["MemoryStore", "take_tokens"]
 
 # Per-client buckets idle this long are forgotten: they are full again anyway.
 _CLIENT_BUCKET_SWEEP = 60.0
@@ -38,6 +40,7 @@ class MemoryStore:
         self._rate_tat: float | None = None
         self._client_tat: dict[str, float] = {}
         self._next_sweep = 0.0
+        self._close_tat: float | None = None
 
     @property
     def mode(self) -> str:
@@ -126,3 +129,35 @@ class MemoryStore:
 
     def live_replicas(self) -> int:
         return 1
+
+    async def acquire_close_tokens(self, per_second: float, want: int) -> int:
+        if want <= 0 or per_second <= 0:
+            return 0
+        granted, self._close_tat = take_tokens(
+            self._close_tat, self._clock(), per_second, max(1, math.ceil(per_second)), want
+        )
+        return granted
+
+    async def snapshot(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "mode": self.mode,
+            "live_replicas": 1,
+            "global": dict(self.global_counts()),
+            "local": dict(self.local_counts()),
+            "tokens": self.tokens_available(),
+        }
+
+
+def take_tokens(
+    tat: float | None, now: float, per_second: float, burst: int, want: int
+) -> tuple[int, float | None]:
+    """Take up to ``want`` whole tokens from a GCRA bucket; returns (taken, new TAT).
+
+    The Redis script's ``close_tokens`` does the same arithmetic.
+    """
+    interval = 1.0 / per_second
+    base = max(tat if tat is not None else now, now)
+    available = math.floor((burst * interval - (base - now)) / interval + 1e-9)
+    taken = max(0, min(want, available))
+    return taken, (base + taken * interval if taken else tat)
