@@ -83,14 +83,19 @@ def counts(backends: list[BackendProcess]) -> list[int]:
 
 
 async def balanced(backends: list[BackendProcess], within: float) -> float:
-    """Wait until every backend holds SESSIONS/len ± MAX_SKEW and the total is whole;
-    return how long it took."""
+    """Wait until every backend holds SESSIONS/len ± MAX_SKEW, the total is whole, and the
+    spread is within MAX_SKEW (where the rebalancer stops: 11/10/9 is within 10 ± 1 but
+    still one move away); return how long it took."""
     started = time.monotonic()
     share = SESSIONS // len(backends)
 
     def done() -> bool:
         now = counts(backends)
-        return sum(now) == SESSIONS and all(abs(n - share) <= MAX_SKEW for n in now)
+        return (
+            sum(now) == SESSIONS
+            and all(abs(n - share) <= MAX_SKEW for n in now)
+            and max(now) - min(now) <= MAX_SKEW
+        )
 
     await wait_until(done, within=within, interval=0.25)
     return time.monotonic() - started
