@@ -46,6 +46,7 @@ __all__ = [
     "DriverPool",
     "ExchangeTotals",
     "OpenTotals",
+    "SetupTotals",
     "Target",
     "default_sources",
     "split",
@@ -128,6 +129,7 @@ class Exchange:
 @dataclass(frozen=True)
 class Exchanged:
     completed: int
+    total: int  # every echo of the round, window or not
     latencies_ns: bytes
     errors: int
     first_error: str | None
@@ -151,6 +153,7 @@ class Handshakes:
 @dataclass(frozen=True)
 class Handshaken:
     completed: int
+    total: int
     failed: int
     first_error: str | None
 
@@ -246,19 +249,22 @@ class _Client(asyncio.Protocol):
             return
         head = bytes(self.head[:end])
         extra = len(self.head) - end - len(HEAD_END)
-        self.head = bytearray()
         try:
             status = response_status(head)
         except HandshakeError as error:
             self.ready.set_exception(error)
             return
         if status != 101:
-            self.ready.set_exception(HandshakeError(f"answered {status} instead of 101"))
+            body = bytes(self.head[end + len(HEAD_END) :][:80]).decode("utf-8", "replace")
+            self.ready.set_exception(
+                HandshakeError(f"answered {status} instead of 101 {body}".rstrip())
+            )
         elif _ACCEPT not in head or b"sec-websocket-accept:" not in head.lower():
             self.ready.set_exception(HandshakeError("wrong or missing Sec-WebSocket-Accept"))
         elif extra:
             self.ready.set_exception(HandshakeError("bytes after the 101 head"))
         else:
+            self.head = bytearray()
             self.ready.set_result(None)
 
     def _unexpected(self, data: bytes) -> None:
@@ -291,6 +297,7 @@ class _Round:
         self.once = command.once
         self.latencies = array("q")
         self.completed = 0
+        self.total = 0
         self.errors = 0
         self.first_error: str | None = None
         self.outstanding = len(clients)
@@ -332,6 +339,7 @@ class _Round:
 
     def echoed(self, client: _Client) -> None:
         now = time.monotonic_ns()
+        self.total += 1
         if self.measure_from <= now < self.measure_to:
             self.completed += 1
             self.latencies.append(now - client.sent_at)
@@ -449,6 +457,7 @@ class _Worker:
         self.clients = [client for client in self.clients if not client.lost]
         return Exchanged(
             completed=round_.completed,
+            total=round_.total,
             latencies_ns=round_.latencies.tobytes(),
             errors=round_.errors,
             first_error=round_.first_error,
@@ -456,12 +465,12 @@ class _Worker:
         )
 
     async def handshakes(self, command: Handshakes) -> Handshaken:
-        completed = failed = 0
+        completed = total = failed = 0
         first_error: str | None = None
         await _sleep_until(command.start_at)
 
         async def connector(offset: int) -> None:
-            nonlocal completed, failed, first_error
+            nonlocal completed, total, failed, first_error
             index = command.first_index + offset
             while time.monotonic() < command.measure_to:
                 source = command.sources[index % len(command.sources)]
@@ -475,11 +484,12 @@ class _Worker:
                     continue
                 assert client.transport is not None
                 client.transport.close()
+                total += 1
                 if command.measure_from <= time.monotonic() < command.measure_to:
                     completed += 1
 
         await asyncio.gather(*(connector(offset) for offset in range(command.concurrency)))
-        return Handshaken(completed, failed, first_error)
+        return Handshaken(completed, total, failed, first_error)
 
     async def close_all(self, command: CloseAll) -> Closed:
         clients, self.clients = self.clients, []
@@ -555,6 +565,7 @@ class OpenTotals:
 @dataclass(frozen=True)
 class ExchangeTotals:
     completed: int
+    total: int
     seconds: float
     latencies_ns: array[int]
     errors: int
@@ -564,6 +575,14 @@ class ExchangeTotals:
     @property
     def rate(self) -> float:
         return self.completed / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class SetupTotals:
+    rate: float  # upgrades per second in the window
+    total: int  # upgrades from start to end, window or not
+    failed: int
+    first_error: str | None
 
 
 class DriverPool:
@@ -674,6 +693,7 @@ class DriverPool:
             latencies.frombytes(answer.latencies_ns)
         return ExchangeTotals(
             completed=sum(answer.completed for answer in exchanged),
+            total=sum(answer.total for answer in exchanged),
             seconds=duration,
             latencies_ns=latencies,
             errors=sum(answer.errors for answer in exchanged),
@@ -693,8 +713,8 @@ class DriverPool:
         warmup: float,
         duration: float,
         timeout: float = 5.0,
-    ) -> tuple[float, int, str | None]:
-        """Upgrades per second in a closed loop of ``concurrency`` connectors; and failures."""
+    ) -> SetupTotals:
+        """Upgrades per second in a closed loop of ``concurrency`` connectors."""
         start_at = time.monotonic() + 0.05
         measure_from = start_at + warmup
         measure_to = measure_from + duration
@@ -715,10 +735,12 @@ class DriverPool:
         ]
         answers = self._run(commands, warmup + duration + timeout + 15.0)
         done = [answer for answer in answers if isinstance(answer, Handshaken)]
-        completed = sum(answer.completed for answer in done)
-        failed = sum(answer.failed for answer in done)
-        first_error = next((a.first_error for a in done if a.first_error), None)
-        return completed / duration, failed, first_error
+        return SetupTotals(
+            rate=sum(answer.completed for answer in done) / duration,
+            total=sum(answer.total for answer in done),
+            failed=sum(answer.failed for answer in done),
+            first_error=next((a.first_error for a in done if a.first_error), None),
+        )
 
     def close_all(self, timeout: float = 10.0) -> int:
         answers = self._run([CloseAll(timeout)] * self.size, timeout + 15.0)

@@ -39,12 +39,14 @@ __all__ = [
     "pin_tree",
     "start_echo",
     "start_path",
+    "tree_cpu_seconds",
     "tree_rss",
 ]
 
 BASE_PATHS = ("direct", "wsgate-memory", "wsgate-redis", "haproxy", "nginx")
 HAPROXY = "/usr/sbin/haproxy"
 NGINX = "/usr/sbin/nginx"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _WSGATE_PATH = re.compile(r"^wsgate-(memory|redis)(?:-w(\d+))?$")
 
 
@@ -94,18 +96,21 @@ def start_path(
     *,
     nofile: int,
     redis: list[RedisServer],
+    proxy_buffer: int | None = None,
 ) -> Endpoint:
     """Start one path in front of ``echo``; raise :class:`Unavailable` to skip it.
 
     ``redis`` holds the run's one redis-server once a path has needed it.
+    ``proxy_buffer`` sets HAProxy's ``tune.bufsize`` and nginx's
+    ``proxy_buffer_size`` (their defaults, 16 KiB and one 4 KiB page, when None).
     """
     kind, workers = parse_path_name(name)
     if kind == "direct":
         return Endpoint(name, echo, None, "echo backend alone")
     if kind == "haproxy":
-        return _start_haproxy(name, group, echo, nofile)
+        return _start_haproxy(name, group, echo, nofile, proxy_buffer)
     if kind == "nginx":
-        return _start_nginx(name, group, echo, nofile)
+        return _start_nginx(name, group, echo, nofile, proxy_buffer)
     return _start_wsgate(name, group, echo, kind == "wsgate-redis", workers, redis)
 
 
@@ -125,7 +130,9 @@ def _version(argv: list[str]) -> str:
     return text[0] if text else "unknown version"
 
 
-def _start_haproxy(name: str, group: ProcessGroup, echo: Target, nofile: int) -> Endpoint:
+def _start_haproxy(
+    name: str, group: ProcessGroup, echo: Target, nofile: int, buffer: int | None
+) -> Endpoint:
     binary = HAPROXY if os.access(HAPROXY, os.X_OK) else shutil.which("haproxy")
     if binary is None:
         raise Unavailable(
@@ -138,6 +145,7 @@ def _start_haproxy(name: str, group: ProcessGroup, echo: Target, nofile: int) ->
 global
     nbthread 1
     ulimit-n {nofile}
+{f"    tune.bufsize {buffer}" if buffer else ""}
 
 defaults
     mode http
@@ -166,7 +174,9 @@ backend echo
     return Endpoint(name, Target("127.0.0.1", port), process.pid, version, argv)
 
 
-def _start_nginx(name: str, group: ProcessGroup, echo: Target, nofile: int) -> Endpoint:
+def _start_nginx(
+    name: str, group: ProcessGroup, echo: Target, nofile: int, buffer: int | None
+) -> Endpoint:
     binary = NGINX if os.access(NGINX, os.X_OK) else shutil.which("nginx")
     if binary is None:
         raise Unavailable(f"{name}: skipped, {NGINX} is not installed (./scripts/setup.sh --bench)")
@@ -209,6 +219,9 @@ http {{
         location / {{
             proxy_pass http://echo;
             proxy_http_version 1.1;
+{f"            proxy_buffer_size {buffer};" if buffer else ""}
+{f"            proxy_buffers 4 {buffer};" if buffer else ""}
+{f"            proxy_busy_buffers_size {buffer};" if buffer else ""}
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection $connection_upgrade;
             proxy_connect_timeout 5s;
@@ -318,6 +331,16 @@ def tree_rss(pid: int) -> int:
                     total += int(line.split()[1]) * 1024
                     break
     return total
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and its live descendants."""
+    ticks = 0
+    for current in _descendants(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / _CLOCK_TICKS
 
 
 def pin_tree(pid: int, cpus: set[int]) -> None:

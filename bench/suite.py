@@ -43,6 +43,7 @@ from bench.proxies import (
     pin_tree,
     start_echo,
     start_path,
+    tree_cpu_seconds,
     tree_rss,
 )
 from bench.report import Report, percentile
@@ -76,6 +77,7 @@ class Plan:
     smoke: bool
     keep_logs: bool
     pin: bool
+    proxy_buffer: int | None
     settle: float  # seconds for a process to settle after connections open or close
 
 
@@ -111,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="bind the proxy to its own CPU(s) and the driver and echo to the others "
         "(default: on with 2 CPUs or more)",
+    )
+    add(
+        "--proxy-buffer",
+        type=int,
+        metavar="BYTES",
+        help="HAProxy tune.bufsize and nginx proxy_buffer_size (default: theirs)",
     )
     add("--keep-logs", action="store_true", help="keep the work directory with configs and logs")
     return parser
@@ -170,6 +178,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         smoke=smoke,
         keep_logs=bool(args.keep_logs),
         pin=pin,
+        proxy_buffer=args.proxy_buffer,
         settle=0.2 if smoke else 1.0,
     )
     if plan.repetitions < 1 or plan.drivers < 1 or plan.echo_processes < 1:
@@ -191,6 +200,14 @@ def cpu_split(available: Sequence[int], proxy_workers: int) -> tuple[set[int], s
     proxy = set(cpus[-proxy_workers:]) if proxy_workers < len(cpus) else set(cpus)
     load = set(cpus) - proxy
     return (load or set(cpus)), proxy
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error, and the last line of the output it quotes, if any."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
 
 
 def _size_label(size: int) -> str:
@@ -232,6 +249,14 @@ class Bench:
                         "msg/s",
                         higher_is_better=True,
                     )
+            for conns in plan.conns:
+                for size in plan.sizes:
+                    report.declare(
+                        f"relay_cpu_{size}_{conns}",
+                        f"relay {_size_label(size)} x {conns} conns, per proxy CPU-second",
+                        "msg/CPU-s",
+                        higher_is_better=True,
+                    )
             load = f"{_size_label(self.size0)} x {self.conns0} conns, saturated"
             report.declare("loaded_p50", f"round trip p50, {load}", "us", higher_is_better=False)
             report.declare("loaded_p99", f"round trip p99, {load}", "us", higher_is_better=False)
@@ -248,6 +273,12 @@ class Bench:
                 "setup",
                 f"connection set-up, {plan.setup_concurrency} concurrent",
                 "upgrades/s",
+                higher_is_better=True,
+            )
+            report.declare(
+                "setup_cpu",
+                "connection set-up per proxy CPU-second",
+                "upgrades/CPU-s",
                 higher_is_better=True,
             )
         if "memory" in plan.figures:
@@ -279,7 +310,14 @@ class Bench:
         redis: list[RedisServer] = []
         for name in self.plan.paths:
             try:
-                endpoint = start_path(name, group, echo, nofile=self.nofile, redis=redis)
+                endpoint = start_path(
+                    name,
+                    group,
+                    echo,
+                    nofile=self.nofile,
+                    redis=redis,
+                    proxy_buffer=self.plan.proxy_buffer,
+                )
                 if self.plan.pin:
                     self.pin(endpoint, available, load_cpus, redis)
             except Unavailable as error:
@@ -287,7 +325,7 @@ class Bench:
                 _say(str(error))
                 continue
             except (RuntimeError, TimeoutError, OSError) as error:
-                self._failed(name, f"did not start: {str(error).splitlines()[0]}", group)
+                self._failed(name, f"did not start: {_one_line(error)}", group)
                 continue
             problem = self.preflight(endpoint)
             if problem is not None:
@@ -404,9 +442,21 @@ class Bench:
                 f"(first: {totals.first_error})"
             )
 
+    def _proxy_cpu(self, endpoint: Endpoint) -> float:
+        return tree_cpu_seconds(endpoint.pid) if endpoint.pid is not None else 0.0
+
+    def _per_cpu_second(self, endpoint: Endpoint, key: str, count: int, cpu: float) -> str:
+        """Record ``count`` per CPU-second of the proxy; robust to CPU taken by others."""
+        if endpoint.pid is None or cpu <= 0:
+            return ""
+        self.report.add(key, endpoint.name, count / cpu)
+        return f", {count / cpu:,.0f} per proxy CPU-s"
+
     def relay(self, endpoint: Endpoint, size: int, conns: int) -> None:
         plan = self.plan
+        cpu_before = self._proxy_cpu(endpoint)
         totals = self.pool.exchange(size, warmup=plan.warmup, duration=plan.duration)
+        cpu = self._proxy_cpu(endpoint) - cpu_before
         what = f"relay {_size_label(size)} x {conns}"
         self._exchange_notes(endpoint, what, totals)
         ordered = sorted(totals.latencies_ns)
@@ -415,7 +465,10 @@ class Bench:
         if size == self.size0 and conns == self.conns0 and ordered:
             self.report.add("loaded_p50", endpoint.name, p50)
             self.report.add("loaded_p99", endpoint.name, p99)
-        _say(f"  {what}: {totals.rate:,.0f} msg/s (p50 {p50:,.0f} µs, p99 {p99:,.0f} µs)")
+        efficiency = self._per_cpu_second(endpoint, f"relay_cpu_{size}_{conns}", totals.total, cpu)
+        _say(
+            f"  {what}: {totals.rate:,.0f} msg/s{efficiency} (p50 {p50:,.0f} µs, p99 {p99:,.0f} µs)"
+        )
 
     def latency(self, endpoint: Endpoint) -> None:
         plan = self.plan
@@ -434,19 +487,23 @@ class Bench:
 
     def setup(self, endpoint: Endpoint) -> None:
         plan = self.plan
-        rate, failed, first_error = self.pool.handshakes(
+        cpu_before = self._proxy_cpu(endpoint)
+        totals = self.pool.handshakes(
             endpoint.target,
             concurrency=plan.setup_concurrency,
             warmup=plan.warmup,
             duration=plan.duration,
         )
-        if failed:
+        time.sleep(self.plan.settle / 3)  # the proxy's CPU count includes closing them
+        cpu = self._proxy_cpu(endpoint) - cpu_before
+        if totals.failed:
             self.report.note(
-                f"{endpoint.name}, set-up: {failed} attempt(s) failed (first: {first_error})"
+                f"{endpoint.name}, set-up: {totals.failed} attempt(s) failed "
+                f"(first: {totals.first_error})"
             )
-        self.report.add("setup", endpoint.name, rate)
-        _say(f"  set-up: {rate:,.0f} upgrades/s ({failed} failed)")
-        time.sleep(self.plan.settle / 3)  # let the proxy finish closing what the loop left
+        self.report.add("setup", endpoint.name, totals.rate)
+        efficiency = self._per_cpu_second(endpoint, "setup_cpu", totals.total, cpu)
+        _say(f"  set-up: {totals.rate:,.0f} upgrades/s{efficiency} ({totals.failed} failed)")
 
     def memory(self, endpoint: Endpoint) -> None:
         if endpoint.pid is None:
@@ -455,7 +512,7 @@ class Bench:
         time.sleep(self.plan.settle / 3)
         before = tree_rss(endpoint.pid)
         try:
-            opened = self.pool.open(endpoint.target, count, concurrency=128, time_limit=90.0)
+            opened = self.pool.open(endpoint.target, count, concurrency=64, time_limit=90.0)
             check = self.pool.check(timeout=10.0)
             time.sleep(self.plan.settle)
             after = tree_rss(endpoint.pid)
@@ -482,7 +539,7 @@ class Bench:
             opened = self.pool.open(
                 endpoint.target,
                 bound,
-                concurrency=256,
+                concurrency=64,
                 timeout=3.0,
                 time_limit=90.0,
                 max_failures=max(10, 40 // self.pool.size),
@@ -555,6 +612,7 @@ def _meta(plan: Plan, nofile: int, argv: Sequence[str]) -> dict[str, object]:
         "warmup_s": plan.warmup,
         "duration_s": plan.duration,
         "load_before": os.getloadavg(),
+        "proxy_buffer": plan.proxy_buffer or "defaults (HAProxy 16 KiB, nginx one page)",
         "method": (
             f"{plan.drivers} driver processes (raw asyncio protocols on uvloop) and one echo "
             "backend on the same machine as the proxy"
@@ -563,6 +621,8 @@ def _meta(plan: Plan, nofile: int, argv: Sequence[str]) -> dict[str, object]:
                 if plan.pin
                 else ", sharing all CPUs with it"
             )
+            + "; per proxy CPU-second rows divide what was relayed by the CPU time the proxy "
+            "process used, which other work on the machine hardly moves"
             + f"; {plan.repetitions} repetition(s) of "
             f"{plan.warmup:g} s warm-up + {plan.duration:g} s measured per rate figure; memory "
             "and max connections measured once per path."
