@@ -67,8 +67,21 @@ def pods(*caps: int) -> list[Candidate]:
     return [Candidate(f"pod-{i}", cap) for i, cap in enumerate(caps)]
 
 
-async def admit_many(store: AdmissionStore, count: int, candidates: Sequence[Candidate], **kw: object) -> list[Admitted | Rejected]:  # fmt: skip
-    return [await store.admit(candidates, **kw) for _ in range(count)]  # type: ignore[arg-type]
+async def admit_many(
+    store: AdmissionStore,
+    count: int,
+    candidates: Sequence[Candidate],
+    *,
+    client_key: str | None = None,
+    least_loaded: bool = False,
+    preferred: str | None = None,
+) -> list[Admitted | Rejected]:
+    return [
+        await store.admit(
+            candidates, client_key=client_key, least_loaded=least_loaded, preferred=preferred
+        )
+        for _ in range(count)
+    ]
 
 
 def backends_of(decisions: Sequence[Admitted | Rejected]) -> list[str | None]:
@@ -219,7 +232,11 @@ candidate_lists = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     entries=candidate_lists,
     least_loaded=st.booleans(),

@@ -85,7 +85,9 @@ async def wait_until(condition: Callable[[], bool], within: float, step: float =
     raise AssertionError(f"condition not met within {within}s")
 
 
-async def test_caps_are_exact_under_concurrency(make_replica: MakeReplica, redis_server: RedisServer) -> None:  # fmt: skip
+async def test_caps_are_exact_under_concurrency(
+    make_replica: MakeReplica, redis_server: RedisServer
+) -> None:
     stores = [await make_replica() for _ in range(4)]
     rng = random.Random(7)
     candidates = pods(2, 2, 2, 2)

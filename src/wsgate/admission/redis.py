@@ -289,11 +289,16 @@ class RedisStore:
     def mode(self) -> str:
         return "ok" if self._mode == "ok" else "degraded"
 
-    async def start(self) -> None:
-        """Register and start renewing; a Redis that is down means ``degraded``, not an error."""
+    async def start(self, *, renew_in_background: bool = True) -> None:
+        """Register and start renewing; a Redis that is down means ``degraded``, not an error.
+
+        With ``renew_in_background=False`` nothing renews the lease unless the
+        caller calls :meth:`renew_now` (tests that choose every step do this).
+        """
         self._client = connect(self.url, self.timeout)
         await self.renew_now()
-        self._renew_task = asyncio.create_task(self._renew_loop(), name="wsgate-lease")
+        if renew_in_background:
+            self._renew_task = asyncio.create_task(self._renew_loop(), name="wsgate-lease")
 
     async def close(self) -> None:
         """Stop renewing and give every slot this replica still holds back at once."""
