@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["raise_open_files_limit", "run_async", "setup_logging"]
+__all__ = ["raise_open_files_limit", "run_async", "setup_logging", "tune_collector"]
 
 T = TypeVar("T")
 
@@ -26,6 +27,20 @@ def raise_open_files_limit() -> int:
     except (ValueError, OSError):
         return soft
     return hard
+
+
+def tune_collector() -> None:
+    """Make the cyclic garbage collector cheap for a process full of connections.
+
+    Everything allocated at start-up lives as long as the process: ``gc.freeze``
+    takes it out of every future collection. Each new connection allocates a few
+    dozen objects that reference counting frees; collecting the youngest
+    generation every 10,000 allocations instead of 700 keeps the collector off
+    the connection set-up path without letting cyclic garbage pile up.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:

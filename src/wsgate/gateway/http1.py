@@ -9,6 +9,7 @@ cause raise :class:`BadMessage` carrying the status to answer with.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import httptools
 
@@ -57,6 +58,16 @@ class Upgrade:
 
 Event = Head | Body | End | Upgrade
 _END = End()
+
+
+class _Detached:
+    """Stands in for the parser of an upgraded connection; nothing more is HTTP."""
+
+    def feed_data(self, data: bytes) -> None:
+        raise RuntimeError("the connection was upgraded; its bytes are not HTTP")
+
+
+_DETACHED: Any = _Detached()
 
 
 def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None]:
@@ -108,6 +119,10 @@ class RequestReader:
         if self._in_head and self._head_bytes > self.max_head_size:
             raise BadMessage(431, "request head too large")
         return events
+
+    def detach(self) -> None:
+        """Drop the parser (it refers back to this reader): the connection is upgraded."""
+        self._parser = _DETACHED
 
     @property
     def idle(self) -> bool:
@@ -170,6 +185,10 @@ class ResponseReader:
         self._no_body = False
         self.upgraded = False
         self.reusable = True
+
+    def detach(self) -> None:
+        """Drop the parser (it refers back to this reader): the connection is upgraded."""
+        self._parser = _DETACHED
 
     def expect_no_body(self) -> None:
         self._no_body = True

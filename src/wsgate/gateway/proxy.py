@@ -19,7 +19,6 @@ import contextlib
 import logging
 import random
 import time
-import uuid
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -238,7 +237,7 @@ class Downstream(asyncio.Protocol):
         gw = self.gw
         head = request.head
         started = time.monotonic()
-        request_id = (head.get(b"x-request-id") or b"").decode("latin-1") or uuid.uuid4().hex
+        request_id = (head.get(b"x-request-id") or b"").decode("latin-1") or gw.new_request_id()
         kind = "websocket" if head.upgrade else "http"
         keep_alive = head.keep_alive and not head.upgrade
 
@@ -291,10 +290,11 @@ class Downstream(asyncio.Protocol):
         fallback = preferred is not None and preferred != admitted.backend_id
         if fallback:
             gw.stats.affinity_fallbacks += 1
-        exchange = Exchange(
-            self, upstream, request, admitted.ticket, request_id, started, kind, fallback
-        )
-        return await exchange.run()
+        slot = Slot(
+            gw, upstream.backend, admitted.ticket, self.client_ip, request_id, started, kind,
+            fallback,
+        )  # fmt: skip
+        return await Exchange(self, upstream, request, slot).run()
 
     def _reject(
         self, decision: Rejected, kind: str, request_id: str, started: float, *, close: bool
@@ -309,29 +309,33 @@ class Downstream(asyncio.Protocol):
         )  # fmt: skip
 
 
-class Exchange:
-    """One admitted request on one upstream connection, until its slot is released."""
+class Slot:
+    """What one admitted connection holds and reports: its slot, released once; its log line."""
+
+    __slots__ = (
+        "backend", "bytes_in", "bytes_out", "client_ip", "fallback", "gw", "kind",
+        "released", "request_id", "started", "status", "ticket",
+    )  # fmt: skip
 
     def __init__(
         self,
-        down: Downstream,
-        up: Upstream,
-        request: Request,
+        gw: Gateway,
+        backend: Backend,
         ticket: Ticket,
+        client_ip: str,
         request_id: str,
         started: float,
         kind: str,
         fallback: bool,
     ):
-        self.down = down
-        self.up = up
-        self.request = request
+        self.gw = gw
+        self.backend = backend
         self.ticket = ticket
+        self.client_ip = client_ip
         self.request_id = request_id
         self.started = started
         self.kind = kind
         self.fallback = fallback
-        self.backend = up.backend
         self.status = 0
         self.bytes_in = 0  # from the client
         self.bytes_out = 0  # to the client
@@ -340,20 +344,46 @@ class Exchange:
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.down.gw.release(self.ticket)
+            self.gw.release(self.ticket)
+
+    def log(self, outcome: str) -> None:
+        gw = self.gw
+        duration = time.monotonic() - self.started
+        gw.stats.observe_duration(self.kind, duration)
+        gw.stats.bytes_from_clients += self.bytes_in
+        gw.stats.bytes_to_clients += self.bytes_out
+        gw.access_log(
+            kind=self.kind, client=self.client_ip, backend=self.backend.id,
+            status=self.status, outcome=outcome, duration=duration,
+            bytes_in=self.bytes_in, bytes_out=self.bytes_out, request_id=self.request_id,
+            affinity="fallback" if self.fallback else None,
+        )  # fmt: skip
+
+
+class Exchange:
+    """One admitted request on one upstream connection, until the response ends."""
+
+    __slots__ = ("down", "request", "slot", "up")
+
+    def __init__(self, down: Downstream, up: Upstream, request: Request, slot: Slot):
+        self.down = down
+        self.up = up
+        self.request = request
+        self.slot = slot
 
     async def run(self) -> bool:
-        down, up, gw = self.down, self.up, self.down.gw
+        down, up, slot = self.down, self.up, self.slot
+        gw = down.gw
         head = self.request.head
-        backend = self.backend
+        backend = slot.backend
         backend.admitted_total += 1
         gw.stats.admitted_total += 1
         down.upstream = up
         up.begin(self)
-        wire = render_request(head, client_ip=down.client_ip, request_id=self.request_id)
+        wire = render_request(head, client_ip=slot.client_ip, request_id=slot.request_id)
         if head.upgrade:
             up.write(wire + self.request.rest)
-            self.bytes_in += len(self.request.rest)
+            slot.bytes_in += len(self.request.rest)
         else:
             body = b"".join(self.request.body)
             self.request.body.clear()
@@ -363,7 +393,7 @@ class Exchange:
             if head.chunked and self.request.ended:
                 body += b"0\r\n\r\n"
             up.write(wire + body)
-            self.bytes_in += len(body)
+            slot.bytes_in += len(body)
             self.request.sink = up
             down.resume_reading()
         try:
@@ -371,49 +401,36 @@ class Exchange:
         except asyncio.CancelledError:
             # The client went away mid-exchange.
             up.abandon()
-            self.release()
-            self.log("client_closed")
+            slot.release()
+            slot.log("client_closed")
             raise
         finally:
             down.upstream = None
         if outcome == "upgraded":
             gw.pool.record_success(backend)
             return True
-        self.release()
+        slot.release()
         if outcome == "complete":
             # Passive ejection counts refused upgrades; any other answer is a success.
-            if 500 <= self.status < 600 and head.upgrade:
-                gw.pool.record_failure(backend, f"{self.status} on upgrade")
+            if 500 <= slot.status < 600 and head.upgrade:
+                gw.pool.record_failure(backend, f"{slot.status} on upgrade")
             else:
                 gw.pool.record_success(backend)
             keep = head.keep_alive and not head.upgrade and self.request.ended and not gw.draining
-            self.log("ok" if self.status < 500 else "backend_error")
+            slot.log("ok" if slot.status < 500 else "backend_error")
             if head.upgrade:
                 up.abandon()  # a refused upgrade leaves the connection in no known state
             else:
                 gw.connector.give_back(up)
             return keep
         # The backend failed before or during the response.
-        if self.status == 0:
+        if slot.status == 0:
             backend.connect_failures_total += 1
             gw.pool.record_failure(backend, outcome)
             down.write(error_response(502, Reason.BACKEND_UNREACHABLE, retry_after=1.0, close=True))
-            self.status = 502
-        self.log(outcome)
+            slot.status = 502
+        slot.log(outcome)
         return False
-
-    def log(self, outcome: str) -> None:
-        gw = self.down.gw
-        duration = time.monotonic() - self.started
-        gw.stats.connection_duration.labels(self.kind).observe(duration)
-        gw.stats.bytes_from_clients += self.bytes_in
-        gw.stats.bytes_to_clients += self.bytes_out
-        gw.access_log(
-            kind=self.kind, client=self.down.client_ip, backend=self.backend.id,
-            status=self.status, outcome=outcome, duration=duration,
-            bytes_in=self.bytes_in, bytes_out=self.bytes_out, request_id=self.request_id,
-            affinity="fallback" if self.fallback else None,
-        )  # fmt: skip
 
 
 class Upstream(asyncio.Protocol):
@@ -465,7 +482,7 @@ class Upstream(asyncio.Protocol):
             if isinstance(event, Head):
                 head = event.head
                 assert isinstance(head, ResponseHead)
-                exchange.status = head.status
+                exchange.slot.status = head.status
                 request = exchange.request
                 if head.status == 101 and request.head.upgrade:
                     self.upgrade_head = head
@@ -484,9 +501,9 @@ class Upstream(asyncio.Protocol):
                     down.write(b"%x\r\n%s\r\n" % (len(event.data), event.data))
                 else:
                     down.write(event.data)
-                exchange.bytes_out += len(event.data)
+                exchange.slot.bytes_out += len(event.data)
             elif isinstance(event, End):
-                if exchange.status == 101:
+                if exchange.slot.status == 101:
                     continue
                 if self.chunked_out:
                     down.write(b"0\r\n\r\n")
@@ -523,7 +540,7 @@ class Upstream(asyncio.Protocol):
                 self._finish("complete_at_eof")
                 return
         self.exchange = None
-        self._finish("backend_closed" if exchange.status else "backend_failed")
+        self._finish("backend_closed" if exchange.slot.status else "backend_failed")
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
@@ -549,7 +566,7 @@ class Upstream(asyncio.Protocol):
 
     def send_body(self, data: bytes, chunked: bool) -> None:
         if self.exchange is not None:
-            self.exchange.bytes_in += len(data)
+            self.exchange.slot.bytes_in += len(data)
         self.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
 
     def end_body(self, chunked: bool) -> None:
@@ -634,17 +651,27 @@ class _BackendSide(asyncio.Protocol):
 
 
 class Session:
-    """A live WebSocket session: two transports relayed, one slot held."""
+    """A live WebSocket session: two transports relayed, one slot held.
+
+    It keeps only what the relay and the close need: the HTTP machinery that
+    set it up (parsers, heads, the exchange) is left behind for the collector.
+    """
+
+    __slots__ = (
+        "backend", "backend_side", "backend_transport", "client_side", "client_transport",
+        "close_timer", "closing_code", "closing_reason", "done", "duration_factor", "gw",
+        "injected", "slot", "started", "tracker",
+    )  # fmt: skip
 
     def __init__(
         self,
-        exchange: Exchange,
+        slot: Slot,
         client_transport: asyncio.Transport,
         backend_transport: asyncio.Transport,
     ):
-        self.exchange = exchange
-        self.gw = exchange.down.gw
-        self.backend = exchange.backend
+        self.slot = slot
+        self.gw = slot.gw
+        self.backend = slot.backend
         self.client_transport = client_transport
         self.backend_transport = backend_transport
         self.tracker = FrameTracker()
@@ -668,16 +695,14 @@ class Session:
         self.gw.sessions.add(self)
         if rest:
             self.backend_side.data_received(rest)
-        self.exchange.down.upgraded = True
-        self.exchange.down.resume_reading()
 
     @property
     def bytes_in(self) -> int:
-        return self.exchange.bytes_in + self.client_side.bytes
+        return self.slot.bytes_in + self.client_side.bytes
 
     @property
     def bytes_out(self) -> int:
-        return self.exchange.bytes_out + self.backend_side.bytes
+        return self.slot.bytes_out + self.backend_side.bytes
 
     @property
     def age(self) -> float:
@@ -731,12 +756,12 @@ class Session:
                 transport.close()
         self.backend.connections.discard(self)
         self.gw.sessions.discard(self)
-        exchange = self.exchange
-        exchange.bytes_in = self.bytes_in
-        exchange.bytes_out = self.bytes_out
+        slot = self.slot
+        slot.bytes_in = self.bytes_in
+        slot.bytes_out = self.bytes_out
         self.client_side.bytes = self.backend_side.bytes = 0
-        exchange.release()
-        exchange.log(f"closed_{self.closing_reason}" if self.closing_code else outcome)
+        slot.release()
+        slot.log(f"closed_{self.closing_reason}" if self.closing_code else outcome)
 
 
 def _discard(data: bytes | bytearray | memoryview) -> None:

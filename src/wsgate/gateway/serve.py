@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsgate.config import Config, ConfigError, load_config
-from wsgate.runtime import raise_open_files_limit, run_async, setup_logging
+from wsgate.runtime import raise_open_files_limit, run_async, setup_logging, tune_collector
 
 if TYPE_CHECKING:
     from wsgate.gateway.server import Gateway
@@ -171,6 +171,7 @@ async def serve(
             await gateway.stop()
             raise ConfigError(f"cannot listen on admin {config.admin}: {error.strerror}") from None
 
+    tune_collector()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 

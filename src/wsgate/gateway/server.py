@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -117,6 +118,8 @@ class Gateway:
         self._drain_cut = asyncio.Event()
         self.pool.on_change.append(self._pool_changed)
         self.stopped = asyncio.Event()
+        self._request_prefix = os.urandom(6).hex()
+        self._request_serials = itertools.count(1)
         if self.store.kind == "redis":
             from wsgate.admission.redis import RedisStore
 
@@ -575,7 +578,7 @@ class Gateway:
         affinity = self.config.affinity
         if affinity.by != "cookie":
             return []
-        token = cookie_token(exchange.backend.id)
+        token = cookie_token(exchange.slot.backend.id)
         if exchange.request.head.cookie(affinity.cookie) == token:
             return []
         cookie = f"{affinity.cookie}={token}; Path=/; HttpOnly; SameSite=Lax"
@@ -585,11 +588,21 @@ class Gateway:
         down, up = exchange.down, exchange.up
         assert down.transport is not None and up.transport is not None
         self.downstreams.discard(down)
-        session = Session(exchange, down.transport, up.transport)
+        down.upgraded = True
+        session = Session(exchange.slot, down.transport, up.transport)
         session.start(rest)
+        down.resume_reading()
+        # The HTTP readers are done; dropping their parsers now frees them by
+        # reference counting instead of leaving cycles for the collector.
+        down.reader.detach()
+        up.reader.detach()
         if self.draining:
             # Admitted while the drain began (the decision was in flight): close it too.
             session.close_gracefully(1001, "drain")
+
+    def new_request_id(self) -> str:
+        """A request id unique to this process: a random prefix and a counter."""
+        return f"{self._request_prefix}-{next(self._request_serials):x}"
 
     def access_log(self, **fields: Any) -> None:
         if not self.config.access_log or not access.isEnabledFor(logging.INFO):

@@ -35,6 +35,10 @@ class Stats:
             buckets=_ADMISSION_BUCKETS,
             registry=self.registry,
         )
+        # Label lookups cost more than the observation: resolve them once.
+        self._duration_by_kind = {
+            kind: self.connection_duration.labels(kind) for kind in ("websocket", "http")
+        }
         self.accepted_total = 0  # client connections accepted by the listener
         self.admitted_total = 0
         self.rejected: Counter[str] = Counter()  # by reason
@@ -46,3 +50,6 @@ class Stats:
         # Bytes of finished connections; live ones are added at read time.
         self.bytes_from_clients = 0
         self.bytes_to_clients = 0
+
+    def observe_duration(self, kind: str, seconds: float) -> None:
+        self._duration_by_kind[kind].observe(seconds)
