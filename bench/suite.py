@@ -388,14 +388,16 @@ class Bench:
         if "memory" in plan.figures:
             for name in names:
                 self.guarded(name, "memory", partial(self.memory, self.endpoints[name]))
-        rate_figures = {"relay", "latency", "setup"} & plan.figures
-        if rate_figures:
-            for rep in range(plan.repetitions):
-                shift = rep % len(names) if names else 0
+        # Measurement-major order: every path takes one measurement before the next one
+        # starts, each time in a rotated order, so that a busy moment of the machine
+        # spreads over the paths instead of landing on one path's whole round.
+        measurements = self.measurements()
+        for rep in range(plan.repetitions):
+            _say(f"-- round {rep + 1}/{plan.repetitions}")
+            for index, (label, measure) in enumerate(measurements):
+                shift = (rep + index) % len(names) if names else 0
                 for name in names[shift:] + names[:shift]:
-                    _say(f"-- round {rep + 1}/{plan.repetitions}: {name}")
-                    endpoint = self.endpoints[name]
-                    self.guarded(name, "rates", partial(self.rates, endpoint))
+                    self.guarded(name, label, partial(measure, self.endpoints[name]))
         self.report.derive_added("added_p50", "latency_p50")
         self.report.derive_added("added_p99", "latency_p99")
         if "max-conns" in plan.figures:
@@ -410,30 +412,38 @@ class Bench:
             _say(f"{name} {what}: driver failed: {error}")
             self.pool.close_all()
 
-    def rates(self, endpoint: Endpoint) -> None:
+    def measurements(self) -> list[tuple[str, Callable[[Endpoint], None]]]:
         plan = self.plan
-        groups: dict[int, list[Callable[[], None]]] = {}
+        found: list[tuple[str, Callable[[Endpoint], None]]] = []
         if "relay" in plan.figures:
             for conns in plan.conns:
                 for size in plan.sizes:
-                    groups.setdefault(conns, []).append(partial(self.relay, endpoint, size, conns))
+                    label = f"relay {_size_label(size)} x {conns}"
+                    step = partial(self.relay, size=size, conns=conns)
+                    found.append((label, partial(self.on_connections, conns, step)))
         if "latency" in plan.figures:
-            groups.setdefault(plan.latency_conns, []).append(partial(self.latency, endpoint))
-        for conns, steps in groups.items():
-            opened = self.pool.open(endpoint.target, conns, timeout=10.0, time_limit=60.0)
-            try:
-                if opened.opened < conns:
-                    self.report.note(
-                        f"{endpoint.name}: opened {opened.opened} of {conns} connections "
-                        f"({opened.first_error}); those figures were skipped this round"
-                    )
-                    continue
-                for step in steps:
-                    step()
-            finally:
-                self.pool.close_all()
+            found.append(
+                ("latency", partial(self.on_connections, plan.latency_conns, self.latency))
+            )
         if "setup" in plan.figures:
-            self.setup(endpoint)
+            found.append(("set-up", self.setup))
+        return found
+
+    def on_connections(
+        self, conns: int, step: Callable[[Endpoint], None], endpoint: Endpoint
+    ) -> None:
+        """Open ``conns`` connections to ``endpoint``, run ``step`` on them, close them."""
+        opened = self.pool.open(endpoint.target, conns, timeout=10.0, time_limit=60.0)
+        try:
+            if opened.opened < conns:
+                self.report.note(
+                    f"{endpoint.name}: opened {opened.opened} of {conns} connections "
+                    f"({opened.first_error}); a measurement was skipped"
+                )
+                return
+            step(endpoint)
+        finally:
+            self.pool.close_all()
 
     def _exchange_notes(self, endpoint: Endpoint, what: str, totals: ExchangeTotals) -> None:
         if totals.errors:
@@ -452,7 +462,7 @@ class Bench:
         self.report.add(key, endpoint.name, count / cpu)
         return f", {count / cpu:,.0f} per proxy CPU-s"
 
-    def relay(self, endpoint: Endpoint, size: int, conns: int) -> None:
+    def relay(self, endpoint: Endpoint, *, size: int, conns: int) -> None:
         plan = self.plan
         cpu_before = self._proxy_cpu(endpoint)
         totals = self.pool.exchange(size, warmup=plan.warmup, duration=plan.duration)
@@ -467,7 +477,8 @@ class Bench:
             self.report.add("loaded_p99", endpoint.name, p99)
         efficiency = self._per_cpu_second(endpoint, f"relay_cpu_{size}_{conns}", totals.total, cpu)
         _say(
-            f"  {what}: {totals.rate:,.0f} msg/s{efficiency} (p50 {p50:,.0f} µs, p99 {p99:,.0f} µs)"
+            f"  {endpoint.name}: {what}: {totals.rate:,.0f} msg/s{efficiency} "
+            f"(p50 {p50:,.0f} µs, p99 {p99:,.0f} µs)"
         )
 
     def latency(self, endpoint: Endpoint) -> None:
@@ -483,7 +494,10 @@ class Bench:
         p50, p99 = percentile(ordered, 0.50) / 1e3, percentile(ordered, 0.99) / 1e3
         self.report.add("latency_p50", endpoint.name, p50)
         self.report.add("latency_p99", endpoint.name, p99)
-        _say(f"  latency at {totals.rate:,.0f} msg/s: p50 {p50:,.0f} µs, p99 {p99:,.0f} µs")
+        _say(
+            f"  {endpoint.name}: latency at {totals.rate:,.0f} msg/s: "
+            f"p50 {p50:,.0f} µs, p99 {p99:,.0f} µs"
+        )
 
     def setup(self, endpoint: Endpoint) -> None:
         plan = self.plan
@@ -503,7 +517,10 @@ class Bench:
             )
         self.report.add("setup", endpoint.name, totals.rate)
         efficiency = self._per_cpu_second(endpoint, "setup_cpu", totals.total, cpu)
-        _say(f"  set-up: {totals.rate:,.0f} upgrades/s{efficiency} ({totals.failed} failed)")
+        _say(
+            f"  {endpoint.name}: set-up {totals.rate:,.0f} upgrades/s{efficiency} "
+            f"({totals.failed} failed)"
+        )
 
     def memory(self, endpoint: Endpoint) -> None:
         if endpoint.pid is None:
