@@ -95,6 +95,10 @@ SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 
 OnFailure = Literal["closed", "local"]
 
+# Renewals (of lease_ttl/3 each) a backend's cap is remembered after it was
+# last among the candidates: long enough for an unhealthy spell, not forever.
+_CAPS_MEMORY_ROUNDS = 30
+
 
 def key_prefix(namespace: str) -> str:
     """The hash tag every key of a namespace starts with (one Cluster slot)."""
@@ -268,7 +272,9 @@ class RedisStore:
         self._lease_deadline = 0.0
         self._mode: str | None = None
         self._held: Counter[str] = Counter()
-        self._caps: dict[str, int] = {}
+        # backend -> (cap, renewal round it was last a candidate in)
+        self._caps: dict[str, tuple[int, int]] = {}
+        self._round = 0
         self._global: dict[str, int] = {}
         self._live = 1
         self._rate_offset = 0.0  # seconds until the global bucket is full, when last seen
@@ -353,7 +359,7 @@ class RedisStore:
         limits = self._limits
         if not candidates:
             return Rejected(Reason.NO_HEALTHY_BACKEND, limits.no_capacity_retry_after)
-        caps = self._caps
+        caps, now_round = self._caps, self._round
         argv: list[Arg] = [
             "admit",
             self.replica_id,
@@ -367,7 +373,7 @@ class RedisStore:
             self._rate_argv[3],
         ]
         for candidate in candidates:
-            caps[candidate.backend_id] = candidate.cap
+            caps[candidate.backend_id] = (candidate.cap, now_round)
             argv.append(candidate.backend_id)
             argv.append(candidate.cap)
 
@@ -605,8 +611,12 @@ class RedisStore:
         tail: list[Arg] = [len(held)]
         for backend, count in held.items():
             tail += [backend, count]
+        # Backends that were no candidate for many renewals are gone: forget them.
+        self._round += 1
+        horizon = self._round - _CAPS_MEMORY_ROUNDS
+        self._caps = {b: seen for b, seen in self._caps.items() if seen[1] >= horizon}
         tail.append(len(self._caps))
-        for backend, cap in self._caps.items():
+        for backend, (cap, _) in self._caps.items():
             tail += [backend, cap]
         tail += self._rate_argv
         return tail

@@ -311,6 +311,13 @@ local function renew()
     caps[backend] = tonumber(cap)
     redis.call('HSET', CAPS, backend, cap)
   end
+  -- Caps nobody renews any more and nobody holds slots of are stale: drop them.
+  local known = redis.call('HKEYS', CAPS)
+  for _, backend in ipairs(known) do
+    if not caps[backend] and redis.call('HEXISTS', TOTAL, backend) == 0 then
+      redis.call('HDEL', CAPS, backend)
+    end
+  end
   i = i + 2 * n_caps + 1
   redis.call('HSET', LIMITS, 'rate_per_second', ARGV[i], 'rate_burst', ARGV[i + 1],
     'client_per_second', ARGV[i + 2], 'client_burst', ARGV[i + 3])

@@ -1,0 +1,322 @@
+"""``wsgate state``: the shared admission state in Redis, as a table or as JSON.
+
+It reads everything in one call of the state script (``inspect``), so the
+replicas, the counts and the rate state it shows are from one instant. It
+writes nothing. docs/state.md explains each key and number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from wsgate.admission.redis import connect, key_prefix, run_script
+from wsgate.config import ConfigError, parse_duration, redact_url
+from wsgate.runtime import run_async
+
+__all__ = ["add_arguments", "describe", "read_state", "render", "run"]
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+# Counting per-client buckets scans keys; stop after this many so a huge
+# keyspace never makes the command slow.
+_BUCKET_SCAN_LIMIT = 100_000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        default=os.environ.get("WSGATE_REDIS", DEFAULT_URL),
+        help=f"the Redis the gateways share (default: $WSGATE_REDIS or {DEFAULT_URL})",
+    )
+    parser.add_argument("--namespace", default="default", help="the gateways' state namespace")
+    parser.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    parser.add_argument(
+        "--interval", default="1s", metavar="DURATION", help="refresh period with --watch (1s)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON (one line per refresh)")
+    parser.add_argument(
+        "--timeout", default="2s", metavar="DURATION", help="give up on Redis after this long"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    url, namespace = str(args.redis), str(args.namespace)
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"--redis: expected a redis://, rediss:// or unix:// URL, got {url!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", namespace):
+        raise ConfigError("--namespace: use letters, digits, '.', '_' or '-' only")
+    try:
+        interval = parse_duration(args.interval)
+        timeout = parse_duration(args.timeout)
+    except ValueError as error:
+        raise ConfigError(f"--interval/--timeout: {error}") from None
+    return run_async(
+        _show(
+            url,
+            namespace,
+            watch=bool(args.watch),
+            as_json=bool(args.json),
+            interval=max(0.1, interval),
+            patience=max(0.01, timeout),
+        )
+    )
+
+
+async def _show(
+    url: str, namespace: str, *, watch: bool, as_json: bool, interval: float, patience: float
+) -> int:
+    client = connect(url, patience)
+    try:
+        state = await _read_or_explain(client, url, namespace, patience)
+        if not watch:
+            _print(state, as_json)
+            return 0
+        if as_json:
+            for _ in range(sys.maxsize):
+                _print(state, as_json=True)
+                sys.stdout.flush()
+                await asyncio.sleep(interval)
+                state = await _read_softly(client, url, namespace, patience)
+            return 0
+        from rich.live import Live
+
+        with Live(render(state), auto_refresh=False, console=Console()) as live:
+            for _ in range(sys.maxsize):
+                await asyncio.sleep(interval)
+                state = await _read_softly(client, url, namespace, patience)
+                live.update(render(state), refresh=True)
+        return 0
+    finally:
+        await client.aclose()
+
+
+async def _read_or_explain(
+    client: aioredis.Redis, url: str, namespace: str, patience: float
+) -> dict[str, Any]:
+    try:
+        return await read_state(client, url, namespace, patience)
+    except (RedisError, OSError, TimeoutError) as error:
+        reason = str(error) or type(error).__name__
+        raise ConfigError(
+            f"cannot read the state from {redact_url(url)}: {reason} "
+            "(is redis-server running there? pass its URL with --redis)"
+        ) from None
+
+
+async def _read_softly(
+    client: aioredis.Redis, url: str, namespace: str, patience: float
+) -> dict[str, Any]:
+    """While watching, an unreachable Redis is shown, not fatal."""
+    try:
+        return await read_state(client, url, namespace, patience)
+    except (RedisError, OSError, TimeoutError) as error:
+        return {"store": redact_url(url), "namespace": namespace, "error": str(error) or "timeout"}
+
+
+def _print(state: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(state, sort_keys=True))
+    else:
+        Console().print(render(state))
+
+
+async def read_state(
+    client: aioredis.Redis, url: str, namespace: str, patience: float = 2.0
+) -> dict[str, Any]:
+    """One consistent reading of a namespace's state (see :func:`describe`)."""
+    async with asyncio.timeout(patience):
+        raw = await run_script(client, namespace, "inspect")
+        buckets = await _count_client_buckets(client, namespace)
+    return describe(raw, store=redact_url(url), namespace=namespace, client_buckets=buckets)
+
+
+async def _count_client_buckets(client: aioredis.Redis, namespace: str) -> int:
+    pattern = key_prefix(namespace) + ":rate:ip:*"
+    count = 0
+    cursor = 0
+    for _ in range(_BUCKET_SCAN_LIMIT // 1000):
+        cursor, keys = await client.scan(cursor, match=pattern, count=1000)
+        count += len(keys)
+        if cursor == 0:
+            break
+    return count
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _flat(values: Sequence[Any]) -> dict[str, str]:
+    return {_text(values[i]): _text(values[i + 1]) for i in range(0, len(values), 2)}
+
+
+def _rate(per_second: str | None, burst: str | None) -> dict[str, float] | None:
+    if not per_second or float(per_second) <= 0:
+        return None
+    return {"per_second": float(per_second), "burst": float(burst or 1)}
+
+
+def describe(
+    raw: Sequence[Any], *, store: str, namespace: str, client_buckets: int = 0
+) -> dict[str, Any]:
+    """Turn the script's ``inspect`` reply into JSON-ready data. Pure."""
+    now_ms = float(_text(raw[0])) / 1000
+    expiries = _flat(raw[1])
+    renewed = _flat(raw[2])
+    totals = {k: int(v) for k, v in _flat(raw[3]).items()}
+    caps = {k: int(v) for k, v in _flat(raw[4]).items()}
+    limits = _flat(raw[5])
+    rate_offset = float(_text(raw[6])) / 1e6
+    held_nested = raw[7]
+    held: dict[str, dict[str, int]] = {}
+    for i in range(0, len(held_nested), 2):
+        held[_text(held_nested[i])] = {
+            k: int(v) for k, v in _flat(cast(Sequence[Any], held_nested[i + 1])).items()
+        }
+
+    replicas = []
+    for replica, expiry in expiries.items():
+        last = renewed.get(replica)
+        replicas.append(
+            {
+                "id": replica,
+                "lease_age": round((now_ms - float(last)) / 1000, 3) if last else None,
+                "expires_in": round((float(expiry) - now_ms) / 1000, 3),
+                "held": held.get(replica, {}),
+                "slots": sum(held.get(replica, {}).values()),
+            }
+        )
+
+    backends = []
+    names = sorted(set(totals) | set(caps) | {b for h in held.values() for b in h})
+    for backend in names:
+        held_by = {r: h[backend] for r, h in held.items() if h.get(backend)}
+        cap = caps.get(backend)
+        live = totals.get(backend, 0)
+        backends.append(
+            {
+                "id": backend,
+                "live": live,
+                "cap": cap,
+                "over_cap": cap is not None and live > cap,
+                "held_by": held_by,
+            }
+        )
+
+    rate = _rate(limits.get("rate_per_second"), limits.get("rate_burst"))
+    if rate is not None:
+        pending = max(0.0, rate_offset)
+        rate["tokens"] = round(max(0.0, rate["burst"] - pending * rate["per_second"]), 3)
+    client_rate = _rate(limits.get("client_per_second"), limits.get("client_burst"))
+    if client_rate is not None:
+        client_rate["buckets"] = client_buckets
+
+    known_caps = [b["cap"] for b in backends if b["cap"] is not None]
+    return {
+        "store": store,
+        "namespace": namespace,
+        "server_time": round(now_ms / 1000, 3),
+        "replicas": replicas,
+        "backends": backends,
+        "rate": rate,
+        "client_rate": client_rate,
+        "totals": {
+            "replicas": len(replicas),
+            "backends": len(backends),
+            "live": sum(totals.values()),
+            "capacity": sum(known_caps) if len(known_caps) == len(backends) else None,
+            "held": sum(r["slots"] for r in replicas),
+        },
+    }
+
+
+def render(state: dict[str, Any]) -> RenderableType:
+    """The rich view of :func:`describe`'s data."""
+    title = Text.assemble(
+        ("wsgate state", "bold"), f"  namespace {state['namespace']}  ·  {state['store']}"
+    )
+    if "error" in state:
+        return Group(title, Text(f"Redis unavailable: {state['error']}", style="bold red"))
+    totals = state["totals"]
+    capacity = "?" if totals["capacity"] is None else str(totals["capacity"])
+    summary = Text(
+        f"{totals['replicas']} replicas  ·  {totals['live']}/{capacity} slots in use  ·  "
+        f"{totals['backends']} backends"
+    )
+
+    replicas = Table(title="replicas", title_justify="left", expand=False)
+    replicas.add_column("replica")
+    replicas.add_column("lease age", justify="right")
+    replicas.add_column("expires in", justify="right")
+    replicas.add_column("slots", justify="right")
+    for replica in state["replicas"]:
+        age = replica["lease_age"]
+        left = replica["expires_in"]
+        replicas.add_row(
+            replica["id"],
+            "-" if age is None else f"{age:.1f}s",
+            Text(f"{left:.1f}s") if left >= 0 else Text("expired", style="red"),
+            str(replica["slots"]),
+        )
+
+    backends = Table(title="backends", title_justify="left", expand=False)
+    backends.add_column("backend")
+    backends.add_column("live / cap", justify="right")
+    backends.add_column("use")
+    backends.add_column("held by")
+    for backend in state["backends"]:
+        cap = backend["cap"]
+        live = backend["live"]
+        style = "red" if backend["over_cap"] else ("yellow" if cap and live >= cap else "green")
+        bar = ""
+        if cap:
+            filled = min(10, round(10 * live / cap))
+            bar = "█" * filled + "·" * (10 - filled)
+        backends.add_row(
+            backend["id"],
+            Text(f"{live} / {'?' if cap is None else cap}", style=style),
+            Text(bar, style=style),
+            "  ".join(f"{r}:{n}" for r, n in sorted(backend["held_by"].items())),
+        )
+
+    if not state["replicas"] and not state["backends"]:
+        hint = Text(
+            f"nothing registered in namespace {state['namespace']!r}: no gateway uses it now "
+            "(check --namespace against the gateways' state.namespace)",
+            style="yellow",
+        )
+        return Group(title, hint)
+    lines: list[RenderableType] = [title, summary, replicas, backends]
+    rate = state["rate"]
+    if rate is not None:
+        lines.append(
+            Text(
+                f"connect rate: {rate['tokens']:.1f} of {rate['burst']:g} tokens "
+                f"({rate['per_second']:g}/s)"
+            )
+        )
+    else:
+        lines.append(Text("connect rate: unlimited"))
+    client = state["client_rate"]
+    if client is not None:
+        lines.append(
+            Text(
+                f"client rate: {client['per_second']:g}/s, burst {client['burst']:g}; "
+                f"{client['buckets']} client buckets not yet full"
+            )
+        )
+    return Group(*lines)

@@ -1,0 +1,158 @@
+"""``wsgate state`` against a real redis-server that real RedisStore replicas use."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import pytest
+
+from wsgate.admission import Admitted, Candidate, Limits
+from wsgate.admission.redis import RedisStore
+from wsgate.config import RateConfig
+from wsgate.testbed.processes import RedisServer, free_port, wsgate_argv
+
+LIMITS = Limits(
+    connect_rate=RateConfig(per_second=1, burst=10),
+    client_connect_rate=RateConfig(per_second=0.5, burst=2),
+)
+PODS = [Candidate("10.0.0.1:8080", 2), Candidate("10.0.0.2:8080", 2)]
+
+
+@pytest.fixture
+async def two_gateways(redis_server: RedisServer) -> AsyncIterator[list[RedisStore]]:
+    stores = [
+        RedisStore(
+            redis_server.url,
+            namespace="shown",
+            replica_id=name,
+            lease_ttl=15.0,
+            timeout=2.0,
+            limits=LIMITS,
+        )
+        for name in ("gw-a", "gw-b")
+    ]
+    for store in stores:
+        await store.start()
+    for i in range(3):
+        decision = await stores[i % 2].admit(PODS, client_key=f"127.0.0.{i + 2}")
+        assert isinstance(decision, Admitted)
+    for store in stores:
+        await store.renew_now()  # publishes the caps and limits
+    yield stores
+    for store in stores:
+        await store.close()
+
+
+def backends_held_by(state: dict[str, object]) -> dict[str, dict[str, int]]:
+    """Backends held by more than one replica, with who holds what."""
+    backends = state["backends"]
+    assert isinstance(backends, list)
+    return {b["id"]: b["held_by"] for b in backends if len(b["held_by"]) > 1}
+
+
+async def wsgate_state(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *wsgate_argv("state", *args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_json_shows_replicas_counts_caps_and_rate(
+    two_gateways: list[RedisStore], redis_server: RedisServer
+) -> None:
+    code, out, err = await wsgate_state(
+        "--redis", redis_server.url, "--namespace", "shown", "--json"
+    )
+    assert code == 0, err
+    state = json.loads(out)
+    assert [r["id"] for r in state["replicas"]] == ["gw-a", "gw-b"]
+    for replica in state["replicas"]:
+        assert 0 <= replica["lease_age"] < 5
+        assert 10 < replica["expires_in"] <= 15
+    assert state["replicas"][0]["held"] == {"10.0.0.1:8080": 1, "10.0.0.2:8080": 1}
+    assert state["replicas"][1]["held"] == {"10.0.0.1:8080": 1}
+    assert backends_held_by(state) == {"10.0.0.1:8080": {"gw-a": 1, "gw-b": 1}}
+    backends = {b["id"]: b for b in state["backends"]}
+    assert backends["10.0.0.1:8080"]["live"] == 2
+    assert backends["10.0.0.1:8080"]["cap"] == 2
+    assert backends["10.0.0.2:8080"]["live"] == 1
+    assert not any(b["over_cap"] for b in state["backends"])
+    assert state["rate"]["per_second"] == 1 and state["rate"]["burst"] == 10
+    assert 7 <= state["rate"]["tokens"] <= 8.5  # 3 spent moments ago
+    assert state["client_rate"]["buckets"] == 3
+    assert state["totals"] == {"replicas": 2, "backends": 2, "live": 3, "capacity": 4, "held": 3}
+
+
+async def test_table_shows_the_same(
+    two_gateways: list[RedisStore], redis_server: RedisServer
+) -> None:
+    code, out, err = await wsgate_state("--redis", redis_server.url, "--namespace", "shown")
+    assert code == 0, err
+    assert "2 replicas" in out and "3/4 slots in use" in out
+    assert "gw-a" in out and "gw-b" in out
+    assert "10.0.0.1:8080" in out and "2 / 2" in out and "1 / 2" in out
+    assert "connect rate:" in out and "of 10 tokens" in out
+
+
+async def test_an_unused_namespace_says_so(redis_server: RedisServer) -> None:
+    code, out, _ = await wsgate_state("--redis", redis_server.url, "--namespace", "nobody")
+    assert code == 0
+    assert "nothing registered in namespace 'nobody'" in out
+
+
+async def test_unreachable_redis_is_one_line_and_exit_2() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    code, out, err = await wsgate_state("--redis", url, "--timeout", "500ms")
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith(f"wsgate state: error: cannot read the state from {url}")
+
+
+async def test_bad_flags_are_usage_errors() -> None:
+    code, _, err = await wsgate_state("--redis", "http://x", "--namespace", "a")
+    assert code == 2 and "--redis" in err
+    code, _, err = await wsgate_state("--namespace", "no spaces")
+    assert code == 2 and "--namespace" in err
+
+
+async def test_watch_json_prints_one_line_per_refresh_until_interrupted(
+    two_gateways: list[RedisStore], redis_server: RedisServer
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *wsgate_argv(
+            "state",
+            *("--redis", redis_server.url, "--namespace", "shown"),
+            *("--watch", "--json", "--interval", "100ms"),
+        ),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    lines = []
+    try:
+        for _ in range(3):
+            line = await asyncio.wait_for(process.stdout.readline(), 15)
+            lines.append(json.loads(line))
+        decision = await two_gateways[0].admit(PODS)
+        assert isinstance(decision, Admitted)
+        for _ in range(20):
+            latest = json.loads(await asyncio.wait_for(process.stdout.readline(), 5))
+            if latest["totals"]["live"] == 4:
+                break
+        else:
+            raise AssertionError("the watch never showed the new slot")
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(process.wait(), 10)
+    assert all(line["totals"]["live"] == 3 for line in lines)
+    assert code == 130

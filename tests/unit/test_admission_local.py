@@ -1,0 +1,161 @@
+"""Pure pieces of the shared store: local shares while Redis is away, the close budget,
+and how ``wsgate state`` reads the script's snapshot. No I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsgate.admission import Candidate, Limits, Reason, Rejected
+from wsgate.admission.inspect import describe, render
+from wsgate.admission.memory import take_tokens
+from wsgate.admission.redis import LocalShare, key_prefix
+from wsgate.config import RateConfig
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_all_keys_of_a_namespace_share_one_hash_tag() -> None:
+    assert key_prefix("blue") == "{wsgate:blue}"
+
+
+# -- LocalShare ---------------------------------------------------------------------------
+
+
+def test_local_share_divides_each_cap_and_rounds_down() -> None:
+    share = LocalShare(Clock())
+    candidates = [Candidate("a", 5), Candidate("b", 4), Candidate("c", 2)]
+    held: dict[str, int] = {}
+    picks = []
+    for _ in range(8):
+        decision = share.admit(candidates, held, live=3, limits=Limits())
+        if isinstance(decision, Rejected):
+            picks.append(decision.reason)
+            continue
+        held[decision] = held.get(decision, 0) + 1
+        picks.append(decision)
+    # 5 // 3 = 1, 4 // 3 = 1, 2 // 3 = 0 (no share at all)
+    assert picks[:3] == ["a", "b", Reason.NO_CAPACITY]
+
+
+def test_local_share_counts_what_this_replica_already_holds() -> None:
+    share = LocalShare(Clock())
+    decision = share.admit([Candidate("a", 4)], {"a": 2}, live=2, limits=Limits())
+    assert isinstance(decision, Rejected) and decision.reason is Reason.NO_CAPACITY
+    assert share.admit([Candidate("a", 4)], {"a": 1}, live=2, limits=Limits()) == "a"
+
+
+def test_local_share_of_the_rate() -> None:
+    clock = Clock()
+    share = LocalShare(clock)
+    limits = Limits(connect_rate=RateConfig(per_second=2, burst=10))
+    results = [share.admit([Candidate("a", 100)], {}, live=4, limits=limits) for _ in range(4)]
+    assert results[:2] == ["a", "a"]  # 10 // 4 = 2 tokens
+    assert isinstance(results[2], Rejected) and results[2].reason is Reason.RATE_LIMITED
+    assert results[2].retry_after == pytest.approx(2.0)  # refill at 2/4 per second
+    clock.now += 2.0
+    assert share.admit([Candidate("a", 100)], {}, live=4, limits=limits) == "a"
+
+
+def test_local_share_with_less_burst_than_replicas_admits_nothing() -> None:
+    share = LocalShare(Clock())
+    limits = Limits(connect_rate=RateConfig(per_second=1, burst=2))
+    decision = share.admit([Candidate("a", 100)], {}, live=3, limits=limits)
+    assert isinstance(decision, Rejected) and decision.reason is Reason.RATE_LIMITED
+
+
+def test_local_client_rate_applies_in_full_and_spares_the_shared_tokens() -> None:
+    share = LocalShare(Clock())
+    limits = Limits(
+        connect_rate=RateConfig(per_second=0.01, burst=4),
+        client_connect_rate=RateConfig(per_second=0.01, burst=1),
+    )
+    pods = [Candidate("a", 100)]
+    assert share.admit(pods, {}, live=2, limits=limits, client_key="x") == "a"
+    refused = share.admit(pods, {}, live=2, limits=limits, client_key="x")
+    assert isinstance(refused, Rejected) and refused.reason is Reason.CLIENT_RATE_LIMITED
+    assert share.admit(pods, {}, live=2, limits=limits, client_key="y") == "a"
+
+
+def test_local_share_keeps_the_choice_rule() -> None:
+    share = LocalShare(Clock())
+    pods = [Candidate("a", 4), Candidate("b", 4)]
+    assert share.admit(pods, {"a": 1}, live=2, limits=Limits(), least_loaded=True) == "b"
+    assert share.admit(pods, {}, live=2, limits=Limits(), preferred="b") == "b"
+
+
+# -- the shared close budget ------------------------------------------------------------------
+
+
+def test_take_tokens_grants_the_burst_then_the_rate() -> None:
+    granted, tat = take_tokens(None, 10.0, per_second=2, burst=2, want=5)
+    assert granted == 2
+    assert take_tokens(tat, 10.0, 2, 2, 5)[0] == 0
+    assert take_tokens(tat, 10.5, 2, 2, 5)[0] == 1
+    assert take_tokens(tat, 20.0, 2, 2, 1)[0] == 1
+    assert take_tokens(tat, 10.0, 2, 2, 0) == (0, tat)
+
+
+# -- wsgate state's reading of the snapshot ----------------------------------------------------
+
+
+def snapshot_reply() -> list[object]:
+    now_ms = 1_000_000.0
+    return [
+        str(now_ms * 1000).encode(),
+        [b"gw-a", str(now_ms + 9000).encode(), b"gw-b", str(now_ms - 500).encode()],
+        [b"gw-a", str(now_ms - 1000).encode()],
+        [b"pod-1", b"3", b"pod-2", b"1"],
+        [b"pod-1", b"2"],
+        [b"rate_per_second", b"1.0", b"rate_burst", b"10", b"client_per_second", b"0"],
+        b"4000000",
+        [b"gw-a", [b"pod-1", b"2"], b"gw-b", [b"pod-1", b"1", b"pod-2", b"1"]],
+    ]
+
+
+def test_describe_turns_the_reply_into_plain_data() -> None:
+    state = describe(snapshot_reply(), store="redis://x", namespace="ns", client_buckets=7)
+    gw_a, gw_b = state["replicas"]
+    assert gw_a == {
+        "id": "gw-a",
+        "lease_age": 1.0,
+        "expires_in": 9.0,
+        "held": {"pod-1": 2},
+        "slots": 2,
+    }
+    assert gw_b["lease_age"] is None and gw_b["expires_in"] == -0.5
+    pod_1, pod_2 = state["backends"]
+    assert pod_1 == {
+        "id": "pod-1",
+        "live": 3,
+        "cap": 2,
+        "over_cap": True,
+        "held_by": {"gw-a": 2, "gw-b": 1},
+    }
+    assert pod_2["cap"] is None and not pod_2["over_cap"]
+    assert state["rate"] == {"per_second": 1.0, "burst": 10.0, "tokens": 6.0}
+    assert state["client_rate"] is None
+    assert state["totals"] == {
+        "replicas": 2,
+        "backends": 2,
+        "live": 4,
+        "capacity": None,
+        "held": 4,
+    }
+
+
+def test_render_marks_expired_leases_and_backends_over_cap() -> None:
+    from rich.console import Console
+
+    state = describe(snapshot_reply(), store="redis://x", namespace="ns")
+    console = Console(width=120, record=True, color_system=None)
+    console.print(render(state))
+    text = console.export_text()
+    assert "expired" in text
+    assert "3 / 2" in text and "1 / ?" in text
+    assert "6.0 of 10 tokens" in text
