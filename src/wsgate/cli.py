@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # What the user typed, so a command can start copies of itself (serve --workers).
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return int(args.handler(args))
     except (ConfigError, UsageError) as error:

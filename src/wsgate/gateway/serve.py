@@ -13,12 +13,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsgate.config import Config, ConfigError, load_config
+from wsgate.config import Config, ConfigError, load_config, parse_address
 from wsgate.runtime import raise_open_files_limit, run_async, setup_logging, tune_collector
 
 if TYPE_CHECKING:
@@ -32,6 +34,7 @@ __all__ = [
     "reload_gateway",
     "run",
     "serve",
+    "worker_config",
 ]
 
 log = logging.getLogger("wsgate.serve")
@@ -103,19 +106,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="reload when the config file changes (SIGHUP always reloads)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the listen port (SO_REUSEPORT); N > 1 needs "
+        "a shared state (state: redis://...)",
+    )
+    parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_from_args(args)
     if args.watch_config and not args.config:
         raise ConfigError("--watch-config needs a config file (-c FILE)")
+    if args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    if args.workers > 1 and config.state.store == "memory":
+        raise ConfigError(
+            "--workers > 1 needs a shared state (state: redis://...): with the memory "
+            "store each worker would enforce the caps on its own"
+        )
     try:
         setup_logging(args.log_level)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     raise_open_files_limit()
+    if args.workers > 1 and args.worker_index is None:
+        from wsgate.gateway.workers import supervise
+
+        return supervise(args.workers, args.argv)
+
+    def load() -> Config:
+        loaded = load_from_args(args)
+        return loaded if args.worker_index is None else worker_config(loaded, args.worker_index)
+
     watch = Path(args.config) if args.watch_config else None
-    return run_async(serve(config, reload=lambda: load_from_args(args), watch=watch))
+    return run_async(serve(load(), reload=load, watch=watch, reuse_port=args.workers > 1))
+
+
+def worker_config(config: Config, index: int) -> Config:
+    """Worker ``index`` of ``serve --workers``: its own replica id and admin port.
+
+    Every worker is a replica of its own in the shared state; worker 0 serves
+    the admin API on the configured port, worker ``i`` on that port plus ``i``.
+    """
+    base = config.replica_id or f"{socket.gethostname()}-{os.getppid()}"
+    update: dict[str, Any] = {"replica_id": f"{base}-w{index}"}
+    if config.admin:
+        host, port = parse_address(config.admin)
+        update["admin"] = f"[{host}]:{port + index}" if ":" in host else f"{host}:{port + index}"
+    return config.model_copy(update=update)
 
 
 def reload_gateway(gateway: Gateway, load: Callable[[], Config], why: str) -> bool:
@@ -152,10 +194,11 @@ async def serve(
     *,
     reload: Callable[[], Config] | None = None,
     watch: Path | None = None,
+    reuse_port: bool = False,
 ) -> int:
     from wsgate.gateway.server import Gateway
 
-    gateway = Gateway(config)
+    gateway = Gateway(config, reuse_port=reuse_port)
     try:
         await gateway.start()
     except OSError as error:

@@ -92,8 +92,10 @@ class Gateway:
         store: AdmissionStore | None = None,
         replica_id: str | None = None,
         sock: socket.socket | None = None,
+        reuse_port: bool = False,
     ):
         self.config = config
+        self.reuse_port = reuse_port  # several worker processes share the listen port
         self.replica_id = replica_id or config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         self.store = store or open_store(config, self.replica_id)
         self.pool = BackendPool(config.limits.max_connections_per_backend, config.health.passive)
@@ -147,7 +149,12 @@ class Gateway:
         else:
             host, port = parse_address(self.config.listen)
             self._server = await self.loop.create_server(
-                lambda: Downstream(self), host, port, backlog=4096, reuse_address=True
+                lambda: Downstream(self),
+                host,
+                port,
+                backlog=4096,
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
             )
         self.spawn(self._housekeeping(), "housekeeping")
         self.spawn(self._rebalance_forever(), "rebalance")
