@@ -267,8 +267,10 @@ def _start_wsgate(
         if not redis:
             try:
                 redis.append(RedisServer(group, name="redis").start())
-            except FileNotFoundError as error:
-                raise Unavailable(f"{name}: skipped, {error}") from None
+            except FileNotFoundError:
+                raise Unavailable(
+                    f"{name}: skipped, redis-server is not installed (./scripts/setup.sh)"
+                ) from None
         argv += ["--state", redis[0].url]
     if workers > 1:
         argv += ["--workers", str(workers)]

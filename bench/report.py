@@ -45,6 +45,7 @@ class Figure:
     unit: str
     higher_is_better: bool
     runs: dict[str, list[float]] = field(default_factory=dict)
+    rounds: dict[str, list[int]] = field(default_factory=dict)  # the round of each run
 
     def median(self, path: str) -> float | None:
         values = self.runs.get(path)
@@ -63,25 +64,29 @@ class Report:
         if key not in self.figures:
             self.figures[key] = Figure(key, title, unit, higher_is_better)
 
-    def add(self, key: str, path: str, value: float) -> None:
-        self.figures[key].runs.setdefault(path, []).append(value)
+    def add(self, key: str, path: str, value: float, round_index: int | None = None) -> None:
+        figure = self.figures[key]
+        figure.runs.setdefault(path, []).append(value)
+        rounds = figure.rounds.setdefault(path, [])
+        rounds.append(len(rounds) if round_index is None else round_index)
 
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
 
     def derive_added(self, key: str, base_key: str) -> None:
-        """Per repetition, what each path adds to the direct path's value of ``base_key``."""
+        """What each path adds to the direct path's value of ``base_key`` in the same round."""
         base = self.figures.get(base_key)
         if base is None or DIRECT not in base.runs:
             return
-        direct = base.runs[DIRECT]
+        direct = dict(zip(base.rounds[DIRECT], base.runs[DIRECT], strict=True))
         self.declare(key, f"added over direct: {base.title}", base.unit, higher_is_better=False)
         for path, values in base.runs.items():
             if path == DIRECT:
                 continue
-            for value, reference in zip(values, direct, strict=False):
-                self.add(key, path, value - reference)
+            for round_index, value in zip(base.rounds[path], values, strict=True):
+                if round_index in direct:
+                    self.add(key, path, value - direct[round_index], round_index)
 
     def ratio(self, key: str, path: str) -> float | None:
         figure = self.figures[key]

@@ -233,6 +233,7 @@ class Bench:
         self.size0 = plan.sizes[0]
         self.conns0 = plan.conns[0]
         self.at_bound: list[str] = []
+        self.round_index = 0
         # Each driver process holds one socket per connection, within the same limit.
         self.max_conns_bound = min(plan.max_conns_bound, pool.size * (nofile - 64))
 
@@ -393,6 +394,7 @@ class Bench:
         # spreads over the paths instead of landing on one path's whole round.
         measurements = self.measurements()
         for rep in range(plan.repetitions):
+            self.round_index = rep
             _say(f"-- round {rep + 1}/{plan.repetitions}")
             for index, (label, measure) in enumerate(measurements):
                 shift = (rep + index) % len(names) if names else 0
@@ -492,8 +494,8 @@ class Bench:
         if not ordered:
             return
         p50, p99 = percentile(ordered, 0.50) / 1e3, percentile(ordered, 0.99) / 1e3
-        self.report.add("latency_p50", endpoint.name, p50)
-        self.report.add("latency_p99", endpoint.name, p99)
+        self.report.add("latency_p50", endpoint.name, p50, self.round_index)
+        self.report.add("latency_p99", endpoint.name, p99, self.round_index)
         _say(
             f"  {endpoint.name}: latency at {totals.rate:,.0f} msg/s: "
             f"p50 {p50:,.0f} µs, p99 {p99:,.0f} µs"

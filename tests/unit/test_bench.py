@@ -108,6 +108,18 @@ def test_report_ratios_medians_and_added_latency() -> None:
     assert report.headroom("relay") == (pytest.approx(310 / 110), "wsgate-memory")
 
 
+def test_added_latency_pairs_values_of_the_same_round() -> None:
+    report = Report(["direct", "haproxy"], {})
+    report.declare("p50", "round trip p50", "us", higher_is_better=False)
+    report.add("p50", "direct", 10.0, 0)
+    report.add("p50", "direct", 30.0, 2)  # round 1 of direct failed
+    report.add("p50", "haproxy", 15.0, 0)
+    report.add("p50", "haproxy", 50.0, 1)
+    report.add("p50", "haproxy", 32.0, 2)
+    report.derive_added("added", "p50")
+    assert report.figures["added"].runs["haproxy"] == [5.0, 2.0]
+
+
 def test_report_writes_a_table_with_spread_and_a_ratio_table() -> None:
     report = _report()
     text = report.to_markdown()
