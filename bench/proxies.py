@@ -7,7 +7,7 @@ whose binary is missing is skipped with one line that says so.
 
 - ``direct``: clients talk to the echo backend itself (the ceiling).
 - ``wsgate-memory`` / ``wsgate-redis``: ``wsgate serve`` with the embedded
-  store or a private redis-server; ``-wN`` appended runs ``--workers N``.
+  store or a private redis-server; ``wsgate-redis-wN`` runs ``--workers N``.
 - ``haproxy``: ``nbthread 1``, ``mode http``; it switches to a tunnel on 101.
 - ``nginx``: one process (``master_process off``), ``proxy_http_version 1.1``
   and the ``Upgrade``/``Connection`` headers passed on.
@@ -78,6 +78,11 @@ def parse_path_name(name: str) -> tuple[str, int]:
     workers = int(match.group(2) or 1)
     if workers < 1:
         raise ValueError(f"{name}: a gateway needs at least one worker")
+    if workers > 1 and match.group(1) == "memory":
+        raise ValueError(
+            f"{name}: several workers share their caps through Redis only; "
+            f"use wsgate-redis-w{workers}"
+        )
     return f"wsgate-{match.group(1)}", workers
 
 

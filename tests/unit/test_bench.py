@@ -69,7 +69,9 @@ def test_cpu_split_gives_the_proxy_its_own_cpus_where_there_are_enough() -> None
 def test_path_names() -> None:
     assert parse_path_name("haproxy") == ("haproxy", 1)
     assert parse_path_name("wsgate-redis") == ("wsgate-redis", 1)
-    assert parse_path_name("wsgate-memory-w2") == ("wsgate-memory", 2)
+    assert parse_path_name("wsgate-redis-w2") == ("wsgate-redis", 2)
+    with pytest.raises(ValueError, match="wsgate-redis-w2"):
+        parse_path_name("wsgate-memory-w2")
     with pytest.raises(ValueError, match="unknown path"):
         parse_path_name("envoy")
 
