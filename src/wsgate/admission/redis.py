@@ -282,6 +282,7 @@ class RedisStore:
         self._local = LocalShare()
 
         self._in_flight = 0
+        self._calls = 0  # Redis calls started, to tell a renewal that ran alone
         self._idle = asyncio.Event()
         self._idle.set()
         self._wake = asyncio.Event()
@@ -542,6 +543,8 @@ class RedisStore:
 
     async def _renew(self) -> None:
         sent = time.monotonic()
+        quiet = self._in_flight == 0
+        calls = self._calls
         try:
             reply = await self._call(
                 "renew",
@@ -558,8 +561,14 @@ class RedisStore:
         self._absorb_renewal(reply)
         if _text(reply[0]) == "lost":
             self._lose_sync("lease lost")
-        else:
-            self._lease_deadline = sent + self.lease_ttl - self._lease_margin
+            return
+        self._lease_deadline = sent + self.lease_ttl - self._lease_margin
+        # When nothing else ran meanwhile, what Redis holds for this replica must be
+        # its truth exactly. It differs only if Redis lost writes it had acknowledged
+        # (a failover to a lagging replica): then register the truth again.
+        quiet = quiet and self._in_flight == 0 and self._calls == calls + 1
+        if quiet and _pairs(reply[6]) != {b: n for b, n in self._held.items() if n > 0}:
+            self._lose_sync("Redis lost some of this replica's slots")
 
     async def _register(self) -> None:
         """Send this replica's truth with a new token, until Redis has exactly it."""
@@ -668,6 +677,7 @@ class RedisStore:
         if client is None:
             raise StateUnavailable("not connected")
         self._in_flight += 1
+        self._calls += 1
         self._idle.clear()
         try:
             async with asyncio.timeout(self.timeout):

@@ -271,7 +271,8 @@ end
 -- ARGV: op, replica, token, ttl_ms, resync, new_token,
 --       n_held, (backend, count) * n_held, n_caps, (backend, cap) * n_caps,
 --       rate_ps, rate_burst, client_ps, client_burst.
--- Reply: status, live_replicas, rate_offset_us, {total flat}, {excess flat}, {reaped}.
+-- Reply: status, live_replicas, rate_offset_us, {total flat}, {excess flat}, {reaped},
+--        {this replica's held, flat}.
 local function renew()
   local replica, token = ARGV[2], ARGV[3]
   local ttl_ms = tonumber(ARGV[4])
@@ -349,7 +350,15 @@ local function renew()
   end
   redis.call('ZADD', REPLICAS, now_ms + ttl_ms, replica)
   redis.call('HSET', RENEWED, replica, now_ms)
-  return { 'ok', redis.call('ZCARD', REPLICAS), rate_offset(now), redis.call('HGETALL', TOTAL), excess, reaped }
+  return {
+    'ok',
+    redis.call('ZCARD', REPLICAS),
+    rate_offset(now),
+    redis.call('HGETALL', TOTAL),
+    excess,
+    reaped,
+    redis.call('HGETALL', held_key(replica)),
+  }
 end
 
 -- ARGV: op, replica, token.  A clean shutdown gives every slot back at once.
