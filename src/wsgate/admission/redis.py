@@ -37,7 +37,10 @@ Everything else follows from keeping Redis in step with ``_held``:
 * A background task renews the lease every ``lease_ttl / 3``; the same script
   reaps expired replicas. A replica stops admitting through Redis as soon as
   a renewal fails and in any case before its lease could expire by its own
-  clock; it keeps its live connections either way.
+  clock; it keeps its live connections either way. A renewal that ran alone
+  (no other call of this replica in flight) also checks that Redis holds
+  exactly ``_held`` for it: a difference means Redis lost writes it had
+  acknowledged (a failover to a lagging replica), and ends the sync too.
 
 A crash of this process loses nothing: its lease expires and the survivors
 give its slots back. A crash of Redis loses nothing either: every replica

@@ -66,6 +66,10 @@ What happens on a crash:
   - Redis loses its data: every token is gone, so every replica's next call
     is refused and it re-registers its local truth; totals become the sum of
     the truths again within one renewal period.
+  - Redis loses only its last writes (failover to a lagging replica): each
+    script's writes replicate as one unit, so the invariant still holds, but
+    held:R may miss admissions R saw acknowledged. renew returns held:R so
+    that R can compare it with its truth and re-register when they differ.
 ]]
 
 if redis.replicate_commands then
