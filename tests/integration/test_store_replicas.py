@@ -312,3 +312,33 @@ async def test_lease_lost_while_alive_sheds_the_excess(
     total, held = shared_state(redis_server)
     assert total == truth(lost, other) == {"pod-0": 2}
     assert held[lost.replica_id] == {}
+
+
+async def test_a_cancelled_admission_gives_its_slot_back(
+    make_replica: MakeReplica, redis_server: RedisServer
+) -> None:
+    store = await make_replica(timeout=5.0)
+    plain = Redis.from_url(redis_server.url)
+
+    def script_runs() -> int:
+        return int(plain.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    before = script_runs()
+    assert redis_server.process is not None
+    redis_server.process.signal(signal.SIGSTOP)
+    try:
+        pending = asyncio.create_task(store.admit(pods(2)))
+        await asyncio.sleep(0.1)  # the call is on its way to a Redis that cannot answer
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+    finally:
+        redis_server.process.signal(signal.SIGCONT)
+    # Redis ran the admission after all; the store must take the slot back itself.
+    await wait_until(lambda: script_runs() >= before + 2, within=3)  # admit, then release
+    assert shared_state(redis_server)[0] == {}
+    plain.close()
+    assert store.local_counts() == {}
+    assert store.mode == "ok"
+    for _ in range(2):
+        assert isinstance(await store.admit(pods(2)), Admitted)

@@ -59,7 +59,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from importlib import resources
 from typing import Any, Literal
 
@@ -144,6 +144,99 @@ async def run_script(client: aioredis.Redis, namespace: str, *args: Arg) -> Any:
     except NoScriptError:
         await client.script_load(SCRIPT)
         return await client.evalsha(SCRIPT_SHA, 1, key, *args)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
+    return str(error) or type(error).__name__
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Mark a failure as seen even when its caller stopped waiting for it."""
+    if not future.cancelled():
+        future.exception()
+
+
+class ScriptPipeline:
+    """Script calls made while another batch is out go to Redis together.
+
+    The first call goes at once; calls made while a batch is on its way wait
+    for it and then leave together as one pipeline (one write, one round trip).
+    Each call stays its own atomic run of the script: batching only saves round
+    trips and per-command work when many connections arrive at once.
+    """
+
+    def __init__(self, namespace: str, timeout: float):
+        self._key = key_prefix(namespace) + ":replicas"
+        self._timeout = timeout
+        self._queue: list[tuple[tuple[Arg, ...], asyncio.Future[Any]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    def submit(self, client: aioredis.Redis, args: tuple[Arg, ...]) -> asyncio.Future[Any]:
+        """The reply of one script call, or StateUnavailable."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        future.add_done_callback(_consume)
+        self._queue.append((args, future))
+        if self._sender is None or self._sender.done():
+            self._sender = loop.create_task(self._send_all(client))
+        return future
+
+    def cancel(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+        for _, future in self._queue:
+            future.cancel()
+        self._queue = []
+
+    async def _send_all(self, client: aioredis.Redis) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            await self._send(client, batch)
+
+    async def _send(
+        self, client: aioredis.Redis, batch: list[tuple[tuple[Arg, ...], asyncio.Future[Any]]]
+    ) -> None:
+        calls = [args for args, _ in batch]
+        try:
+            async with asyncio.timeout(self._timeout):
+                if len(calls) == 1:
+                    results: list[Any] = [await self._one(client, calls[0])]
+                else:
+                    results = await self._many(client, calls)
+        except (TimeoutError, RedisError, OSError) as error:
+            results = [error] * len(batch)
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(StateUnavailable(_describe(result)))
+            else:
+                future.set_result(result)
+
+    async def _one(self, client: aioredis.Redis, args: tuple[Arg, ...]) -> Any:
+        try:
+            return await client.evalsha(SCRIPT_SHA, 1, self._key, *args)
+        except NoScriptError:
+            await client.script_load(SCRIPT)
+            return await client.evalsha(SCRIPT_SHA, 1, self._key, *args)
+
+    async def _many(self, client: aioredis.Redis, calls: list[tuple[Arg, ...]]) -> list[Any]:
+        results = await self._pipelined(client, calls)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            await client.script_load(SCRIPT)
+            again = await self._pipelined(client, [calls[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+    async def _pipelined(self, client: aioredis.Redis, calls: list[tuple[Arg, ...]]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for args in calls:
+            pipe.evalsha(SCRIPT_SHA, 1, self._key, *args)
+        return list(await pipe.execute(raise_on_error=False))
 
 
 class LocalShare:
@@ -284,6 +377,8 @@ class RedisStore:
         self._rate_seen = 0.0
         self._local = LocalShare()
 
+        self._pipeline = ScriptPipeline(namespace, timeout)
+        self._background: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._calls = 0  # Redis calls started, to tell a renewal that ran alone
         self._idle = asyncio.Event()
@@ -338,6 +433,7 @@ class RedisStore:
                 await task
 
     async def _drop_client(self) -> None:
+        self._pipeline.cancel()
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(RedisError, OSError):
@@ -385,7 +481,7 @@ class RedisStore:
             self._lose_sync("lease not renewed in time")
         if self._in_sync:
             try:
-                reply = await self._call(*argv)
+                reply = await self._call(*argv, abandoned=self._undo_admission)
             except StateUnavailable as error:
                 self._lose_sync(str(error))
             else:
@@ -455,7 +551,9 @@ class RedisStore:
         if not self._in_sync:
             return  # re-registration will carry the new truth
         try:
-            reply = await self._call("release", self.replica_id, self._token, backend)
+            reply = await self._call(
+                "release", self.replica_id, self._token, backend, abandoned=self._settle_release
+            )
         except StateUnavailable as error:
             self._lose_sync(str(error))
             return
@@ -463,6 +561,33 @@ class RedisStore:
             self._lose_sync("lease lost")
         else:
             self._global[backend] = int(reply[1])
+
+    def _undo_admission(self, reply: asyncio.Future[Any]) -> None:
+        """The caller of ``admit`` was cancelled: give back what Redis reserved for it."""
+        if reply.cancelled() or reply.exception() is not None:
+            self._lose_sync("an admission was abandoned before Redis answered")
+            return
+        result = reply.result()
+        if _text(result[0]) == "ok" and self._in_sync:
+            self._spawn(self._give_back(_text(result[1])))
+
+    async def _give_back(self, backend: str) -> None:
+        try:
+            reply = await self._call("release", self.replica_id, self._token, backend)
+        except StateUnavailable as error:
+            self._lose_sync(str(error))
+            return
+        if _text(reply[0]) == "stale":
+            self._lose_sync("lease lost")
+
+    def _settle_release(self, reply: asyncio.Future[Any]) -> None:
+        if reply.cancelled() or reply.exception() is not None:
+            self._lose_sync("a release was abandoned before Redis answered")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def acquire_close_tokens(self, per_second: float, want: int) -> int:
         """Closes the rebalancer may do now, from a budget all replicas share.
@@ -662,6 +787,8 @@ class RedisStore:
 
     def _lose_sync(self, reason: str) -> None:
         self._in_sync = False
+        if self._closed:
+            return
         if self.on_failure == "closed":
             policy = "rejecting new connections (on_failure: closed)"
         else:
@@ -675,20 +802,30 @@ class RedisStore:
         self._mode = mode
         (logger.info if mode == "ok" else logger.warning)("%s", message)
 
-    async def _call(self, *args: Arg) -> Any:
+    async def _call(
+        self, *args: Arg, abandoned: Callable[[asyncio.Future[Any]], None] | None = None
+    ) -> Any:
+        """One script call, bounded by ``timeout``.
+
+        If the caller is cancelled, the call still completes; ``abandoned`` then
+        gets its outcome, so that what it did in Redis can be undone.
+        """
         client = self._client
         if client is None:
             raise StateUnavailable("not connected")
         self._in_flight += 1
         self._calls += 1
         self._idle.clear()
+        reply = self._pipeline.submit(client, args)
         try:
             async with asyncio.timeout(self.timeout):
-                return await run_script(client, self.namespace, *args)
+                return await asyncio.shield(reply)
         except TimeoutError:
             raise StateUnavailable(f"no answer within {self.timeout * 1000:g}ms") from None
-        except (RedisError, OSError) as error:
-            raise StateUnavailable(str(error) or type(error).__name__) from None
+        except asyncio.CancelledError:
+            if abandoned is not None:
+                reply.add_done_callback(abandoned)
+            raise
         finally:
             self._in_flight -= 1
             if not self._in_flight:
