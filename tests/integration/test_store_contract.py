@@ -31,7 +31,7 @@ from wsgate.testbed.processes import RedisServer
 MakeStore = Callable[..., Awaitable[AdmissionStore]]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]:
     """Build started stores of the parametrized kind; all are closed after the test."""
     made: list[AdmissionStore] = []
@@ -232,6 +232,7 @@ candidate_lists = st.lists(
 )
 
 
+@pytest.mark.redis
 @settings(
     max_examples=150,
     deadline=None,

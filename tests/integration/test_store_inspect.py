@@ -21,6 +21,8 @@ LIMITS = Limits(
 )
 PODS = [Candidate("10.0.0.1:8080", 2), Candidate("10.0.0.2:8080", 2)]
 
+pytestmark = pytest.mark.redis
+
 
 @pytest.fixture
 async def two_gateways(redis_server: RedisServer) -> AsyncIterator[list[RedisStore]]:

@@ -22,6 +22,8 @@ from wsgate.testbed.processes import RedisServer
 NS = "replicas"
 MakeReplica = Callable[..., Awaitable[RedisStore]]
 
+pytestmark = pytest.mark.redis
+
 
 @pytest.fixture
 async def make_replica(redis_server: RedisServer) -> AsyncIterator[MakeReplica]:

@@ -41,6 +41,8 @@ from wsgate.testbed.processes import RedisServer
 
 CAPS = {"a": 2, "b": 3, "c": 1}
 
+pytestmark = pytest.mark.redis
+
 
 class Replica:
     def __init__(self, store: RedisStore):
