@@ -15,7 +15,10 @@ Everything else follows from keeping Redis in step with ``_held``:
 
 * While the replica is *in sync* (registered, current session token, no call
   failed since), every admit and release changes ``_held`` and ``held:R`` by
-  the same amount, in the same script call: one round trip each.
+  the same amount, in the same script call: one round trip each. Calls made
+  while others are on their way leave together as one pipeline (each still
+  its own atomic script run). A caller cancelled mid-call does not cancel the
+  call: an admission Redis granted anyway is released again.
 
 * Any doubt -- a call that failed or timed out (it may or may not have run), a
   refused token, a lease found lost, a local deadline passed -- ends the sync.
@@ -101,6 +104,8 @@ OnFailure = Literal["closed", "local"]
 # Renewals (of lease_ttl/3 each) a backend's cap is remembered after it was
 # last among the candidates: long enough for an unhealthy spell, not forever.
 _CAPS_MEMORY_ROUNDS = 30
+# Per-client buckets kept while degraded before the full ones are swept.
+_LOCAL_CLIENT_BUCKETS = 10_000
 
 
 def key_prefix(namespace: str) -> str:
@@ -287,7 +292,7 @@ class LocalShare:
             client = gcra(self._client_tat.get(client_key), now, limits.client_connect_rate)
             if not client.allowed:
                 return Rejected(Reason.CLIENT_RATE_LIMITED, client.retry_after)
-            if len(self._client_tat) > 10_000:
+            if len(self._client_tat) > _LOCAL_CLIENT_BUCKETS:
                 self._client_tat = {k: t for k, t in self._client_tat.items() if t > now}
             self._client_tat[client_key] = client.tat
         if rate_tat is not None:
