@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from wsgate.config import RateConfig
 
@@ -46,9 +46,12 @@ REJECT_STATUS: Mapping[Reason, int] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """A healthy backend the policy would accept, with its cap."""
+class Candidate(NamedTuple):
+    """A healthy backend the policy would accept, with its cap.
+
+    A named tuple: one is made per healthy backend per admission, and tuples
+    are the cheapest immutable records to make.
+    """
 
     backend_id: str
     cap: int

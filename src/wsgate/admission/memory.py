@@ -11,6 +11,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from wsgate.admission.contract import (
@@ -118,10 +119,11 @@ class MemoryStore:
         self._client_tat = {key: tat for key, tat in self._client_tat.items() if tat > now}
 
     def global_counts(self) -> Mapping[str, int]:
-        return dict(self._active)
+        # A read-only view, not a copy: policies read it on every admission.
+        return MappingProxyType(self._active)
 
     def local_counts(self) -> Mapping[str, int]:
-        return dict(self._active)
+        return MappingProxyType(self._active)
 
     def tokens_available(self) -> float | None:
         rate = self._limits.connect_rate

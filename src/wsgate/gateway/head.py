@@ -54,13 +54,17 @@ class RequestHead:
     keep_alive: bool = True
     chunked: bool = False
     content_length: int | None = None
+    # Lower-cased name -> first value, built on the first lookup: a handful of
+    # lookups per request then cost one lower() per header in all.
+    _index: dict[bytes, bytes] | None = field(default=None, repr=False, compare=False)
 
     def get(self, name: bytes) -> bytes | None:
-        name = name.lower()
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for key, value in self.headers:
+                index.setdefault(key.lower(), value)
+        return index.get(name.lower())
 
     def values(self, name: bytes) -> list[bytes]:
         name = name.lower()

@@ -70,6 +70,14 @@ class _Detached:
 _DETACHED: Any = _Detached()
 
 
+def _request_framing(head: RequestHead) -> tuple[bool, int | None]:
+    encoding = head.get(b"transfer-encoding")
+    length = head.get(b"content-length")
+    return (encoding is not None and b"chunked" in encoding.lower()), (
+        int(length) if length is not None else None
+    )
+
+
 def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None]:
     chunked = False
     length: int | None = None
@@ -156,7 +164,7 @@ class RequestReader:
         if size > self.max_head_size:
             raise BadMessage(431, "request head too large")
         try:
-            head.chunked, head.content_length = _framing(head.headers)
+            head.chunked, head.content_length = _request_framing(head)
         except ValueError:
             raise BadMessage(400, "invalid Content-Length") from None
         self._in_head = False

@@ -512,18 +512,20 @@ class Gateway:
                     backend.rejected_total += 1
         return decision, preferred
 
+    def _global_load(self, backend_id: str) -> int:
+        return self.store.global_counts().get(backend_id, 0)
+
     def _candidate_ids(self, exclude: set[str]) -> list[str]:
         return [c.backend_id for c in self.pool.candidates() if c.backend_id not in exclude]
 
     async def _decide(
         self, head: RequestHead, client_ip: str, exclude: set[str]
     ) -> tuple[Admitted | Rejected, str | None]:
-        candidates = [c for c in self.pool.candidates() if c.backend_id not in exclude]
+        candidates = self.pool.candidates()
+        if exclude:
+            candidates = [c for c in candidates if c.backend_id not in exclude]
         preferred, key = self._affinity(head, client_ip, candidates)
-        counts = self.store.global_counts()
-        plan = self.policy.plan(
-            candidates, key=key, load=lambda b: counts.get(b, 0), preferred=preferred
-        )
+        plan = self.policy.plan(candidates, key=key, load=self._global_load, preferred=preferred)
         started = time.perf_counter()
         decision = await self.store.admit(
             plan.candidates,
