@@ -344,3 +344,29 @@ async def test_a_cancelled_admission_gives_its_slot_back(
     assert store.mode == "ok"
     for _ in range(2):
         assert isinstance(await store.admit(pods(2)), Admitted)
+
+
+async def test_admissions_given_up_on_do_not_take_effect_later(
+    make_replica: MakeReplica, redis_server: RedisServer
+) -> None:
+    gave_up = await make_replica(timeout=0.1, lease_ttl=3.0)
+    other = await make_replica(timeout=0.1, lease_ttl=3.0)
+    await gave_up.renew_now()  # a quick round trip: it knows Redis's clock
+    assert redis_server.process is not None
+    redis_server.process.signal(signal.SIGSTOP)
+    try:
+        decisions = await asyncio.gather(*(gave_up.admit(pods(2, 2)) for _ in range(5)))
+        assert {d.reason for d in decisions if isinstance(d, Rejected)} == {
+            Reason.STATE_UNAVAILABLE
+        }
+        await asyncio.sleep(0.2)
+    finally:
+        redis_server.process.signal(signal.SIGCONT)
+    # Redis now runs what was sent before it froze; those calls are past their
+    # deadline and change nothing, so the other replica sees every slot free.
+    await asyncio.sleep(0.2)
+    total, held = shared_state(redis_server)
+    assert total == {}
+    assert not held.get(gave_up.replica_id)
+    for _ in range(4):
+        assert isinstance(await other.admit(pods(2, 2)), Admitted)

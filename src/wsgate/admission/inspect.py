@@ -139,7 +139,7 @@ async def read_state(
 ) -> dict[str, Any]:
     """One consistent reading of a namespace's state (see :func:`describe`)."""
     async with asyncio.timeout(patience):
-        raw = await run_script(client, namespace, "inspect")
+        raw = await run_script(client, namespace, "inspect", 0)
         buckets = await _count_client_buckets(client, namespace)
     return describe(raw, store=redact_url(url), namespace=namespace, client_buckets=buckets)
 

@@ -104,6 +104,9 @@ OnFailure = Literal["closed", "local"]
 # Renewals (of lease_ttl/3 each) a backend's cap is remembered after it was
 # last among the candidates: long enough for an unhealthy spell, not forever.
 _CAPS_MEMORY_ROUNDS = 30
+# A call that must not take effect late is void once this share of ``timeout``
+# has passed by Redis's clock; the rest is left for its reply to come back.
+_DEADLINE_SHARE = 0.8
 # Per-client buckets kept while degraded before the full ones are swept.
 _LOCAL_CLIENT_BUCKETS = 10_000
 
@@ -197,8 +200,10 @@ class ScriptPipeline:
 
     async def _send_all(self, client: aioredis.Redis) -> None:
         while self._queue:
-            batch, self._queue = self._queue, []
-            await self._send(client, batch)
+            batch = [(args, future) for args, future in self._queue if not future.done()]
+            self._queue = []
+            if batch:
+                await self._send(client, batch)
 
     async def _send(
         self, client: aioredis.Redis, batch: list[tuple[tuple[Arg, ...], asyncio.Future[Any]]]
@@ -383,6 +388,7 @@ class RedisStore:
         self._local = LocalShare()
 
         self._pipeline = ScriptPipeline(namespace, timeout)
+        self._server_offset: float | None = None  # Redis's clock minus time.monotonic()
         self._background: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._calls = 0  # Redis calls started, to tell a renewal that ran alone
@@ -466,7 +472,6 @@ class RedisStore:
             return Rejected(Reason.NO_HEALTHY_BACKEND, limits.no_capacity_retry_after)
         caps, now_round = self._caps, self._round
         argv: list[Arg] = [
-            "admit",
             self.replica_id,
             self._token,
             "1" if least_loaded else "0",
@@ -486,15 +491,20 @@ class RedisStore:
             self._lose_sync("lease not renewed in time")
         if self._in_sync:
             try:
-                reply = await self._call(*argv, abandoned=self._undo_admission)
+                reply = await self._call(
+                    "admit", *argv, expires=True, abandoned=self._undo_admission
+                )
             except StateUnavailable as error:
                 self._lose_sync(str(error))
             else:
                 # No await from here on: the reply and _held change together.
                 status = _text(reply[0])
-                if status != "stale":
+                if status == "late":
+                    self._lose_sync("Redis answered after the deadline")
+                elif status != "stale":
                     return self._absorb_admit(status, reply, candidates)
-                self._lose_sync("lease lost")
+                else:
+                    self._lose_sync("lease lost")
         return self._admit_degraded(
             candidates, client_key=client_key, least_loaded=least_loaded, preferred=preferred
         )
@@ -691,7 +701,7 @@ class RedisStore:
         except StateUnavailable as error:
             self._lose_sync(str(error))
             return
-        self._absorb_renewal(reply)
+        self._absorb_renewal(reply, sent)
         if _text(reply[0]) == "lost":
             self._lose_sync("lease lost")
             return
@@ -720,13 +730,18 @@ class RedisStore:
                     "1",
                     token,
                     *self._renew_tail(truth),
+                    expires=True,
                 )
             except StateUnavailable as error:
                 self._lose_sync(str(error))
                 return
+            if _text(reply[0]) == "late":
+                self._server_offset = None  # learn the clock again from a plain renewal
+                self._lose_sync("Redis answered after the deadline")
+                return
             self._token = token
             self._lease_deadline = sent + self.lease_ttl - self._lease_margin
-            self._absorb_renewal(reply)
+            self._absorb_renewal(reply, sent)
             now = {backend: count for backend, count in self._held.items() if count > 0}
             if now != truth:
                 continue  # released or admitted locally meanwhile: send the new truth
@@ -766,7 +781,11 @@ class RedisStore:
     def _ttl_ms(self) -> int:
         return max(1, round(self.lease_ttl * 1000))
 
-    def _absorb_renewal(self, reply: Sequence[Any]) -> None:
+    def _absorb_renewal(self, reply: Sequence[Any], sent: float) -> None:
+        received = time.monotonic()
+        if received - sent <= self.timeout / 4:
+            # Redis's clock in our monotonic terms, to within half a quick round trip.
+            self._server_offset = float(reply[7]) / 1e6 - (sent + received) / 2
         self._live = max(1, int(reply[1]))
         self._rate_offset = float(reply[2]) / 1e6
         self._rate_seen = time.monotonic()
@@ -808,24 +827,35 @@ class RedisStore:
         (logger.info if mode == "ok" else logger.warning)("%s", message)
 
     async def _call(
-        self, *args: Arg, abandoned: Callable[[asyncio.Future[Any]], None] | None = None
+        self,
+        op: str,
+        *args: Arg,
+        expires: bool = False,
+        abandoned: Callable[[asyncio.Future[Any]], None] | None = None,
     ) -> Any:
         """One script call, bounded by ``timeout``.
 
-        If the caller is cancelled, the call still completes; ``abandoned`` then
-        gets its outcome, so that what it did in Redis can be undone.
+        With ``expires``, Redis voids the call if it runs after this replica has
+        given up waiting for it (see the deadline in state.lua). If the caller is
+        cancelled, the call still completes; ``abandoned`` then gets its outcome,
+        so that what it did in Redis can be undone.
         """
         client = self._client
         if client is None:
             raise StateUnavailable("not connected")
+        deadline = 0
+        if expires and self._server_offset is not None:
+            until = time.monotonic() + self._server_offset + self.timeout * _DEADLINE_SHARE
+            deadline = round(until * 1e6)
         self._in_flight += 1
         self._calls += 1
         self._idle.clear()
-        reply = self._pipeline.submit(client, args)
+        reply = self._pipeline.submit(client, (op, deadline, *args))
         try:
             async with asyncio.timeout(self.timeout):
                 return await asyncio.shield(reply)
         except TimeoutError:
+            reply.cancel()  # not sent yet: never send it
             raise StateUnavailable(f"no answer within {self.timeout * 1000:g}ms") from None
         except asyncio.CancelledError:
             if abandoned is not None:

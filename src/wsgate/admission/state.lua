@@ -62,7 +62,10 @@ What happens on a crash:
     those closes are released.
   - Redis stops (SIGSTOP) and resumes: nobody could renew while Redis was
     frozen, so leases are shifted forward by the gap seen in P:clock instead
-    of reaping replicas that simply could not reach it.
+    of reaping replicas that simply could not reach it. Calls that were
+    waiting in Redis's input meanwhile run late; an admission or a
+    re-registration carries a deadline (ARGV[2], server time) after which its
+    replica has stopped waiting for it, and is void when it runs after it.
   - Redis loses its data: every token is gone, so every replica's next call
     is refused and it re-registers its local truth; totals become the sum of
     the truths again within one renewal period.
@@ -158,12 +161,12 @@ local function drop_replica(replica)
   redis.call('ZREM', REPLICAS, replica)
 end
 
--- ARGV: op, replica, token, least_loaded, preferred, rate_ps, rate_burst,
+-- ARGV: op, deadline, replica, token, least_loaded, preferred, rate_ps, rate_burst,
 --       client_key, client_ps, client_burst, then backend, cap pairs.
 -- Reply: status, backend, retry_after_us, rate_offset_us, live_replicas,
 --        then the total of every candidate after the decision.
 local function admit()
-  local replica, token = ARGV[2], ARGV[3]
+  local replica, token = ARGV[3], ARGV[4]
   local now = now_us()
   if not session_ok(replica, token) then
     return { 'stale' }
@@ -173,13 +176,13 @@ local function admit()
     return { 'stale' }
   end
 
-  local least_loaded = ARGV[4] == '1'
-  local preferred = ARGV[5]
+  local least_loaded = ARGV[5] == '1'
+  local preferred = ARGV[6]
   local ids, caps = {}, {}
-  local n = (#ARGV - 10) / 2
+  local n = (#ARGV - 11) / 2
   for i = 1, n do
-    ids[i] = ARGV[9 + 2 * i]
-    caps[i] = tonumber(ARGV[10 + 2 * i])
+    ids[i] = ARGV[10 + 2 * i]
+    caps[i] = tonumber(ARGV[11 + 2 * i])
   end
   local counts = redis.call('HMGET', TOTAL, unpack(ids))
   for i = 1, n do
@@ -226,20 +229,20 @@ local function admit()
   end
 
   -- Capacity first, then the rates; tokens are spent only when admitted.
-  local rate_ps = tonumber(ARGV[6])
+  local rate_ps = tonumber(ARGV[7])
   local rate_tat
   if rate_ps > 0 then
-    local ok, tat, wait = gcra(tonumber(redis.call('GET', RATE)), now, rate_ps, tonumber(ARGV[7]))
+    local ok, tat, wait = gcra(tonumber(redis.call('GET', RATE)), now, rate_ps, tonumber(ARGV[8]))
     if not ok then
       return reply('rate_limited', '', wait)
     end
     rate_tat = tat
   end
   local client_key, client_tat
-  local client_ps = tonumber(ARGV[9])
-  if ARGV[8] ~= '' and client_ps > 0 then
-    client_key = P .. ':rate:ip:' .. ARGV[8]
-    local ok, tat, wait = gcra(tonumber(redis.call('GET', client_key)), now, client_ps, tonumber(ARGV[10]))
+  local client_ps = tonumber(ARGV[10])
+  if ARGV[9] ~= '' and client_ps > 0 then
+    client_key = P .. ':rate:ip:' .. ARGV[9]
+    local ok, tat, wait = gcra(tonumber(redis.call('GET', client_key)), now, client_ps, tonumber(ARGV[11]))
     if not ok then
       return reply('client_rate_limited', '', wait)
     end
@@ -258,9 +261,9 @@ local function admit()
   return reply('ok', ids[best], 0)
 end
 
--- ARGV: op, replica, token, backend.  Reply: status, total of that backend.
+-- ARGV: op, deadline, replica, token, backend.  Reply: status, total of that backend.
 local function release()
-  local replica, token, backend = ARGV[2], ARGV[3], ARGV[4]
+  local replica, token, backend = ARGV[3], ARGV[4], ARGV[5]
   if not session_ok(replica, token) then
     return { 'stale', 0 }
   end
@@ -272,15 +275,15 @@ local function release()
   return { 'ok', math.max(add_to(TOTAL, backend, -1), 0) }
 end
 
--- ARGV: op, replica, token, ttl_ms, resync, new_token,
+-- ARGV: op, deadline, replica, token, ttl_ms, resync, new_token,
 --       n_held, (backend, count) * n_held, n_caps, (backend, cap) * n_caps,
 --       rate_ps, rate_burst, client_ps, client_burst.
 -- Reply: status, live_replicas, rate_offset_us, {total flat}, {excess flat}, {reaped},
---        {this replica's held, flat}.
+--        {this replica's held, flat}, server time (us).
 local function renew()
-  local replica, token = ARGV[2], ARGV[3]
-  local ttl_ms = tonumber(ARGV[4])
-  local resync = ARGV[5] == '1'
+  local replica, token = ARGV[3], ARGV[4]
+  local ttl_ms = tonumber(ARGV[5])
+  local resync = ARGV[6] == '1'
   local now = now_us()
   local now_ms = math.floor(now / 1000)
 
@@ -302,7 +305,7 @@ local function renew()
     drop_replica(gone)
   end
 
-  local i = 7
+  local i = 8
   local n_held = tonumber(ARGV[i])
   local held = {}
   for j = 1, n_held do
@@ -348,9 +351,9 @@ local function renew()
         end
       end
     end
-    redis.call('HSET', LEASE, replica, ARGV[6])
+    redis.call('HSET', LEASE, replica, ARGV[7])
   elseif not session_ok(replica, token) then
-    return { 'lost', redis.call('ZCARD', REPLICAS), rate_offset(now), {}, {}, reaped }
+    return { 'lost', redis.call('ZCARD', REPLICAS), rate_offset(now), {}, {}, reaped, {}, num(now) }
   end
   redis.call('ZADD', REPLICAS, now_ms + ttl_ms, replica)
   redis.call('HSET', RENEWED, replica, now_ms)
@@ -362,21 +365,22 @@ local function renew()
     excess,
     reaped,
     redis.call('HGETALL', held_key(replica)),
+    num(now),
   }
 end
 
--- ARGV: op, replica, token.  A clean shutdown gives every slot back at once.
+-- ARGV: op, deadline, replica, token.  A clean shutdown gives every slot back at once.
 local function leave()
-  if session_ok(ARGV[2], ARGV[3]) then
-    drop_replica(ARGV[2])
+  if session_ok(ARGV[3], ARGV[4]) then
+    drop_replica(ARGV[3])
     return 1
   end
   return 0
 end
 
--- ARGV: op, per_second, burst, want.  Reply: how many closes may happen now.
+-- ARGV: op, deadline, per_second, burst, want.  Reply: how many closes may happen now.
 local function close_tokens()
-  local per_second, burst, want = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+  local per_second, burst, want = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
   local now = now_us()
   local interval = 1000000 / per_second
   local tat = tonumber(redis.call('GET', CLOSE))
@@ -424,5 +428,12 @@ local ops = {
 local op = ops[ARGV[1]]
 if not op then
   return redis.error_reply('wsgate: unknown operation ' .. tostring(ARGV[1]))
+end
+-- A call its replica has given up on (it timed out while queued or while Redis
+-- was frozen) must not take effect when it finally runs: ARGV[2] is the server
+-- time (us) after which it is void; 0 for calls that are harmless when late.
+local deadline = tonumber(ARGV[2]) or 0
+if deadline > 0 and now_us() > deadline then
+  return { 'late' }
 end
 return op()
