@@ -18,7 +18,9 @@ Everything else follows from keeping Redis in step with ``_held``:
   the same amount, in the same script call: one round trip each. Calls made
   while others are on their way leave together as one pipeline (each still
   its own atomic script run). A caller cancelled mid-call does not cancel the
-  call: an admission Redis granted anyway is released again.
+  call: an admission Redis granted anyway is released again. Admissions and
+  re-registrations carry a deadline in Redis's time (its clock is learnt from
+  quick renewals), so one this replica stopped waiting for never takes effect.
 
 * Any doubt -- a call that failed or timed out (it may or may not have run), a
   refused token, a lease found lost, a local deadline passed -- ends the sync.
