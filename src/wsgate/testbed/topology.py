@@ -6,7 +6,9 @@ pieces, so that each starts backends and gateways the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +17,14 @@ import yaml
 
 from wsgate.testbed.processes import Process, ProcessGroup, free_port, wsgate_argv
 
-__all__ = ["BackendProcess", "GatewayProcess", "http_json", "start_backends", "start_gateway"]
+__all__ = [
+    "BackendProcess",
+    "GatewayProcess",
+    "free_port_run",
+    "http_json",
+    "start_backends",
+    "start_gateway",
+]
 
 
 def http_json(
@@ -79,6 +88,23 @@ class GatewayProcess:
         return http_json(self.admin_url + path, token=token)
 
 
+def free_port_run(count: int, host: str = "127.0.0.1", tries: int = 50) -> int:
+    """The first of ``count`` consecutive free ports (``serve --workers`` admin ports)."""
+    for _ in range(tries):
+        first = free_port(host)
+        if first + count > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as held:
+                for offset in range(count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind((host, first + offset))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports on {host}")
+
+
 def start_backends(
     group: ProcessGroup,
     count: int,
@@ -105,11 +131,12 @@ def start_gateway(
     *,
     name: str = "gateway",
     flags: list[str] | None = None,
+    admin_port: int | None = None,
     **config: Any,
 ) -> GatewayProcess:
     """Start ``wsgate serve`` with backends named by their pod ids and ``config`` on top."""
     port = free_port()
-    admin_port = free_port()
+    admin_port = admin_port or free_port()
     data: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
         "admin": f"127.0.0.1:{admin_port}",
