@@ -35,6 +35,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from wsgate.cli import count_arg, duration_arg
 from wsgate.runtime import raise_open_files_limit, run_async, setup_logging
 
 __all__ = ["BackendCounts", "BackendIdentity", "add_arguments", "build_app", "run", "serve"]
@@ -368,20 +369,6 @@ async def serve(args: argparse.Namespace) -> None:
         await runner.cleanup()
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
@@ -393,15 +380,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pod-ip", help="address in every answer (default $POD_IP, else the host)")
     parser.add_argument(
         "--max-connections",
-        type=_positive_int,
+        type=count_arg,
         metavar="N",
         help="tripwire: refuse WebSocket sessions beyond N with 503 and count the refusals",
     )
     parser.add_argument(
-        "--slow-min", type=_seconds, default=20.0, metavar="S", help="/slow default minimum delay"
+        "--slow-min",
+        type=duration_arg,
+        default=20.0,
+        metavar="S",
+        help="/slow default minimum delay",
     )
     parser.add_argument(
-        "--slow-max", type=_seconds, default=60.0, metavar="S", help="/slow default maximum delay"
+        "--slow-max",
+        type=duration_arg,
+        default=60.0,
+        metavar="S",
+        help="/slow default maximum delay",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from wsgate.config import parse_duration
+from wsgate.cli import duration_arg, positive_arg
 from wsgate.runtime import raise_open_files_limit, run_async, setup_logging
 from wsgate.testbed.load import LoadPlan, run_load
 from wsgate.testbed.load_plan import Interval, parse_target
@@ -382,31 +382,17 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--speed",
-        type=_positive,
+        type=positive_arg,
         default=1.0,
         metavar="X",
         help="run the client scenario X times faster (default 1)",
     )
     parser.add_argument(
         "--duration",
-        type=_duration,
+        type=duration_arg,
         default=60.0,
         metavar="D",
         help="scenario length before --speed (default 60s)",

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsgate.config import ConfigError, parse_duration
+from wsgate.cli import count_arg, duration_arg
+from wsgate.config import ConfigError
 from wsgate.runtime import raise_open_files_limit, run_async, setup_logging
 from wsgate.testbed.load_plan import (
     ConnectPacer,
@@ -542,36 +543,26 @@ async def run_load(
     return report, stats
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("urls", nargs="+", metavar="URL", help="ws:// URLs (http:// with --http)")
     shape = parser.add_argument_group("shape")
     shape.add_argument(
-        "--clients", type=_count, default=1, metavar="N", help="simulated client pods (default 1)"
+        "--clients",
+        type=count_arg,
+        default=1,
+        metavar="N",
+        help="simulated client pods (default 1)",
     )
     shape.add_argument(
         "--connections",
-        type=_count,
+        type=count_arg,
         default=1,
         metavar="M",
         help="connections per client (default 1)",
     )
     shape.add_argument(
         "--connect-interval",
-        type=_duration,
+        type=duration_arg,
         default=0.0,
         metavar="D",
         help="each client opens one new connection every D until it has M (seed: 10s; default 0)",
@@ -589,10 +580,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="uniform random wait before each message (default 10s-20s; 0: back-to-back; off)",
     )
     shape.add_argument(
-        "--message-size", type=_count, default=64, metavar="BYTES", help="message size (default 64)"
+        "--message-size",
+        type=count_arg,
+        default=64,
+        metavar="BYTES",
+        help="message size (default 64)",
     )
     shape.add_argument(
-        "--duration", type=_duration, metavar="D", help="stop after D (default: at Ctrl-C)"
+        "--duration", type=duration_arg, metavar="D", help="stop after D (default: at Ctrl-C)"
     )
     shape.add_argument(
         "--source-ips",
@@ -615,26 +610,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     behaviour.add_argument(
         "--reconnect-delay",
-        type=_duration,
+        type=duration_arg,
         default=1.0,
         metavar="D",
         help="mean pause before a reconnect",
     )
     behaviour.add_argument(
         "--backoff-base",
-        type=_duration,
+        type=duration_arg,
         default=0.5,
         metavar="D",
         help="first backoff step after a refusal",
     )
     behaviour.add_argument(
-        "--backoff-max", type=_duration, default=10.0, metavar="D", help="largest backoff step"
+        "--backoff-max", type=duration_arg, default=10.0, metavar="D", help="largest backoff step"
     )
-    behaviour.add_argument("--connect-timeout", type=_duration, default=5.0, metavar="D")
-    behaviour.add_argument("--answer-timeout", type=_duration, default=10.0, metavar="D")
+    behaviour.add_argument("--connect-timeout", type=duration_arg, default=5.0, metavar="D")
+    behaviour.add_argument("--answer-timeout", type=duration_arg, default=10.0, metavar="D")
     behaviour.add_argument(
         "--max-pending",
-        type=_count,
+        type=count_arg,
         default=1000,
         metavar="N",
         help="handshakes in progress at once",
@@ -645,7 +640,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     http.add_argument(
         "--concurrency",
-        type=_count,
+        type=count_arg,
         metavar="N",
         help="requests in flight (default clients x connections)",
     )
@@ -667,7 +662,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="live view on a terminal, plain lines otherwise",
     )
-    output.add_argument("--progress-interval", type=_duration, default=2.0, metavar="D")
+    output.add_argument("--progress-interval", type=duration_arg, default=2.0, metavar="D")
     output.add_argument(
         "--log-level",
         default="warning",
