@@ -20,17 +20,20 @@ from gwtools import (
     pod_of,
     wait_until,
 )
+from websockets.asyncio.client import ClientConnection
 
 from wsgate.testbed.processes import ProcessGroup
-from wsgate.testbed.topology import start_backends, start_gateway
+from wsgate.testbed.topology import BackendProcess, start_backends, start_gateway
 
 
 @pytest.fixture
-def four(procs: ProcessGroup):  # type: ignore[no-untyped-def]
+def four(procs: ProcessGroup) -> list[BackendProcess]:
     return start_backends(procs, 4, tripwire=2)
 
 
-async def test_cap_holds_exactly_and_frees_exactly(procs: ProcessGroup, four) -> None:  # type: ignore[no-untyped-def]
+async def test_cap_holds_exactly_and_frees_exactly(
+    procs: ProcessGroup, four: list[BackendProcess]
+) -> None:
     gateway = start_gateway(procs, four, limits={"max_connections_per_backend": 2})
     first = await open_many(gateway.ws_url, 20)
     try:
@@ -99,7 +102,9 @@ async def test_client_rate_is_per_ip(procs: ProcessGroup) -> None:
         await close_all(a.open + b.open)
 
 
-async def test_least_conn_and_round_robin_spread(procs: ProcessGroup, four) -> None:  # type: ignore[no-untyped-def]
+async def test_least_conn_and_round_robin_spread(
+    procs: ProcessGroup, four: list[BackendProcess]
+) -> None:
     for policy in ("least_conn", "round_robin"):
         gateway = start_gateway(
             procs,
@@ -228,7 +233,9 @@ async def test_all_unhealthy_answers_no_healthy_backend(procs: ProcessGroup) -> 
     assert outcome.bodies[0]["error"] == "no_healthy_backend"
 
 
-async def test_backend_killed_mid_session_frees_its_slots(procs: ProcessGroup, four) -> None:  # type: ignore[no-untyped-def]
+async def test_backend_killed_mid_session_frees_its_slots(
+    procs: ProcessGroup, four: list[BackendProcess]
+) -> None:
     gateway = start_gateway(
         procs, four, limits={"max_connections_per_backend": 2}, health={"interval": "5s"}
     )
@@ -252,7 +259,7 @@ async def test_backend_killed_mid_session_frees_its_slots(procs: ProcessGroup, f
         await close_all(again.open)
 
 
-async def _pod_or_none(ws) -> str | None:  # type: ignore[no-untyped-def]
+async def _pod_or_none(ws: ClientConnection) -> str | None:
     try:
         return await asyncio.wait_for(pod_of(ws), 2)
     except Exception:

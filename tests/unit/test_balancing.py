@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -63,7 +64,7 @@ def test_cookie_tokens_are_opaque_and_distinct() -> None:
     assert all("pod" not in token for token in tokens)
 
 
-def active_of(counts: dict[str, int]):  # type: ignore[no-untyped-def]
+def active_of(counts: dict[str, int]) -> Callable[[str], int]:
     return lambda backend_id: counts.get(backend_id, 0)
 
 
