@@ -162,6 +162,10 @@ class AdmissionStore(Protocol):
         """Give the slot back; a second release of the same ticket does nothing."""
         ...
 
+    def release_now(self, ticket: Ticket) -> None:
+        """Give the slot back without waiting for the store to confirm it."""
+        ...
+
     def global_counts(self) -> Mapping[str, int]:
         """Live connections per backend held by all replicas (last known)."""
         ...

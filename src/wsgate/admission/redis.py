@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -556,8 +557,25 @@ class RedisStore:
         return Admitted(Ticket(decision))
 
     async def release(self, ticket: Ticket) -> None:
+        """Release and wait until Redis has it (or the sync is lost)."""
+        reply = self._release(ticket)
+        if reply is not None:
+            # The outcome is handled by _released, whether or not this caller waits.
+            with contextlib.suppress(StateUnavailable):
+                await asyncio.shield(reply)
+
+    def release_now(self, ticket: Ticket) -> None:
+        """Release without waiting: this replica's counts change at once and the
+        release leaves with the next batch of script calls.
+
+        The gateway releases this way: a slot's end needs no answer, and not
+        waiting saves a task and a timer per connection.
+        """
+        self._release(ticket)
+
+    def _release(self, ticket: Ticket) -> asyncio.Future[Any] | None:
         if ticket.released:
-            return
+            return None
         ticket.released = True
         backend = ticket.backend_id
         self._held[backend] -= 1
@@ -565,19 +583,30 @@ class RedisStore:
             del self._held[backend]
         if backend in self._global:
             self._global[backend] = max(0, self._global[backend] - 1)
-        if not self._in_sync:
-            return  # re-registration will carry the new truth
-        try:
-            reply = await self._call(
-                "release", self.replica_id, self._token, backend, abandoned=self._settle_release
-            )
-        except StateUnavailable as error:
-            self._lose_sync(str(error))
+        client = self._client
+        if not self._in_sync or client is None:
+            return None  # re-registration will carry the new truth
+        self._in_flight += 1
+        self._calls += 1
+        self._idle.clear()
+        reply = self._pipeline.submit(client, ("release", 0, self.replica_id, self._token, backend))
+        reply.add_done_callback(functools.partial(self._released, backend))
+        return reply
+
+    def _released(self, backend: str, reply: asyncio.Future[Any]) -> None:
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
+        if reply.cancelled():
+            self._lose_sync("a release was not sent")
             return
-        if _text(reply[0]) == "stale":
+        error = reply.exception()
+        if error is not None:
+            self._lose_sync(str(error))
+        elif _text(reply.result()[0]) == "stale":
             self._lose_sync("lease lost")
         else:
-            self._global[backend] = int(reply[1])
+            self._global[backend] = int(reply.result()[1])
 
     def _undo_admission(self, reply: asyncio.Future[Any]) -> None:
         """The caller of ``admit`` was cancelled: give back what Redis reserved for it."""
@@ -596,10 +625,6 @@ class RedisStore:
             return
         if _text(reply[0]) == "stale":
             self._lose_sync("lease lost")
-
-    def _settle_release(self, reply: asyncio.Future[Any]) -> None:
-        if reply.cancelled() or reply.exception() is not None:
-            self._lose_sync("a release was abandoned before Redis answered")
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -114,7 +114,6 @@ class Gateway:
         self._waiters: deque[asyncio.Event] = deque()
         self._background: set[asyncio.Task[Any]] = set()
         self._cookie_ids: dict[str, str] = {}
-        self._releases: set[asyncio.Task[None]] = set()
         self._discovery: asyncio.Task[None] | None = None
         self._arrivals = ArrivalEstimate(RECONNECT_WINDOW)
         self._drain_cut = asyncio.Event()
@@ -229,18 +228,13 @@ class Gateway:
             down.close()
         self.connector.close()
         await self.health.close()
-        # Let transports finish closing, then wait (bounded) for the slots they give back.
-        await asyncio.sleep(0)
-        if self._releases:
-            await asyncio.wait(
-                list(self._releases), timeout=max(1.0, self.config.state.timeout * 4)
-            )
         for task in list(self._background):
             task.cancel()
         for task in list(self._background):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        # Let transports finish closing (and their releases run) before the store goes.
+        # Let transports finish closing, and so release their slots, before the store
+        # closes (for Redis, the releases leave before the store's own goodbye).
         await asyncio.sleep(0)
         await self.store.close()
         self.stopped.set()
@@ -571,14 +565,7 @@ class Gateway:
     def release(self, ticket: Ticket) -> None:
         if ticket.released:
             return
-        store = self.store
-        if isinstance(store, MemoryStore):
-            store.release_now(ticket)
-        else:
-            # Tracked apart from the background tasks: stop waits for these to land.
-            task = self.loop.create_task(store.release(ticket), name="release")
-            self._releases.add(task)
-            task.add_done_callback(self._releases.discard)
+        self.store.release_now(ticket)
         if self._waiters:
             self._waiters[0].set()
 
