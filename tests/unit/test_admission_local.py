@@ -1,14 +1,15 @@
 """Pure pieces of the shared store: local shares while Redis is away, the close budget,
-and how ``wsgate state`` reads the script's snapshot. No I/O."""
+how ``wsgate state`` reads the script's snapshot, how commands are packed. No I/O."""
 
 from __future__ import annotations
 
 import pytest
+from redis.asyncio.connection import AbstractConnection
 
 from wsgate.admission import Candidate, Limits, Reason, Rejected
 from wsgate.admission.inspect import describe, render
 from wsgate.admission.memory import take_tokens
-from wsgate.admission.redis import LocalShare, key_prefix
+from wsgate.admission.redis import HiredisPackingConnection, LocalShare, key_prefix
 from wsgate.config import RateConfig
 
 
@@ -159,3 +160,18 @@ def test_render_marks_expired_leases_and_backends_over_cap() -> None:
     assert "expired" in text
     assert "3 / 2" in text and "1 / ?" in text
     assert "6.0 of 10 tokens" in text
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("EVALSHA", "f" * 40, 1, "{wsgate:default}:replicas", "admit", 0, "r-1", 2.5, b"\x00raw"),
+        ("SCRIPT LOAD", "return 1"),
+        (b"SCRIPT EXISTS", "abc"),
+        ("PING",),
+    ],
+)
+def test_hiredis_packing_matches_redis_py(command: tuple[object, ...]) -> None:
+    connection = HiredisPackingConnection()
+    python_packed = b"".join(AbstractConnection.pack_command(connection, *command))
+    assert b"".join(connection.pack_command(*command)) == python_packed
