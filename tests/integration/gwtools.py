@@ -11,10 +11,12 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from wsgate.gateway.access_log import FLUSH_INTERVAL
 from wsgate.testbed.topology import BackendProcess, GatewayProcess
 
 __all__ = [
     "Outcomes",
+    "access_log_written",
     "assert_capacity_free",
     "close_all",
     "open_many",
@@ -72,6 +74,11 @@ async def pod_of(ws: ClientConnection) -> str:
     await ws.send("who")
     answer = json.loads(await ws.recv())
     return str(answer["pod"])
+
+
+async def access_log_written() -> None:
+    """Let the gateway write its buffered access-log lines (it does within FLUSH_INTERVAL)."""
+    await asyncio.sleep(FLUSH_INTERVAL * 3)
 
 
 async def wait_until(predicate: Any, within: float = 5.0, interval: float = 0.05) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from gwtools import close_all, open_many, open_one, pod_of, wait_until
+from gwtools import access_log_written, close_all, open_many, open_one, pod_of, wait_until
 from lifecycle import close_seen, logged, start_discovering, started, write
 
 from wsgate.testbed.processes import ProcessGroup, free_port, wsgate_argv
@@ -74,6 +74,7 @@ async def test_file_discovery_adds_when_healthy_and_drains_removed(
         await close_all(more.open + on_b)
     finally:
         await close_all(on_a)
+    await access_log_written()
     output = gateway.process.output()
     assert "backend pod-a (127.0.0.1:" in output and "removed: no new connections" in output
     assert output.count('"outcome":"closed_backend_removed"') == 2

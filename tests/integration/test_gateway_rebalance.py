@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from gwtools import close_all, open_many, wait_until
+from gwtools import access_log_written, close_all, open_many, wait_until
 from lifecycle import close_seen, start_discovering
 from scaleup import REBALANCE, backends_file, check_closes, counts, scale_up
 
@@ -36,6 +36,7 @@ async def test_scale_up_with_file_discovery(procs: ProcessGroup, tmp_path: Path)
 
     closes = await scale_up(procs, [gateway], backends, add)
     check_closes(closes, moved_at_least=19)
+    await access_log_written()
     output = gateway.process.output()
     assert output.count('"outcome":"closed_rebalance"') == len(closes)
 
@@ -60,6 +61,7 @@ async def test_scale_up_with_two_replicas_shares_one_close_budget(
     closes = await scale_up(procs, gateways, backends, add)
     check_closes(closes, moved_at_least=19)
     # Both replicas took part, and between them closed no faster than the budget.
+    await access_log_written()
     by_replica = [g.process.output().count('"outcome":"closed_rebalance"') for g in gateways]
     assert sum(by_replica) == len(closes) and all(by_replica), by_replica
 
@@ -90,4 +92,5 @@ async def test_max_connection_duration_closes_each_session_once_with_jitter(
     assert ages[0] >= 1.75 and ages[-1] <= 2.6, ages
     assert ages[-1] - ages[0] > 0.02  # not all at the same instant
     await wait_until(lambda: counts(backends) == [0])
+    await access_log_written()
     assert gateway.process.output().count('"outcome":"closed_max_duration"') == 6

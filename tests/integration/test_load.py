@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from wsgate.gateway.access_log import FLUSH_INTERVAL
 from wsgate.testbed.processes import ProcessGroup, free_port, wsgate_argv
 from wsgate.testbed.topology import BackendProcess, http_json, start_backends, start_gateway
 
@@ -200,6 +201,7 @@ def test_retry_after_is_honoured_and_rejections_are_counted_through_the_gateway(
         "--clients", "3", "--source-ips", "127.0.0.2-127.0.0.4", "--message-interval", "off",
         "--backoff-base", "100ms", "--duration", "4s",
     )  # fmt: skip
+    time.sleep(FLUSH_INTERVAL * 3)  # the gateway's buffered access-log lines
     refusals: dict[str, list[float]] = {}
     for line in gateway.process.output().splitlines():
         start = line.find("{")

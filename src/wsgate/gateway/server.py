@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import os
 import random
@@ -32,6 +31,7 @@ from wsgate.config import (
     FileDiscovery,
     parse_address,
 )
+from wsgate.gateway.access_log import AccessLog
 from wsgate.gateway.connector import Connector
 from wsgate.gateway.head import RequestHead
 from wsgate.gateway.proxy import Downstream, Exchange, Session
@@ -44,7 +44,6 @@ from wsgate.upstreams.rebalance import ArrivalEstimate, local_share, plan_moves,
 __all__ = ["RESTART_KEYS", "Gateway", "limits_of", "open_store"]
 
 log = logging.getLogger("wsgate.gateway")
-access = logging.getLogger("wsgate.access")
 
 # Queued connections re-ask the store this often, to see slots other replicas freed.
 QUEUE_POLL = 0.25
@@ -119,6 +118,7 @@ class Gateway:
         self._drain_cut = asyncio.Event()
         self.pool.on_change.append(self._pool_changed)
         self.stopped = asyncio.Event()
+        self._access = AccessLog()
         self._request_prefix = os.urandom(6).hex()
         self._request_serials = itertools.count(1)
         if self.store.kind == "redis":
@@ -237,6 +237,7 @@ class Gateway:
         # closes (for Redis, the releases leave before the store's own goodbye).
         await asyncio.sleep(0)
         await self.store.close()
+        self._access.flush()
         self.stopped.set()
 
     async def _housekeeping(self) -> None:
@@ -601,11 +602,11 @@ class Gateway:
         return f"{self._request_prefix}-{next(self._request_serials):x}"
 
     def access_log(self, **fields: Any) -> None:
-        if not self.config.access_log or not access.isEnabledFor(logging.INFO):
+        if not self.config.access_log:
             return
         record = {"time": round(time.time(), 3), "replica": self.replica_id}
         record.update((k, v) for k, v in fields.items() if v is not None)
         duration = fields.get("duration")
         if isinstance(duration, float):
             record["duration"] = round(duration, 4)
-        access.info(json.dumps(record, separators=(",", ":")))
+        self._access.write(record)
