@@ -192,7 +192,9 @@ class TestResponses:
         assert not reader.reusable
 
     def test_rendered_response_reframes_and_adds_headers(self) -> None:
-        head = ResponseHead(200, b"OK", "1.1", [(b"Transfer-Encoding", b"chunked"), (b"X-A", b"1")])
+        head = ResponseHead(
+            200, b"OK", "1.1", headers=[(b"Transfer-Encoding", b"chunked"), (b"X-A", b"1")]
+        )
         wire = render_response(
             head, keep_alive=False, chunked=True, extra=[(b"Set-Cookie", b"k=v")]
         )

@@ -42,20 +42,15 @@ HOP_BY_HOP = frozenset(
 )
 
 
-@dataclass(slots=True)
-class RequestHead:
-    """One parsed request head. Header names keep their case; lookups ignore it."""
+@dataclass(slots=True, kw_only=True)
+class _Head:
+    """Header fields of one message. Names keep their case; lookups ignore it."""
 
-    method: bytes = b""
-    target: bytes = b""
-    version: str = "1.1"
     headers: list[Header] = field(default_factory=list)
-    upgrade: bool = False  # a WebSocket (or other) upgrade the parser accepted
-    keep_alive: bool = True
     chunked: bool = False
     content_length: int | None = None
     # Lower-cased name -> first value, built on the first lookup: a handful of
-    # lookups per request then cost one lower() per header in all.
+    # lookups per message then cost one lower() per header in all.
     _index: dict[bytes, bytes] | None = field(default=None, repr=False, compare=False)
 
     def get(self, name: bytes) -> bytes | None:
@@ -70,35 +65,34 @@ class RequestHead:
         name = name.lower()
         return [value for key, value in self.headers if key.lower() == name]
 
+
+@dataclass(slots=True)
+class RequestHead(_Head):
+    """One parsed request head."""
+
+    method: bytes = b""
+    target: bytes = b""
+    version: str = "1.1"
+    upgrade: bool = False  # a WebSocket (or other) upgrade the parser accepted
+    keep_alive: bool = True
+
     @property
     def is_websocket(self) -> bool:
         upgrade = self.get(b"upgrade")
         return self.upgrade and upgrade is not None and upgrade.strip().lower() == b"websocket"
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
 
     def cookie(self, name: str) -> str | None:
         return cookie_value(self.values(b"cookie"), name)
 
 
 @dataclass(slots=True)
-class ResponseHead:
+class ResponseHead(_Head):
+    """One parsed response head."""
+
     status: int = 0
     reason: bytes = b""
     version: str = "1.1"
-    headers: list[Header] = field(default_factory=list)
     keep_alive: bool = True
-    chunked: bool = False
-    content_length: int | None = None
-
-    def get(self, name: bytes) -> bytes | None:
-        name = name.lower()
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
 
 
 def cookie_value(cookie_headers: Iterable[bytes], name: str) -> str | None:

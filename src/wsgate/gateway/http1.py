@@ -70,24 +70,13 @@ class _Detached:
 _DETACHED: Any = _Detached()
 
 
-def _request_framing(head: RequestHead) -> tuple[bool, int | None]:
+def _framing(head: RequestHead | ResponseHead) -> tuple[bool, int | None]:
+    """(chunked, Content-Length) of a message; ValueError for a bad length."""
     encoding = head.get(b"transfer-encoding")
     length = head.get(b"content-length")
     return (encoding is not None and b"chunked" in encoding.lower()), (
         int(length) if length is not None else None
     )
-
-
-def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None]:
-    chunked = False
-    length: int | None = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"transfer-encoding" and b"chunked" in value.lower():
-            chunked = True
-        elif lower == b"content-length":
-            length = int(value)
-    return chunked, length
 
 
 class RequestReader:
@@ -164,7 +153,7 @@ class RequestReader:
         if size > self.max_head_size:
             raise BadMessage(431, "request head too large")
         try:
-            head.chunked, head.content_length = _request_framing(head)
+            head.chunked, head.content_length = _framing(head)
         except ValueError:
             raise BadMessage(400, "invalid Content-Length") from None
         self._in_head = False
@@ -245,7 +234,7 @@ class ResponseReader:
         head.version = parser.get_http_version()
         head.keep_alive = parser.should_keep_alive()
         try:
-            head.chunked, head.content_length = _framing(head.headers)
+            head.chunked, head.content_length = _framing(head)
         except ValueError:
             raise BadMessage(502, "invalid Content-Length from backend") from None
         self._events.append(Head(head))
