@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,6 @@ from wsgate.testbed.processes import ProcessGroup
 from wsgate.upstreams.discovery import DiscoveryError, DnsSource, diff_backends
 
 NAME = "ws.test.local"
-
-
-@pytest.fixture
-async def dns() -> AsyncIterator[TinyDns]:
-    server = TinyDns()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 class Follower:

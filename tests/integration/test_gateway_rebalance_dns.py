@@ -7,8 +7,6 @@ at no more than the close budget, each client closed at most once.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from lifecycle import start_discovering
 from scaleup import REBALANCE, check_closes, scale_up
@@ -16,16 +14,6 @@ from tinydns import TinyDns
 
 from wsgate.testbed.processes import ProcessGroup, free_port, wsgate_argv
 from wsgate.testbed.topology import BackendProcess
-
-
-@pytest.fixture
-async def dns() -> AsyncIterator[TinyDns]:
-    server = TinyDns()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest.mark.slow
