@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import resource
@@ -59,7 +58,3 @@ def setup_logging(level: str = "info") -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-
-
-def current_loop() -> asyncio.AbstractEventLoop:
-    return asyncio.get_running_loop()

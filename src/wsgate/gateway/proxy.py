@@ -189,14 +189,10 @@ class Downstream(asyncio.Protocol):
     def _head_timed_out(self) -> None:
         self.head_timer = None
         if self.task is None and not self.upgraded:
-            if self.reader_idle:
+            if self.reader.idle:
                 self.close()  # an idle keep-alive connection: nothing to answer
             else:
                 self.answer_bad_request(408, "request head not complete in time")
-
-    @property
-    def reader_idle(self) -> bool:
-        return self.reader.idle
 
     def answer_bad_request(self, status: int, detail: str) -> None:
         """Answer a request we will not forward, then close: nothing was admitted."""
