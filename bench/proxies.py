@@ -30,6 +30,7 @@ from pathlib import Path
 
 from bench.driver import Target
 from wsgate.testbed.processes import ProcessGroup, RedisServer, free_port, wsgate_argv
+from wsgate.testbed.topology import free_port_run
 
 __all__ = [
     "BASE_PATHS",
@@ -41,6 +42,7 @@ __all__ = [
     "start_path",
     "tree_cpu_seconds",
     "tree_rss",
+    "worker_pids",
 ]
 
 BASE_PATHS = ("direct", "wsgate-memory", "wsgate-redis", "haproxy", "nginx")
@@ -258,7 +260,8 @@ def _start_wsgate(
         present = False
     if not present:
         raise Unavailable(f"{name}: skipped, `wsgate serve` is not in this checkout")
-    port, admin = free_port(), free_port()
+    # Worker i answers on admin port + i: the run of ports must be free.
+    port, admin = free_port(), free_port_run(workers)
     argv = wsgate_argv(
         "serve",
         "--listen", f"127.0.0.1:{port}",
@@ -326,6 +329,12 @@ def _descendants(pid: int) -> list[int]:
         found.append(current)
         pending.extend(children.get(current, []))
     return found
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The processes that serve: a supervisor's descendants, or the process itself."""
+    below = _descendants(pid)[1:]
+    return below or [pid]
 
 
 def tree_rss(pid: int) -> int:

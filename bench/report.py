@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Figure", "Report", "percentile", "summary"]
+__all__ = ["Figure", "Report", "Scaling", "percentile", "summary"]
 
 BASELINE = "haproxy"
 DIRECT = "direct"
@@ -28,11 +28,11 @@ def percentile(ordered: Sequence[int] | Sequence[float], fraction: float) -> flo
     return float(ordered[min(rank, len(ordered)) - 1])
 
 
-def summary(values: Sequence[float]) -> dict[str, float]:
+def summary(values: Sequence[float], digits: int = 1) -> dict[str, float]:
     return {
-        "median": round(statistics.median(values), 1),
-        "min": round(min(values), 1),
-        "max": round(max(values), 1),
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
     }
 
 
@@ -53,12 +53,78 @@ class Figure:
 
 
 @dataclass
+class Scaling:
+    """Relay throughput of 1 and of N gateway workers, each held to the same CPU budget.
+
+    Rounds alternate between the worker counts; :meth:`ratios` pairs the
+    figures of each round, so that a slow moment of the machine lands on both
+    sides of a ratio.
+    """
+
+    budget: float  # CPUs per worker
+    setting: str  # what was measured, in words
+    status: str = "not run"
+    # workers -> round -> (messages/s, CPUs used by all workers together)
+    runs: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
+
+    def add(self, workers: int, round_index: int, rate: float, cpus_used: float) -> None:
+        self.runs.setdefault(workers, {})[round_index] = (rate, cpus_used)
+
+    def rates(self, workers: int) -> list[float]:
+        return [rate for rate, _ in self.runs.get(workers, {}).values()]
+
+    def cpus_used(self, workers: int) -> list[float]:
+        return [cpus for _, cpus in self.runs.get(workers, {}).values()]
+
+    def ratios(self, workers: int) -> list[float]:
+        """Per round with both figures: the rate with ``workers`` workers over one worker's."""
+        one, many = self.runs.get(1, {}), self.runs.get(workers, {})
+        return [many[r][0] / one[r][0] for r in sorted(one.keys() & many.keys()) if one[r][0] > 0]
+
+    def to_json(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for count in sorted(self.runs):
+            rates = self.rates(count)
+            if not rates:
+                continue
+            found[str(count)] = {
+                "rate": summary(rates),
+                "runs": [round(rate, 1) for rate in rates],
+                "cpus_used": summary(self.cpus_used(count), 3),
+            }
+            if count != 1 and self.ratios(count):
+                found[str(count)]["ratio_vs_one"] = summary(self.ratios(count), 3)
+        return {
+            "budget_cpus_per_worker": self.budget,
+            "setting": self.setting,
+            "status": self.status,
+            "workers": found,
+        }
+
+    def to_markdown(self) -> list[str]:
+        lines = ["## Workers, each held to the same CPU budget", "", f"{self.setting}.", ""]
+        lines += [f"Status: {self.status}.", ""]
+        if not self.rates(1):
+            return lines
+        lines += [
+            "| workers | relay (msg/s) | CPUs used, all workers | vs 1 worker, same round |",
+            "|---:|---:|---:|---:|",
+        ]
+        for count in sorted(self.runs):
+            versus = "1.00x" if count == 1 else _ratio_cell(self.ratios(count))
+            rates, used = _cell(self.rates(count), "msg/s"), _cell(self.cpus_used(count), "cpus")
+            lines.append(f"| {count} | {rates} | {used} | {versus} |")
+        return lines
+
+
+@dataclass
 class Report:
     paths: list[str]
     meta: dict[str, Any]
     status: dict[str, str] = field(default_factory=dict)
     figures: dict[str, Figure] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    scaling: Scaling | None = None
 
     def declare(self, key: str, title: str, unit: str, *, higher_is_better: bool) -> None:
         if key not in self.figures:
@@ -135,6 +201,7 @@ class Report:
             "meta": self.meta,
             "paths": {path: self.status.get(path, "not run") for path in self.paths},
             "figures": figures,
+            **({"workers": self.scaling.to_json()} if self.scaling is not None else {}),
             "notes": self.notes,
         }
 
@@ -179,6 +246,8 @@ class Report:
                 arrow = "↑" if figure.higher_is_better else "↓"
                 cells = ["—" if ratio is None else f"{ratio:.2f}x" for ratio in ratios]
                 lines.append(f"| {figure.title} {arrow} | " + " | ".join(cells) + " |")
+        if self.scaling is not None:
+            lines += ["", *self.scaling.to_markdown()]
         lines += ["", "## Paths", ""]
         for path in self.paths:
             lines.append(f"- **{path}**: {self.status.get(path, 'not run')}")
@@ -195,9 +264,18 @@ def _unit_label(unit: str) -> str:
 def _number(value: float, unit: str) -> str:
     if math.isnan(value):
         return "n/a"
+    if unit == "cpus":
+        return f"{value:.2f}"
     if unit == "us" and abs(value) < 100:
         return f"{value:.1f}"
     return f"{value:,.0f}"
+
+
+def _ratio_cell(ratios: list[float]) -> str:
+    if not ratios:
+        return "—"
+    middle = f"{statistics.median(ratios):.2f}x"
+    return middle if len(ratios) == 1 else f"{middle} ({min(ratios):.2f}..{max(ratios):.2f})"
 
 
 def _cell(values: list[float] | None, unit: str) -> str:

@@ -7,7 +7,10 @@ driver processes; then it measures:
 2. ``--repetitions`` rounds of relay throughput, round-trip latency and
    connection set-up rate, visiting the paths in a rotated order each round so
    that a slow moment of the machine does not always land on the same path;
-3. the most concurrent connections each path holds, once per path, last.
+3. the most concurrent connections each path holds, once per path;
+4. relay throughput of one gateway worker and of ``--scaling-workers``, every
+   worker held to the same ``--worker-budget`` of CPU (see bench/budget.py),
+   last.
 
 It writes ``latest.md`` and ``latest.json`` in ``--out``. docs/performance.md
 explains the method and what the figures mean.
@@ -25,6 +28,7 @@ import resource
 import shlex
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +38,8 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from bench.driver import DriverError, DriverPool, ExchangeTotals
+from bench.budget import BudgetUnavailable, CpuBudgets
+from bench.driver import DriverError, DriverPool, ExchangeTotals, Target
 from bench.proxies import (
     BASE_PATHS,
     Endpoint,
@@ -45,14 +50,15 @@ from bench.proxies import (
     start_path,
     tree_cpu_seconds,
     tree_rss,
+    worker_pids,
 )
-from bench.report import Report, percentile
+from bench.report import Report, Scaling, percentile
 from wsgate.runtime import raise_open_files_limit
 from wsgate.testbed.processes import ProcessGroup, RedisServer
 
 __all__ = ["FIGURES", "Plan", "main", "plan_from_args"]
 
-FIGURES = ("relay", "latency", "setup", "memory", "max-conns")
+FIGURES = ("relay", "latency", "setup", "memory", "max-conns", "workers")
 T = TypeVar("T")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,6 +85,8 @@ class Plan:
     pin: bool
     proxy_buffer: int | None
     settle: float  # seconds for a process to settle after connections open or close
+    scaling_workers: int
+    worker_budget: float  # CPUs per gateway worker in the workers figure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--echo-processes",
         type=int,
         help="echo backend processes (default: a third of the load side's CPUs, at least 1)",
+    )
+    add(
+        "--scaling-workers",
+        type=int,
+        help="worker count compared with one in the workers figure (default 2)",
+    )
+    add(
+        "--worker-budget",
+        type=float,
+        metavar="CPUS",
+        help="CPU time each gateway worker may use in the workers figure (default 0.4)",
     )
     add("--out", type=Path, help="directory for latest.md/latest.json (default bench/results)")
     add(
@@ -180,9 +199,16 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         pin=pin,
         proxy_buffer=args.proxy_buffer,
         settle=0.2 if smoke else 1.0,
+        scaling_workers=args.scaling_workers or 2,
+        worker_budget=args.worker_budget or 0.4,
     )
     if plan.repetitions < 1 or plan.drivers < 1 or plan.echo_processes < 1:
         raise SystemExit("python -m bench: error: counts must be at least 1")
+    if plan.scaling_workers < 2 or not 0.01 <= plan.worker_budget <= 64:
+        raise SystemExit(
+            "python -m bench: error: --scaling-workers takes 2 or more, "
+            "--worker-budget a CPU count from 0.01"
+        )
     if plan.duration <= 0 or plan.warmup < 0 or plan.latency_rate <= 0:
         raise SystemExit("python -m bench: error: durations and rates must be positive")
     return plan
@@ -234,6 +260,8 @@ class Bench:
         self.conns0 = plan.conns[0]
         self.at_bound: list[str] = []
         self.round_index = 0
+        self.echo: Target | None = None
+        self.redis: list[RedisServer] = []
         # Each driver process holds one socket per connection, within the same limit.
         self.max_conns_bound = min(plan.max_conns_bound, pool.size * (nofile - 64))
 
@@ -301,6 +329,7 @@ class Bench:
 
     def start_paths(self, group: ProcessGroup) -> None:
         echo, echo_pid = start_echo(group, self.plan.echo_processes)
+        self.echo = echo
         available = sorted(os.sched_getaffinity(0))
         load_cpus, _ = cpu_split(available, 1)
         if self.plan.pin:
@@ -308,7 +337,7 @@ class Bench:
                 pin_tree(pid, load_cpus)
             self.report.meta["cpus"] = {"load side (driver, echo, redis)": sorted(load_cpus)}
         _say(f"echo backend on {echo}")
-        redis: list[RedisServer] = []
+        redis = self.redis
         for name in self.plan.paths:
             try:
                 endpoint = start_path(
@@ -405,6 +434,87 @@ class Bench:
         if "max-conns" in plan.figures:
             for name in names:
                 self.guarded(name, "max-conns", partial(self.max_conns, self.endpoints[name]))
+
+    def scaling(self, group: ProcessGroup) -> None:
+        """Relay 64 B with 1 and with N gateway workers, every worker held to one CPU budget.
+
+        On a machine with fewer cores than workers plus load side, this is what
+        tells whether a second worker's CPU turns into throughput: SO_REUSEPORT
+        spreads the connections, and nothing the workers share (Redis, the
+        backend) holds them back.
+        """
+        plan = self.plan
+        workers = plan.scaling_workers
+        size, conns = self.size0, self.conns0
+        proxy_cpus = cpu_split(sorted(os.sched_getaffinity(0)), 1)[1] if plan.pin else None
+        where = f"all on CPU {','.join(map(str, sorted(proxy_cpus)))}" if proxy_cpus else "unpinned"
+        scaling = self.report.scaling = Scaling(
+            budget=plan.worker_budget,
+            setting=(
+                f"wsgate with the Redis store, relay {_size_label(size)} x {conns} conns; "
+                f"each worker process held to {plan.worker_budget:g} CPU by a cgroup quota "
+                f"({where}), so {workers} workers may use {workers * plan.worker_budget:g} CPU"
+            ),
+        )
+        if self.echo is None:
+            scaling.status = "skipped, the echo backend did not start"
+            return
+        names = {1: "wsgate-redis", workers: f"wsgate-redis-w{workers}"}
+        try:
+            budgets = CpuBudgets(f"wsgate-bench-{os.getpid()}")
+            with budgets:
+                endpoints: dict[int, tuple[Endpoint, list[int]]] = {}
+                for count, name in names.items():
+                    endpoint = start_path(
+                        name, group, self.echo, nofile=self.nofile, redis=self.redis
+                    )
+                    if proxy_cpus is not None:
+                        pin_tree(endpoint.pid or 0, proxy_cpus)
+                    pids = worker_pids(endpoint.pid or 0)
+                    if len(pids) != count:
+                        raise RuntimeError(f"{name}: found {len(pids)} worker processes")
+                    for pid in pids:
+                        budgets.confine(pid, plan.worker_budget)
+                    endpoints[count] = (endpoint, pids)
+                    _say(f"workers figure: {name} ready, {len(pids)} worker(s) confined")
+                for rep in range(plan.repetitions):
+                    self.round_index = rep
+                    order = sorted(endpoints) if rep % 2 == 0 else sorted(endpoints, reverse=True)
+                    for count in order:
+                        endpoint, pids = endpoints[count]
+                        step = partial(self._scaled_relay, scaling, count, pids, size=size)
+                        self.guarded(
+                            endpoint.name,
+                            "workers",
+                            partial(self.on_connections, conns, step, endpoint),
+                        )
+        except (BudgetUnavailable, Unavailable) as error:
+            # Unavailable reads "<path>: skipped, <why>"; BudgetUnavailable is the why alone.
+            why = str(error).split(": skipped, ", 1)[-1]
+            scaling.status = f"skipped, {why}"
+            _say(f"workers figure: {scaling.status}")
+            return
+        except (RuntimeError, TimeoutError, OSError) as error:
+            scaling.status = f"FAILED, {_one_line(error)}"
+            _say(f"workers figure: {scaling.status}")
+            return
+        scaling.status = "ok"
+        ratios = scaling.ratios(workers)
+        if ratios:
+            _say(f"workers figure: {workers} workers / 1 = {sorted(ratios)} per round")
+
+    def _scaled_relay(
+        self, scaling: Scaling, count: int, pids: list[int], endpoint: Endpoint, *, size: int
+    ) -> None:
+        plan = self.plan
+        cpu_before = sum(tree_cpu_seconds(pid) for pid in pids)
+        totals = self.pool.exchange(size, warmup=plan.warmup, duration=plan.duration)
+        cpu = sum(tree_cpu_seconds(pid) for pid in pids) - cpu_before
+        self._exchange_notes(endpoint, "workers", totals)
+        # CPU over the whole exchange (warm-up, window, drain), as a rate.
+        used = cpu / (plan.warmup + plan.duration + 0.05)
+        scaling.add(count, self.round_index, totals.rate, used)
+        _say(f"  {endpoint.name}: {totals.rate:,.0f} msg/s using {used:.2f} CPU")
 
     def guarded(self, name: str, what: str, step: Callable[[], None]) -> None:
         try:
@@ -586,6 +696,7 @@ class Bench:
                 f"{', '.join(self.at_bound)}: held all {self.max_conns_bound:,} connections "
                 "the bench asked for (its bound), so their true maximum is higher"
             )
+        self._scaling_headroom()
         for key in self.report.figures:
             if not key.startswith("relay_"):
                 continue
@@ -602,6 +713,27 @@ class Bench:
             self.report.note(
                 f"{title}: direct is {factor:.2f}x the best proxied path ({best}); {verdict}."
             )
+
+    def _scaling_headroom(self) -> None:
+        """Whether the load side could have driven the workers figure faster than it went."""
+        scaling = self.report.scaling
+        relay = self.report.figures.get(f"relay_{self.size0}_{self.conns0}")
+        direct = relay.median("direct") if relay is not None else None
+        if scaling is None or direct is None:
+            return
+        rates = scaling.rates(self.plan.scaling_workers)
+        if not rates:
+            return
+        factor = direct / max(statistics.median(rates), 1.0)
+        verdict = (
+            "the load side leaves room above it"
+            if factor >= 1.3
+            else "TOO CLOSE: the load side may limit the workers figure"
+        )
+        self.report.note(
+            f"Workers figure: direct is {factor:.2f}x the rate of "
+            f"{self.plan.scaling_workers} budgeted workers; {verdict}."
+        )
 
 
 def _machine() -> str:
@@ -687,6 +819,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ProcessGroup(workdir) as group:
             bench.start_paths(group)
             bench.run()
+            if "workers" in plan.figures:
+                bench.scaling(group)
     except KeyboardInterrupt:
         _say("interrupted: everything started is stopped, no results written")
         return 130

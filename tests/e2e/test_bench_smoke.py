@@ -82,3 +82,11 @@ def test_smoke_run_measures_every_path_and_writes_sane_results(tmp_path: Path) -
     if "haproxy" in measured:
         assert "## Ratios against HAProxy, same run" in markdown
         assert "wsgate-memory" in figures["relay_64_10"]["ratio_vs_haproxy"]
+    # The workers figure runs where the machine lets a process be held to a CPU budget.
+    workers = data["workers"]
+    assert workers["status"] == "ok" or workers["status"].startswith("skipped"), workers
+    if workers["status"] == "ok" and find_redis_server():
+        for count in ("1", "2"):
+            assert 100 < workers["workers"][count]["rate"]["median"] < 10_000_000, workers
+            assert 0 < workers["workers"][count]["cpus_used"]["median"] < 2, workers
+        assert "ratio_vs_one" in workers["workers"]["2"], workers

@@ -7,7 +7,7 @@ import math
 import pytest
 from bench.driver import split
 from bench.proxies import parse_path_name
-from bench.report import Report, percentile
+from bench.report import Report, Scaling, percentile
 from bench.suite import cpu_split
 from bench.wire import (
     HandshakeError,
@@ -134,3 +134,23 @@ def test_report_writes_a_table_with_spread_and_a_ratio_table() -> None:
     data = report.to_json()
     assert data["figures"]["relay"]["paths"]["haproxy"]["median"] == 100.0
     assert data["figures"]["relay"]["ratio_vs_haproxy"]["wsgate-memory"] == 1.1
+
+
+def test_scaling_pairs_the_worker_counts_round_by_round() -> None:
+    scaling = Scaling(budget=0.4, setting="relay 64 B x 50 conns")
+    scaling.add(1, 0, 100.0, 0.4)
+    scaling.add(2, 0, 190.0, 0.8)
+    scaling.add(2, 1, 150.0, 0.8)  # round 1 of one worker failed: no ratio for it
+    scaling.add(1, 2, 50.0, 0.4)
+    scaling.add(2, 2, 100.0, 0.8)
+    scaling.status = "ok"
+    assert scaling.ratios(2) == [1.9, 2.0]
+    data = scaling.to_json()
+    assert data["workers"]["2"]["ratio_vs_one"] == {"median": 1.95, "min": 1.9, "max": 2.0}
+    assert data["workers"]["1"]["cpus_used"]["median"] == 0.4
+    text = "\n".join(scaling.to_markdown())
+    assert "| 1 | 75 (50..100) | 0.40 (0.40..0.40) | 1.00x |" in text
+    assert "| 2 | 150 (100..190) | 0.80 (0.80..0.80) | 1.95x (1.90..2.00) |" in text
+    report = Report(["direct"], {}, scaling=scaling)
+    assert "## Workers, each held to the same CPU budget" in report.to_markdown()
+    assert report.to_json()["workers"]["status"] == "ok"

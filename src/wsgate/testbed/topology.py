@@ -98,6 +98,9 @@ def free_port_run(count: int, host: str = "127.0.0.1", tries: int = 50) -> int:
             with contextlib.ExitStack() as held:
                 for offset in range(count):
                     sock = held.enter_context(socket.socket())
+                    # As the listeners will: a port left in TIME_WAIT by some
+                    # earlier connection is free for them.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     sock.bind((host, first + offset))
         except OSError:
             continue
