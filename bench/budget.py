@@ -43,6 +43,11 @@ class CpuBudgets:
         self.children: list[Path] = []
 
     def __enter__(self) -> CpuBudgets:
+        self.create()
+        return self
+
+    def create(self) -> None:
+        """Make the parent group; :meth:`release` removes it."""
         try:
             self.parent.mkdir(exist_ok=True)
             if self.version == 2:
@@ -52,7 +57,6 @@ class CpuBudgets:
             with contextlib.suppress(OSError):
                 self.parent.rmdir()
             raise BudgetUnavailable(f"cannot create {self.parent}: {error.strerror}") from None
-        return self
 
     def __exit__(
         self,

@@ -115,6 +115,8 @@ class Exchange:
     round trip. ``interval`` > 0 paces each connection to one frame per interval
     (for latency at a fixed rate); 0 sends again as soon as the echo is in.
     ``once`` sends one frame per connection and stops (a liveness check).
+    ``phase`` (0..1) shifts this driver's paced sends within its stagger step,
+    so that the drivers' sends interleave instead of leaving in pairs.
     """
 
     payload_size: int
@@ -124,6 +126,7 @@ class Exchange:
     interval: float
     once: bool
     grace: float
+    phase: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -295,6 +298,7 @@ class _Round:
         self.measure_to = int(command.measure_to * 1e9)
         self.interval = int(command.interval * 1e9)
         self.once = command.once
+        self.phase = command.phase
         self.latencies = array("q")
         self.completed = 0
         self.total = 0
@@ -312,7 +316,7 @@ class _Round:
             client.checking = bytearray()
             if self.interval:
                 # Stagger paced connections over one interval so sends do not come in bursts.
-                client.next_at = now + self.interval * position // len(clients)
+                client.next_at = now + int(self.interval * (position + self.phase) / len(clients))
                 self.loop.call_later((client.next_at - now) / 1e9, self.send, client)
             else:
                 self.send(client)
@@ -685,8 +689,20 @@ class DriverPool:
         start_at = time.monotonic() + 0.05
         measure_from = start_at + warmup
         measure_to = measure_from + duration
-        command = Exchange(payload_size, start_at, measure_from, measure_to, interval, once, grace)
-        answers = self._run([command] * self.size, warmup + duration + grace + 15.0)
+        commands = [
+            Exchange(
+                payload_size,
+                start_at,
+                measure_from,
+                measure_to,
+                interval,
+                once,
+                grace,
+                i / self.size,
+            )
+            for i in range(self.size)
+        ]
+        answers = self._run(commands, warmup + duration + grace + 15.0)
         exchanged = [answer for answer in answers if isinstance(answer, Exchanged)]
         latencies: array[int] = array("q")
         for answer in exchanged:

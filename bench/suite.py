@@ -84,6 +84,7 @@ class Plan:
     keep_logs: bool
     pin: bool
     proxy_buffer: int | None
+    proxy_budget: float | None  # CPUs per proxy process, None for a whole CPU
     settle: float  # seconds for a process to settle after connections open or close
     scaling_workers: int
     worker_budget: float  # CPUs per gateway worker in the workers figure
@@ -138,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="BYTES",
         help="HAProxy tune.bufsize and nginx proxy_buffer_size (default: theirs)",
+    )
+    add(
+        "--proxy-budget",
+        type=float,
+        metavar="CPUS",
+        help="hold every proxy process to this much CPU time (a cgroup quota), so that "
+        "the proxies, not the load side, limit the rate figures (default: no limit)",
     )
     add("--keep-logs", action="store_true", help="keep the work directory with configs and logs")
     return parser
@@ -198,12 +206,15 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         keep_logs=bool(args.keep_logs),
         pin=pin,
         proxy_buffer=args.proxy_buffer,
+        proxy_budget=args.proxy_budget,
         settle=0.2 if smoke else 1.0,
         scaling_workers=args.scaling_workers or 2,
         worker_budget=args.worker_budget or 0.4,
     )
     if plan.repetitions < 1 or plan.drivers < 1 or plan.echo_processes < 1:
         raise SystemExit("python -m bench: error: counts must be at least 1")
+    if plan.proxy_budget is not None and not 0.01 <= plan.proxy_budget <= 64:
+        raise SystemExit("python -m bench: error: --proxy-budget takes a CPU count from 0.01")
     if plan.scaling_workers < 2 or not 0.01 <= plan.worker_budget <= 64:
         raise SystemExit(
             "python -m bench: error: --scaling-workers takes 2 or more, "
@@ -250,8 +261,16 @@ def _say(text: str) -> None:
 class Bench:
     """One run: the plan, the driver pool, the running paths and the report being filled."""
 
-    def __init__(self, plan: Plan, pool: DriverPool, report: Report, nofile: int) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        pool: DriverPool,
+        report: Report,
+        nofile: int,
+        budgets: CpuBudgets | None = None,
+    ) -> None:
         self.plan = plan
+        self.budgets = budgets  # where --proxy-budget holds the proxies
         self.pool = pool
         self.report = report
         self.nofile = nofile
@@ -350,6 +369,9 @@ class Bench:
                 )
                 if self.plan.pin:
                     self.pin(endpoint, available, load_cpus, redis)
+                if self.budgets is not None and self.plan.proxy_budget and endpoint.pid:
+                    for pid in worker_pids(endpoint.pid):
+                        self.budgets.confine(pid, self.plan.proxy_budget)
             except Unavailable as error:
                 self.report.status[name] = str(error).split(": ", 1)[-1]
                 _say(str(error))
@@ -461,7 +483,7 @@ class Bench:
             return
         names = {1: "wsgate-redis", workers: f"wsgate-redis-w{workers}"}
         try:
-            budgets = CpuBudgets(f"wsgate-bench-{os.getpid()}")
+            budgets = CpuBudgets(f"wsgate-bench-{os.getpid()}-workers")
             with budgets:
                 endpoints: dict[int, tuple[Endpoint, list[int]]] = {}
                 for count, name in names.items():
@@ -596,8 +618,9 @@ class Bench:
     def latency(self, endpoint: Endpoint) -> None:
         plan = self.plan
         interval = plan.latency_conns / plan.latency_rate
+        # Twice the window of the rate figures: a p99 wants many samples (10,000 at the defaults).
         totals = self.pool.exchange(
-            64, warmup=plan.warmup, duration=plan.duration, interval=interval
+            64, warmup=plan.warmup, duration=2 * plan.duration, interval=interval
         )
         self._exchange_notes(endpoint, "latency", totals)
         ordered = sorted(totals.latencies_ns)
@@ -764,6 +787,7 @@ def _meta(plan: Plan, nofile: int, argv: Sequence[str]) -> dict[str, object]:
         "duration_s": plan.duration,
         "load_before": os.getloadavg(),
         "proxy_buffer": plan.proxy_buffer or "defaults (HAProxy 16 KiB, nginx one page)",
+        "proxy_budget_cpus": plan.proxy_budget,
         "method": (
             f"{plan.drivers} driver processes (raw asyncio protocols on uvloop) and one echo "
             "backend on the same machine as the proxy"
@@ -772,10 +796,16 @@ def _meta(plan: Plan, nofile: int, argv: Sequence[str]) -> dict[str, object]:
                 if plan.pin
                 else ", sharing all CPUs with it"
             )
+            + (
+                f", every proxy process held to {plan.proxy_budget:g} CPU by a cgroup quota"
+                if plan.proxy_budget
+                else ""
+            )
             + "; per proxy CPU-second rows divide what was relayed by the CPU time the proxy "
             "process used, which other work on the machine hardly moves"
             + f"; {plan.repetitions} repetition(s) of "
-            f"{plan.warmup:g} s warm-up + {plan.duration:g} s measured per rate figure; memory "
+            f"{plan.warmup:g} s warm-up + {plan.duration:g} s measured per rate figure "
+            f"({2 * plan.duration:g} s for the paced latency); memory "
             "and max connections measured once per path."
         ),
     }
@@ -812,8 +842,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     busy_before, own_before = _busy_cpu_seconds(), _own_cpu_seconds()
     workdir = Path(tempfile.mkdtemp(prefix="wsgate-bench-"))
     # Fork the drivers before any other child exists, so they inherit nothing of them.
+    budgets: CpuBudgets | None = None
+    if plan.proxy_budget is not None:
+        try:
+            budgets = CpuBudgets(f"wsgate-bench-{os.getpid()}-proxies")
+            budgets.create()
+        except BudgetUnavailable as error:
+            raise SystemExit(f"python -m bench: error: --proxy-budget: {error}") from None
     pool = DriverPool(plan.drivers)
-    bench = Bench(plan, pool, report, nofile)
+    bench = Bench(plan, pool, report, nofile, budgets)
     bench.declare()
     try:
         with ProcessGroup(workdir) as group:
@@ -826,6 +863,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         pool.stop()
+        if budgets is not None:
+            budgets.release()
         if plan.keep_logs:
             _say(f"configs and logs kept in {workdir}")
         else:
