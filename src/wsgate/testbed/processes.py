@@ -66,11 +66,11 @@ class Process:
     """One child process with its output captured to a file."""
 
     def __init__(
-        self, name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None
+        self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
     ):
         self.name = name
         self.argv = list(argv)
-        self.log_path = log_dir / f"{name}.log"
+        self.log_path = log_path
         self._log = self.log_path.open("wb")
         self.popen = subprocess.Popen(
             self.argv,
@@ -134,7 +134,10 @@ class ProcessGroup:
         env: dict[str, str] | None = None,
         timeout: float = 15.0,
     ) -> Process:
-        process = Process(name, argv, self.log_dir, env)
+        # A second process of the same name in this group gets a log of its own.
+        serial = sum(1 for other in self.processes if other.name == name) + 1
+        log_name = name if serial == 1 else f"{name}-{serial}"
+        process = Process(name, argv, self.log_dir / f"{log_name}.log", env)
         self.processes.append(process)
         if port is not None:
             wait_for_port(*port, timeout=timeout, process=process)
