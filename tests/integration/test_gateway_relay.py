@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
+import socket
+import struct
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+import yaml
 from gwtools import open_many, open_one, raw_request, wait_until
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
-from wsgate.testbed.processes import ProcessGroup
-from wsgate.testbed.topology import BackendProcess, GatewayProcess, start_backends, start_gateway
+from wsgate.testbed.processes import ProcessGroup, free_port, wsgate_argv
+from wsgate.testbed.topology import (
+    BackendProcess,
+    GatewayProcess,
+    http_json,
+    start_backends,
+    start_gateway,
+)
 
 Topology = tuple[GatewayProcess, list[BackendProcess]]
 
@@ -191,3 +202,53 @@ async def test_unreachable_backend_answers_502_and_releases(procs: ProcessGroup)
         assert status == 502
         assert json.loads(body)["error"] == "backend_unreachable"
         assert int(headers["retry-after"]) >= 1
+
+
+async def test_backend_connect_times_out_with_502_and_releases(procs: ProcessGroup) -> None:
+    # A listener whose accept queue is full drops every new SYN: connects to it hang.
+    with contextlib.ExitStack() as held:
+        stuck = held.enter_context(socket.socket())
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen(0)
+        for _ in range(3):
+            filler = held.enter_context(socket.socket())
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(stuck.getsockname())
+        address = "{}:{}".format(*stuck.getsockname())
+        port, admin = free_port(), free_port()
+        config = procs.log_dir / "gateway.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": f"127.0.0.1:{port}",
+                    "admin": f"127.0.0.1:{admin}",
+                    "backends": [{"address": address, "id": "stuck"}],
+                    "limits": {"max_connections_per_backend": 1},
+                    "timeouts": {"connect": "300ms"},
+                    "health": {"enabled": False},
+                }
+            )
+        )
+        procs.start("gateway", wsgate_argv("serve", "-c", str(config)), port=("127.0.0.1", port))
+        upgrade = (
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        for _ in range(2):  # would be 503 the second time if the slot leaked
+            started = time.monotonic()
+            status, _, body = await raw_request("127.0.0.1", port, upgrade)
+            took = time.monotonic() - started
+            assert status == 502
+            assert json.loads(body)["error"] == "backend_unreachable"
+            assert 0.25 <= took < 1.5, took
+        # A client reset while its request waits for the connect: no failure of the
+        # backend (the cancel is not the timeout), and its slot comes back.
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.sleep(0.1)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await asyncio.sleep(0.5)
+        [backend] = http_json(f"http://127.0.0.1:{admin}/snapshot")["backends"]
+        assert backend["connect_failures_total"] == 2
+        assert backend["active"] == 0

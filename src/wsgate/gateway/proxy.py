@@ -270,7 +270,11 @@ class Downstream(asyncio.Protocol):
                 gw.release(decision.ticket)
                 tried.add(decision.backend_id)
                 continue
-            upstream = await gw.connector.acquire(backend, pooled=not head.upgrade)
+            try:
+                upstream = await gw.connector.acquire(backend, pooled=not head.upgrade)
+            except asyncio.CancelledError:
+                gw.release(decision.ticket)  # the client left while the backend connect was pending
+                raise
             if upstream is not None:
                 admitted = decision
                 break
