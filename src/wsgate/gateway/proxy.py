@@ -254,7 +254,10 @@ class Downstream(asyncio.Protocol):
         upstream: Upstream | None = None
         preferred: str | None = None
         while len(tried) < gw.config.connect_attempts:
-            decision, preferred = await gw.admit(head, self.client_ip, exclude=tried)
+            decided = gw.admit_now(head, self.client_ip, exclude=tried)
+            if decided is None:
+                decided = await gw.admit(head, self.client_ip, exclude=tried)
+            decision, preferred = decided
             if self.closed:
                 if isinstance(decision, Admitted):
                     gw.release(decision.ticket)
