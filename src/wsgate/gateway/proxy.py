@@ -701,10 +701,14 @@ class Session:
 
     @property
     def bytes_in(self) -> int:
+        if self.done:
+            return self.slot.bytes_in  # the slot has them all (see finish)
         return self.slot.bytes_in + self.client_side.bytes
 
     @property
     def bytes_out(self) -> int:
+        if self.done:
+            return self.slot.bytes_out
         return self.slot.bytes_out + self.backend_side.bytes
 
     @property
@@ -730,7 +734,7 @@ class Session:
 
     def injection_point(self, data: bytes, offset: int) -> None:
         """Backend bytes arrived while a close waits for a frame boundary."""
-        if self.injected:
+        if self.injected or self.done:
             return  # after our close frame, nothing more reaches the client
         if offset < 0 or self.tracker.close_seen:
             # Still inside a frame, or the backend's own close is passing: let it through.
@@ -760,9 +764,13 @@ class Session:
         self.backend.connections.discard(self)
         self.gw.sessions.discard(self)
         slot = self.slot
-        slot.bytes_in = self.bytes_in
-        slot.bytes_out = self.bytes_out
-        self.client_side.bytes = self.backend_side.bytes = 0
+        slot.bytes_in += self.client_side.bytes
+        slot.bytes_out += self.backend_side.bytes
+        # The relay protocols and the session refer to each other. Letting go of
+        # them here has reference counting free it all once both transports have
+        # called connection_lost; a cycle would wait for the collector, which then
+        # has a dozen objects per connection to find.
+        del self.client_side, self.backend_side
         slot.release()
         slot.log(f"closed_{self.closing_reason}" if self.closing_code else outcome)
 
