@@ -90,6 +90,7 @@ class RequestReader:
         self._url = b""
         self._in_head = False
         self._head_bytes = 0
+        self._head_size = 0  # of the head being parsed, counted as its headers arrive
         self.upgraded = False
 
     def feed(self, data: bytes) -> list[Event]:
@@ -131,6 +132,7 @@ class RequestReader:
         self._in_head = True
         self._head = RequestHead()
         self._url = b""
+        self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -138,6 +140,7 @@ class RequestReader:
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self._head is not None
         self._head.headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         head = self._head
@@ -149,8 +152,7 @@ class RequestReader:
         head.keep_alive = parser.should_keep_alive()
         head.upgrade = parser.should_upgrade()
         # A whole head can arrive in one read: measure it as well as the reads.
-        size = len(head.target) + sum(len(k) + len(v) + 4 for k, v in head.headers)
-        if size > self.max_head_size:
+        if len(head.target) + self._head_size > self.max_head_size:
             raise BadMessage(431, "request head too large")
         try:
             head.chunked, head.content_length = _framing(head)
