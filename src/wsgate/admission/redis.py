@@ -185,6 +185,23 @@ def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def _pass_on(waiter: asyncio.Future[Any], reply: asyncio.Future[Any]) -> None:
+    """Give a script call's outcome to the caller waiting for it, unless it stopped."""
+    if waiter.done():
+        return
+    if reply.cancelled():
+        waiter.cancel()
+    elif (error := reply.exception()) is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(reply.result())
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 def _consume(future: asyncio.Future[Any]) -> None:
     """Mark a failure as seen even when its caller stopped waiting for it."""
     if not future.cancelled():
@@ -900,9 +917,16 @@ class RedisStore:
         self._calls += 1
         self._idle.clear()
         reply = self._pipeline.submit(client, (op, deadline, *args))
+        # The caller waits on a future of its own, so that its cancellation or its
+        # timeout leaves the reply to the pipeline (what asyncio.shield and
+        # asyncio.timeout would do, for one future and one timer: this runs once
+        # per admission).
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        reply.add_done_callback(functools.partial(_pass_on, waiter))
+        timer = loop.call_later(self.timeout, _expire, waiter)
         try:
-            async with asyncio.timeout(self.timeout):
-                return await asyncio.shield(reply)
+            return await waiter
         except TimeoutError:
             reply.cancel()  # not sent yet: never send it
             raise StateUnavailable(f"no answer within {self.timeout * 1000:g}ms") from None
@@ -911,6 +935,7 @@ class RedisStore:
                 reply.add_done_callback(abandoned)
             raise
         finally:
+            timer.cancel()
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
