@@ -34,22 +34,24 @@ class BadMessage(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__,
+# which doubles the cost of making one, and every message makes a few.
+@dataclass(slots=True)
 class Head:
     head: RequestHead | ResponseHead
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Body:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class End:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Upgrade:
     """The head was an accepted upgrade; ``rest`` is what followed it (already the new protocol)."""
 

@@ -355,6 +355,8 @@ class Slot:
         gw.stats.observe_duration(self.kind, duration)
         gw.stats.bytes_from_clients += self.bytes_in
         gw.stats.bytes_to_clients += self.bytes_out
+        if not gw.config.access_log:
+            return  # the record's eleven fields would be built for nothing
         gw.access_log(
             kind=self.kind, client=self.client_ip, backend=self.backend.id,
             status=self.status, outcome=outcome, duration=duration,
