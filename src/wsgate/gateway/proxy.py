@@ -254,10 +254,7 @@ class Downstream(asyncio.Protocol):
         upstream: Upstream | None = None
         preferred: str | None = None
         while len(tried) < gw.config.connect_attempts:
-            decided = gw.admit_now(head, self.client_ip, exclude=tried)
-            if decided is None:
-                decided = await gw.admit(head, self.client_ip, exclude=tried)
-            decision, preferred = decided
+            decision, preferred = await gw.admit(head, self.client_ip, exclude=tried)
             if self.closed:
                 if isinstance(decision, Admitted):
                     gw.release(decision.ticket)

@@ -22,7 +22,7 @@ from typing import Any
 
 from wsgate.admission import AdmissionStore, Admitted, Candidate, Limits, Reason, Rejected, Ticket
 from wsgate.admission.memory import MemoryStore
-from wsgate.balancing import Plan, cookie_token, make_policy, rendezvous_order
+from wsgate.balancing import cookie_token, make_policy, rendezvous_order
 from wsgate.config import (
     BackendSpec,
     Config,
@@ -97,8 +97,6 @@ class Gateway:
         self.reuse_port = reuse_port  # several worker processes share the listen port
         self.replica_id = replica_id or config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         self.store = store or open_store(config, self.replica_id)
-        # The memory store decides synchronously: see admit_now.
-        self._memory = self.store if isinstance(self.store, MemoryStore) else None
         self.pool = BackendPool(config.limits.max_connections_per_backend, config.health.passive)
         self.policy = make_policy(config.balance)
         self.stats = Stats()
@@ -487,30 +485,6 @@ class Gateway:
         # Rendezvous over the healthy backends: stable per key, little churn on change.
         return (rendezvous_order(candidates, key)[0].backend_id if candidates else None), key
 
-    def admit_now(
-        self, head: RequestHead, client_ip: str, *, exclude: set[str]
-    ) -> tuple[Admitted | Rejected, str | None] | None:
-        """:meth:`admit` without an ``await``, when it could not wait anyway: the
-        store decides synchronously (memory) and no queue is configured.
-
-        Returns None when the caller must await :meth:`admit` instead. The memory
-        store's decision is synchronous underneath; skipping three coroutines
-        matters on a path taken once per connection.
-        """
-        if self._memory is None or self.config.limits.queue.max:
-            return None
-        plan, preferred = self._plan(head, client_ip, exclude)
-        started = time.perf_counter()
-        decision = self._memory.admit_now(
-            plan.candidates,
-            client_key=client_ip,
-            least_loaded=plan.least_loaded,
-            preferred=plan.preferred,
-        )
-        self.stats.admission_latency.observe(time.perf_counter() - started)
-        self._count_no_capacity(decision, exclude)
-        return decision, preferred
-
     async def admit(
         self, head: RequestHead, client_ip: str, *, exclude: set[str]
     ) -> tuple[Admitted | Rejected, str | None]:
@@ -526,15 +500,12 @@ class Gateway:
             and len(self._waiters) < queue.max
         ):
             decision = await self._queued(head, client_ip, exclude)
-        self._count_no_capacity(decision, exclude)
-        return decision, preferred
-
-    def _count_no_capacity(self, decision: Admitted | Rejected, exclude: set[str]) -> None:
         if isinstance(decision, Rejected) and decision.reason == Reason.NO_CAPACITY:
             for backend_id in self._candidate_ids(exclude):
                 backend = self.pool.get(backend_id)
                 if backend is not None:
                     backend.rejected_total += 1
+        return decision, preferred
 
     def _global_load(self, backend_id: str) -> int:
         return self.store.global_counts().get(backend_id, 0)
@@ -542,21 +513,14 @@ class Gateway:
     def _candidate_ids(self, exclude: set[str]) -> list[str]:
         return [c.backend_id for c in self.pool.candidates() if c.backend_id not in exclude]
 
-    def _plan(
+    async def _decide(
         self, head: RequestHead, client_ip: str, exclude: set[str]
-    ) -> tuple[Plan, str | None]:
-        """What to ask the store for this request, and the affine backend if any."""
+    ) -> tuple[Admitted | Rejected, str | None]:
         candidates = self.pool.candidates()
         if exclude:
             candidates = [c for c in candidates if c.backend_id not in exclude]
         preferred, key = self._affinity(head, client_ip, candidates)
         plan = self.policy.plan(candidates, key=key, load=self._global_load, preferred=preferred)
-        return plan, preferred
-
-    async def _decide(
-        self, head: RequestHead, client_ip: str, exclude: set[str]
-    ) -> tuple[Admitted | Rejected, str | None]:
-        plan, preferred = self._plan(head, client_ip, exclude)
         started = time.perf_counter()
         decision = await self.store.admit(
             plan.candidates,
