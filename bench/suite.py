@@ -499,7 +499,9 @@ class Bench:
                         budgets.confine(pid, plan.worker_budget)
                     endpoints[count] = (endpoint, pids)
                     _say(f"workers figure: {name} ready, {len(pids)} worker(s) confined")
-                for rep in range(plan.repetitions):
+                # Twice the rounds of the other figures: a ratio of two noisy rates
+                # wants more pairs than one rate wants samples.
+                for rep in range(2 * plan.repetitions):
                     self.round_index = rep
                     order = sorted(endpoints) if rep % 2 == 0 else sorted(endpoints, reverse=True)
                     for count in order:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything wsgate's commands need on a fresh Debian machine, idempotently:
 # the virtualenv with the package and its dev tools, and the system binaries the
-# tests and demo use (redis-server, chromium; haproxy and nginx with --bench).
+# tests and demo use (redis-server, chromium; haproxy, nginx and perf with --bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +36,7 @@ fi
 if [ "$want_bench" = 1 ]; then
   command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || packages+=(haproxy)
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || packages+=(nginx)
+  command -v perf >/dev/null || packages+=(linux-perf)  # bench.setup_cost counts instructions
 fi
 if [ "${#packages[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
