@@ -117,6 +117,8 @@ class Exchange:
     ``once`` sends one frame per connection and stops (a liveness check).
     ``phase`` (0..1) shifts this driver's paced sends within its stagger step,
     so that the drivers' sends interleave instead of leaving in pairs.
+    ``port``, when set, limits the exchange to the connections open to that
+    target port; the others stay open and idle.
     """
 
     payload_size: int
@@ -127,6 +129,7 @@ class Exchange:
     once: bool
     grace: float
     phase: float = 0.0
+    port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -198,14 +201,16 @@ class _Client(asyncio.Protocol):
         "lost",
         "next_at",
         "on_lost",
+        "port",
         "ready",
         "round",
         "sent_at",
         "transport",
     )
 
-    def __init__(self, ready: asyncio.Future[None]) -> None:
+    def __init__(self, ready: asyncio.Future[None], port: int) -> None:
         self.ready = ready
+        self.port = port  # of the target: an exchange may involve one target's clients only
         self.transport: asyncio.Transport | None = None
         self.head = bytearray()
         self.expect = 0  # bytes of the echo still to come
@@ -410,7 +415,9 @@ class _Worker:
                 sock.setblocking(False)
                 await loop.sock_connect(sock, (target.host, target.port))
                 ready: asyncio.Future[None] = loop.create_future()
-                transport, client = await loop.create_connection(lambda: _Client(ready), sock=sock)
+                transport, client = await loop.create_connection(
+                    lambda: _Client(ready, target.port), sock=sock
+                )
                 transport.write(upgrade_request(target.host, target.port, _KEY))
                 await ready
             return client
@@ -447,7 +454,7 @@ class _Worker:
 
     async def exchange(self, command: Exchange) -> Exchanged:
         self.clients = [client for client in self.clients if not client.lost]
-        clients = list(self.clients)
+        clients = [c for c in self.clients if command.port is None or c.port == command.port]
         await _sleep_until(command.start_at)
         round_ = _Round(command, clients)
         round_.start(clients)
@@ -684,8 +691,9 @@ class DriverPool:
         interval: float = 0.0,
         once: bool = False,
         grace: float = 5.0,
+        port: int | None = None,
     ) -> ExchangeTotals:
-        """Ping-pong on every open connection; see :class:`Exchange`."""
+        """Ping-pong on every open connection (to ``port``, if given); see :class:`Exchange`."""
         start_at = time.monotonic() + 0.05
         measure_from = start_at + warmup
         measure_to = measure_from + duration
@@ -699,6 +707,7 @@ class DriverPool:
                 once,
                 grace,
                 i / self.size,
+                port,
             )
             for i in range(self.size)
         ]

@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -59,6 +60,8 @@ from wsgate.testbed.processes import ProcessGroup, RedisServer
 __all__ = ["FIGURES", "Plan", "main", "plan_from_args"]
 
 FIGURES = ("relay", "latency", "setup", "memory", "max-conns", "workers")
+# The paced latency window of each round, cut into this many turns per path.
+LATENCY_SLICES = 5
 T = TypeVar("T")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -447,10 +450,9 @@ class Bench:
         for rep in range(plan.repetitions):
             self.round_index = rep
             _say(f"-- round {rep + 1}/{plan.repetitions}")
-            for index, (label, measure) in enumerate(measurements):
+            for index, measure in enumerate(measurements):
                 shift = (rep + index) % len(names) if names else 0
-                for name in names[shift:] + names[:shift]:
-                    self.guarded(name, label, partial(measure, self.endpoints[name]))
+                measure([self.endpoints[name] for name in names[shift:] + names[:shift]])
         self.report.derive_added("added_p50", "latency_p50")
         self.report.derive_added("added_p99", "latency_p99")
         if "max-conns" in plan.figures:
@@ -548,22 +550,28 @@ class Bench:
             _say(f"{name} {what}: driver failed: {error}")
             self.pool.close_all()
 
-    def measurements(self) -> list[tuple[str, Callable[[Endpoint], None]]]:
+    def measurements(self) -> list[Callable[[list[Endpoint]], None]]:
+        """One round's measurements, each taken on the paths in the order given."""
         plan = self.plan
-        found: list[tuple[str, Callable[[Endpoint], None]]] = []
+        found: list[Callable[[list[Endpoint]], None]] = []
         if "relay" in plan.figures:
             for conns in plan.conns:
                 for size in plan.sizes:
                     label = f"relay {_size_label(size)} x {conns}"
                     step = partial(self.relay, size=size, conns=conns)
-                    found.append((label, partial(self.on_connections, conns, step)))
+                    found.append(
+                        partial(self.each, label, partial(self.on_connections, conns, step))
+                    )
         if "latency" in plan.figures:
-            found.append(
-                ("latency", partial(self.on_connections, plan.latency_conns, self.latency))
-            )
+            found.append(self.latency)
         if "setup" in plan.figures:
-            found.append(("set-up", self.setup))
+            found.append(partial(self.each, "set-up", self.setup))
         return found
+
+    def each(self, label: str, measure: Callable[[Endpoint], None], paths: list[Endpoint]) -> None:
+        """A measurement taken on one path after another."""
+        for endpoint in paths:
+            self.guarded(endpoint.name, label, partial(measure, endpoint))
 
     def on_connections(
         self, conns: int, step: Callable[[Endpoint], None], endpoint: Endpoint
@@ -617,24 +625,62 @@ class Bench:
             f"(p50 {p50:,.0f} µs, p99 {p99:,.0f} µs)"
         )
 
-    def latency(self, endpoint: Endpoint) -> None:
+    def latency(self, paths: list[Endpoint]) -> None:
+        """Paced round trips on every path, in short slices taken in turn.
+
+        Every path has its connections open for the whole measurement, and the
+        paths take turns of ``2 * duration / LATENCY_SLICES`` seconds each: a
+        stall of the machine (a descheduled vCPU costs milliseconds) then lands
+        on every path alike instead of on one path's whole window, and each
+        path's percentiles pool ``2 * duration`` seconds of samples.
+        """
         plan = self.plan
         interval = plan.latency_conns / plan.latency_rate
-        # Twice the window of the rate figures: a p99 wants many samples (10,000 at the defaults).
-        totals = self.pool.exchange(
-            64, warmup=plan.warmup, duration=2 * plan.duration, interval=interval
-        )
-        self._exchange_notes(endpoint, "latency", totals)
-        ordered = sorted(totals.latencies_ns)
-        if not ordered:
+        slice_seconds = 2 * plan.duration / LATENCY_SLICES
+        samples: dict[str, array[int]] = {}
+        taking: list[Endpoint] = []
+        try:
+            for endpoint in paths:
+                opened = self.pool.open(
+                    endpoint.target, plan.latency_conns, timeout=10.0, time_limit=60.0
+                )
+                if opened.opened < plan.latency_conns:
+                    self.report.note(
+                        f"{endpoint.name}: opened {opened.opened} of {plan.latency_conns} "
+                        f"connections ({opened.first_error}); a latency round was skipped"
+                    )
+                    continue
+                samples[endpoint.name] = array("q")
+            taking = [endpoint for endpoint in paths if endpoint.name in samples]
+            for turn in range(LATENCY_SLICES):
+                shift = turn % len(taking) if taking else 0
+                for endpoint in taking[shift:] + taking[:shift]:
+                    totals = self.pool.exchange(
+                        64,
+                        warmup=min(plan.warmup, 0.1),
+                        duration=slice_seconds,
+                        interval=interval,
+                        port=endpoint.target.port,
+                    )
+                    self._exchange_notes(endpoint, "latency", totals)
+                    samples[endpoint.name].extend(totals.latencies_ns)
+        except DriverError as error:
+            self.report.note(f"latency: the driver failed: {str(error).splitlines()[0]}")
+            _say(f"latency: driver failed: {error}")
             return
-        p50, p99 = percentile(ordered, 0.50) / 1e3, percentile(ordered, 0.99) / 1e3
-        self.report.add("latency_p50", endpoint.name, p50, self.round_index)
-        self.report.add("latency_p99", endpoint.name, p99, self.round_index)
-        _say(
-            f"  {endpoint.name}: latency at {totals.rate:,.0f} msg/s: "
-            f"p50 {p50:,.0f} µs, p99 {p99:,.0f} µs"
-        )
+        finally:
+            self.pool.close_all()
+        for endpoint in taking:
+            ordered = sorted(samples[endpoint.name])
+            if not ordered:
+                continue
+            p50, p99 = percentile(ordered, 0.50) / 1e3, percentile(ordered, 0.99) / 1e3
+            self.report.add("latency_p50", endpoint.name, p50, self.round_index)
+            self.report.add("latency_p99", endpoint.name, p99, self.round_index)
+            _say(
+                f"  {endpoint.name}: latency, {len(ordered):,} round trips: "
+                f"p50 {p50:,.0f} µs, p99 {p99:,.0f} µs"
+            )
 
     def setup(self, endpoint: Endpoint) -> None:
         plan = self.plan

@@ -88,5 +88,7 @@ def test_smoke_run_measures_every_path_and_writes_sane_results(tmp_path: Path) -
     if workers["status"] == "ok" and find_redis_server():
         for count in ("1", "2"):
             assert 100 < workers["workers"][count]["rate"]["median"] < 10_000_000, workers
-            assert 0 < workers["workers"][count]["cpus_used"]["median"] < 2, workers
+            # The far side of the budget: the kernel's own CPU accounting of the workers.
+            budget = workers["budget_cpus_per_worker"] * int(count)
+            assert 0 < workers["workers"][count]["cpus_used"]["median"] < 1.5 * budget, workers
         assert "ratio_vs_one" in workers["workers"]["2"], workers
