@@ -45,7 +45,7 @@ from bench.proxies import (
     start_path,
     tree_cpu_seconds,
 )
-from bench.suite import cpu_split
+from bench.suite import cpu_split, usage_error
 from wsgate.testbed.processes import ProcessGroup, RedisServer
 
 __all__ = ["main"]
@@ -76,9 +76,9 @@ def _paths(text: str) -> list[str]:
         try:
             kind, _ = parse_path_name(path)
         except ValueError as error:
-            raise SystemExit(f"{PROG}: error: {error}") from None
+            usage_error(str(error), PROG)
         if kind == "direct":
-            raise SystemExit(f"{PROG}: error: direct has no proxy to count")
+            usage_error("direct has no proxy to count", PROG)
     return paths
 
 
@@ -93,9 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     paths = _paths(args.paths)
     if min(args.rounds, args.conns, args.concurrency) < 1 or args.seconds <= 0:
-        raise SystemExit(f"{PROG}: error: counts and seconds must be positive")
+        usage_error("counts and seconds must be positive", PROG)
     if shutil.which("perf") is None:
-        raise SystemExit(f"{PROG}: error: perf is not installed (scripts/setup.sh --bench)")
+        usage_error("perf is not installed (scripts/setup.sh --bench)", PROG)
 
     unit = "upgrade" if args.work == "setup" else "round trip"
     load_cpus, proxy_cpus = cpu_split(sorted(os.sched_getaffinity(0)), 1)

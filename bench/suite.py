@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from bench.budget import BudgetUnavailable, CpuBudgets
 from bench.driver import DriverError, DriverPool, ExchangeTotals, Target
@@ -57,7 +57,7 @@ from bench.report import Report, Scaling, percentile
 from wsgate.runtime import raise_open_files_limit
 from wsgate.testbed.processes import ProcessGroup, RedisServer
 
-__all__ = ["FIGURES", "Plan", "main", "plan_from_args"]
+__all__ = ["FIGURES", "Plan", "main", "plan_from_args", "usage_error"]
 
 FIGURES = ("relay", "latency", "setup", "memory", "max-conns", "workers")
 # The paced latency window of each round, cut into this many turns per path.
@@ -154,13 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def usage_error(message: str, prog: str = "python -m bench") -> NoReturn:
+    """A mistake in the flags: one line on stderr and exit status 2, as argparse's own."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _ints(text: str, flag: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise SystemExit(f"python -m bench: error: {flag} takes comma-separated integers") from None
+        usage_error(f"{flag} takes comma-separated integers")
     if not values or min(values) < 1:
-        raise SystemExit(f"python -m bench: error: {flag} takes positive integers")
+        usage_error(f"{flag} takes positive integers")
     return values
 
 
@@ -175,14 +181,11 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         try:
             parse_path_name(path)
         except ValueError as error:
-            raise SystemExit(f"python -m bench: error: {error}") from None
+            usage_error(str(error))
     figures = frozenset(f.strip() for f in (args.figures or ",".join(FIGURES)).split(","))
     unknown = figures - set(FIGURES)
     if unknown:
-        raise SystemExit(
-            f"python -m bench: error: unknown figure {sorted(unknown)[0]!r}; "
-            f"choose from {', '.join(FIGURES)}"
-        )
+        usage_error(f"unknown figure {sorted(unknown)[0]!r}; choose from {', '.join(FIGURES)}")
     pin = args.pin if args.pin is not None else len(os.sched_getaffinity(0)) >= 2
     # Drivers and echo share the CPUs the proxy does not use; about a third go to the echo.
     load_cpus = (
@@ -215,16 +218,13 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         worker_budget=args.worker_budget or 0.4,
     )
     if plan.repetitions < 1 or plan.drivers < 1 or plan.echo_processes < 1:
-        raise SystemExit("python -m bench: error: counts must be at least 1")
+        usage_error("counts must be at least 1")
     if plan.proxy_budget is not None and not 0.01 <= plan.proxy_budget <= 64:
-        raise SystemExit("python -m bench: error: --proxy-budget takes a CPU count from 0.01")
+        usage_error("--proxy-budget takes a CPU count from 0.01")
     if plan.scaling_workers < 2 or not 0.01 <= plan.worker_budget <= 64:
-        raise SystemExit(
-            "python -m bench: error: --scaling-workers takes 2 or more, "
-            "--worker-budget a CPU count from 0.01"
-        )
+        usage_error("--scaling-workers takes 2 or more, --worker-budget a CPU count from 0.01")
     if plan.duration <= 0 or plan.warmup < 0 or plan.latency_rate <= 0:
-        raise SystemExit("python -m bench: error: durations and rates must be positive")
+        usage_error("durations and rates must be positive")
     return plan
 
 
@@ -916,7 +916,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             budgets = CpuBudgets(f"wsgate-bench-{os.getpid()}-proxies")
             budgets.create()
         except BudgetUnavailable as error:
-            raise SystemExit(f"python -m bench: error: --proxy-budget: {error}") from None
+            usage_error(f"--proxy-budget: {error}")
     pool = DriverPool(plan.drivers)
     bench = Bench(plan, pool, report, nofile, budgets)
     bench.declare()

@@ -8,7 +8,7 @@ import pytest
 from bench.driver import split
 from bench.proxies import parse_path_name
 from bench.report import Report, Scaling, percentile
-from bench.suite import cpu_split
+from bench.suite import build_parser, cpu_split, plan_from_args
 from bench.wire import (
     HandshakeError,
     masked_frame,
@@ -154,3 +154,23 @@ def test_scaling_pairs_the_worker_counts_round_by_round() -> None:
     report = Report(["direct"], {}, scaling=scaling)
     assert "## Workers, each held to the same CPU budget" in report.to_markdown()
     assert report.to_json()["workers"]["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--figures", "speed"], "unknown figure 'speed'; choose from relay, latency, setup"),
+        (["--paths", "envoy"], "unknown path 'envoy'"),
+        (["--proxy-budget", "0"], "--proxy-budget takes a CPU count from 0.01"),
+        (["--sizes", "64,x"], "--sizes takes comma-separated integers"),
+    ],
+)
+def test_bad_flags_get_one_line_and_status_2(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        plan_from_args(build_parser().parse_args(flags))
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("python -m bench: error: "), error
+    assert message in error
