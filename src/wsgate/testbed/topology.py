@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import socket
 import urllib.request
 from dataclasses import dataclass
@@ -88,24 +89,35 @@ class GatewayProcess:
         return http_json(self.admin_url + path, token=token)
 
 
-def free_port_run(count: int, host: str = "127.0.0.1", tries: int = 50) -> int:
-    """The first of ``count`` consecutive free ports (``serve --workers`` admin ports)."""
+def free_port_run(count: int, host: str = "127.0.0.1", tries: int = 200) -> int:
+    """The first of ``count`` consecutive free ports (``serve --workers`` admin ports).
+
+    The run is picked below the kernel's ephemeral range: ports in that range
+    are where outgoing connections leave TIME_WAIT behind (thousands of them
+    after a load test), and a listener cannot bind over those.
+    """
+    ephemeral_start = _ephemeral_range_start()
+    lowest = min(20_000, ephemeral_start // 2)
     for _ in range(tries):
-        first = free_port(host)
-        if first + count > 65535:
-            continue
+        first = random.randrange(lowest, ephemeral_start - count)
         try:
             with contextlib.ExitStack() as held:
                 for offset in range(count):
                     sock = held.enter_context(socket.socket())
-                    # As the listeners will: a port left in TIME_WAIT by some
-                    # earlier connection is free for them.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as listeners do
                     sock.bind((host, first + offset))
         except OSError:
             continue
         return first
     raise RuntimeError(f"no {count} consecutive free ports on {host}")
+
+
+def _ephemeral_range_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def start_backends(
