@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from bench.driver import DriverPool
 from bench.proxies import (
@@ -117,18 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 assert proxy.pid is not None
                 pin_tree(proxy.pid, proxy_cpus)
 
-            def work(proxy: Endpoint, seconds: float) -> int:
-                if args.work == "setup":
-                    done = pool.handshakes(
-                        proxy.target, concurrency=args.concurrency, warmup=0.0, duration=seconds
-                    )
-                    return done.total
-                return pool.exchange(64, warmup=0.0, duration=seconds).total
-
             for round_number in range(args.rounds):
                 shift = round_number % max(1, len(proxies))
                 for proxy in proxies[shift:] + proxies[:shift]:
-                    entry = _measure(proxy, args.work, args.conns, pool, args.seconds, work)
+                    entry = _measure(proxy, pool, args)
                     if entry is None:
                         raise SystemExit(f"{PROG}: perf counted nothing (no hardware counters?)")
                     found[proxy.name].append(entry)
@@ -151,26 +143,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _work(pool: DriverPool, proxy: Endpoint, args: argparse.Namespace, seconds: float) -> int:
+    """Units of work done: upgrades, or round trips on the connections already open."""
+    if args.work == "setup":
+        return pool.handshakes(
+            proxy.target, concurrency=args.concurrency, warmup=0.0, duration=seconds
+        ).total
+    return pool.exchange(64, warmup=0.0, duration=seconds).total
+
+
 def _measure(
-    proxy: Endpoint,
-    what: str,
-    conns: int,
-    pool: DriverPool,
-    seconds: float,
-    work: Callable[[Endpoint, float], int],
+    proxy: Endpoint, pool: DriverPool, args: argparse.Namespace
 ) -> tuple[float, float, float] | None:
     """One round on one proxy: instructions (user, kernel) and CPU µs per unit of work."""
     assert proxy.pid is not None
-    if what == "relay":
-        opened = pool.open(proxy.target, conns)
-        if opened.opened < conns:
-            raise SystemExit(f"{PROG}: {proxy.name}: opened {opened.opened} of {conns}")
+    if args.work == "relay":
+        opened = pool.open(proxy.target, args.conns)
+        if opened.opened < args.conns:
+            raise SystemExit(f"{PROG}: {proxy.name}: opened {opened.opened} of {args.conns}")
     try:
-        work(proxy, 0.3)  # warm: the first upgrades or messages find caches cold
+        _work(pool, proxy, args, 0.3)  # warm: the first upgrades or messages find caches cold
         cpu_before = tree_cpu_seconds(proxy.pid)
         perf = _perf_on(proxy.pid)
         time.sleep(0.1)  # perf attached before the first unit of work
-        units = work(proxy, seconds)
+        units = _work(pool, proxy, args, args.seconds)
         time.sleep(0.1)  # and the closes counted too
         counts = _counts(perf)
         cpu = tree_cpu_seconds(proxy.pid) - cpu_before

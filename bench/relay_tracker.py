@@ -16,13 +16,12 @@ frame the tracker sees has a masking key: the slower of its header paths.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from collections.abc import Sequence
 
 from bench.driver import DriverPool, Target
-from bench.proxies import _bench_env, _wait_ready
+from bench.proxies import _bench_env, _wait_ready, tree_cpu_seconds
 from wsgate.testbed.processes import ProcessGroup, free_port, wsgate_argv
 
 __all__ = ["main", "serve_untracked"]
@@ -64,13 +63,6 @@ def _gateway(group: ProcessGroup, name: str, echo: Target, tracked: bool) -> tup
     return Target("127.0.0.1", port), process.pid
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.relay_tracker", description=__doc__)
     parser.add_argument("--connections", type=int, default=50)
@@ -102,9 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if opened.opened != args.connections:
                         raise SystemExit(f"{name}: opened {opened.opened}: {opened.first_error}")
                     # CPU per message tells the cost even when other work shares the cores.
-                    cpu_before = cpu_seconds(pid)
+                    cpu_before = tree_cpu_seconds(pid)
                     totals = pool.exchange(args.size, warmup=0.0, duration=args.seconds)
-                    cpu = cpu_seconds(pid) - cpu_before
+                    cpu = tree_cpu_seconds(pid) - cpu_before
                     pool.close_all()
                     rates[name].append(totals.rate)
                     per_message = 1e6 * cpu / max(1, totals.completed)

@@ -491,7 +491,7 @@ class Bench:
         try:
             budgets = CpuBudgets(f"wsgate-bench-{os.getpid()}-workers")
             with budgets:
-                endpoints: dict[int, tuple[Endpoint, list[int]]] = {}
+                endpoints: dict[int, Endpoint] = {}
                 for count, name in names.items():
                     endpoint = start_path(
                         name, group, self.echo, nofile=self.nofile, redis=self.redis
@@ -503,7 +503,7 @@ class Bench:
                         raise RuntimeError(f"{name}: found {len(pids)} worker processes")
                     for pid in pids:
                         budgets.confine(pid, plan.worker_budget)
-                    endpoints[count] = (endpoint, pids)
+                    endpoints[count] = endpoint
                     _say(f"workers figure: {name} ready, {len(pids)} worker(s) confined")
                 # Twice the rounds of the other figures: a ratio of two noisy rates
                 # wants more pairs than one rate wants samples.
@@ -511,8 +511,8 @@ class Bench:
                     self.round_index = rep
                     order = sorted(endpoints) if rep % 2 == 0 else sorted(endpoints, reverse=True)
                     for count in order:
-                        endpoint, pids = endpoints[count]
-                        step = partial(self._scaled_relay, scaling, count, pids, size=size)
+                        endpoint = endpoints[count]
+                        step = partial(self._scaled_relay, scaling, count, size=size)
                         self.guarded(
                             endpoint.name,
                             "workers",
@@ -533,13 +533,11 @@ class Bench:
         if ratios:
             _say(f"workers figure: {workers} workers / 1 = {sorted(ratios)} per round")
 
-    def _scaled_relay(
-        self, scaling: Scaling, count: int, pids: list[int], endpoint: Endpoint, *, size: int
-    ) -> None:
+    def _scaled_relay(self, scaling: Scaling, count: int, endpoint: Endpoint, *, size: int) -> None:
         plan = self.plan
-        cpu_before = sum(tree_cpu_seconds(pid) for pid in pids)
+        cpu_before = self._proxy_cpu(endpoint)  # the supervisor's tree: every worker
         totals = self.pool.exchange(size, warmup=plan.warmup, duration=plan.duration)
-        cpu = sum(tree_cpu_seconds(pid) for pid in pids) - cpu_before
+        cpu = self._proxy_cpu(endpoint) - cpu_before
         self._exchange_notes(endpoint, "workers", totals)
         # CPU over the whole exchange (warm-up, window, drain), as a rate.
         used = cpu / (plan.warmup + plan.duration + 0.05)
@@ -581,17 +579,22 @@ class Bench:
         self, conns: int, step: Callable[[Endpoint], None], endpoint: Endpoint
     ) -> None:
         """Open ``conns`` connections to ``endpoint``, run ``step`` on them, close them."""
-        opened = self.pool.open(endpoint.target, conns, timeout=10.0, time_limit=60.0)
         try:
-            if opened.opened < conns:
-                self.report.note(
-                    f"{endpoint.name}: opened {opened.opened} of {conns} connections "
-                    f"({opened.first_error}); a measurement was skipped"
-                )
-                return
-            step(endpoint)
+            if self._open(endpoint, conns):
+                step(endpoint)
         finally:
             self.pool.close_all()
+
+    def _open(self, endpoint: Endpoint, conns: int) -> bool:
+        """Open ``conns`` more connections to ``endpoint``; False (and a note) if some failed."""
+        opened = self.pool.open(endpoint.target, conns, timeout=10.0, time_limit=60.0)
+        if opened.opened < conns:
+            self.report.note(
+                f"{endpoint.name}: opened {opened.opened} of {conns} connections "
+                f"({opened.first_error}); a measurement was skipped"
+            )
+            return False
+        return True
 
     def _exchange_notes(self, endpoint: Endpoint, what: str, totals: ExchangeTotals) -> None:
         if totals.errors:
@@ -638,44 +641,31 @@ class Bench:
         on every path alike instead of on one path's whole window, and each
         path's percentiles pool ``2 * duration`` seconds of samples.
         """
-        plan = self.plan
-        interval = plan.latency_conns / plan.latency_rate
-        slice_seconds = 2 * plan.duration / LATENCY_SLICES
-        samples: dict[str, array[int]] = {}
-        taking: list[Endpoint] = []
         self.share_load_cpus(paths, True)
         try:
-            for endpoint in paths:
-                opened = self.pool.open(
-                    endpoint.target, plan.latency_conns, timeout=10.0, time_limit=60.0
-                )
-                if opened.opened < plan.latency_conns:
-                    self.report.note(
-                        f"{endpoint.name}: opened {opened.opened} of {plan.latency_conns} "
-                        f"connections ({opened.first_error}); a latency round was skipped"
-                    )
-                    continue
-                samples[endpoint.name] = array("q")
-            taking = [endpoint for endpoint in paths if endpoint.name in samples]
-            for turn in range(LATENCY_SLICES):
-                shift = turn % len(taking) if taking else 0
-                for endpoint in taking[shift:] + taking[:shift]:
-                    totals = self.pool.exchange(
-                        64,
-                        warmup=min(plan.warmup, 0.1),
-                        duration=slice_seconds,
-                        interval=interval,
-                        port=endpoint.target.port,
-                    )
-                    self._exchange_notes(endpoint, "latency", totals)
-                    samples[endpoint.name].extend(totals.latencies_ns)
-        except DriverError as error:
-            self.report.note(f"latency: the driver failed: {str(error).splitlines()[0]}")
-            _say(f"latency: driver failed: {error}")
-            return
+            self.guarded("every path", "latency", partial(self._paced_turns, paths))
         finally:
             self.pool.close_all()
             self.share_load_cpus(paths, False)
+
+    def _paced_turns(self, paths: list[Endpoint]) -> None:
+        plan = self.plan
+        interval = plan.latency_conns / plan.latency_rate
+        slice_seconds = 2 * plan.duration / LATENCY_SLICES
+        taking = [endpoint for endpoint in paths if self._open(endpoint, plan.latency_conns)]
+        samples: dict[str, array[int]] = {endpoint.name: array("q") for endpoint in taking}
+        for turn in range(LATENCY_SLICES):
+            shift = turn % len(taking) if taking else 0
+            for endpoint in taking[shift:] + taking[:shift]:
+                totals = self.pool.exchange(
+                    64,
+                    warmup=min(plan.warmup, 0.1),
+                    duration=slice_seconds,
+                    interval=interval,
+                    port=endpoint.target.port,
+                )
+                self._exchange_notes(endpoint, "latency", totals)
+                samples[endpoint.name].extend(totals.latencies_ns)
         for endpoint in taking:
             ordered = sorted(samples[endpoint.name])
             if not ordered:
