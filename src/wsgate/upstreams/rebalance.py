@@ -42,14 +42,18 @@ def _by_share(caps: Mapping[str, int]) -> bool:
     return len(set(caps.values())) > 1
 
 
+def _load(count: int, cap: int, by_share: bool) -> float:
+    # Always computed from the integers, never accumulated: one division rounds
+    # equal shares (9/18 and 1/2) to the same float, so ties stay ties.
+    return count / cap if by_share else float(count)
+
+
 def spread(counts: Mapping[str, int], caps: Mapping[str, int]) -> float:
     """Most loaded minus least loaded backend among ``caps`` (connections, or share of cap)."""
     if not caps:
         return 0.0
-    if _by_share(caps):
-        loads = [counts.get(b, 0) / cap for b, cap in caps.items()]
-    else:
-        loads = [float(counts.get(b, 0)) for b in caps]
+    by_share = _by_share(caps)
+    loads = [_load(counts.get(b, 0), cap, by_share) for b, cap in caps.items()]
     return max(loads) - min(loads)
 
 
@@ -75,36 +79,34 @@ def plan_moves(
         return {}
     by_share = _by_share(caps)
     held = {backend: max(0, counts.get(backend, 0)) for backend in caps}
-    unit = {b: (1.0 / cap if by_share else 1.0) for b, cap in caps.items()}
-    load = {b: held[b] * unit[b] for b in caps}
+
+    def load(backend: str, change: int = 0) -> float:
+        return _load(held[backend] + change, caps[backend], by_share)
 
     def least_with_room() -> str | None:
         room = [b for b in caps if held[b] < caps[b]]
-        return min(room, key=lambda b: (load[b], b)) if room else None
+        return min(room, key=lambda b: (load(b), b)) if room else None
 
     for _ in range(max(0, arriving)):
         target = least_with_room()
         if target is None:
             break
         held[target] += 1
-        load[target] += unit[target]
 
     moves: dict[str, int] = {}
     for _ in range(sum(held.values())):
-        source = max(caps, key=lambda b: (load[b], b))
+        source = max(caps, key=lambda b: (load(b), b))
         target = least_with_room()
         if target is None or target == source:
             break
-        if load[source] - load[target] <= max_skew + _EPSILON:
+        if load(source) - load(target) <= max_skew + _EPSILON:
             break
         # Only a move that leaves the source at least as loaded as the target
         # narrows the spread; anything else would just swap the roles.
-        if load[source] - unit[source] < load[target] + unit[target] - _EPSILON:
+        if load(source, -1) < load(target, +1) - _EPSILON:
             break
         held[source] -= 1
-        load[source] -= unit[source]
         held[target] += 1
-        load[target] += unit[target]
         moves[source] = moves.get(source, 0) + 1
     return moves
 
