@@ -17,18 +17,14 @@ for arg in "$@"; do
 done
 
 PYTHON=${PYTHON:-python3}
-stamp=.venv/.wsgate-installed
-digest=$(sha256sum pyproject.toml | cut -c1-16)
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
-  .venv/bin/pip install --quiet --upgrade pip
-  .venv/bin/pip install --quiet -e '.[dev]'
-  echo "$digest" > "$stamp"
-fi
 
 packages=()
+# The relay is a C extension: it needs a compiler and Python's headers.
+command -v cc >/dev/null || packages+=(gcc libc6-dev)
+"$PYTHON" - <<'PY' || packages+=(python3-dev)
+import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
+PY
 command -v redis-server >/dev/null || packages+=(redis-server)
 if [ "$want_browser" = 1 ]; then
   command -v chromium >/dev/null || packages+=(chromium)
@@ -44,6 +40,18 @@ if [ "${#packages[@]}" -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
   else
-    echo "setup: cannot install ${packages[*]} (needs root and apt-get); tests that need them will skip" >&2
+    echo "setup: cannot install ${packages[*]} (needs root and apt-get); what needs them will fail or skip" >&2
   fi
+fi
+
+stamp=.venv/.wsgate-installed
+# Reinstall (and so recompile the relay) when the package definition or the C source changes.
+digest=$(cat pyproject.toml setup.py src/wsgate/gateway/_relay.c | sha256sum | cut -c1-16)
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
+  .venv/bin/pip install --quiet --upgrade pip
+  .venv/bin/pip install --quiet -e '.[dev]'
+  echo "$digest" > "$stamp"
 fi

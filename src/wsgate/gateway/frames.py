@@ -1,10 +1,11 @@
-"""WebSocket frame boundaries on a relayed byte stream, without sockets.
+"""WebSocket close frames, and frame boundaries on a relayed byte stream.
 
 The relay forwards backend-to-client bytes as they come and never decodes
 messages. To close a session on purpose (1001 on drain, 1012 on rebalance,
 1013 when over capacity) it must still write its close frame *between* two
-frames, never inside one. :class:`FrameTracker` follows the frame headers of
-that stream (RFC 6455 section 5.2) and nothing else:
+frames, never inside one. :class:`FrameTracker` (in C, with the relay that
+uses it: ``_relay.c``) follows the frame headers of that stream (RFC 6455
+section 5.2) and nothing else:
 
 - payload is skipped by arithmetic: no copy, no unmasking, no loop over its bytes;
 - when a chunk ends inside a payload, the next chunk usually costs one comparison
@@ -15,13 +16,16 @@ that stream (RFC 6455 section 5.2) and nothing else:
 Control frames may sit between the fragments of a message (RFC 6455 section
 5.4), so every frame end is a place where a close frame may be written.
 Extensions such as permessage-deflate change payloads, not framing, so they
-do not matter here.
+do not matter here. The tracker trusts the stream to be well formed and never
+raises on content; feed it every chunk the backend sends after its ``101``.
 """
 
 from __future__ import annotations
 
 import os
 from enum import IntEnum
+
+from wsgate.gateway._relay import FrameTracker
 
 __all__ = ["CloseCode", "FrameTracker", "check_close_code", "close_frame", "masked_close_frame"]
 
@@ -86,129 +90,3 @@ def _close_payload(code: int, reason: str) -> bytes:
     if len(payload) > _MAX_CONTROL_PAYLOAD:
         raise ValueError(f"close reason is {len(payload) - 2} bytes of UTF-8; at most 123 fit")
     return payload
-
-
-def _parse_header(head: bytes) -> tuple[int, int, int] | None:
-    """(header length, payload length, opcode) of the frame ``head`` starts with, or None
-    while ``head`` is too short to hold the whole header."""
-    if len(head) < 2:
-        return None
-    second = head[1]
-    length = second & 0x7F
-    header_size = 6 if second & 0x80 else 2
-    if length == 126:
-        header_size += 2
-    elif length == 127:
-        header_size += 8
-    if len(head) < header_size:
-        return None
-    if length == 126:
-        length = int.from_bytes(head[2:4], "big")
-    elif length == 127:
-        length = int.from_bytes(head[2:10], "big")
-    return header_size, length, head[0] & 0x0F
-
-
-class FrameTracker:
-    """Where frames end in a stream of WebSocket frames fed chunk by chunk.
-
-    Feed it every chunk the backend sends after its ``101`` response, in order.
-    It trusts the stream to be well formed; it never raises on content.
-    """
-
-    __slots__ = ("_head", "_opcode", "_remaining")
-
-    def __init__(self) -> None:
-        self._remaining = 0  # payload bytes of the current frame not seen yet
-        self._head = b""  # the start of a header cut by the end of the last chunk
-        self._opcode = -1  # of the last frame whose header is complete
-
-    @property
-    def at_boundary(self) -> bool:
-        """True when every byte fed so far belongs to complete frames."""
-        return not self._remaining and not self._head
-
-    @property
-    def close_seen(self) -> bool:
-        """True when the last frame (whole header seen) is a close frame.
-
-        Nothing follows a close frame on a well-behaved stream, so this tells that
-        the backend has sent its close and the gateway must not send another one.
-        Reading the opcode once per chunk instead of once per frame keeps feed cheap.
-        """
-        return self._opcode == _OPCODE_CLOSE
-
-    def feed(self, data: bytes) -> int:
-        """Follow one chunk of the stream.
-
-        Returns:
-            The offset in ``data`` just after the last frame that ends inside it
-            (``data[:offset]`` may be sent, then a close frame), or -1 when no
-            frame ends in this chunk.
-        """
-        size = len(data)
-        remaining = self._remaining
-        if remaining > size:
-            self._remaining = remaining - size
-            return -1
-        if self._head:
-            pos = self._complete_header(data)
-            if pos < 0:
-                return -1
-        else:
-            pos = remaining  # zero when the chunk starts with a frame header
-        # From here on ``pos`` is where a frame starts and the previous one ended,
-        # so ``pos or -1`` is what feed returns.
-        start = -1  # where the last frame that ended in this loop started
-        limit = size - 1
-        while pos < limit:
-            second = data[pos + 1]
-            if second < 126:
-                # Unmasked with a 7-bit length: most frames a server sends.
-                end = pos + 2 + second
-            else:
-                available = size - pos
-                length = second & 0x7F
-                header_size = 6 if second & 0x80 else 2
-                if length == 126:
-                    header_size += 2
-                    if available < header_size:
-                        break
-                    length = data[pos + 2] << 8 | data[pos + 3]
-                elif length == 127:
-                    header_size += 8
-                    if available < header_size:
-                        break
-                    length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                elif available < header_size:
-                    break
-                end = pos + header_size + length
-            if end > size:
-                self._remaining = end - size
-                self._opcode = data[pos] & 0x0F
-                return pos or -1
-            start = pos
-            pos = end
-        if start >= 0:
-            self._opcode = data[start] & 0x0F
-        self._remaining = 0
-        self._head = data[pos:]
-        return pos or -1
-
-    def _complete_header(self, data: bytes) -> int:
-        """Finish the header kept from the last chunk; return where its frame ends in
-        ``data``, or -1 if that is beyond ``data`` (or the header is still cut)."""
-        kept = len(self._head)
-        head = self._head + data[:14]
-        parsed = _parse_header(head)
-        if parsed is None:
-            self._head = head  # still shorter than its header: at most 13 bytes
-            return -1
-        header_size, length, opcode = parsed
-        self._opcode = opcode
-        self._head = b""
-        end = header_size - kept + length
-        if end > len(data):
-            self._remaining = end - len(data)
-            return -1
-        return end

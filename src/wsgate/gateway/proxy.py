@@ -15,15 +15,16 @@ pauses reading on the other side, until ``resume_writing`` at the low mark.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
 import random
 import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
 from wsgate.admission import Admitted, Reason, Rejected, Ticket
-from wsgate.gateway.frames import FrameTracker, close_frame, masked_close_frame
+from wsgate.gateway._relay import Link
+from wsgate.gateway.frames import close_frame, masked_close_frame
 from wsgate.gateway.head import (
     RequestHead,
     ResponseHead,
@@ -587,128 +588,139 @@ def _may_have_body(status: int, request: RequestHead) -> bool:
     return not (request.method == b"HEAD" or status < 200 or status in (204, 304))
 
 
-class _ClientSide(asyncio.Protocol):
-    """Relay protocol on the client's transport: client bytes go to the backend."""
+class _Handoff(asyncio.Protocol):
+    """A new session's two transports, until uvloop has written what it holds for them.
 
-    __slots__ = ("bytes", "session", "write")
-
-    def __init__(self, session: Session):
-        self.session = session
-        self.write = session.backend_transport.write
-        self.bytes = 0
-
-    def data_received(self, data: bytes) -> None:
-        self.bytes += len(data)
-        self.write(data)
-
-    def eof_received(self) -> bool | None:
-        self.session.finish("client_closed")
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.session.finish("client_closed" if exc is None else "client_error")
-
-    def pause_writing(self) -> None:
-        self.session.backend_transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.session.backend_transport.resume_reading()
-
-
-class _BackendSide(asyncio.Protocol):
-    """Relay protocol on the backend's transport: backend bytes go to the client.
-
-    The frame tracker follows frame boundaries (headers only) so that the
-    gateway can inject a close frame between two frames.
+    Their sockets then go to the relay (:mod:`wsgate.gateway._relay`): the session's
+    bytes never pass through Python again. Usually nothing is waiting and the
+    hand-over happens at once; otherwise a write-buffer limit of zero makes uvloop
+    call ``resume_writing`` when the last byte has left.
     """
 
-    __slots__ = ("bytes", "feed", "session", "write")
+    __slots__ = ("backend_transport", "client_transport", "rest", "session")
 
-    def __init__(self, session: Session):
-        self.session = session
-        self.write = session.client_transport.write
-        self.feed = session.tracker.feed
-        self.bytes = 0
+    def __init__(
+        self,
+        session: Session,
+        client_transport: asyncio.Transport,
+        backend_transport: asyncio.Transport,
+        rest: bytes,
+    ):
+        self.session: Session | None = session
+        self.client_transport = client_transport
+        self.backend_transport = backend_transport
+        self.rest = rest
+        for transport in (client_transport, backend_transport):
+            transport.set_protocol(self)
+            transport.pause_reading()  # the relay reads from here on
+            transport.set_write_buffer_limits(0, 0)
 
-    def data_received(self, data: bytes) -> None:
-        self.bytes += len(data)
-        boundary = self.feed(data)
-        if self.session.closing_code:
-            self.session.injection_point(data, boundary)
+    def hand_over_when_written(self) -> None:
+        session = self.session
+        if session is None or any(
+            transport.get_write_buffer_size()
+            for transport in (self.client_transport, self.backend_transport)
+        ):
             return
-        self.write(data)
+        self.session = None
+        session.handoff = None
+        try:
+            client_fd = _take_socket(self.client_transport)
+        except OSError:
+            self.abort()
+            session.finish("client_error")
+            return
+        try:
+            backend_fd = _take_socket(self.backend_transport)
+        except OSError:
+            os.close(client_fd)
+            self.abort()
+            session.finish("backend_error")
+            return
+        self.client_transport.abort()
+        self.backend_transport.abort()
+        session.relay(client_fd, backend_fd, self.rest)
 
-    def eof_received(self) -> bool | None:
-        self.session.finish("backend_closed")
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.session.finish("backend_closed" if exc is None else "backend_error")
-
-    def pause_writing(self) -> None:
-        self.session.client_transport.pause_reading()
+    def abort(self) -> None:
+        self.session = None
+        self.client_transport.abort()
+        self.backend_transport.abort()
 
     def resume_writing(self) -> None:
-        self.session.client_transport.resume_reading()
+        self.hand_over_when_written()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        session = self.session
+        if session is not None:
+            self.abort()
+            session.finish("handoff_failed")
+
+
+def _take_socket(transport: asyncio.Transport) -> int:
+    """A descriptor of the transport's socket that outlives the transport.
+
+    The transport is aborted afterwards: libuv removes its descriptor from its
+    epoll set before closing it, and the socket stays open through ours.
+    """
+    return os.dup(transport.get_extra_info("socket").fileno())
 
 
 class Session:
-    """A live WebSocket session: two transports relayed, one slot held.
+    """A live WebSocket session: two sockets relayed in C, one slot held.
 
-    It keeps only what the relay and the close need: the HTTP machinery that
+    It keeps only what the close and the reports need: the HTTP machinery that
     set it up (parsers, heads, the exchange) is left behind for the collector.
     """
 
     __slots__ = (
-        "backend", "backend_side", "backend_transport", "client_side", "client_transport",
-        "close_timer", "closing_code", "closing_reason", "done", "duration_factor", "gw",
-        "injected", "slot", "started", "tracker",
+        "backend", "close_timer", "closing_code", "closing_reason", "done",
+        "duration_factor", "gw", "handoff", "link", "slot", "started",
     )  # fmt: skip
 
-    def __init__(
-        self,
-        slot: Slot,
-        client_transport: asyncio.Transport,
-        backend_transport: asyncio.Transport,
-    ):
+    def __init__(self, slot: Slot):
         self.slot = slot
         self.gw = slot.gw
         self.backend = slot.backend
-        self.client_transport = client_transport
-        self.backend_transport = backend_transport
-        self.tracker = FrameTracker()
         self.started = time.monotonic()
         # max_connection_duration is stretched or shrunk by up to 10% per session, so
         # sessions opened together do not all end together.
         self.duration_factor = random.uniform(0.9, 1.1)
         self.closing_code = 0
         self.closing_reason = ""
-        self.injected = False
         self.close_timer: asyncio.TimerHandle | None = None
         self.done = False
-        self.client_side = _ClientSide(self)
-        self.backend_side = _BackendSide(self)
+        self.handoff: _Handoff | None = None
+        self.link: Link | None = None
 
-    def start(self, rest: bytes) -> None:
-        """Install the relay protocols; ``rest`` is what the backend sent after its 101."""
-        self.client_transport.set_protocol(self.client_side)
-        self.backend_transport.set_protocol(self.backend_side)
+    def start(
+        self, client_transport: asyncio.Transport, backend_transport: asyncio.Transport, rest: bytes
+    ) -> None:
+        """Take over both transports; ``rest`` is what the backend sent after its 101."""
         self.backend.connections.add(self)
         self.gw.sessions.add(self)
-        if rest:
-            self.backend_side.data_received(rest)
+        self.handoff = _Handoff(self, client_transport, backend_transport, rest)
+        self.handoff.hand_over_when_written()
+
+    def relay(self, client_fd: int, backend_fd: int, rest: bytes) -> None:
+        """The sockets are ours alone now: the relay moves their bytes from here on."""
+        try:
+            self.link = self.gw.relay.add(client_fd, backend_fd, rest, self)
+        except OSError as error:
+            log.warning("relay refused a session: %s", error)
+            self.finish("relay_failed")
+            return
+        if self.closing_code:  # asked for while uvloop was still writing
+            self._send_close()
 
     @property
     def bytes_in(self) -> int:
-        if self.done:
-            return self.slot.bytes_in  # the slot has them all (see finish)
-        return self.slot.bytes_in + self.client_side.bytes
+        link = self.link
+        return self.slot.bytes_in + (link.bytes_in if link is not None else 0)
 
     @property
     def bytes_out(self) -> int:
-        if self.done:
-            return self.slot.bytes_out
-        return self.slot.bytes_out + self.backend_side.bytes
+        link = self.link
+        return self.slot.bytes_out + (link.bytes_out if link is not None else 0)
 
     @property
     def age(self) -> float:
@@ -724,55 +736,42 @@ class Session:
         self.closing_code = code
         self.closing_reason = reason
         self.gw.stats.closed_by_gateway[reason] += 1
-        if self.tracker.close_seen:
-            pass  # the backend is closing already; its close frame is on its way
-        elif self.tracker.at_boundary:
-            self._inject(b"")
+        if self.link is not None:
+            self._send_close()
         self.close_timer = self.gw.loop.call_later(CLOSE_GRACE, self.finish, f"closed_{reason}")
         return True
 
-    def injection_point(self, data: bytes, offset: int) -> None:
-        """Backend bytes arrived while a close waits for a frame boundary."""
-        if self.injected or self.done:
-            return  # after our close frame, nothing more reaches the client
-        if offset < 0 or self.tracker.close_seen:
-            # Still inside a frame, or the backend's own close is passing: let it through.
-            self.client_transport.write(data)
-            return
-        self._inject(data[:offset])
-
-    def _inject(self, head_part: bytes) -> None:
-        self.injected = True
-        self.client_transport.write(head_part + close_frame(self.closing_code, self.closing_reason))
-        # From here on nothing more from the backend reaches the client; tell the
-        # backend we are going away as a client would, and wait for both to close.
-        self.client_side.write = _discard
-        with contextlib.suppress(Exception):
-            self.backend_transport.write(masked_close_frame(1001, "gateway closing"))
+    def _send_close(self) -> None:
+        # The relay writes the client's close frame between two frames (unless the
+        # backend's own close is already passing), then tells the backend we are
+        # going away as a client would, and relays nothing more either way.
+        assert self.link is not None
+        self.link.close_gracefully(
+            close_frame(self.closing_code, self.closing_reason),
+            masked_close_frame(1001, "gateway closing"),
+        )
 
     def finish(self, outcome: str) -> None:
-        """Close both sides and release the slot, exactly once."""
+        """Close both sides and release the slot, exactly once.
+
+        The relay calls this too (``on_end``) when either side closes or fails.
+        """
         if self.done:
             return
         self.done = True
         if self.close_timer is not None:
             self.close_timer.cancel()
-        for transport in (self.client_transport, self.backend_transport):
-            if not transport.is_closing():
-                transport.close()
+        if self.handoff is not None:
+            self.handoff.abort()
+            self.handoff = None
+        slot = self.slot
+        link = self.link
+        if link is not None:
+            link.finish()  # what is still waiting for a peer is flushed, then closed
+            slot.bytes_in += link.bytes_in
+            slot.bytes_out += link.bytes_out
+            self.link = None  # the link referred to us until it ended; now neither does
         self.backend.connections.discard(self)
         self.gw.sessions.discard(self)
-        slot = self.slot
-        slot.bytes_in += self.client_side.bytes
-        slot.bytes_out += self.backend_side.bytes
-        # The relay protocols and the session refer to each other. Letting go of
-        # them here has reference counting free it all once both transports have
-        # called connection_lost; a cycle would wait for the collector, which then
-        # has a dozen objects per connection to find.
-        del self.client_side, self.backend_side
         slot.release()
         slot.log(f"closed_{self.closing_reason}" if self.closing_code else outcome)
-
-
-def _discard(data: bytes | bytearray | memoryview) -> None:
-    return None

@@ -31,10 +31,11 @@ from wsgate.config import (
     FileDiscovery,
     parse_address,
 )
+from wsgate.gateway._relay import Relay
 from wsgate.gateway.access_log import AccessLog
 from wsgate.gateway.connector import Connector
 from wsgate.gateway.head import RequestHead
-from wsgate.gateway.proxy import Downstream, Exchange, Session
+from wsgate.gateway.proxy import CLOSE_GRACE, Downstream, Exchange, Session
 from wsgate.gateway.stats import Stats
 from wsgate.upstreams.discovery import BackendSource, source_for
 from wsgate.upstreams.health import HealthChecker
@@ -101,6 +102,8 @@ class Gateway:
         self.policy = make_policy(config.balance)
         self.stats = Stats()
         self.sessions: set[Session] = set()
+        # Established sessions are relayed in C; a session hears from it when it ends.
+        self.relay = Relay(Session.finish, linger=CLOSE_GRACE)
         self.downstreams: set[Downstream] = set()
         self.connector = Connector(self)
         self.health = HealthChecker(self.pool, config.health)
@@ -155,6 +158,7 @@ class Gateway:
                 reuse_address=True,
                 reuse_port=self.reuse_port or None,
             )
+        self.loop.add_reader(self.relay.fileno(), self.relay.run)
         self.spawn(self._housekeeping(), "housekeeping")
         self.spawn(self._rebalance_forever(), "rebalance")
         self.ready = True
@@ -237,6 +241,9 @@ class Gateway:
         # closes (for Redis, the releases leave before the store's own goodbye).
         await asyncio.sleep(0)
         await self.store.close()
+        # Close frames still on their way to slow clients had the stop's time to leave.
+        self.loop.remove_reader(self.relay.fileno())
+        self.relay.close()
         self._access.flush()
         self.stopped.set()
 
@@ -586,9 +593,8 @@ class Gateway:
         assert down.transport is not None and up.transport is not None
         self.downstreams.discard(down)
         down.upgraded = True
-        session = Session(exchange.slot, down.transport, up.transport)
-        session.start(rest)
-        down.resume_reading()
+        session = Session(exchange.slot)
+        session.start(down.transport, up.transport, rest)
         # The HTTP readers are done; dropping their parsers now frees them by
         # reference counting instead of leaving cycles for the collector.
         down.reader.detach()

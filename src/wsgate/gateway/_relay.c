@@ -1,0 +1,1084 @@
+/*
+ * The relay of established WebSocket sessions, out of Python's byte path.
+ *
+ * Once a session is set up, the gateway hands the two sockets to a Relay: an
+ * epoll set of its own whose descriptor sits in the event loop as one reader.
+ * When any of its sockets is ready the loop calls Relay.run() once, and the
+ * relay moves the bytes in C for every ready socket: recv into one scratch
+ * buffer, send to the other side, and nothing in Python until a session ends.
+ * Python keeps everything else: the slot, the timers, the decision to close.
+ *
+ * Per session (a Link):
+ * - Flow control: a socket is read only while nothing waits to be written to
+ *   its peer. A partial send keeps the rest in a buffer, stops reading the
+ *   source and waits for the peer to be writable. So at most one read's worth
+ *   waits per direction, and an end of stream is seen only after everything
+ *   read before it has been handed to the peer's kernel buffer.
+ * - Frame boundaries: the backend-to-client stream goes through a frame
+ *   tracker (headers only, RFC 6455 section 5.2) so that a close frame asked
+ *   for by the gateway is written between two frames, never inside one.
+ * - The end: the first end of stream or error on either side ends the session
+ *   and calls back into Python once. Bytes still waiting for a slow peer are
+ *   flushed afterwards ("lingering") for at most `linger` seconds; a timerfd
+ *   in the same epoll set cuts what is left.
+ *
+ * Everything runs on the event loop's thread with the GIL held: no locks.
+ * Python hears of an ended session only from run(), never from inside add(),
+ * close_gracefully() or finish(): when one of those ends a session, an eventfd
+ * in the epoll set makes the loop call run() next.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/timerfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CLIENT 0
+#define BACKEND 1
+#define OPCODE_CLOSE 0x8
+#define MAX_HEADER 14
+#define EVENTS_PER_RUN 256
+
+/* -- frame tracker ------------------------------------------------------------------- */
+
+typedef struct {
+    uint64_t remaining;               /* payload bytes of the current frame not seen yet */
+    unsigned char head[MAX_HEADER];   /* a header cut by the end of the last chunk */
+    Py_ssize_t head_len;
+    int opcode;                       /* of the last frame whose header is complete */
+} Tracker;
+
+static void
+tracker_init(Tracker *t)
+{
+    t->remaining = 0;
+    t->head_len = 0;
+    t->opcode = -1;
+}
+
+static int
+tracker_at_boundary(const Tracker *t)
+{
+    return t->remaining == 0 && t->head_len == 0;
+}
+
+/* Header size and payload length of the header at `head` (`size` bytes
+ * available); 0 while the header is cut short. A 64-bit length's top bit must
+ * be zero (RFC 6455 section 5.2); it is dropped so arithmetic cannot overflow. */
+static Py_ssize_t
+parse_header(const unsigned char *head, Py_ssize_t size, uint64_t *length)
+{
+    if (size < 2)
+        return 0;
+    unsigned second = head[1];
+    uint64_t len = second & 0x7F;
+    Py_ssize_t header = (second & 0x80) ? 6 : 2;
+    if (len == 126)
+        header += 2;
+    else if (len == 127)
+        header += 8;
+    if (size < header)
+        return 0;
+    if (len == 126) {
+        len = (uint64_t)head[2] << 8 | head[3];
+    }
+    else if (len == 127) {
+        len = 0;
+        for (int i = 2; i < 10; i++)
+            len = len << 8 | head[i];
+        len &= UINT64_C(0x7FFFFFFFFFFFFFFF);
+    }
+    *length = len;
+    return header;
+}
+
+/* Follow one chunk of the stream. Returns the offset just after the last frame
+ * that ends inside it (data[:offset] may be sent, then a close frame), or -1
+ * when no frame ends in this chunk. */
+static Py_ssize_t
+tracker_feed(Tracker *t, const unsigned char *data, Py_ssize_t size)
+{
+    uint64_t pos;
+    if (t->remaining > (uint64_t)size) {
+        t->remaining -= (uint64_t)size;
+        return -1;
+    }
+    if (t->head_len) {
+        /* Finish the header kept from the last chunk. */
+        unsigned char head[MAX_HEADER];
+        Py_ssize_t kept = t->head_len;
+        Py_ssize_t take = size < MAX_HEADER - kept ? size : MAX_HEADER - kept;
+        memcpy(head, t->head, kept);
+        memcpy(head + kept, data, take);
+        uint64_t length;
+        Py_ssize_t header = parse_header(head, kept + take, &length);
+        if (header == 0) {
+            memcpy(t->head + kept, data, take);
+            t->head_len = kept + take;
+            return -1;
+        }
+        t->opcode = head[0] & 0x0F;
+        t->head_len = 0;
+        uint64_t end = (uint64_t)(header - kept) + length;
+        if (end > (uint64_t)size) {
+            t->remaining = end - (uint64_t)size;
+            return -1;
+        }
+        pos = end;
+    }
+    else {
+        pos = t->remaining; /* zero when the chunk starts with a frame header */
+    }
+    /* From here on `pos` is where a frame starts and the previous one ended. */
+    int64_t start = -1; /* where the last frame that ended in this loop started */
+    while (pos + 1 < (uint64_t)size) {
+        unsigned second = data[pos + 1];
+        uint64_t end;
+        if (second < 126) {
+            end = pos + 2 + second; /* unmasked, 7-bit length: most frames a server sends */
+        }
+        else {
+            uint64_t length;
+            Py_ssize_t header = parse_header(data + pos, size - (Py_ssize_t)pos, &length);
+            if (header == 0)
+                break;
+            end = pos + (uint64_t)header + length;
+        }
+        if (end > (uint64_t)size) {
+            t->remaining = end - (uint64_t)size;
+            t->opcode = data[pos] & 0x0F;
+            return pos ? (Py_ssize_t)pos : -1;
+        }
+        start = (int64_t)pos;
+        pos = end;
+    }
+    if (start >= 0)
+        t->opcode = data[start] & 0x0F;
+    t->remaining = 0;
+    t->head_len = (Py_ssize_t)((uint64_t)size - pos); /* at most 13 bytes */
+    memcpy(t->head, data + pos, t->head_len);
+    return pos ? (Py_ssize_t)pos : -1;
+}
+
+/* -- FrameTracker: the tracker on its own, for tests and measurements ---------------- */
+
+typedef struct {
+    PyObject_HEAD
+    Tracker tracker;
+} FrameTrackerObject;
+
+static int
+FrameTracker_init(FrameTrackerObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, ":FrameTracker", kwlist))
+        return -1;
+    tracker_init(&self->tracker);
+    return 0;
+}
+
+static PyObject *
+FrameTracker_feed(FrameTrackerObject *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t offset = tracker_feed(&self->tracker, view.buf, view.len);
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(offset);
+}
+
+static PyObject *
+FrameTracker_at_boundary(FrameTrackerObject *self, void *closure)
+{
+    return PyBool_FromLong(tracker_at_boundary(&self->tracker));
+}
+
+static PyObject *
+FrameTracker_close_seen(FrameTrackerObject *self, void *closure)
+{
+    return PyBool_FromLong(self->tracker.opcode == OPCODE_CLOSE);
+}
+
+static PyMethodDef FrameTracker_methods[] = {
+    {"feed", (PyCFunction)FrameTracker_feed, METH_O,
+     "Follow one chunk; the offset just after the last frame ending in it, or -1."},
+    {NULL},
+};
+
+static PyGetSetDef FrameTracker_getset[] = {
+    {"at_boundary", (getter)FrameTracker_at_boundary, NULL,
+     "True when every byte fed so far belongs to complete frames.", NULL},
+    {"close_seen", (getter)FrameTracker_close_seen, NULL,
+     "True when the last frame whose header is complete is a close frame.", NULL},
+    {NULL},
+};
+
+static PyTypeObject FrameTrackerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "wsgate.gateway._relay.FrameTracker",
+    .tp_doc = "Where frames end in a stream of WebSocket frames fed chunk by chunk.",
+    .tp_basicsize = sizeof(FrameTrackerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)FrameTracker_init,
+    .tp_methods = FrameTracker_methods,
+    .tp_getset = FrameTracker_getset,
+};
+
+/* -- links and the relay ---------------------------------------------------------------- */
+
+typedef struct {
+    char *data;
+    size_t off, len, cap;
+} OutBuffer;
+
+struct LinkObject;
+
+typedef struct {
+    struct LinkObject *link;
+    int fd;            /* -1 once closed */
+    int side;          /* CLIENT or BACKEND */
+    uint32_t interest; /* what epoll watches for now */
+    OutBuffer out;     /* bytes waiting to be written to this socket */
+} End;
+
+enum { RELAYING, LINGERING, CLOSED };
+
+enum {
+    OUTCOME_NONE,
+    OUTCOME_CLIENT_CLOSED,
+    OUTCOME_CLIENT_ERROR,
+    OUTCOME_BACKEND_CLOSED,
+    OUTCOME_BACKEND_ERROR,
+    OUTCOME_FINISHED,
+    OUTCOMES
+};
+
+static const char *outcome_names[OUTCOMES] = {
+    NULL, "client_closed", "client_error", "backend_closed", "backend_error", "finished",
+};
+static PyObject *outcome_strings[OUTCOMES];
+
+struct RelayObject;
+
+typedef struct LinkObject {
+    PyObject_HEAD
+    struct RelayObject *relay; /* strong */
+    End ends[2];
+    Tracker tracker; /* of the backend-to-client stream */
+    unsigned long long bytes_in, bytes_out;
+    int state;
+    int outcome;
+    int closing;  /* a close frame waits for a frame boundary (or was written) */
+    int injected; /* our close frames are written; nothing more is relayed */
+    PyObject *client_close; /* frames to write when closing */
+    PyObject *backend_close;
+    PyObject *owner;        /* handed to on_end; dropped when the link ends */
+    int report;             /* call on_end when the relay ends this link */
+    struct timespec linger_since;
+    struct LinkObject *prev, *next; /* the relay's list of links with open sockets */
+    struct LinkObject *next_ended;  /* links ended during one run, to report */
+} LinkObject;
+
+typedef struct RelayObject {
+    PyObject_HEAD
+    int epfd;
+    int timerfd; /* ticks while sessions linger, to cut stuck flushes */
+    int wakefd;  /* readable while an ended session waits to be reported */
+    unsigned char *scratch;
+    size_t scratch_size;
+    double linger;
+    PyObject *on_end;
+    LinkObject *links;   /* strong references, while a socket of theirs is open */
+    Py_ssize_t count;    /* links relaying */
+    Py_ssize_t lingering;
+    LinkObject *ended;   /* to report at the end of this run */
+    LinkObject *released; /* to let go of at the end of this run */
+} RelayObject;
+
+static PyTypeObject LinkType;
+static PyTypeObject RelayType;
+
+static void end_close(RelayObject *relay, End *end);
+
+static int
+out_append(OutBuffer *out, const char *data, size_t size)
+{
+    if (size == 0)
+        return 0;
+    if (out->off && out->off == out->len)
+        out->off = out->len = 0;
+    if (out->len + size > out->cap) {
+        if (out->off) { /* make room at the front first */
+            memmove(out->data, out->data + out->off, out->len - out->off);
+            out->len -= out->off;
+            out->off = 0;
+        }
+        if (out->len + size > out->cap) {
+            size_t cap = out->cap ? out->cap : 4096;
+            while (cap < out->len + size)
+                cap *= 2;
+            char *grown = PyMem_RawRealloc(out->data, cap);
+            if (grown == NULL)
+                return -1;
+            out->data = grown;
+            out->cap = cap;
+        }
+    }
+    memcpy(out->data + out->len, data, size);
+    out->len += size;
+    return 0;
+}
+
+static void
+out_free(OutBuffer *out)
+{
+    PyMem_RawFree(out->data);
+    out->data = NULL;
+    out->off = out->len = out->cap = 0;
+}
+
+static int
+out_pending(const End *end)
+{
+    return end->out.len > end->out.off;
+}
+
+static void
+end_watch(RelayObject *relay, End *end, uint32_t interest)
+{
+    if (end->fd < 0 || end->interest == interest)
+        return;
+    struct epoll_event event = {.events = interest, .data.ptr = end};
+    if (epoll_ctl(relay->epfd, EPOLL_CTL_MOD, end->fd, &event) == 0)
+        end->interest = interest;
+}
+
+/* Watch each socket for what it can do now: read while its peer has nothing
+ * waiting, write while it has something waiting. */
+static void
+link_watch(LinkObject *link)
+{
+    End *client = &link->ends[CLIENT], *backend = &link->ends[BACKEND];
+    if (link->state == RELAYING) {
+        end_watch(link->relay, client,
+                  (out_pending(backend) ? 0 : EPOLLIN) | (out_pending(client) ? EPOLLOUT : 0));
+        end_watch(link->relay, backend,
+                  (out_pending(client) ? 0 : EPOLLIN) | (out_pending(backend) ? EPOLLOUT : 0));
+    }
+    else {
+        end_watch(link->relay, client, EPOLLOUT);
+        end_watch(link->relay, backend, EPOLLOUT);
+    }
+}
+
+static void
+monotonic_now(struct timespec *now)
+{
+    clock_gettime(CLOCK_MONOTONIC, now);
+}
+
+static void
+relay_arm_sweep(RelayObject *relay, int on)
+{
+    struct itimerspec spec = {{0, 0}, {0, 0}};
+    if (on) {
+        /* Often enough to cut a stuck flush within a second of its deadline. */
+        spec.it_interval.tv_sec = 1;
+        spec.it_value.tv_sec = 1;
+    }
+    timerfd_settime(relay->timerfd, 0, &spec, NULL);
+}
+
+/* The link has no open socket left: the relay lets go of it after this run. */
+static void
+link_release(LinkObject *link)
+{
+    RelayObject *relay = link->relay;
+    if (link->state == LINGERING) {
+        if (--relay->lingering == 0)
+            relay_arm_sweep(relay, 0);
+    }
+    link->state = CLOSED;
+    if (link->prev)
+        link->prev->next = link->next;
+    else
+        relay->links = link->next;
+    if (link->next)
+        link->next->prev = link->prev;
+    link->prev = NULL;
+    link->next = relay->released;
+    relay->released = link;
+}
+
+static void
+link_end(LinkObject *link, int outcome, int report)
+{
+    if (link->state != RELAYING)
+        return;
+    RelayObject *relay = link->relay;
+    link->outcome = outcome;
+    relay->count--;
+    int lingering = 0;
+    for (int side = CLIENT; side <= BACKEND; side++) {
+        End *end = &link->ends[side];
+        int failed = (side == CLIENT && outcome == OUTCOME_CLIENT_ERROR) ||
+                     (side == BACKEND && outcome == OUTCOME_BACKEND_ERROR);
+        if (end->fd >= 0 && out_pending(end) && !failed)
+            lingering = 1;
+        else
+            end_close(relay, end);
+    }
+    if (lingering) {
+        link->state = LINGERING;
+        monotonic_now(&link->linger_since);
+        if (relay->lingering++ == 0)
+            relay_arm_sweep(relay, 1);
+        link_watch(link);
+    }
+    else {
+        link_release(link);
+    }
+    if (report && link->owner != NULL) {
+        Py_INCREF(link);
+        link->next_ended = relay->ended;
+        relay->ended = link;
+    }
+    else {
+        Py_CLEAR(link->owner);
+    }
+}
+
+static void
+end_close(RelayObject *relay, End *end)
+{
+    if (end->fd >= 0) {
+        epoll_ctl(relay->epfd, EPOLL_CTL_DEL, end->fd, NULL);
+        close(end->fd);
+        end->fd = -1;
+    }
+    out_free(&end->out);
+    LinkObject *link = end->link;
+    if (link->state == LINGERING && link->ends[CLIENT].fd < 0 && link->ends[BACKEND].fd < 0)
+        link_release(link);
+}
+
+static int
+side_error(int side)
+{
+    return side == CLIENT ? OUTCOME_CLIENT_ERROR : OUTCOME_BACKEND_ERROR;
+}
+
+/* Write what waits for this socket; -1 when the socket failed. */
+static int
+end_flush(End *end)
+{
+    OutBuffer *out = &end->out;
+    while (out->off < out->len) {
+        ssize_t sent = send(end->fd, out->data + out->off, out->len - out->off,
+                            MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (sent >= 0)
+            out->off += (size_t)sent;
+        else if (errno == EINTR)
+            continue;
+        else if (errno == EAGAIN || errno == EWOULDBLOCK)
+            break;
+        else
+            return -1;
+    }
+    if (out->off == out->len)
+        out_free(out); /* an idle session holds no buffer */
+    return 0;
+}
+
+/* Send `data` to this socket after what already waits for it. */
+static void
+end_send(End *end, const char *data, size_t size)
+{
+    LinkObject *link = end->link;
+    if (end->fd < 0 || size == 0)
+        return;
+    if (!out_pending(end)) {
+        ssize_t sent;
+        do {
+            sent = send(end->fd, data, size, MSG_NOSIGNAL | MSG_DONTWAIT);
+        } while (sent < 0 && errno == EINTR);
+        if (sent < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                link_end(link, side_error(end->side), 1);
+                return;
+            }
+            sent = 0;
+        }
+        data += sent;
+        size -= (size_t)sent;
+        if (size == 0)
+            return;
+    }
+    if (out_append(&end->out, data, size) < 0) {
+        /* No memory for the rest of a read: the session cannot be relayed intact. */
+        link_end(link, side_error(end->side), 1);
+    }
+}
+
+static void
+link_inject(LinkObject *link)
+{
+    link->injected = 1;
+    /* From here on nothing more is relayed either way; the backend hears that
+     * we are going away as a client would say it, and both are left to close. */
+    end_send(&link->ends[CLIENT], PyBytes_AS_STRING(link->client_close),
+             (size_t)PyBytes_GET_SIZE(link->client_close));
+    if (link->state == RELAYING)
+        end_send(&link->ends[BACKEND], PyBytes_AS_STRING(link->backend_close),
+                 (size_t)PyBytes_GET_SIZE(link->backend_close));
+}
+
+/* Bytes the backend sent, on their way to the client. */
+static void
+link_from_backend(LinkObject *link, const unsigned char *data, Py_ssize_t size)
+{
+    link->bytes_out += (unsigned long long)size;
+    Py_ssize_t boundary = tracker_feed(&link->tracker, data, size);
+    End *client = &link->ends[CLIENT];
+    if (!link->closing) {
+        end_send(client, (const char *)data, (size_t)size);
+    }
+    else if (!link->injected) {
+        if (boundary < 0 || link->tracker.opcode == OPCODE_CLOSE) {
+            /* Still inside a frame, or the backend's own close is passing. */
+            end_send(client, (const char *)data, (size_t)size);
+        }
+        else {
+            end_send(client, (const char *)data, (size_t)boundary);
+            if (link->state == RELAYING)
+                link_inject(link);
+        }
+    }
+    /* After our close frame, nothing more reaches the client. */
+}
+
+static void
+link_readable(RelayObject *relay, End *end)
+{
+    LinkObject *link = end->link;
+    ssize_t size;
+    do {
+        size = recv(end->fd, relay->scratch, relay->scratch_size, 0);
+    } while (size < 0 && errno == EINTR);
+    if (size > 0) {
+        if (end->side == BACKEND) {
+            link_from_backend(link, relay->scratch, size);
+        }
+        else {
+            link->bytes_in += (unsigned long long)size;
+            if (!link->injected)
+                end_send(&link->ends[BACKEND], (const char *)relay->scratch, (size_t)size);
+        }
+    }
+    else if (size == 0) {
+        link_end(link, end->side == CLIENT ? OUTCOME_CLIENT_CLOSED : OUTCOME_BACKEND_CLOSED, 1);
+    }
+    else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        link_end(link, side_error(end->side), 1);
+    }
+}
+
+static void
+relay_event(RelayObject *relay, End *end, uint32_t events)
+{
+    LinkObject *link = end->link;
+    if (end->fd < 0 || link->state == CLOSED)
+        return;
+    if (link->state == LINGERING) {
+        if ((events & (EPOLLERR | EPOLLHUP)) || end_flush(end) < 0 || !out_pending(end))
+            end_close(relay, end);
+        return;
+    }
+    if ((events & EPOLLOUT) && out_pending(end)) {
+        if (end_flush(end) < 0) {
+            link_end(link, side_error(end->side), 1);
+            return;
+        }
+    }
+    if (end->interest & EPOLLIN) {
+        if (events & (EPOLLIN | EPOLLERR | EPOLLHUP))
+            link_readable(relay, end);
+    }
+    else if (events & (EPOLLERR | EPOLLHUP)) {
+        /* Reset while not being read (its peer is slow): nothing more can pass. */
+        link_end(link, side_error(end->side), 1);
+    }
+    if (link->state != CLOSED)
+        link_watch(link);
+}
+
+static void
+relay_sweep(RelayObject *relay)
+{
+    uint64_t expirations;
+    if (read(relay->timerfd, &expirations, sizeof expirations) < 0 && errno != EAGAIN)
+        return;
+    struct timespec now;
+    monotonic_now(&now);
+    LinkObject *link = relay->links;
+    while (link != NULL) {
+        LinkObject *next = link->next;
+        if (link->state == LINGERING) {
+            double waited = (double)(now.tv_sec - link->linger_since.tv_sec) +
+                            (double)(now.tv_nsec - link->linger_since.tv_nsec) / 1e9;
+            if (waited >= relay->linger) {
+                end_close(relay, &link->ends[CLIENT]);
+                end_close(relay, &link->ends[BACKEND]);
+            }
+        }
+        link = next;
+    }
+}
+
+/* Let go of the links with no socket left; have run() called if any ended. */
+static void
+relay_release(RelayObject *relay)
+{
+    if (relay->ended != NULL && relay->wakefd >= 0) {
+        uint64_t one = 1;
+        if (write(relay->wakefd, &one, sizeof one) < 0) {
+            /* EAGAIN: the counter is full, so run() is due anyway. */
+        }
+    }
+    while (relay->released != NULL) {
+        LinkObject *link = relay->released;
+        relay->released = link->next;
+        link->next = NULL;
+        Py_DECREF(link);
+    }
+}
+
+/* Report the links that ended, then let go of those with no socket left. */
+static void
+relay_report(RelayObject *relay)
+{
+    while (relay->ended != NULL) {
+        LinkObject *link = relay->ended;
+        relay->ended = link->next_ended;
+        link->next_ended = NULL;
+        PyObject *owner = link->owner;
+        link->owner = NULL;
+        if (owner != NULL) {
+            PyObject *result = PyObject_CallFunctionObjArgs(
+                relay->on_end, owner, outcome_strings[link->outcome], NULL);
+            if (result == NULL)
+                PyErr_WriteUnraisable(relay->on_end);
+            Py_XDECREF(result);
+            Py_DECREF(owner);
+        }
+        Py_DECREF(link);
+    }
+    relay_release(relay);
+}
+
+/* -- Link's Python face ----------------------------------------------------------------- */
+
+static void
+Link_dealloc(LinkObject *self)
+{
+    for (int side = CLIENT; side <= BACKEND; side++)
+        out_free(&self->ends[side].out);
+    Py_XDECREF(self->client_close);
+    Py_XDECREF(self->backend_close);
+    Py_XDECREF(self->owner);
+    Py_XDECREF(self->relay);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Link_close_gracefully(LinkObject *self, PyObject *args)
+{
+    PyObject *client_close, *backend_close;
+    if (!PyArg_ParseTuple(args, "SS:close_gracefully", &client_close, &backend_close))
+        return NULL;
+    if (self->state != RELAYING || self->closing)
+        Py_RETURN_FALSE;
+    self->closing = 1;
+    Py_INCREF(client_close);
+    self->client_close = client_close;
+    Py_INCREF(backend_close);
+    self->backend_close = backend_close;
+    if (self->tracker.opcode == OPCODE_CLOSE) {
+        /* The backend is closing already; its close frame is on its way. */
+    }
+    else if (tracker_at_boundary(&self->tracker)) {
+        link_inject(self);
+    }
+    if (self->state != CLOSED)
+        link_watch(self);
+    relay_release(self->relay);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+Link_finish(LinkObject *self, PyObject *unused)
+{
+    link_end(self, OUTCOME_FINISHED, 0);
+    relay_release(self->relay);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Link_bytes_in(LinkObject *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->bytes_in);
+}
+
+static PyObject *
+Link_bytes_out(LinkObject *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->bytes_out);
+}
+
+static PyObject *
+Link_outcome(LinkObject *self, void *closure)
+{
+    if (self->outcome == OUTCOME_NONE)
+        Py_RETURN_NONE;
+    return Py_NewRef(outcome_strings[self->outcome]);
+}
+
+static PyObject *
+Link_lingering(LinkObject *self, void *closure)
+{
+    return PyBool_FromLong(self->state == LINGERING);
+}
+
+static PyMethodDef Link_methods[] = {
+    {"close_gracefully", (PyCFunction)Link_close_gracefully, METH_VARARGS,
+     "Write client_close at the next frame boundary, backend_close to the backend; "
+     "False when already closing or ended."},
+    {"finish", (PyCFunction)Link_finish, METH_NOARGS,
+     "End the session now (no on_end call); waiting bytes are still flushed."},
+    {NULL},
+};
+
+static PyGetSetDef Link_getset[] = {
+    {"bytes_in", (getter)Link_bytes_in, NULL, "Bytes read from the client.", NULL},
+    {"bytes_out", (getter)Link_bytes_out, NULL, "Bytes read from the backend.", NULL},
+    {"outcome", (getter)Link_outcome, NULL, "How the session ended, or None.", NULL},
+    {"lingering", (getter)Link_lingering, NULL,
+     "True while ended but still flushing to a slow peer.", NULL},
+    {NULL},
+};
+
+static PyTypeObject LinkType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "wsgate.gateway._relay.Link",
+    .tp_doc = "One session in a Relay: two sockets and what passed between them.",
+    .tp_basicsize = sizeof(LinkObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)Link_dealloc,
+    .tp_methods = Link_methods,
+    .tp_getset = Link_getset,
+};
+
+/* -- Relay's Python face ---------------------------------------------------------------- */
+
+static int
+Relay_traverse(RelayObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->on_end);
+    return 0;
+}
+
+static int
+Relay_clear(RelayObject *self)
+{
+    Py_CLEAR(self->on_end);
+    return 0;
+}
+
+static void
+relay_close_all(RelayObject *self)
+{
+    while (self->links != NULL) {
+        LinkObject *link = self->links;
+        if (link->state == RELAYING)
+            link_end(link, OUTCOME_FINISHED, 0);
+        if (link->state == LINGERING) {
+            end_close(self, &link->ends[CLIENT]);
+            end_close(self, &link->ends[BACKEND]);
+        }
+    }
+    if (self->epfd >= 0) {
+        close(self->epfd);
+        self->epfd = -1;
+    }
+    if (self->timerfd >= 0) {
+        close(self->timerfd);
+        self->timerfd = -1;
+    }
+    if (self->wakefd >= 0) {
+        close(self->wakefd);
+        self->wakefd = -1;
+    }
+}
+
+static void
+Relay_dealloc(RelayObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    relay_close_all(self);
+    relay_report(self);
+    Relay_clear(self);
+    PyMem_RawFree(self->scratch);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"on_end", "read_size", "linger", NULL};
+    PyObject *on_end;
+    Py_ssize_t read_size = 256 * 1024;
+    double linger = 5.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$nd:Relay", kwlist, &on_end, &read_size,
+                                     &linger))
+        return NULL;
+    if (!PyCallable_Check(on_end)) {
+        PyErr_SetString(PyExc_TypeError, "on_end must be callable");
+        return NULL;
+    }
+    if (read_size < 1024 || linger < 0) {
+        PyErr_SetString(PyExc_ValueError, "read_size must be at least 1024 and linger >= 0");
+        return NULL;
+    }
+    RelayObject *self = (RelayObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->epfd = self->timerfd = self->wakefd = -1;
+    self->scratch = PyMem_RawMalloc((size_t)read_size);
+    if (self->scratch == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    self->scratch_size = (size_t)read_size;
+    self->linger = linger;
+    self->on_end = Py_NewRef(on_end);
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    self->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    self->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    struct epoll_event tick = {.events = EPOLLIN, .data.ptr = &self->timerfd};
+    struct epoll_event wake = {.events = EPOLLIN, .data.ptr = &self->wakefd};
+    if (self->epfd < 0 || self->timerfd < 0 || self->wakefd < 0 ||
+        epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->timerfd, &tick) < 0 ||
+        epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->wakefd, &wake) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static PyObject *
+Relay_fileno(RelayObject *self, PyObject *unused)
+{
+    return PyLong_FromLong(self->epfd);
+}
+
+static PyObject *
+Relay_add(RelayObject *self, PyObject *args)
+{
+    int client_fd, backend_fd;
+    Py_buffer rest;
+    PyObject *owner;
+    if (!PyArg_ParseTuple(args, "iiy*O:add", &client_fd, &backend_fd, &rest, &owner))
+        return NULL;
+    if (self->epfd < 0) {
+        PyBuffer_Release(&rest);
+        close(client_fd);
+        close(backend_fd);
+        PyErr_SetString(PyExc_ValueError, "the relay is closed");
+        return NULL;
+    }
+    LinkObject *link = PyObject_New(LinkObject, &LinkType);
+    if (link == NULL) {
+        PyBuffer_Release(&rest);
+        close(client_fd);
+        close(backend_fd);
+        return NULL;
+    }
+    link->relay = (RelayObject *)Py_NewRef(self);
+    tracker_init(&link->tracker);
+    link->bytes_in = link->bytes_out = 0;
+    link->state = RELAYING;
+    link->outcome = OUTCOME_NONE;
+    link->closing = link->injected = 0;
+    link->client_close = link->backend_close = NULL;
+    link->owner = Py_NewRef(owner);
+    link->prev = NULL;
+    link->next = NULL;
+    link->next_ended = NULL;
+    int fds[2] = {client_fd, backend_fd};
+    for (int side = CLIENT; side <= BACKEND; side++) {
+        End *end = &link->ends[side];
+        end->link = link;
+        end->fd = fds[side];
+        end->side = side;
+        end->interest = 0;
+        memset(&end->out, 0, sizeof end->out);
+    }
+    /* The relay holds the link while a socket of it is open. */
+    Py_INCREF(link);
+    link->next = self->links;
+    if (self->links)
+        self->links->prev = link;
+    self->links = link;
+    self->count++;
+    for (int side = CLIENT; side <= BACKEND; side++) {
+        End *end = &link->ends[side];
+        struct epoll_event event = {.events = EPOLLIN, .data.ptr = end};
+        if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, end->fd, &event) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            link_end(link, OUTCOME_FINISHED, 0);
+            end_close(self, &link->ends[CLIENT]);
+            end_close(self, &link->ends[BACKEND]);
+            relay_release(self);
+            PyBuffer_Release(&rest);
+            Py_DECREF(link);
+            return NULL;
+        }
+        end->interest = EPOLLIN;
+    }
+    if (rest.len)
+        link_from_backend(link, rest.buf, rest.len);
+    PyBuffer_Release(&rest);
+    if (link->state != CLOSED)
+        link_watch(link);
+    relay_release(self);
+    return (PyObject *)link;
+}
+
+static PyObject *
+Relay_run(RelayObject *self, PyObject *unused)
+{
+    if (self->epfd < 0)
+        Py_RETURN_NONE;
+    struct epoll_event events[EVENTS_PER_RUN];
+    int ready;
+    do {
+        ready = epoll_wait(self->epfd, events, EVENTS_PER_RUN, 0);
+    } while (ready < 0 && errno == EINTR);
+    for (int i = 0; i < ready; i++) {
+        void *what = events[i].data.ptr;
+        if (what == &self->timerfd) {
+            relay_sweep(self);
+        }
+        else if (what == &self->wakefd) {
+            uint64_t count;
+            if (read(self->wakefd, &count, sizeof count) < 0) {
+                /* EAGAIN: another run() has read it already. */
+            }
+        }
+        else {
+            relay_event(self, what, events[i].events);
+        }
+    }
+    relay_report(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Relay_close(RelayObject *self, PyObject *unused)
+{
+    relay_close_all(self);
+    relay_report(self);
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t
+Relay_len(RelayObject *self)
+{
+    return self->count;
+}
+
+static PyObject *
+Relay_lingering(RelayObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->lingering);
+}
+
+static PyMethodDef Relay_methods[] = {
+    {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS,
+     "The epoll descriptor: readable when run() has work."},
+    {"add", (PyCFunction)Relay_add, METH_VARARGS,
+     "add(client_fd, backend_fd, rest, owner) -> Link. Takes the two sockets (closed "
+     "by the relay from now on, even on error); rest goes to the client first, as if "
+     "the backend had just sent it; owner is passed to on_end(owner, outcome)."},
+    {"run", (PyCFunction)Relay_run, METH_NOARGS,
+     "Relay what the sockets have ready; report sessions that ended."},
+    {"close", (PyCFunction)Relay_close, METH_NOARGS,
+     "End every session without reporting it and close every socket."},
+    {NULL},
+};
+
+static PyGetSetDef Relay_getset[] = {
+    {"lingering", (getter)Relay_lingering, NULL,
+     "Sessions ended but still flushing to a slow peer.", NULL},
+    {NULL},
+};
+
+static PySequenceMethods Relay_as_sequence = {
+    .sq_length = (lenfunc)Relay_len,
+};
+
+static PyTypeObject RelayType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "wsgate.gateway._relay.Relay",
+    .tp_doc = "Relay(on_end, *, read_size=262144, linger=5.0): established sessions, "
+              "relayed in C on an epoll set of their own.",
+    .tp_basicsize = sizeof(RelayObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Relay_new,
+    .tp_dealloc = (destructor)Relay_dealloc,
+    .tp_traverse = (traverseproc)Relay_traverse,
+    .tp_clear = (inquiry)Relay_clear,
+    .tp_methods = Relay_methods,
+    .tp_getset = Relay_getset,
+    .tp_as_sequence = &Relay_as_sequence,
+};
+
+static struct PyModuleDef relay_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "wsgate.gateway._relay",
+    .m_doc = "The relay of established sessions and the WebSocket frame tracker, in C.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__relay(void)
+{
+    if (PyType_Ready(&FrameTrackerType) < 0 || PyType_Ready(&LinkType) < 0 ||
+        PyType_Ready(&RelayType) < 0)
+        return NULL;
+    for (int i = 1; i < OUTCOMES; i++) {
+        outcome_strings[i] = PyUnicode_InternFromString(outcome_names[i]);
+        if (outcome_strings[i] == NULL)
+            return NULL;
+    }
+    PyObject *module = PyModule_Create(&relay_module);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(module, "FrameTracker", (PyObject *)&FrameTrackerType) < 0 ||
+        PyModule_AddObjectRef(module, "Link", (PyObject *)&LinkType) < 0 ||
+        PyModule_AddObjectRef(module, "Relay", (PyObject *)&RelayType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -1,0 +1,432 @@
+"""The C relay on its own: real TCP sockets on loopback, judged by what the far ends receive.
+
+Each test builds two TCP connections, hands the relay one end of each (the
+gateway's side) and plays the client and the backend on the other ends. The
+relay is pumped the way the event loop pumps it: ``run()`` whenever its
+descriptor is readable.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from wsgate.gateway._relay import Link, Relay
+from wsgate.gateway.frames import close_frame, masked_close_frame
+
+CLIENT_CLOSE = close_frame(1001, "drain")
+BACKEND_CLOSE = masked_close_frame(1001, "gateway closing", mask_key=b"abcd")
+
+
+def frame(payload: bytes, opcode: int = 0x2) -> bytes:
+    """An unmasked frame, as a backend sends it."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x80 | opcode, size)) + payload
+    if size < 1 << 16:
+        return bytes((0x80 | opcode, 126)) + struct.pack("!H", size) + payload
+    return bytes((0x80 | opcode, 127)) + struct.pack("!Q", size) + payload
+
+
+def tcp_pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+    outer = socket.create_connection(listener.getsockname())
+    inner, _ = listener.accept()
+    inner.setblocking(False)
+    return outer, inner
+
+
+@dataclass
+class Bench:
+    relay: Relay
+    listener: socket.socket
+    ended: list[tuple[str, str]] = field(default_factory=list)
+    sockets: list[socket.socket] = field(default_factory=list)
+
+    def session(
+        self, name: str = "s", rest: bytes = b""
+    ) -> tuple[socket.socket, socket.socket, Link]:
+        """(client, backend, link): the far ends of a new relayed session."""
+        client, client_inner = tcp_pair(self.listener)
+        backend, backend_inner = tcp_pair(self.listener)
+        self.sockets += [client, backend]
+        # The relay takes its own descriptors, as the gateway hands them over.
+        link = self.relay.add(client_inner.detach(), backend_inner.detach(), rest, name)
+        return client, backend, link
+
+    def pump(self, until: Callable[[], bool], timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not until():
+            left = deadline - time.monotonic()
+            assert left > 0, "the relay did not get there in time"
+            ready, _, _ = select.select([self.relay], [], [], min(left, 0.05))
+            if ready:
+                self.relay.run()
+
+    def pump_for(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        self.pump(lambda: time.monotonic() >= deadline, timeout=seconds + 1)
+
+
+@pytest.fixture
+def bench() -> Iterator[Bench]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    ended: list[tuple[str, str]] = []
+    relay = Relay(lambda owner, outcome: ended.append((owner, outcome)), linger=0.5)
+    bench = Bench(relay, listener, ended)
+    try:
+        yield bench
+    finally:
+        relay.close()
+        for sock in bench.sockets:
+            sock.close()
+        listener.close()
+
+
+def receive(bench: Bench, sock: socket.socket, size: int) -> bytes:
+    """Exactly ``size`` bytes from ``sock``, pumping the relay meanwhile."""
+    sock.setblocking(False)
+    chunks: list[bytes] = []
+    got = 0
+
+    def enough() -> bool:
+        nonlocal got
+        try:
+            chunk = sock.recv(min(1 << 20, size - got))
+        except BlockingIOError:
+            return got >= size
+        if not chunk:
+            return True
+        chunks.append(chunk)
+        got += len(chunk)
+        return got >= size
+
+    if size:
+        bench.pump(enough)
+    return b"".join(chunks)
+
+
+def read_to_eof(bench: Bench, sock: socket.socket, timeout: float = 5.0) -> bytes:
+    sock.setblocking(False)
+    chunks: list[bytes] = []
+    done = False
+
+    def closed() -> bool:
+        nonlocal done
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            chunk = b""
+        if chunk:
+            chunks.append(chunk)
+            return False
+        done = True
+        return True
+
+    bench.pump(closed, timeout)
+    return b"".join(chunks)
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_bytes_pass_both_ways_in_order_and_are_counted(bench: Bench) -> None:
+    client, backend, link = bench.session()
+    upward = os.urandom(300_000)
+    downward = b"".join(frame(os.urandom(n)) for n in (0, 1, 125, 126, 70_000, 200_000))
+    client.sendall(upward)
+    assert receive(bench, backend, len(upward)) == upward
+    backend.sendall(downward)
+    assert receive(bench, client, len(downward)) == downward
+    assert (link.bytes_in, link.bytes_out) == (len(upward), len(downward))
+    assert link.outcome is None and bench.ended == []
+
+
+def test_rest_goes_to_the_client_first(bench: Bench) -> None:
+    rest = frame(b"sent with the 101")
+    client, backend, link = bench.session(rest=rest)
+    backend.sendall(frame(b"then this"))
+    expected = rest + frame(b"then this")
+    assert receive(bench, client, len(expected)) == expected
+    assert link.bytes_out == len(expected)
+
+
+def test_a_reader_that_stops_stops_the_writer(bench: Bench) -> None:
+    """Flow control: the relay holds at most one read; the backend's own sends block."""
+    client, backend, _ = bench.session()
+    backend.setblocking(False)
+    payload = os.urandom(64 << 20)
+    sent = 0
+    # The client reads nothing. Keep the backend writing until its sends block for
+    # a while: that happens only if the relay stopped reading it.
+    blocked_since: float | None = None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sent < len(payload):
+        try:
+            sent += backend.send(payload[sent : sent + 65536])
+            blocked_since = None
+        except BlockingIOError:
+            blocked_since = blocked_since or time.monotonic()
+            if time.monotonic() - blocked_since > 0.5:
+                break
+        ready, _, _ = select.select([bench.relay], [], [], 0)
+        if ready:
+            bench.relay.run()
+    assert blocked_since is not None, "the backend never blocked: nothing held it back"
+    assert sent < len(payload)
+    # Now the client reads: every byte sent arrives, in order.
+    backend.setblocking(True)
+    got = receive(bench, client, sent)
+    assert got == payload[:sent]
+
+
+def test_backend_close_after_data_reaches_a_slow_client_whole(bench: Bench) -> None:
+    client, backend, link = bench.session()
+    data = os.urandom(8 << 20) + frame(b"\x03\xe8", opcode=0x8)
+    backend.setblocking(True)
+    backend.sendall(data[: 1 << 20])  # the rest goes while the client is not reading
+    writer_done = False
+
+    def write_rest() -> bool:
+        nonlocal writer_done
+        if not writer_done:
+            backend.setblocking(False)
+            try:
+                view = memoryview(data)[write_rest.sent :]  # type: ignore[attr-defined]
+                write_rest.sent += backend.send(view)  # type: ignore[attr-defined]
+            except BlockingIOError:
+                pass
+            if write_rest.sent == len(data):  # type: ignore[attr-defined]
+                backend.shutdown(socket.SHUT_WR)
+                writer_done = True
+        return writer_done
+
+    write_rest.sent = 1 << 20  # type: ignore[attr-defined]
+    # Read slowly from the client while the backend writes everything and closes.
+    got = bytearray()
+    client.setblocking(False)
+
+    def all_arrived() -> bool:
+        write_rest()
+        try:
+            chunk = client.recv(65536)
+        except BlockingIOError:
+            return False
+        got.extend(chunk)
+        return not chunk
+
+    bench.pump(all_arrived, timeout=20)
+    assert bytes(got) == data
+    assert bench.ended == [("s", "backend_closed")]
+    assert link.bytes_out == len(data) and not link.lingering
+
+
+def test_client_reset_ends_the_session_once_and_closes_the_backend(bench: Bench) -> None:
+    client, backend, link = bench.session()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # an RST, not a FIN
+    bench.pump(lambda: bool(bench.ended))
+    assert bench.ended == [("s", "client_error")]
+    assert read_to_eof(bench, backend) == b""
+    assert link.outcome == "client_error"
+
+
+def test_client_eof_is_client_closed(bench: Bench) -> None:
+    client, backend, _ = bench.session()
+    client.sendall(b"last words")
+    client.shutdown(socket.SHUT_WR)
+    assert read_to_eof(bench, backend) == b"last words"
+    assert bench.ended == [("s", "client_closed")]
+
+
+def test_close_waits_for_the_frame_boundary(bench: Bench) -> None:
+    client, backend, link = bench.session()
+    big = frame(os.urandom(100_000))
+    backend.sendall(big[:50_000])
+    assert receive(bench, client, 50_000) == big[:50_000]
+    assert link.close_gracefully(CLIENT_CLOSE, BACKEND_CLOSE)
+    assert not link.close_gracefully(CLIENT_CLOSE, BACKEND_CLOSE)  # once
+    # The rest of the frame, then another one. The close frame follows the last
+    # whole frame of the read that completes the big one: "late" may pass if it came
+    # in that read, and nothing after the close frame reaches the client.
+    late = frame(b"late")
+    backend.sendall(big[50_000:] + late)
+    rest = big[50_000:]
+    got = receive(bench, client, len(rest) + len(CLIENT_CLOSE))
+    if got[len(rest) :].startswith(late[:1]):
+        got += receive(bench, client, len(late))
+    assert got in (rest + CLIENT_CLOSE, rest + late + CLIENT_CLOSE)
+    assert receive(bench, backend, len(BACKEND_CLOSE)) == BACKEND_CLOSE
+    # Client bytes after our close are dropped too, yet counted.
+    client.sendall(b"ignored")
+    backend.sendall(frame(b"also too late"))
+    bench.pump_for(0.2)
+    client.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        client.recv(100)
+    backend.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        backend.recv(100)
+    assert link.bytes_in == len(b"ignored")
+
+
+def test_close_at_a_boundary_is_written_at_once(bench: Bench) -> None:
+    client, backend, link = bench.session()
+    backend.sendall(frame(b"whole"))
+    assert receive(bench, client, 7) == frame(b"whole")
+    link.close_gracefully(CLIENT_CLOSE, BACKEND_CLOSE)
+    assert receive(bench, client, len(CLIENT_CLOSE)) == CLIENT_CLOSE
+    assert receive(bench, backend, len(BACKEND_CLOSE)) == BACKEND_CLOSE
+
+
+def test_no_second_close_when_the_backend_is_closing(bench: Bench) -> None:
+    client, backend, link = bench.session()
+    backend_close = frame(b"\x03\xe8bye", opcode=0x8)
+    backend.sendall(backend_close)
+    assert receive(bench, client, len(backend_close)) == backend_close
+    link.close_gracefully(CLIENT_CLOSE, BACKEND_CLOSE)
+    backend.shutdown(socket.SHUT_WR)
+    assert read_to_eof(bench, client) == b""  # only the backend's close, no second one
+    assert bench.ended == [("s", "backend_closed")]
+
+
+def test_finish_closes_both_without_a_report(bench: Bench) -> None:
+    client, backend, link = bench.session()
+    link.finish()
+    assert read_to_eof(bench, client) == b"" and read_to_eof(bench, backend) == b""
+    bench.pump_for(0.1)
+    assert bench.ended == [] and link.outcome == "finished" and len(bench.relay) == 0
+
+
+def test_a_stuck_flush_is_cut_after_linger(bench: Bench) -> None:
+    """A client that half-closes and never reads: its session ends at once, and what
+    waits for it is given up after the relay's linger."""
+    before = open_descriptors()
+    client, backend, link = bench.session()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    backend.setblocking(False)
+    sent = 0
+    chunk = os.urandom(65536)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # fill every buffer up to the relay's
+        try:
+            sent += backend.send(chunk)
+        except BlockingIOError:
+            bench.pump_for(0.05)
+            try:
+                sent += backend.send(chunk)
+            except BlockingIOError:
+                break
+    client.shutdown(socket.SHUT_WR)
+    bench.pump(lambda: bool(bench.ended))
+    assert bench.ended == [("s", "client_closed")]
+    assert link.lingering and bench.relay.lingering == 1
+    bench.pump(lambda: not link.lingering, timeout=3)  # linger is 0.5 s here
+    assert bench.relay.lingering == 0
+    assert open_descriptors() == before + 2  # the far ends, still the test's to close
+
+
+def test_sessions_opened_and_ended_leave_no_descriptor(bench: Bench) -> None:
+    before = open_descriptors()
+    for round_ in range(3):
+        pairs = [bench.session(f"{round_}-{i}") for i in range(100)]
+        for index, (client, backend, _) in enumerate(pairs):
+            (client if index % 2 else backend).close()
+        bench.pump(lambda: len(bench.relay) == 0)
+        for client, backend, _ in pairs:
+            client.close()
+            backend.close()
+    assert open_descriptors() == before
+    outcomes = {outcome for _, outcome in bench.ended}
+    assert len(bench.ended) == 300 and outcomes == {"client_closed", "backend_closed"}
+
+
+def test_closed_relay_refuses_and_closes_what_it_is_given(bench: Bench) -> None:
+    bench.relay.close()
+    before = open_descriptors()
+    a, b = socket.socketpair()
+    with pytest.raises(ValueError, match="closed"):
+        bench.relay.add(a.detach(), os.dup(b.fileno()), b"", "late")
+    assert open_descriptors() == before + 1  # b alone: the relay closed what it got
+    b.close()
+
+
+class _Recorder:
+    """Stands where a Session stands for the hand-over: relays what it is given."""
+
+    def __init__(self, relay: Relay):
+        self.relay_ = relay
+        self.handoff: object = None
+        self.link: Link | None = None
+        self.finished: list[str] = []
+
+    def relay(self, client_fd: int, backend_fd: int, rest: bytes) -> None:
+        self.link = self.relay_.add(client_fd, backend_fd, rest, self)
+
+    def finish(self, outcome: str) -> None:
+        self.finished.append(outcome)
+
+
+def test_handoff_waits_until_uvloop_has_written_what_it_holds() -> None:
+    """Bytes uvloop still buffers for the client when the session starts go out first."""
+    import asyncio
+
+    import uvloop
+
+    from wsgate.gateway.proxy import _Handoff
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Queue[asyncio.Transport] = asyncio.Queue()
+
+        class Accept(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                accepted.put_nowait(transport)  # type: ignore[arg-type]
+
+        server = await loop.create_server(Accept, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        client = socket.create_connection(address)
+        client_transport = await accepted.get()
+        backend = socket.create_connection(address)
+        backend_transport = await accepted.get()
+        relay = Relay(lambda owner, outcome: owner.finish(outcome))
+        loop.add_reader(relay.fileno(), relay.run)
+        try:
+            before = os.urandom(32 << 20)
+            client_transport.write(before)  # far more than the kernel takes at once
+            assert client_transport.get_write_buffer_size() > 0
+            recorder = _Recorder(relay)
+            handoff = _Handoff(recorder, client_transport, backend_transport, b"rest")  # type: ignore[arg-type]
+            handoff.hand_over_when_written()
+            assert recorder.link is None  # still waiting for uvloop
+            backend.sendall(b"after")
+            client.setblocking(False)
+            got = bytearray()
+            expected = before + b"rest" + b"after"
+            while len(got) < len(expected):
+                got += await asyncio.wait_for(loop.sock_recv(client, 1 << 20), 10)
+            assert bytes(got) == expected
+            assert recorder.link is not None and recorder.finished == []
+            client.close()
+            for _ in range(100):
+                if recorder.finished:
+                    break
+                await asyncio.sleep(0.02)
+            assert recorder.finished == ["client_closed"]
+        finally:
+            loop.remove_reader(relay.fileno())
+            relay.close()
+            client.close()
+            backend.close()
+            server.close()
+
+    uvloop.run(scenario())
