@@ -38,8 +38,10 @@ def test_cost_counts_instructions_per_unit_of_work(work: str) -> None:
     )
     assert row is not None, done.stdout
     user, kernel, cpu_us = (float(value.replace(",", "")) for value in row.groups())
-    # Every unit makes system calls (reads and writes at least) and runs Python code.
-    assert user > 1 and kernel > 1 and cpu_us > 0, row.group(0)
+    # Every unit makes system calls (reads and writes at least: thousands of kernel
+    # instructions) and some user-space work (Python's for an upgrade, the C relay's
+    # few hundred instructions for a round trip).
+    assert user > 0.1 and kernel > 1 and cpu_us > 0, row.group(0)
 
 
 def test_cost_refuses_direct_in_one_line() -> None:

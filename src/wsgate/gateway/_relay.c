@@ -1,12 +1,13 @@
 /*
  * The relay of established WebSocket sessions, out of Python's byte path.
  *
- * Once a session is set up, the gateway hands the two sockets to a Relay: an
- * epoll set of its own whose descriptor sits in the event loop as one reader.
- * When any of its sockets is ready the loop calls Relay.run() once, and the
- * relay moves the bytes in C for every ready socket: recv into one scratch
- * buffer, send to the other side, and nothing in Python until a session ends.
- * Python keeps everything else: the slot, the timers, the decision to close.
+ * Once a session is set up, the gateway hands the two sockets to a Relay: a
+ * thread of its own, blocked in epoll_wait on those sockets alone, that moves
+ * the bytes of every ready socket in C (recv into one scratch buffer, send to
+ * the other side) without the GIL. Python hears from it only when a session
+ * ends, and keeps everything else: the slot, the timers, the decision to close.
+ * One wait per wake-up, as in any event-driven proxy; and while Python sets up
+ * new sessions on one core, the bytes of established ones move on another.
  *
  * Per session (a Link):
  * - Flow control: a socket is read only while nothing waits to be written to
@@ -22,15 +23,21 @@
  *   flushed afterwards ("lingering") for at most `linger` seconds; a timerfd
  *   in the same epoll set cuts what is left.
  *
- * Everything runs on the event loop's thread with the GIL held: no locks.
- * Python hears of an ended session only from run(), never from inside add(),
- * close_gracefully() or finish(): when one of those ends a session, an eventfd
- * in the epoll set makes the loop call run() next.
+ * Threads. The relay thread and Python's calls (add, close_gracefully, finish,
+ * the counters) take one mutex; the relay thread never touches a Python object
+ * or its reference count. It reports through an eventfd that the event loop
+ * watches: report() then calls on_end(owner, outcome) for each ended session
+ * and drops the relay's reference to the links it is done with. A link whose
+ * sockets were closed is let go only after the relay thread has finished a
+ * whole batch of events that began after the close, since a batch fetched
+ * before may still point at it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -267,11 +274,19 @@ static const char *outcome_names[OUTCOMES] = {
 };
 static PyObject *outcome_strings[OUTCOMES];
 
+/* A close frame fits: 2 bytes of header, 4 of mask, 125 of payload. */
+#define MAX_CLOSE_FRAME 131
+
+typedef struct {
+    unsigned char data[MAX_CLOSE_FRAME];
+    size_t len;
+} CloseFrame;
+
 struct RelayObject;
 
 typedef struct LinkObject {
     PyObject_HEAD
-    struct RelayObject *relay; /* strong */
+    struct RelayObject *relay; /* strong; the link's fields are the relay's, under its lock */
     End ends[2];
     Tracker tracker; /* of the backend-to-client stream */
     unsigned long long bytes_in, bytes_out;
@@ -279,35 +294,59 @@ typedef struct LinkObject {
     int outcome;
     int closing;  /* a close frame waits for a frame boundary (or was written) */
     int injected; /* our close frames are written; nothing more is relayed */
-    PyObject *client_close; /* frames to write when closing */
-    PyObject *backend_close;
-    PyObject *owner;        /* handed to on_end; dropped when the link ends */
-    int report;             /* call on_end when the relay ends this link */
+    CloseFrame client_close, backend_close;
     struct timespec linger_since;
     struct LinkObject *prev, *next; /* the relay's list of links with open sockets */
-    struct LinkObject *next_ended;  /* links ended during one run, to report */
+    struct LinkObject *next_ended;  /* on the relay's list of links to report */
+    struct LinkObject *next_gone;   /* on one of its lists of links with no socket left */
+    PyObject *owner; /* handed to on_end; Python's side only (touched with the GIL) */
 } LinkObject;
 
 typedef struct RelayObject {
     PyObject_HEAD
+    pthread_mutex_t lock;
+    pthread_t thread;
+    int thread_started;
+    int stopping;
     int epfd;
-    int timerfd; /* ticks while sessions linger, to cut stuck flushes */
-    int wakefd;  /* readable while an ended session waits to be reported */
+    int timerfd;  /* ticks while sessions linger, to cut stuck flushes */
+    int kickfd;   /* wakes the relay thread: to stop, or to retire closed links */
+    int reportfd; /* readable while something waits for report() */
     unsigned char *scratch;
     size_t scratch_size;
     double linger;
     PyObject *on_end;
-    LinkObject *links;   /* strong references, while a socket of theirs is open */
-    Py_ssize_t count;    /* links relaying */
+    LinkObject *links; /* the relay holds a reference to each until it is freeable */
+    Py_ssize_t count;  /* links relaying */
     Py_ssize_t lingering;
-    LinkObject *ended;   /* to report at the end of this run */
-    LinkObject *released; /* to let go of at the end of this run */
+    LinkObject *ended;    /* to report */
+    LinkObject *released; /* no socket left, since the batch in progress began or later */
+    LinkObject *retiring; /* no socket left before the batch in progress began */
+    LinkObject *freeable; /* no batch can point at them any more */
 } RelayObject;
 
 static PyTypeObject LinkType;
 static PyTypeObject RelayType;
 
 static void end_close(RelayObject *relay, End *end);
+
+static void
+signal_fd(int fd)
+{
+    uint64_t one = 1;
+    if (fd >= 0 && write(fd, &one, sizeof one) < 0) {
+        /* EAGAIN: the counter is full, so the reader is due anyway. */
+    }
+}
+
+static void
+drain_fd(int fd)
+{
+    uint64_t count;
+    if (read(fd, &count, sizeof count) < 0) {
+        /* EAGAIN: read already. */
+    }
+}
 
 static int
 out_append(OutBuffer *out, const char *data, size_t size)
@@ -374,16 +413,10 @@ link_watch(LinkObject *link)
         end_watch(link->relay, backend,
                   (out_pending(client) ? 0 : EPOLLIN) | (out_pending(backend) ? EPOLLOUT : 0));
     }
-    else {
+    else if (link->state == LINGERING) {
         end_watch(link->relay, client, EPOLLOUT);
         end_watch(link->relay, backend, EPOLLOUT);
     }
-}
-
-static void
-monotonic_now(struct timespec *now)
-{
-    clock_gettime(CLOCK_MONOTONIC, now);
 }
 
 static void
@@ -398,15 +431,13 @@ relay_arm_sweep(RelayObject *relay, int on)
     timerfd_settime(relay->timerfd, 0, &spec, NULL);
 }
 
-/* The link has no open socket left: the relay lets go of it after this run. */
+/* The link has no open socket left. */
 static void
 link_release(LinkObject *link)
 {
     RelayObject *relay = link->relay;
-    if (link->state == LINGERING) {
-        if (--relay->lingering == 0)
-            relay_arm_sweep(relay, 0);
-    }
+    if (link->state == LINGERING && --relay->lingering == 0)
+        relay_arm_sweep(relay, 0);
     link->state = CLOSED;
     if (link->prev)
         link->prev->next = link->next;
@@ -414,11 +445,12 @@ link_release(LinkObject *link)
         relay->links = link->next;
     if (link->next)
         link->next->prev = link->prev;
-    link->prev = NULL;
-    link->next = relay->released;
+    link->prev = link->next = NULL;
+    link->next_gone = relay->released;
     relay->released = link;
 }
 
+/* End a relaying link: close what has nothing left to write, flush the rest. */
 static void
 link_end(LinkObject *link, int outcome, int report)
 {
@@ -439,7 +471,7 @@ link_end(LinkObject *link, int outcome, int report)
     }
     if (lingering) {
         link->state = LINGERING;
-        monotonic_now(&link->linger_since);
+        clock_gettime(CLOCK_MONOTONIC, &link->linger_since);
         if (relay->lingering++ == 0)
             relay_arm_sweep(relay, 1);
         link_watch(link);
@@ -447,13 +479,9 @@ link_end(LinkObject *link, int outcome, int report)
     else {
         link_release(link);
     }
-    if (report && link->owner != NULL) {
-        Py_INCREF(link);
+    if (report) {
         link->next_ended = relay->ended;
         relay->ended = link;
-    }
-    else {
-        Py_CLEAR(link->owner);
     }
 }
 
@@ -501,7 +529,7 @@ end_flush(End *end)
 
 /* Send `data` to this socket after what already waits for it. */
 static void
-end_send(End *end, const char *data, size_t size)
+end_send(End *end, const void *data, size_t size)
 {
     LinkObject *link = end->link;
     if (end->fd < 0 || size == 0)
@@ -518,7 +546,7 @@ end_send(End *end, const char *data, size_t size)
             }
             sent = 0;
         }
-        data += sent;
+        data = (const char *)data + sent;
         size -= (size_t)sent;
         if (size == 0)
             return;
@@ -535,11 +563,9 @@ link_inject(LinkObject *link)
     link->injected = 1;
     /* From here on nothing more is relayed either way; the backend hears that
      * we are going away as a client would say it, and both are left to close. */
-    end_send(&link->ends[CLIENT], PyBytes_AS_STRING(link->client_close),
-             (size_t)PyBytes_GET_SIZE(link->client_close));
+    end_send(&link->ends[CLIENT], link->client_close.data, link->client_close.len);
     if (link->state == RELAYING)
-        end_send(&link->ends[BACKEND], PyBytes_AS_STRING(link->backend_close),
-                 (size_t)PyBytes_GET_SIZE(link->backend_close));
+        end_send(&link->ends[BACKEND], link->backend_close.data, link->backend_close.len);
 }
 
 /* Bytes the backend sent, on their way to the client. */
@@ -550,15 +576,15 @@ link_from_backend(LinkObject *link, const unsigned char *data, Py_ssize_t size)
     Py_ssize_t boundary = tracker_feed(&link->tracker, data, size);
     End *client = &link->ends[CLIENT];
     if (!link->closing) {
-        end_send(client, (const char *)data, (size_t)size);
+        end_send(client, data, (size_t)size);
     }
     else if (!link->injected) {
         if (boundary < 0 || link->tracker.opcode == OPCODE_CLOSE) {
             /* Still inside a frame, or the backend's own close is passing. */
-            end_send(client, (const char *)data, (size_t)size);
+            end_send(client, data, (size_t)size);
         }
         else {
-            end_send(client, (const char *)data, (size_t)boundary);
+            end_send(client, data, (size_t)boundary);
             if (link->state == RELAYING)
                 link_inject(link);
         }
@@ -581,7 +607,7 @@ link_readable(RelayObject *relay, End *end)
         else {
             link->bytes_in += (unsigned long long)size;
             if (!link->injected)
-                end_send(&link->ends[BACKEND], (const char *)relay->scratch, (size_t)size);
+                end_send(&link->ends[BACKEND], relay->scratch, (size_t)size);
         }
     }
     else if (size == 0) {
@@ -597,7 +623,7 @@ relay_event(RelayObject *relay, End *end, uint32_t events)
 {
     LinkObject *link = end->link;
     if (end->fd < 0 || link->state == CLOSED)
-        return;
+        return; /* closed since this batch was fetched */
     if (link->state == LINGERING) {
         if ((events & (EPOLLERR | EPOLLHUP)) || end_flush(end) < 0 || !out_pending(end))
             end_close(relay, end);
@@ -617,18 +643,15 @@ relay_event(RelayObject *relay, End *end, uint32_t events)
         /* Reset while not being read (its peer is slow): nothing more can pass. */
         link_end(link, side_error(end->side), 1);
     }
-    if (link->state != CLOSED)
-        link_watch(link);
+    link_watch(link);
 }
 
 static void
 relay_sweep(RelayObject *relay)
 {
-    uint64_t expirations;
-    if (read(relay->timerfd, &expirations, sizeof expirations) < 0 && errno != EAGAIN)
-        return;
+    drain_fd(relay->timerfd);
     struct timespec now;
-    monotonic_now(&now);
+    clock_gettime(CLOCK_MONOTONIC, &now);
     LinkObject *link = relay->links;
     while (link != NULL) {
         LinkObject *next = link->next;
@@ -644,45 +667,78 @@ relay_sweep(RelayObject *relay)
     }
 }
 
-/* Let go of the links with no socket left; have run() called if any ended. */
-static void
-relay_release(RelayObject *relay)
+static LinkObject *
+gone_append(LinkObject *list, LinkObject *more)
 {
-    if (relay->ended != NULL && relay->wakefd >= 0) {
-        uint64_t one = 1;
-        if (write(relay->wakefd, &one, sizeof one) < 0) {
-            /* EAGAIN: the counter is full, so run() is due anyway. */
+    if (more == NULL)
+        return list;
+    LinkObject *last = more;
+    while (last->next_gone != NULL)
+        last = last->next_gone;
+    last->next_gone = list;
+    return more;
+}
+
+static void *
+relay_thread(void *arg)
+{
+    RelayObject *relay = arg;
+    struct epoll_event events[EVENTS_PER_RUN];
+    for (;;) {
+        int ready = epoll_wait(relay->epfd, events, EVENTS_PER_RUN, -1);
+        if (ready < 0 && errno != EINTR)
+            ready = 0; /* cannot happen with a valid epfd; stay responsive to stop */
+        pthread_mutex_lock(&relay->lock);
+        if (relay->stopping) {
+            pthread_mutex_unlock(&relay->lock);
+            return NULL;
         }
-    }
-    while (relay->released != NULL) {
-        LinkObject *link = relay->released;
-        relay->released = link->next;
-        link->next = NULL;
-        Py_DECREF(link);
+        relay->retiring = relay->released;
+        relay->released = NULL;
+        for (int i = 0; i < ready; i++) {
+            void *what = events[i].data.ptr;
+            if (what == &relay->kickfd)
+                drain_fd(relay->kickfd);
+            else if (what == &relay->timerfd)
+                relay_sweep(relay);
+            else
+                relay_event(relay, what, events[i].events);
+        }
+        relay->freeable = gone_append(relay->freeable, relay->retiring);
+        relay->retiring = NULL;
+        int report = relay->ended != NULL || relay->freeable != NULL;
+        pthread_mutex_unlock(&relay->lock);
+        if (report)
+            signal_fd(relay->reportfd);
     }
 }
 
-/* Report the links that ended, then let go of those with no socket left. */
+/* What report() does after taking the lists: call on_end, let go of links.
+ * Runs on Python's thread with the GIL and without the lock. */
 static void
-relay_report(RelayObject *relay)
+relay_deliver(RelayObject *relay, LinkObject *ended, LinkObject *freeable)
 {
-    while (relay->ended != NULL) {
-        LinkObject *link = relay->ended;
-        relay->ended = link->next_ended;
-        link->next_ended = NULL;
+    while (ended != NULL) {
+        LinkObject *link = ended;
+        ended = link->next_ended;
         PyObject *owner = link->owner;
         link->owner = NULL;
-        if (owner != NULL) {
+        if (owner != NULL && relay->on_end != NULL) {
             PyObject *result = PyObject_CallFunctionObjArgs(
                 relay->on_end, owner, outcome_strings[link->outcome], NULL);
             if (result == NULL)
                 PyErr_WriteUnraisable(relay->on_end);
             Py_XDECREF(result);
-            Py_DECREF(owner);
         }
+        Py_XDECREF(owner);
+    }
+    while (freeable != NULL) {
+        LinkObject *link = freeable;
+        freeable = link->next_gone;
+        link->next_gone = NULL;
+        Py_CLEAR(link->owner);
         Py_DECREF(link);
     }
-    relay_release(relay);
 }
 
 /* -- Link's Python face ----------------------------------------------------------------- */
@@ -692,11 +748,22 @@ Link_dealloc(LinkObject *self)
 {
     for (int side = CLIENT; side <= BACKEND; side++)
         out_free(&self->ends[side].out);
-    Py_XDECREF(self->client_close);
-    Py_XDECREF(self->backend_close);
     Py_XDECREF(self->owner);
     Py_XDECREF(self->relay);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+copy_frame(CloseFrame *frame, PyObject *bytes)
+{
+    Py_ssize_t size = PyBytes_GET_SIZE(bytes);
+    if (size > MAX_CLOSE_FRAME) {
+        PyErr_SetString(PyExc_ValueError, "a close frame is at most 131 bytes");
+        return -1;
+    }
+    memcpy(frame->data, PyBytes_AS_STRING(bytes), (size_t)size);
+    frame->len = (size_t)size;
+    return 0;
 }
 
 static PyObject *
@@ -705,57 +772,84 @@ Link_close_gracefully(LinkObject *self, PyObject *args)
     PyObject *client_close, *backend_close;
     if (!PyArg_ParseTuple(args, "SS:close_gracefully", &client_close, &backend_close))
         return NULL;
-    if (self->state != RELAYING || self->closing)
-        Py_RETURN_FALSE;
-    self->closing = 1;
-    Py_INCREF(client_close);
-    self->client_close = client_close;
-    Py_INCREF(backend_close);
-    self->backend_close = backend_close;
-    if (self->tracker.opcode == OPCODE_CLOSE) {
-        /* The backend is closing already; its close frame is on its way. */
-    }
-    else if (tracker_at_boundary(&self->tracker)) {
-        link_inject(self);
-    }
-    if (self->state != CLOSED)
+    RelayObject *relay = self->relay;
+    pthread_mutex_lock(&relay->lock);
+    int accepted = self->state == RELAYING && !self->closing;
+    if (accepted) {
+        if (copy_frame(&self->client_close, client_close) < 0 ||
+            copy_frame(&self->backend_close, backend_close) < 0) {
+            pthread_mutex_unlock(&relay->lock);
+            return NULL;
+        }
+        self->closing = 1;
+        if (self->tracker.opcode == OPCODE_CLOSE) {
+            /* The backend is closing already; its close frame is on its way. */
+        }
+        else if (tracker_at_boundary(&self->tracker)) {
+            link_inject(self);
+        }
         link_watch(self);
-    relay_release(self->relay);
-    Py_RETURN_TRUE;
+    }
+    int report = relay->ended != NULL;
+    int kick = relay->released != NULL;
+    pthread_mutex_unlock(&relay->lock);
+    if (report)
+        signal_fd(relay->reportfd);
+    if (kick)
+        signal_fd(relay->kickfd);
+    return PyBool_FromLong(accepted);
 }
 
 static PyObject *
 Link_finish(LinkObject *self, PyObject *unused)
 {
+    RelayObject *relay = self->relay;
+    pthread_mutex_lock(&relay->lock);
     link_end(self, OUTCOME_FINISHED, 0);
-    relay_release(self->relay);
+    int kick = relay->released != NULL;
+    pthread_mutex_unlock(&relay->lock);
+    if (kick)
+        signal_fd(relay->kickfd); /* so the relay thread retires it */
+    Py_CLEAR(self->owner);
     Py_RETURN_NONE;
 }
 
 static PyObject *
 Link_bytes_in(LinkObject *self, void *closure)
 {
-    return PyLong_FromUnsignedLongLong(self->bytes_in);
+    pthread_mutex_lock(&self->relay->lock);
+    unsigned long long value = self->bytes_in;
+    pthread_mutex_unlock(&self->relay->lock);
+    return PyLong_FromUnsignedLongLong(value);
 }
 
 static PyObject *
 Link_bytes_out(LinkObject *self, void *closure)
 {
-    return PyLong_FromUnsignedLongLong(self->bytes_out);
+    pthread_mutex_lock(&self->relay->lock);
+    unsigned long long value = self->bytes_out;
+    pthread_mutex_unlock(&self->relay->lock);
+    return PyLong_FromUnsignedLongLong(value);
 }
 
 static PyObject *
 Link_outcome(LinkObject *self, void *closure)
 {
-    if (self->outcome == OUTCOME_NONE)
+    pthread_mutex_lock(&self->relay->lock);
+    int outcome = self->outcome;
+    pthread_mutex_unlock(&self->relay->lock);
+    if (outcome == OUTCOME_NONE)
         Py_RETURN_NONE;
-    return Py_NewRef(outcome_strings[self->outcome]);
+    return Py_NewRef(outcome_strings[outcome]);
 }
 
 static PyObject *
 Link_lingering(LinkObject *self, void *closure)
 {
-    return PyBool_FromLong(self->state == LINGERING);
+    pthread_mutex_lock(&self->relay->lock);
+    int lingering = self->state == LINGERING;
+    pthread_mutex_unlock(&self->relay->lock);
+    return PyBool_FromLong(lingering);
 }
 
 static PyMethodDef Link_methods[] = {
@@ -803,40 +897,52 @@ Relay_clear(RelayObject *self)
     return 0;
 }
 
+/* Stop the thread, end every session without reporting it, close every
+ * descriptor; report what had ended before and let go of every link. */
 static void
-relay_close_all(RelayObject *self)
+relay_shut(RelayObject *self)
 {
+    if (self->thread_started) {
+        pthread_mutex_lock(&self->lock);
+        self->stopping = 1;
+        pthread_mutex_unlock(&self->lock);
+        signal_fd(self->kickfd);
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(self->thread, NULL);
+        Py_END_ALLOW_THREADS
+        self->thread_started = 0;
+    }
+    pthread_mutex_lock(&self->lock);
     while (self->links != NULL) {
         LinkObject *link = self->links;
-        if (link->state == RELAYING)
-            link_end(link, OUTCOME_FINISHED, 0);
+        link_end(link, OUTCOME_FINISHED, 0);
         if (link->state == LINGERING) {
             end_close(self, &link->ends[CLIENT]);
             end_close(self, &link->ends[BACKEND]);
         }
     }
-    if (self->epfd >= 0) {
-        close(self->epfd);
-        self->epfd = -1;
+    int *fds[] = {&self->epfd, &self->timerfd, &self->kickfd, &self->reportfd};
+    for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
+        if (*fds[i] >= 0) {
+            close(*fds[i]);
+            *fds[i] = -1;
+        }
     }
-    if (self->timerfd >= 0) {
-        close(self->timerfd);
-        self->timerfd = -1;
-    }
-    if (self->wakefd >= 0) {
-        close(self->wakefd);
-        self->wakefd = -1;
-    }
+    LinkObject *ended = self->ended;
+    LinkObject *gone = gone_append(gone_append(self->freeable, self->retiring), self->released);
+    self->ended = self->freeable = self->retiring = self->released = NULL;
+    pthread_mutex_unlock(&self->lock);
+    relay_deliver(self, ended, gone);
 }
 
 static void
 Relay_dealloc(RelayObject *self)
 {
     PyObject_GC_UnTrack(self);
-    relay_close_all(self);
-    relay_report(self);
+    relay_shut(self);
     Relay_clear(self);
     PyMem_RawFree(self->scratch);
+    pthread_mutex_destroy(&self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -861,34 +967,49 @@ Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     RelayObject *self = (RelayObject *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
-    self->epfd = self->timerfd = self->wakefd = -1;
+    pthread_mutex_init(&self->lock, NULL);
+    self->epfd = self->timerfd = self->kickfd = self->reportfd = -1;
+    self->linger = linger;
     self->scratch = PyMem_RawMalloc((size_t)read_size);
     if (self->scratch == NULL) {
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
     self->scratch_size = (size_t)read_size;
-    self->linger = linger;
     self->on_end = Py_NewRef(on_end);
     self->epfd = epoll_create1(EPOLL_CLOEXEC);
     self->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-    self->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    self->kickfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    self->reportfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     struct epoll_event tick = {.events = EPOLLIN, .data.ptr = &self->timerfd};
-    struct epoll_event wake = {.events = EPOLLIN, .data.ptr = &self->wakefd};
-    if (self->epfd < 0 || self->timerfd < 0 || self->wakefd < 0 ||
+    struct epoll_event kick = {.events = EPOLLIN, .data.ptr = &self->kickfd};
+    if (self->epfd < 0 || self->timerfd < 0 || self->kickfd < 0 || self->reportfd < 0 ||
         epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->timerfd, &tick) < 0 ||
-        epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->wakefd, &wake) < 0) {
+        epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->kickfd, &kick) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         Py_DECREF(self);
         return NULL;
     }
+    /* Signals are Python's main thread's business: the relay thread blocks them all. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int failed = pthread_create(&self->thread, NULL, relay_thread, self);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (failed) {
+        errno = failed;
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->thread_started = 1;
     return (PyObject *)self;
 }
 
 static PyObject *
 Relay_fileno(RelayObject *self, PyObject *unused)
 {
-    return PyLong_FromLong(self->epfd);
+    return PyLong_FromLong(self->reportfd);
 }
 
 static PyObject *
@@ -899,14 +1020,11 @@ Relay_add(RelayObject *self, PyObject *args)
     PyObject *owner;
     if (!PyArg_ParseTuple(args, "iiy*O:add", &client_fd, &backend_fd, &rest, &owner))
         return NULL;
-    if (self->epfd < 0) {
-        PyBuffer_Release(&rest);
-        close(client_fd);
-        close(backend_fd);
+    LinkObject *link = NULL;
+    if (self->epfd < 0)
         PyErr_SetString(PyExc_ValueError, "the relay is closed");
-        return NULL;
-    }
-    LinkObject *link = PyObject_New(LinkObject, &LinkType);
+    else
+        link = PyObject_New(LinkObject, &LinkType);
     if (link == NULL) {
         PyBuffer_Release(&rest);
         close(client_fd);
@@ -919,11 +1037,9 @@ Relay_add(RelayObject *self, PyObject *args)
     link->state = RELAYING;
     link->outcome = OUTCOME_NONE;
     link->closing = link->injected = 0;
-    link->client_close = link->backend_close = NULL;
+    link->client_close.len = link->backend_close.len = 0;
     link->owner = Py_NewRef(owner);
-    link->prev = NULL;
-    link->next = NULL;
-    link->next_ended = NULL;
+    link->prev = link->next = link->next_ended = link->next_gone = NULL;
     int fds[2] = {client_fd, backend_fd};
     for (int side = CLIENT; side <= BACKEND; side++) {
         End *end = &link->ends[side];
@@ -933,97 +1049,95 @@ Relay_add(RelayObject *self, PyObject *args)
         end->interest = 0;
         memset(&end->out, 0, sizeof end->out);
     }
-    /* The relay holds the link while a socket of it is open. */
-    Py_INCREF(link);
+    Py_INCREF(link); /* the relay's, until the link is freeable */
+    pthread_mutex_lock(&self->lock);
     link->next = self->links;
     if (self->links)
         self->links->prev = link;
     self->links = link;
     self->count++;
-    for (int side = CLIENT; side <= BACKEND; side++) {
+    int registered = 1;
+    for (int side = CLIENT; side <= BACKEND && registered; side++) {
         End *end = &link->ends[side];
         struct epoll_event event = {.events = EPOLLIN, .data.ptr = end};
-        if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, end->fd, &event) < 0) {
-            PyErr_SetFromErrno(PyExc_OSError);
-            link_end(link, OUTCOME_FINISHED, 0);
-            end_close(self, &link->ends[CLIENT]);
-            end_close(self, &link->ends[BACKEND]);
-            relay_release(self);
-            PyBuffer_Release(&rest);
-            Py_DECREF(link);
-            return NULL;
-        }
-        end->interest = EPOLLIN;
+        if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, end->fd, &event) == 0)
+            end->interest = EPOLLIN;
+        else
+            registered = 0;
     }
-    if (rest.len)
+    if (!registered) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        link_end(link, OUTCOME_FINISHED, 0);
+    }
+    else if (rest.len) {
         link_from_backend(link, rest.buf, rest.len);
-    PyBuffer_Release(&rest);
-    if (link->state != CLOSED)
         link_watch(link);
-    relay_release(self);
+    }
+    int report = self->ended != NULL;
+    int kick = self->released != NULL;
+    pthread_mutex_unlock(&self->lock);
+    PyBuffer_Release(&rest);
+    if (report)
+        signal_fd(self->reportfd);
+    if (kick)
+        signal_fd(self->kickfd);
+    if (!registered) {
+        Py_CLEAR(link->owner);
+        Py_DECREF(link);
+        return NULL;
+    }
     return (PyObject *)link;
 }
 
 static PyObject *
-Relay_run(RelayObject *self, PyObject *unused)
+Relay_report(RelayObject *self, PyObject *unused)
 {
-    if (self->epfd < 0)
-        Py_RETURN_NONE;
-    struct epoll_event events[EVENTS_PER_RUN];
-    int ready;
-    do {
-        ready = epoll_wait(self->epfd, events, EVENTS_PER_RUN, 0);
-    } while (ready < 0 && errno == EINTR);
-    for (int i = 0; i < ready; i++) {
-        void *what = events[i].data.ptr;
-        if (what == &self->timerfd) {
-            relay_sweep(self);
-        }
-        else if (what == &self->wakefd) {
-            uint64_t count;
-            if (read(self->wakefd, &count, sizeof count) < 0) {
-                /* EAGAIN: another run() has read it already. */
-            }
-        }
-        else {
-            relay_event(self, what, events[i].events);
-        }
-    }
-    relay_report(self);
+    pthread_mutex_lock(&self->lock);
+    if (self->reportfd >= 0)
+        drain_fd(self->reportfd);
+    LinkObject *ended = self->ended, *freeable = self->freeable;
+    self->ended = self->freeable = NULL;
+    pthread_mutex_unlock(&self->lock);
+    relay_deliver(self, ended, freeable);
     Py_RETURN_NONE;
 }
 
 static PyObject *
 Relay_close(RelayObject *self, PyObject *unused)
 {
-    relay_close_all(self);
-    relay_report(self);
+    relay_shut(self);
     Py_RETURN_NONE;
 }
 
 static Py_ssize_t
 Relay_len(RelayObject *self)
 {
-    return self->count;
+    pthread_mutex_lock(&self->lock);
+    Py_ssize_t count = self->count;
+    pthread_mutex_unlock(&self->lock);
+    return count;
 }
 
 static PyObject *
 Relay_lingering(RelayObject *self, void *closure)
 {
-    return PyLong_FromSsize_t(self->lingering);
+    pthread_mutex_lock(&self->lock);
+    Py_ssize_t lingering = self->lingering;
+    pthread_mutex_unlock(&self->lock);
+    return PyLong_FromSsize_t(lingering);
 }
 
 static PyMethodDef Relay_methods[] = {
     {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS,
-     "The epoll descriptor: readable when run() has work."},
+     "A descriptor that is readable while report() has something to do."},
     {"add", (PyCFunction)Relay_add, METH_VARARGS,
      "add(client_fd, backend_fd, rest, owner) -> Link. Takes the two sockets (closed "
      "by the relay from now on, even on error); rest goes to the client first, as if "
      "the backend had just sent it; owner is passed to on_end(owner, outcome)."},
-    {"run", (PyCFunction)Relay_run, METH_NOARGS,
-     "Relay what the sockets have ready; report sessions that ended."},
+    {"report", (PyCFunction)Relay_report, METH_NOARGS,
+     "Call on_end for the sessions that ended; let go of the links the relay is done with."},
     {"close", (PyCFunction)Relay_close, METH_NOARGS,
-     "End every session without reporting it and close every socket."},
+     "Stop the relay thread, end every session without reporting it, close every socket."},
     {NULL},
 };
 
@@ -1041,7 +1155,7 @@ static PyTypeObject RelayType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "wsgate.gateway._relay.Relay",
     .tp_doc = "Relay(on_end, *, read_size=262144, linger=5.0): established sessions, "
-              "relayed in C on an epoll set of their own.",
+              "relayed in C by a thread of their own.",
     .tp_basicsize = sizeof(RelayObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = Relay_new,

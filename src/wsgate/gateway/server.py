@@ -158,7 +158,7 @@ class Gateway:
                 reuse_address=True,
                 reuse_port=self.reuse_port or None,
             )
-        self.loop.add_reader(self.relay.fileno(), self.relay.run)
+        self.loop.add_reader(self.relay.fileno(), self.relay.report)
         self.spawn(self._housekeeping(), "housekeeping")
         self.spawn(self._rebalance_forever(), "rebalance")
         self.ready = True
