@@ -344,7 +344,8 @@ def test_sessions_opened_and_ended_leave_no_descriptor(bench: Bench) -> None:
         pairs = [bench.session(f"{round_}-{i}") for i in range(100)]
         for index, (client, backend, _) in enumerate(pairs):
             (client if index % 2 else backend).close()
-        bench.pump(lambda: len(bench.ended) == 100 * (round_ + 1))
+        reported = 100 * (round_ + 1)
+        bench.pump(lambda reported=reported: len(bench.ended) == reported)
         assert len(bench.relay) == 0
         for client, backend, _ in pairs:
             client.close()
