@@ -27,10 +27,11 @@
  * the counters) take one mutex; the relay thread never touches a Python object
  * or its reference count. It reports through an eventfd that the event loop
  * watches: report() then calls on_end(owner, outcome) for each ended session
- * and drops the relay's reference to the links it is done with. A link whose
- * sockets were closed is let go only after the relay thread has finished a
- * whole batch of events that began after the close, since a batch fetched
- * before may still point at it.
+ * and drops the relay's reference to the links it is done with. A link is let
+ * go only when no batch of events can point at it any more: one the relay
+ * thread closed, at the end of that batch (the next wait starts after the
+ * close); one Python closed between two batches, after the next whole batch,
+ * since that batch may have been fetched before the close.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -320,8 +321,8 @@ typedef struct RelayObject {
     Py_ssize_t count;  /* links relaying */
     Py_ssize_t lingering;
     LinkObject *ended;    /* to report */
-    LinkObject *released; /* no socket left, since the batch in progress began or later */
-    LinkObject *retiring; /* no socket left before the batch in progress began */
+    LinkObject *released; /* no socket left: closed by Python, or in the batch in progress */
+    LinkObject *retiring; /* closed by Python before the batch in progress began */
     LinkObject *freeable; /* no batch can point at them any more */
 } RelayObject;
 
@@ -704,8 +705,9 @@ relay_thread(void *arg)
             else
                 relay_event(relay, what, events[i].events);
         }
-        relay->freeable = gone_append(relay->freeable, relay->retiring);
-        relay->retiring = NULL;
+        relay->freeable =
+            gone_append(gone_append(relay->freeable, relay->retiring), relay->released);
+        relay->retiring = relay->released = NULL;
         int report = relay->ended != NULL || relay->freeable != NULL;
         pthread_mutex_unlock(&relay->lock);
         if (report)
@@ -791,7 +793,7 @@ Link_close_gracefully(LinkObject *self, PyObject *args)
         link_watch(self);
     }
     int report = relay->ended != NULL;
-    int kick = relay->released != NULL;
+    int kick = accepted && self->state == CLOSED; /* a failed send closed it: retire it */
     pthread_mutex_unlock(&relay->lock);
     if (report)
         signal_fd(relay->reportfd);
@@ -805,11 +807,12 @@ Link_finish(LinkObject *self, PyObject *unused)
 {
     RelayObject *relay = self->relay;
     pthread_mutex_lock(&relay->lock);
+    int was_relaying = self->state == RELAYING;
     link_end(self, OUTCOME_FINISHED, 0);
-    int kick = relay->released != NULL;
+    int kick = was_relaying && self->state == CLOSED;
     pthread_mutex_unlock(&relay->lock);
     if (kick)
-        signal_fd(relay->kickfd); /* so the relay thread retires it */
+        signal_fd(relay->kickfd); /* so that the relay thread retires it */
     Py_CLEAR(self->owner);
     Py_RETURN_NONE;
 }
@@ -1074,7 +1077,7 @@ Relay_add(RelayObject *self, PyObject *args)
         link_watch(link);
     }
     int report = self->ended != NULL;
-    int kick = self->released != NULL;
+    int kick = link->state == CLOSED;
     pthread_mutex_unlock(&self->lock);
     PyBuffer_Release(&rest);
     if (report)

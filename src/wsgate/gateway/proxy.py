@@ -592,9 +592,10 @@ class _Handoff(asyncio.Protocol):
     """A new session's two transports, until uvloop has written what it holds for them.
 
     Their sockets then go to the relay (:mod:`wsgate.gateway._relay`): the session's
-    bytes never pass through Python again. Usually nothing is waiting and the
-    hand-over happens at once; otherwise a write-buffer limit of zero makes uvloop
-    call ``resume_writing`` when the last byte has left.
+    bytes never pass through Python again. Usually nothing is waiting and
+    :func:`hand_over` does it at once; otherwise this protocol holds both
+    transports, and a write-buffer limit of zero makes uvloop call
+    ``resume_writing`` when the last byte has left.
     """
 
     __slots__ = ("backend_transport", "client_transport", "rest", "session")
@@ -624,27 +625,11 @@ class _Handoff(asyncio.Protocol):
             return
         self.session = None
         session.handoff = None
-        try:
-            client_fd = _take_socket(self.client_transport)
-        except OSError:
-            self.abort()
-            session.finish("client_error")
-            return
-        try:
-            backend_fd = _take_socket(self.backend_transport)
-        except OSError:
-            os.close(client_fd)
-            self.abort()
-            session.finish("backend_error")
-            return
-        self.client_transport.abort()
-        self.backend_transport.abort()
-        session.relay(client_fd, backend_fd, self.rest)
+        hand_over(session, self.client_transport, self.backend_transport, self.rest)
 
     def abort(self) -> None:
         self.session = None
-        self.client_transport.abort()
-        self.backend_transport.abort()
+        _abort(self.client_transport, self.backend_transport)
 
     def resume_writing(self) -> None:
         self.hand_over_when_written()
@@ -656,13 +641,45 @@ class _Handoff(asyncio.Protocol):
             session.finish("handoff_failed")
 
 
-def _take_socket(transport: asyncio.Transport) -> int:
-    """A descriptor of the transport's socket that outlives the transport.
+def hand_over(
+    session: Session,
+    client_transport: asyncio.Transport,
+    backend_transport: asyncio.Transport,
+    rest: bytes,
+) -> None:
+    """Give the relay a descriptor of each socket, then let the transports go.
 
-    The transport is aborted afterwards: libuv removes its descriptor from its
-    epoll set before closing it, and the socket stays open through ours.
+    Aborting a transport closes only its own descriptor (libuv takes it out of
+    its epoll set first): the sockets stay open through the duplicates.
     """
-    return os.dup(transport.get_extra_info("socket").fileno())
+    try:
+        client_fd = os.dup(client_transport.get_extra_info("socket").fileno())
+    except OSError:
+        _abort(client_transport, backend_transport)
+        session.finish("client_error")
+        return
+    try:
+        backend_fd = os.dup(backend_transport.get_extra_info("socket").fileno())
+    except OSError:
+        os.close(client_fd)
+        _abort(client_transport, backend_transport)
+        session.finish("backend_error")
+        return
+    _abort(client_transport, backend_transport)
+    session.relay(client_fd, backend_fd, rest)
+
+
+class _Gone(asyncio.Protocol):
+    """The protocol of a transport given up: its connection_lost concerns no one."""
+
+
+_GONE = _Gone()
+
+
+def _abort(*transports: asyncio.Transport) -> None:
+    for transport in transports:
+        transport.set_protocol(_GONE)
+        transport.abort()
 
 
 class Session:
@@ -698,8 +715,10 @@ class Session:
         """Take over both transports; ``rest`` is what the backend sent after its 101."""
         self.backend.connections.add(self)
         self.gw.sessions.add(self)
-        self.handoff = _Handoff(self, client_transport, backend_transport, rest)
-        self.handoff.hand_over_when_written()
+        if client_transport.get_write_buffer_size() or backend_transport.get_write_buffer_size():
+            self.handoff = _Handoff(self, client_transport, backend_transport, rest)
+        else:
+            hand_over(self, client_transport, backend_transport, rest)
 
     def relay(self, client_fd: int, backend_fd: int, rest: bytes) -> None:
         """The sockets are ours alone now: the relay moves their bytes from here on."""
