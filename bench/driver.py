@@ -329,6 +329,10 @@ class _Round:
     def send(self, client: _Client) -> None:
         if client.round is not self or client.transport is None:
             return
+        if client.transport.is_closing():
+            # Closed by the far side, its connection_lost not delivered yet.
+            self.fail(client, "the connection was closed")
+            return
         client.expect = self.frame_len
         client.sent_at = time.monotonic_ns()
         client.transport.write(self.frame)

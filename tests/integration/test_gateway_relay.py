@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 import yaml
 from gwtools import open_many, open_one, raw_request, wait_until
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.frames import Frame, Opcode
 
 from wsgate.testbed.processes import ProcessGroup, free_port, wsgate_argv
@@ -252,3 +252,54 @@ async def test_backend_connect_times_out_with_502_and_releases(procs: ProcessGro
         [backend] = http_json(f"http://127.0.0.1:{admin}/snapshot")["backends"]
         assert backend["connect_failures_total"] == 2
         assert backend["active"] == 0
+
+
+async def test_at_the_open_files_limit_a_session_is_refused_or_kept_never_dropped(
+    procs: ProcessGroup,
+) -> None:
+    """A session that got its 101 keeps relaying, even when the gateway has no
+    descriptor to spare; the ones it cannot take are refused before their 101."""
+    backends = start_backends(procs, 1)
+    port, admin = free_port(), free_port()
+    config = {
+        "listen": f"127.0.0.1:{port}",
+        "admin": f"127.0.0.1:{admin}",
+        "backends": [{"address": backends[0].address, "id": backends[0].pod_id}],
+        "limits": {"max_connections_per_backend": 1000},
+        "access_log": False,
+    }
+    path = procs.log_dir / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # A hard limit the gateway cannot raise: room for a few dozen sessions.
+    argv = ["prlimit", "--nofile=80:80", *wsgate_argv("serve", "-c", str(path))]
+    procs.start("gateway", argv, port=("127.0.0.1", port))
+    url = f"ws://127.0.0.1:{port}/"
+    kept: list[ClientConnection] = []
+    refused = 0
+    try:
+        for _ in range(80):  # more sessions than 80 descriptors can hold
+            try:
+                kept.append(await connect(url, open_timeout=2, ping_interval=None))
+            except (OSError, TimeoutError, InvalidHandshake):
+                refused += 1
+                if refused == 3:
+                    break
+        assert refused == 3 and 5 < len(kept) < 40, (len(kept), refused)
+        # Every session that was answered 101 still reaches its backend and back.
+        for index, ws in enumerate(kept):
+            await ws.send(f"still here {index}")
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert reply["echo"] == f"still here {index}"
+        stats = http_json(f"http://{backends[0].address}/stats")
+        assert stats["active_connections"] == len(kept)
+    finally:
+        for ws in kept:
+            with contextlib.suppress(Exception):
+                await ws.close()
+    # With the sessions gone, the gateway takes new ones again.
+    stats_url = f"http://{backends[0].address}/stats"
+    await wait_until(lambda: http_json(stats_url)["active_connections"] == 0)
+    ws = await open_one(url)
+    await ws.send("again")
+    assert json.loads(await asyncio.wait_for(ws.recv(), 5))["echo"] == "again"
+    await ws.close()

@@ -42,6 +42,7 @@ _REASON_STATUS = {
     "state_unavailable": 503,
     "backend_unreachable": 502,
     "draining": 503,
+    "overloaded": 503,
 }
 
 

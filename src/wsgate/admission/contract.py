@@ -33,6 +33,7 @@ class Reason(StrEnum):
     STATE_UNAVAILABLE = "state_unavailable"
     BACKEND_UNREACHABLE = "backend_unreachable"
     DRAINING = "draining"
+    OVERLOADED = "overloaded"  # the gateway itself is out of descriptors or memory
 
 
 REJECT_STATUS: Mapping[Reason, int] = {
@@ -43,6 +44,7 @@ REJECT_STATUS: Mapping[Reason, int] = {
     Reason.STATE_UNAVAILABLE: 503,
     Reason.BACKEND_UNREACHABLE: 502,
     Reason.DRAINING: 503,
+    Reason.OVERLOADED: 503,
 }
 
 

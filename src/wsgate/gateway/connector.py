@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from typing import TYPE_CHECKING, Any
 
-from wsgate.gateway.proxy import Upstream
+from wsgate.gateway.proxy import OutOfResources, Upstream
 from wsgate.upstreams.pool import Backend
 
 if TYPE_CHECKING:
     from wsgate.gateway.server import Gateway
 
-__all__ = ["Connector"]
+__all__ = ["OWN_LIMITS", "Connector"]
 
 # Idle keep-alive connections kept per backend, and for how long.
 POOL_SIZE = 64
@@ -33,13 +34,22 @@ class _Deadline:
         self.task.cancel()
 
 
+# Connect errors that are the gateway's own limits, not the backend's fault.
+OWN_LIMITS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
 class Connector:
     def __init__(self, gateway: Gateway):
         self.gw = gateway
         self._idle: dict[str, list[Upstream]] = {}
 
     async def acquire(self, backend: Backend, *, pooled: bool) -> Upstream | None:
-        """A connection to ``backend`` (an idle pooled one for HTTP), or None when it fails."""
+        """A connection to ``backend`` (an idle pooled one for HTTP), or None when it fails.
+
+        Raises:
+            OutOfResources: the gateway's own open-files limit (or memory) stopped
+                the connect; the backend is not blamed.
+        """
         if pooled:
             idle = self._idle.get(backend.id)
             while idle:
@@ -69,6 +79,8 @@ class Connector:
             error = failure
         finally:
             timer.cancel()
+        if error is not None and error.errno in OWN_LIMITS:
+            raise OutOfResources(error) from None
         if error is not None:
             backend.connect_failures_total += 1
             gw.pool.record_failure(backend, f"connect failed: {error or 'timeout'}")

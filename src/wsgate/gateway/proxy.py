@@ -15,6 +15,7 @@ pauses reading on the other side, until ``resume_writing`` at the low mark.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import random
@@ -39,7 +40,7 @@ from wsgate.upstreams.pool import Backend
 if TYPE_CHECKING:
     from wsgate.gateway.server import Gateway
 
-__all__ = ["HIGH_WATER", "LOW_WATER", "Downstream", "Session", "Upstream"]
+__all__ = ["HIGH_WATER", "LOW_WATER", "Downstream", "OutOfResources", "Session", "Upstream"]
 
 log = logging.getLogger("wsgate.proxy")
 
@@ -49,6 +50,10 @@ LOW_WATER = 64 * 1024
 # How long a gateway-initiated close waits for a frame boundary, then for the
 # peers to finish the closing handshake, before it cuts the connection.
 CLOSE_GRACE = 5.0
+
+
+class OutOfResources(Exception):
+    """The gateway has no descriptor (or memory) for one more backend connection."""
 
 
 class Request:
@@ -276,6 +281,11 @@ class Downstream(asyncio.Protocol):
             except asyncio.CancelledError:
                 gw.release(decision.ticket)  # the client left while the backend connect was pending
                 raise
+            except OutOfResources:
+                gw.release(decision.ticket)
+                overloaded = Rejected(Reason.OVERLOADED, 1.0)
+                self._reject(overloaded, kind, request_id, started, close=True)
+                return False
             if upstream is not None:
                 admitted = decision
                 break
@@ -650,16 +660,20 @@ def hand_over(
     """Give the relay a descriptor of each socket, then let the transports go.
 
     Aborting a transport closes only its own descriptor (libuv takes it out of
-    its epoll set first): the sockets stay open through the duplicates.
+    its epoll set first): the sockets stay open through the duplicates. uvloop
+    closes its descriptors one loop iteration later, so for that moment the
+    session holds two more; at the open-files limit the gateway's spare
+    descriptors make room (:meth:`Gateway.spare_descriptor`).
     """
+    gw = session.gw
     try:
-        client_fd = os.dup(client_transport.get_extra_info("socket").fileno())
+        client_fd = _duplicate(gw, client_transport)
     except OSError:
         _abort(client_transport, backend_transport)
         session.finish("client_error")
         return
     try:
-        backend_fd = os.dup(backend_transport.get_extra_info("socket").fileno())
+        backend_fd = _duplicate(gw, backend_transport)
     except OSError:
         os.close(client_fd)
         _abort(client_transport, backend_transport)
@@ -667,6 +681,16 @@ def hand_over(
         return
     _abort(client_transport, backend_transport)
     session.relay(client_fd, backend_fd, rest)
+
+
+def _duplicate(gw: Gateway, transport: asyncio.Transport) -> int:
+    fd = transport.get_extra_info("socket").fileno()
+    try:
+        return os.dup(fd)
+    except OSError as error:
+        if error.errno != errno.EMFILE or not gw.spare_descriptor():
+            raise
+        return os.dup(fd)
 
 
 class _Gone(asyncio.Protocol):

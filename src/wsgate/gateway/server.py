@@ -49,6 +49,9 @@ log = logging.getLogger("wsgate.gateway")
 # Queued connections re-ask the store this often, to see slots other replicas freed.
 QUEUE_POLL = 0.25
 HOUSEKEEPING_INTERVAL = 1.0
+# Descriptors kept open for hand-overs at the open-files limit: each session
+# handed to the relay in one loop iteration may need two of them.
+SPARE_DESCRIPTORS = 16
 # How long start waits for the first discovery snapshot before listening anyway.
 DISCOVERY_START_WAIT = 5.0
 # A client closed by the rebalancer counts as on its way back this long (see ArrivalEstimate).
@@ -122,6 +125,7 @@ class Gateway:
         self.pool.on_change.append(self._pool_changed)
         self.stopped = asyncio.Event()
         self._access = AccessLog()
+        self._spare_fds: list[int] = []
         self._request_prefix = os.urandom(6).hex()
         self._request_serials = itertools.count(1)
         if self.store.kind == "redis":
@@ -159,6 +163,7 @@ class Gateway:
                 reuse_port=self.reuse_port or None,
             )
         self.loop.add_reader(self.relay.fileno(), self.relay.report)
+        self.keep_spare_descriptors()
         self.spawn(self._housekeeping(), "housekeeping")
         self.spawn(self._rebalance_forever(), "rebalance")
         self.ready = True
@@ -244,6 +249,8 @@ class Gateway:
         # Close frames still on their way to slow clients had the stop's time to leave.
         self.loop.remove_reader(self.relay.fileno())
         self.relay.close()
+        while self._spare_fds:
+            os.close(self._spare_fds.pop())
         self._access.flush()
         self.stopped.set()
 
@@ -251,6 +258,7 @@ class Gateway:
         last_bytes: dict[Session, int] = {}
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            self.keep_spare_descriptors()
             idle_timeout = self.config.timeouts.idle  # read each round: a reload may change it
             self.connector.expire_idle()
             known = len(self.pool)
@@ -602,6 +610,27 @@ class Gateway:
         if self.draining:
             # Admitted while the drain began (the decision was in flight): close it too.
             session.close_gracefully(1001, "drain")
+
+    def spare_descriptor(self) -> bool:
+        """Close one of the descriptors kept for a hand-over at the open-files limit.
+
+        A session handed to the relay holds two descriptors more until uvloop
+        closes its own on the next loop iteration. At the limit that would fail a
+        session already answered 101; a spare makes room instead, and is taken
+        back once uvloop's descriptors are closed. False when none is left.
+        """
+        if not self._spare_fds:
+            return False
+        os.close(self._spare_fds.pop())
+        self.loop.call_later(0.001, self.keep_spare_descriptors)
+        return True
+
+    def keep_spare_descriptors(self) -> None:
+        while len(self._spare_fds) < SPARE_DESCRIPTORS:
+            try:
+                self._spare_fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return  # at the limit still: tried again at the next housekeeping round
 
     def new_request_id(self) -> str:
         """A request id unique to this process: a random prefix and a counter."""
