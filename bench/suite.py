@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker-budget",
         type=float,
         metavar="CPUS",
-        help="CPU time each gateway worker may use in the workers figure (default 0.4)",
+        help="CPU time each gateway worker may use in the workers figure (default 0.2)",
     )
     add("--out", type=Path, help="directory for latest.md/latest.json (default bench/results)")
     add(
@@ -215,7 +215,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         proxy_budget=args.proxy_budget,
         settle=0.2 if smoke else 1.0,
         scaling_workers=args.scaling_workers or 2,
-        worker_budget=args.worker_budget or 0.4,
+        worker_budget=args.worker_budget or 0.2,
     )
     if plan.repetitions < 1 or plan.drivers < 1 or plan.echo_processes < 1:
         usage_error("counts must be at least 1")
