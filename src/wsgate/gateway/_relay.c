@@ -283,6 +283,11 @@ typedef struct {
     size_t len;
 } CloseFrame;
 
+/* What a gateway-initiated close writes; allocated only for sessions it closes. */
+typedef struct {
+    CloseFrame client, backend;
+} CloseFrames;
+
 struct RelayObject;
 
 typedef struct LinkObject {
@@ -295,7 +300,7 @@ typedef struct LinkObject {
     int outcome;
     int closing;  /* a close frame waits for a frame boundary (or was written) */
     int injected; /* our close frames are written; nothing more is relayed */
-    CloseFrame client_close, backend_close;
+    CloseFrames *close; /* set with closing */
     struct timespec linger_since;
     struct LinkObject *prev, *next; /* the relay's list of links with open sockets */
     struct LinkObject *next_ended;  /* on the relay's list of links to report */
@@ -564,9 +569,9 @@ link_inject(LinkObject *link)
     link->injected = 1;
     /* From here on nothing more is relayed either way; the backend hears that
      * we are going away as a client would say it, and both are left to close. */
-    end_send(&link->ends[CLIENT], link->client_close.data, link->client_close.len);
+    end_send(&link->ends[CLIENT], link->close->client.data, link->close->client.len);
     if (link->state == RELAYING)
-        end_send(&link->ends[BACKEND], link->backend_close.data, link->backend_close.len);
+        end_send(&link->ends[BACKEND], link->close->backend.data, link->close->backend.len);
 }
 
 /* Bytes the backend sent, on their way to the client. */
@@ -750,6 +755,7 @@ Link_dealloc(LinkObject *self)
 {
     for (int side = CLIENT; side <= BACKEND; side++)
         out_free(&self->ends[side].out);
+    PyMem_RawFree(self->close);
     Py_XDECREF(self->owner);
     Py_XDECREF(self->relay);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -774,15 +780,20 @@ Link_close_gracefully(LinkObject *self, PyObject *args)
     PyObject *client_close, *backend_close;
     if (!PyArg_ParseTuple(args, "SS:close_gracefully", &client_close, &backend_close))
         return NULL;
+    CloseFrames *frames = PyMem_RawMalloc(sizeof *frames);
+    if (frames == NULL)
+        return PyErr_NoMemory();
+    if (copy_frame(&frames->client, client_close) < 0 ||
+        copy_frame(&frames->backend, backend_close) < 0) {
+        PyMem_RawFree(frames);
+        return NULL;
+    }
     RelayObject *relay = self->relay;
     pthread_mutex_lock(&relay->lock);
     int accepted = self->state == RELAYING && !self->closing;
     if (accepted) {
-        if (copy_frame(&self->client_close, client_close) < 0 ||
-            copy_frame(&self->backend_close, backend_close) < 0) {
-            pthread_mutex_unlock(&relay->lock);
-            return NULL;
-        }
+        self->close = frames;
+        frames = NULL;
         self->closing = 1;
         if (self->tracker.opcode == OPCODE_CLOSE) {
             /* The backend is closing already; its close frame is on its way. */
@@ -795,6 +806,7 @@ Link_close_gracefully(LinkObject *self, PyObject *args)
     int report = relay->ended != NULL;
     int kick = accepted && self->state == CLOSED; /* a failed send closed it: retire it */
     pthread_mutex_unlock(&relay->lock);
+    PyMem_RawFree(frames); /* not taken: already closing or ended */
     if (report)
         signal_fd(relay->reportfd);
     if (kick)
@@ -1040,7 +1052,7 @@ Relay_add(RelayObject *self, PyObject *args)
     link->state = RELAYING;
     link->outcome = OUTCOME_NONE;
     link->closing = link->injected = 0;
-    link->client_close.len = link->backend_close.len = 0;
+    link->close = NULL;
     link->owner = Py_NewRef(owner);
     link->prev = link->next = link->next_ended = link->next_gone = NULL;
     int fds[2] = {client_fd, backend_fd};

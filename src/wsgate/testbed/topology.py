@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from wsgate.testbed.processes import Process, ProcessGroup, free_port, wsgate_argv
+from wsgate.testbed.processes import Process, ProcessGroup, free_port, wait_for_port, wsgate_argv
 
 __all__ = [
     "BackendProcess",
@@ -163,4 +163,6 @@ def start_gateway(
     path.write_text(yaml.safe_dump(data))
     argv = wsgate_argv("serve", "-c", str(path), *(flags or []))
     process = group.start(name, argv, port=("127.0.0.1", port))
+    if data.get("admin"):  # the admin API starts just after the listener
+        wait_for_port("127.0.0.1", admin_port, process=process)
     return GatewayProcess(name, port, admin_port, process, data, str(path))
