@@ -298,9 +298,8 @@ typedef struct LinkObject {
     unsigned long long bytes_in, bytes_out;
     int state;
     int outcome;
-    int closing;  /* a close frame waits for a frame boundary (or was written) */
     int injected; /* our close frames are written; nothing more is relayed */
-    CloseFrames *close; /* set with closing */
+    CloseFrames *close; /* set when the gateway closes: the frames wait for a boundary */
     struct timespec linger_since;
     struct LinkObject *prev, *next; /* the relay's list of links with open sockets */
     struct LinkObject *next_ended;  /* on the relay's list of links to report */
@@ -327,7 +326,6 @@ typedef struct RelayObject {
     Py_ssize_t lingering;
     LinkObject *ended;    /* to report */
     LinkObject *released; /* no socket left: closed by Python, or in the batch in progress */
-    LinkObject *retiring; /* closed by Python before the batch in progress began */
     LinkObject *freeable; /* no batch can point at them any more */
 } RelayObject;
 
@@ -359,8 +357,6 @@ out_append(OutBuffer *out, const char *data, size_t size)
 {
     if (size == 0)
         return 0;
-    if (out->off && out->off == out->len)
-        out->off = out->len = 0;
     if (out->len + size > out->cap) {
         if (out->off) { /* make room at the front first */
             memmove(out->data, out->data + out->off, out->len - out->off);
@@ -437,6 +433,12 @@ relay_arm_sweep(RelayObject *relay, int on)
     timerfd_settime(relay->timerfd, 0, &spec, NULL);
 }
 
+static int
+side_error(int side)
+{
+    return side == CLIENT ? OUTCOME_CLIENT_ERROR : OUTCOME_BACKEND_ERROR;
+}
+
 /* The link has no open socket left. */
 static void
 link_release(LinkObject *link)
@@ -468,9 +470,7 @@ link_end(LinkObject *link, int outcome, int report)
     int lingering = 0;
     for (int side = CLIENT; side <= BACKEND; side++) {
         End *end = &link->ends[side];
-        int failed = (side == CLIENT && outcome == OUTCOME_CLIENT_ERROR) ||
-                     (side == BACKEND && outcome == OUTCOME_BACKEND_ERROR);
-        if (end->fd >= 0 && out_pending(end) && !failed)
+        if (end->fd >= 0 && out_pending(end) && outcome != side_error(side))
             lingering = 1;
         else
             end_close(relay, end);
@@ -503,12 +503,6 @@ end_close(RelayObject *relay, End *end)
     LinkObject *link = end->link;
     if (link->state == LINGERING && link->ends[CLIENT].fd < 0 && link->ends[BACKEND].fd < 0)
         link_release(link);
-}
-
-static int
-side_error(int side)
-{
-    return side == CLIENT ? OUTCOME_CLIENT_ERROR : OUTCOME_BACKEND_ERROR;
 }
 
 /* Write what waits for this socket; -1 when the socket failed. */
@@ -581,7 +575,7 @@ link_from_backend(LinkObject *link, const unsigned char *data, Py_ssize_t size)
     link->bytes_out += (unsigned long long)size;
     Py_ssize_t boundary = tracker_feed(&link->tracker, data, size);
     End *client = &link->ends[CLIENT];
-    if (!link->closing) {
+    if (link->close == NULL) {
         end_send(client, data, (size_t)size);
     }
     else if (!link->injected) {
@@ -699,7 +693,9 @@ relay_thread(void *arg)
             pthread_mutex_unlock(&relay->lock);
             return NULL;
         }
-        relay->retiring = relay->released;
+        /* Closed by Python before this batch began: this batch may still point at
+         * them, none after it can. */
+        LinkObject *retiring = relay->released;
         relay->released = NULL;
         for (int i = 0; i < ready; i++) {
             void *what = events[i].data.ptr;
@@ -710,9 +706,8 @@ relay_thread(void *arg)
             else
                 relay_event(relay, what, events[i].events);
         }
-        relay->freeable =
-            gone_append(gone_append(relay->freeable, relay->retiring), relay->released);
-        relay->retiring = relay->released = NULL;
+        relay->freeable = gone_append(gone_append(relay->freeable, retiring), relay->released);
+        relay->released = NULL;
         int report = relay->ended != NULL || relay->freeable != NULL;
         pthread_mutex_unlock(&relay->lock);
         if (report)
@@ -790,11 +785,10 @@ Link_close_gracefully(LinkObject *self, PyObject *args)
     }
     RelayObject *relay = self->relay;
     pthread_mutex_lock(&relay->lock);
-    int accepted = self->state == RELAYING && !self->closing;
+    int accepted = self->state == RELAYING && self->close == NULL;
     if (accepted) {
         self->close = frames;
         frames = NULL;
-        self->closing = 1;
         if (self->tracker.opcode == OPCODE_CLOSE) {
             /* The backend is closing already; its close frame is on its way. */
         }
@@ -944,8 +938,8 @@ relay_shut(RelayObject *self)
         }
     }
     LinkObject *ended = self->ended;
-    LinkObject *gone = gone_append(gone_append(self->freeable, self->retiring), self->released);
-    self->ended = self->freeable = self->retiring = self->released = NULL;
+    LinkObject *gone = gone_append(self->freeable, self->released);
+    self->ended = self->freeable = self->released = NULL;
     pthread_mutex_unlock(&self->lock);
     relay_deliver(self, ended, gone);
 }
@@ -1051,7 +1045,7 @@ Relay_add(RelayObject *self, PyObject *args)
     link->bytes_in = link->bytes_out = 0;
     link->state = RELAYING;
     link->outcome = OUTCOME_NONE;
-    link->closing = link->injected = 0;
+    link->injected = 0;
     link->close = NULL;
     link->owner = Py_NewRef(owner);
     link->prev = link->next = link->next_ended = link->next_gone = NULL;
