@@ -15,13 +15,12 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-import yaml
 from gwtools import open_many, open_one, raw_request, wait_until
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.frames import Frame, Opcode
 
-from wsgate.testbed.processes import ProcessGroup, free_port, wsgate_argv
+from wsgate.testbed.processes import ProcessGroup
 from wsgate.testbed.topology import (
     BackendProcess,
     GatewayProcess,
@@ -216,21 +215,14 @@ async def test_backend_connect_times_out_with_502_and_releases(procs: ProcessGro
             with contextlib.suppress(BlockingIOError):
                 filler.connect(stuck.getsockname())
         address = "{}:{}".format(*stuck.getsockname())
-        port, admin = free_port(), free_port()
-        config = procs.log_dir / "gateway.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "listen": f"127.0.0.1:{port}",
-                    "admin": f"127.0.0.1:{admin}",
-                    "backends": [{"address": address, "id": "stuck"}],
-                    "limits": {"max_connections_per_backend": 1},
-                    "timeouts": {"connect": "300ms"},
-                    "health": {"enabled": False},
-                }
-            )
+        gateway = start_gateway(
+            procs,
+            [{"address": address, "id": "stuck"}],
+            limits={"max_connections_per_backend": 1},
+            timeouts={"connect": "300ms"},
+            health={"enabled": False},
         )
-        procs.start("gateway", wsgate_argv("serve", "-c", str(config)), port=("127.0.0.1", port))
+        port = gateway.port
         upgrade = (
             b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -249,7 +241,7 @@ async def test_backend_connect_times_out_with_502_and_releases(procs: ProcessGro
             await asyncio.sleep(0.1)
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await asyncio.sleep(0.5)
-        [backend] = http_json(f"http://127.0.0.1:{admin}/snapshot")["backends"]
+        [backend] = gateway.admin("/snapshot")["backends"]
         assert backend["connect_failures_total"] == 2
         assert backend["active"] == 0
 
@@ -260,20 +252,16 @@ async def test_at_the_open_files_limit_a_session_is_refused_or_kept_never_droppe
     """A session that got its 101 keeps relaying, even when the gateway has no
     descriptor to spare; the ones it cannot take are refused before their 101."""
     backends = start_backends(procs, 1)
-    port, admin = free_port(), free_port()
-    config = {
-        "listen": f"127.0.0.1:{port}",
-        "admin": f"127.0.0.1:{admin}",
-        "backends": [{"address": backends[0].address, "id": backends[0].pod_id}],
-        "limits": {"max_connections_per_backend": 1000},
-        "access_log": False,
-    }
-    path = procs.log_dir / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
-    # A hard limit the gateway cannot raise: room for a few dozen sessions.
-    argv = ["prlimit", "--nofile=80:80", *wsgate_argv("serve", "-c", str(path))]
-    procs.start("gateway", argv, port=("127.0.0.1", port))
-    url = f"ws://127.0.0.1:{port}/"
+    gateway = start_gateway(
+        procs,
+        backends,
+        # A hard limit the gateway cannot raise: room for a few dozen sessions.
+        prefix=["prlimit", "--nofile=80:80"],
+        limits={"max_connections_per_backend": 1000},
+        health={},  # the default checks, few and far between
+        access_log=False,
+    )
+    url = gateway.ws_url
     kept: list[ClientConnection] = []
     refused = 0
     try:

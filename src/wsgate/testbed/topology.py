@@ -142,26 +142,34 @@ def start_backends(
 
 def start_gateway(
     group: ProcessGroup,
-    backends: list[BackendProcess],
+    backends: list[BackendProcess] | list[dict[str, Any]],
     *,
     name: str = "gateway",
     flags: list[str] | None = None,
     admin_port: int | None = None,
+    prefix: list[str] | None = None,
     **config: Any,
 ) -> GatewayProcess:
-    """Start ``wsgate serve`` with backends named by their pod ids and ``config`` on top."""
+    """Start ``wsgate serve`` with backends named by their pod ids and ``config`` on top.
+
+    A backend may also be a config entry (``{"address": ..., "id": ...}``) with
+    no process behind it. ``prefix`` goes before the command
+    (``["prlimit", "--nofile=80:80"]``, say).
+    """
     port = free_port()
     admin_port = admin_port or free_port()
     data: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
         "admin": f"127.0.0.1:{admin_port}",
-        "backends": [{"address": b.address, "id": b.pod_id} for b in backends],
+        "backends": [
+            b if isinstance(b, dict) else {"address": b.address, "id": b.pod_id} for b in backends
+        ],
         "health": {"interval": "200ms", "timeout": "500ms"},
     }
     data.update(config)
     path = group.log_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
-    argv = wsgate_argv("serve", "-c", str(path), *(flags or []))
+    argv = [*(prefix or []), *wsgate_argv("serve", "-c", str(path), *(flags or []))]
     process = group.start(name, argv, port=("127.0.0.1", port))
     if data.get("admin"):  # the admin API starts just after the listener
         wait_for_port("127.0.0.1", admin_port, process=process)
