@@ -35,10 +35,10 @@ from typing import Any
 
 import yaml
 
-from wsgate.cli import duration_arg, positive_arg
+from wsgate.args import UsageError, duration_arg, positive_arg
 from wsgate.runtime import raise_open_files_limit, run_async, setup_logging
-from wsgate.testbed.load import LoadPlan, run_load
-from wsgate.testbed.load_plan import Interval, parse_target
+from wsgate.testbed.load import run_load
+from wsgate.testbed.load_plan import Interval, LoadPlan, parse_target
 from wsgate.testbed.processes import (
     ProcessGroup,
     RedisServer,
@@ -232,8 +232,6 @@ def _start_gateway(group: ProcessGroup, name: str, config: dict[str, Any]) -> Ga
 def build(
     group: ProcessGroup, args: argparse.Namespace, shape: DemoShape
 ) -> tuple[list[BackendProcess], list[GatewayProcess]]:
-    from wsgate.cli import UsageError
-
     state: str = "memory"
     if args.replicas > 1:
         if find_redis_server() is None:
@@ -421,8 +419,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsgate.cli import UsageError
-
     if args.replicas < 1:
         raise UsageError("--replicas must be at least 1")
     setup_logging(args.log_level)

@@ -13,21 +13,18 @@ import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
 
 import aiohttp
 
 from wsgate.testbed.load_plan import (
     ConnectPacer,
+    LoadPlan,
     answer_pod,
     parse_retry_after,
     refusal_reason,
     retry_delay,
 )
 from wsgate.testbed.report import LoadStats
-
-if TYPE_CHECKING:
-    from wsgate.testbed.load import LoadPlan
 
 __all__ = ["HttpLoad"]
 

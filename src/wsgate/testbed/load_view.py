@@ -11,17 +11,14 @@ import asyncio
 import contextlib
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from wsgate.testbed.load_plan import LoadPlan
 from wsgate.testbed.report import LoadStats, latency_summary
-
-if TYPE_CHECKING:
-    from wsgate.testbed.load import LoadPlan
 
 __all__ = ["live_table", "progress_line", "watch"]
 
