@@ -22,17 +22,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wsgate.args import count_arg, duration_arg
+from wsgate.args import UsageError, count_arg, duration_arg
 from wsgate.runtime import raise_open_files_limit, run_async, setup_logging
 from wsgate.testbed.health import serve_health
+from wsgate.testbed.load_control import follow_stages, run_storm
 from wsgate.testbed.load_http import HttpLoad
 from wsgate.testbed.load_plan import LoadPlan, plan_from_args
 from wsgate.testbed.load_shell import interactive
 from wsgate.testbed.load_view import watch
 from wsgate.testbed.load_ws import WebSocketLoad
+from wsgate.testbed.processes import find_pids
 from wsgate.testbed.report import LoadStats, build_report, format_report, write_csv, write_plot
+from wsgate.testbed.storm import Storm
+from wsgate.testbed.thresholds import THRESHOLD_FAILED_EXIT, evaluate
 
-__all__ = ["add_arguments", "run", "run_load", "write_outputs"]
+__all__ = ["add_arguments", "exit_status", "run", "run_load", "write_outputs"]
 
 log = logging.getLogger("wsgate.load")
 
@@ -49,11 +53,21 @@ async def run_load(
     """Run ``plan`` until its duration ends or ``stop`` is set; return the report and counts."""
     stats = LoadStats(mode="http" if plan.http else "websocket", target=plan.target_count)
     stop = stop or asyncio.Event()
+    watched = _watched_processes(plan)
     cleanup_health = await serve_health(*health) if health else None
     started = time.monotonic()
     runner = HttpLoad(plan, stats) if plan.http else WebSocketLoad(plan, stats)
+    storm = Storm(plan.storm) if plan.storm is not None else None
+    steering: asyncio.Task[None] | None = None
     try:
-        await runner.start_async() if isinstance(runner, HttpLoad) else runner.start()
+        if isinstance(runner, HttpLoad):
+            await runner.start_async()
+        else:
+            runner.start()
+            if plan.stages is not None:
+                steering = asyncio.create_task(follow_stages(runner, plan.stages, stop, started))
+            elif storm is not None:
+                steering = asyncio.create_task(run_storm(runner, storm, stop, started, watched))
         await watch(
             stats,
             plan,
@@ -66,10 +80,42 @@ async def run_load(
         await runner.stop()
         stats.sample(time.monotonic() - started)
     finally:
+        if steering is not None:
+            steering.cancel()
+            await asyncio.gather(steering, return_exceptions=True)
         if cleanup_health is not None:
             await cleanup_health()
     report = build_report(stats, elapsed=time.monotonic() - started, urls=plan.urls)
+    if plan.stages is not None:
+        # The live view followed each stage's target; the report names the whole schedule.
+        report["target"] = plan.target_count
+        report["stages"] = str(plan.stages)
+    if storm is not None:
+        report["storm"] = storm.report(stats)
+    if plan.thresholds:
+        report["thresholds"] = [
+            verdict.as_json() for verdict in evaluate(list(plan.thresholds), report)
+        ]
     return report, stats
+
+
+def _watched_processes(plan: LoadPlan) -> list[int]:
+    """The pids a ``--storm-wait`` run waits for; a name that matches nothing is a usage error."""
+    if plan.storm is None or plan.storm.wait_for is None:
+        return []
+    pids = find_pids(plan.storm.wait_for)
+    if not pids:
+        raise UsageError(f"--storm-wait: no running process is {plan.storm.wait_for!r}")
+    log.warning("Storm: waiting for %s (pid %s) to die", plan.storm.wait_for, pids)
+    return pids
+
+
+def exit_status(report: dict[str, Any]) -> int:
+    """99 when a threshold failed (k6's code); 1 when no session opened; else 0."""
+    if any(not verdict["passed"] for verdict in report.get("thresholds", [])):
+        return THRESHOLD_FAILED_EXIT
+    attempted = report["connections"]["attempted"]
+    return 1 if attempted and not report["connections"]["established"] else 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +176,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="'NAME: VALUE'",
         help="extra request header",
     )
+    shape.add_argument(
+        "--stages",
+        metavar="D:N,...",
+        help="hold N sessions over time, ramping linearly within each stage, e.g. "
+        "30s:1000,1m:1000,10s:0 (k6's stages; ends the run when the last stage does)",
+    )
+    storm = parser.add_argument_group("reconnect storm")
+    storm.add_argument(
+        "--storm",
+        action="store_true",
+        help="hold clients x connections sessions, lose them all at once, and measure "
+        "how long until all are back",
+    )
+    storm.add_argument(
+        "--storm-hold",
+        type=duration_arg,
+        default=5.0,
+        metavar="D",
+        help="hold every session this long before dropping them (default 5s)",
+    )
+    storm.add_argument(
+        "--storm-wait",
+        metavar="PID|NAME",
+        help="instead of dropping them, wait for this process (a pid, or text of its "
+        "command line) to die, e.g. a gateway replica someone kills",
+    )
+    storm.add_argument(
+        "--storm-timeout",
+        type=duration_arg,
+        default=120.0,
+        metavar="D",
+        help="the most each phase may take: opening, waiting, recovering (default 2m)",
+    )
     behaviour = parser.add_argument_group("retries and reconnects")
     behaviour.add_argument(
         "--reconnect-codes",
@@ -180,6 +259,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pause between a worker's requests (default 1s-3s)",
     )
     output = parser.add_argument_group("output")
+    output.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="EXPR",
+        help="a pass/fail rule on the report, e.g. connect_p99<100ms, rejected_rate<0.01, "
+        "established>=8, unanswered==0 (repeatable; exit status 99 when one fails)",
+    )
     output.add_argument("--report-json", type=Path, metavar="FILE")
     output.add_argument("--csv", type=Path, metavar="FILE", help="the timeline, one row a sample")
     output.add_argument(
@@ -239,8 +326,7 @@ async def _main(args: argparse.Namespace, plan: LoadPlan) -> int:
         )
     print(format_report(report), flush=True)
     write_outputs(report, args)
-    attempted = report["connections"]["attempted"]
-    return 1 if attempted and not report["connections"]["established"] else 0
+    return exit_status(report)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from wsgate.config import ConfigError, parse_duration
+from wsgate.testbed.stages import Schedule, parse_stages
+from wsgate.testbed.storm import StormPlan
+from wsgate.testbed.thresholds import Threshold, parse_threshold
 from wsgate.wire import CloseCode
 
 __all__ = [
@@ -251,11 +254,16 @@ class LoadPlan:
     concurrency: int | None = None
     insecure: bool = False
     seed: int | None = None
+    stages: Schedule | None = None
+    storm: StormPlan | None = None
+    thresholds: tuple[Threshold, ...] = ()
 
     @property
     def target_count(self) -> int:
         if self.http and self.concurrency is not None:
             return self.concurrency
+        if self.stages is not None:
+            return self.stages.peak
         return self.clients * self.connections
 
     @property
@@ -295,6 +303,17 @@ def plan_from_args(args: argparse.Namespace) -> LoadPlan:
     think = parse_interval(args.think, "--think") or Interval(0.0, 0.0)
     if args.connect_rate is not None and args.connect_rate <= 0:
         raise ConfigError("--connect-rate must be above 0")
+    stages = parse_stages(args.stages) if args.stages else None
+    storm = _storm_from_args(args, stages)
+    if storm is not None:
+        # A storm's sessions come back whatever ended them, a lost connection included.
+        codes |= {CloseCode.ABNORMAL_CLOSURE}
+    thresholds = tuple(parse_threshold(text) for text in args.threshold)
+    for threshold in thresholds:
+        if threshold.figure.storm and storm is None:
+            raise ConfigError(f"--threshold {threshold.expression}: only a --storm run has it")
+    if stages is not None and (args.http or args.interactive):
+        raise ConfigError("--stages drives WebSocket sessions; leave out --http / --interactive")
     return LoadPlan(
         targets=targets,
         clients=args.clients,
@@ -318,4 +337,24 @@ def plan_from_args(args: argparse.Namespace) -> LoadPlan:
         concurrency=args.concurrency,
         insecure=args.insecure,
         seed=args.seed,
+        stages=stages,
+        storm=storm,
+        thresholds=thresholds,
+    )
+
+
+def _storm_from_args(args: argparse.Namespace, stages: Schedule | None) -> StormPlan | None:
+    if not args.storm:
+        if args.storm_wait is not None:
+            raise ConfigError("--storm-wait is part of a storm: add --storm")
+        return None
+    if args.http or args.interactive or stages is not None:
+        raise ConfigError(
+            "--storm holds WebSocket sessions; leave out --http, --interactive, --stages"
+        )
+    return StormPlan(
+        sessions=args.clients * args.connections,
+        hold=args.storm_hold,
+        timeout=args.storm_timeout,
+        wait_for=args.storm_wait,
     )

@@ -63,6 +63,14 @@ class SimulatedClient:
             if sep and name.strip():
                 self.cookies[name.strip()] = value.strip()
 
+    def fail_over(self, failed: Target, targets: list[Target]) -> None:
+        """After ``failed`` could not be reached, use the next URL (as a client with a list).
+
+        Attempts that were already under way against ``failed`` do not move it again.
+        """
+        if self.target == failed and len(targets) > 1:
+            self.target = targets[(targets.index(failed) + 1) % len(targets)]
+
     def cookie_header(self) -> str | None:
         if not self.cookies:
             return None
@@ -91,6 +99,7 @@ class Session:
         self.protocol: WebSocketClient | None = None
         self.pod: str | None = None
         self.closing = False
+        self.dropped = False  # lost on purpose, by --storm: reopened whatever the code
         self.task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[bool] | None = None
         # Send times of messages still waiting for their answer, with who waits for it.
@@ -128,6 +137,12 @@ class Session:
             self.protocol.close(code)
         self.wake()
 
+    def drop(self) -> None:
+        """Lose the connection without a closing handshake, as a network blip does."""
+        if self.protocol is not None and not self.protocol.closed.done():
+            self.dropped = True
+            self.protocol.abort()
+
     async def run(self) -> None:
         load = self.load
         try:
@@ -136,9 +151,10 @@ class Session:
                 if protocol is None:
                     return
                 info = await self.converse(protocol)
-                if load.stopping or self.closing or not info.by_server:
+                dropped, self.dropped = self.dropped, False
+                if load.stopping or self.closing or not (info.by_server or dropped):
                     return
-                if info.code not in load.plan.reconnect_codes:
+                if not dropped and info.code not in load.plan.reconnect_codes:
                     log.info(
                         "Session %d closed by the server (%d), not reopened", self.number, info.code
                     )
@@ -192,6 +208,7 @@ class Session:
         protocol.closed.add_done_callback(lambda _: self.wake())
         stats.opened(protocol.connect_microseconds)
         interval = load.plan.message_interval
+        info = CloseInfo(CloseCode.ABNORMAL_CLOSURE, "", by_server=False)
         try:
             self.say()  # the first answer names the pod this session landed on
             while not (load.stopping or self.closing or protocol.closed.done()):
@@ -207,15 +224,11 @@ class Session:
             if not protocol.closed.done():
                 protocol.abort()
                 await asyncio.wait([protocol.closed], timeout=1)
-            info = (
-                protocol.closed.result()
-                if protocol.closed.done()
-                else CloseInfo(CloseCode.ABNORMAL_CLOSURE, "", False)
-            )
+            if protocol.closed.done():
+                info = protocol.closed.result()
         finally:
-            stats.closed(self.pod, None)
-        if info.by_server:
-            stats.closed_by_server[str(info.code)] += 1
+            # A drop of our own (--storm) is no close by the server.
+            stats.closed(self.pod, info.code if info.by_server and not self.dropped else None)
         self._pending.clear()
         return info
 
@@ -306,9 +319,33 @@ class WebSocketLoad:
         self._stopped = asyncio.Event()
 
     def start(self) -> None:
-        """Start every client's ramp: one new session every ``connect_interval``."""
+        """Start every client's ramp: one new session every ``connect_interval``.
+
+        Under ``--stages`` nothing opens here: :meth:`resize` follows the schedule.
+        """
+        if self.plan.stages is not None:
+            return
         for client in self.clients:
             self._ramps.append(asyncio.create_task(self._ramp(client)))
+
+    def resize(self, target: int) -> None:
+        """Hold ``target`` session slots: open new ones, or close the newest on purpose.
+
+        A slot still connecting or backing off counts, as a k6 virtual user that waits does.
+        """
+        kept = [session for session in self.sessions if not session.closing]
+        for index in range(len(kept), target):
+            self.add_session(self.clients[index % len(self.clients)])
+        if len(kept) > target:
+            for session in sorted(kept, key=lambda s: s.number)[target:]:
+                session.close()
+
+    def drop_all(self) -> int:
+        """Drop every open session at once (``--storm``); each reconnects. Returns how many."""
+        opened = self.open_sessions()
+        for session in opened:
+            session.drop()
+        return len(opened)
 
     async def _ramp(self, client: SimulatedClient) -> None:
         for slot in range(self.plan.connections):
@@ -361,6 +398,7 @@ class WebSocketLoad:
         except TimeoutError:
             stats.failed["timeout"] += 1
             protocol.abort()
+            client.fail_over(target, plan.targets)
             return Refusal(None)
         except ProtocolError as error:
             stats.failed["protocol"] += 1
@@ -370,14 +408,15 @@ class WebSocketLoad:
             name = errno.errorcode.get(error.errno or 0, "") if error.errno else ""
             stats.failed[name or type(error).__name__] += 1
             log.info("Cannot connect to %s: %s", target.url, error)
+            client.fail_over(target, plan.targets)
             return Refusal(None)
         client.remember(head.cookies)
         if head.status == 101:
             protocol.connect_microseconds = (time.perf_counter_ns() - started) // 1000
             return protocol
         reason = refusal_reason(head.body)
-        stats.refused(head.status, reason)
         retry_after = parse_retry_after(head.header("retry-after"))
+        stats.refused(head.status, reason, retry_after)
         log.info(
             "Refused by %s: %d %s (Retry-After %s)",
             target.url,
