@@ -56,7 +56,7 @@ def test_a_dying_process_starts_the_clock_at_the_first_loss() -> None:
     assert storm.observe(21.0, stats) is Action.STOP
     report = storm.report(stats)
     assert report["recovery_s"] == 1.0 and report["dropped"] == 2
-    assert report["trigger"] == "gateway-2"
+    assert report["trigger"] == "process gateway-2 died"
 
 
 def test_every_phase_is_bounded() -> None:

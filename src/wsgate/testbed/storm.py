@@ -162,7 +162,9 @@ class Storm:
         recovery = self.recovery_s
         return {
             "sessions": self.plan.sessions,
-            "trigger": self.plan.wait_for or "the load dropped its sessions",
+            "trigger": f"process {self.plan.wait_for} died"
+            if self.plan.wait_for
+            else "the load dropped its sessions",
             "outcome": self.phase.value
             + (f" while {self.timed_out_in.value}" if self.timed_out_in else ""),
             "held_at_s": _round(self.held_at),
