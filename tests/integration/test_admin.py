@@ -473,8 +473,16 @@ def run_status_watch(admin_url: str, token: str) -> str:
                     "--interval", "0.2"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(1.5)
+    # Three refreshes, however long the command takes to start on a busy machine.
+    assert process.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 30
+    while len(lines) < 3 and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=10)
     assert process.returncode == 0, err
-    return out
+    return "".join(lines) + out
