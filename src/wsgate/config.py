@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from wsgate.wire import CloseCode, check_close_code
+
 __all__ = [
     "AffinityConfig",
     "BackendSpec",
@@ -223,14 +225,12 @@ class RebalanceConfig(_Model):
     enabled: bool = False
     max_skew: float = Field(default=1, ge=0)
     rate: float = 2.0
-    close_code: int = 1012
+    close_code: int = int(CloseCode.SERVICE_RESTART)
     interval: Duration = 1.0
 
     @field_validator("close_code")
     @classmethod
     def _sendable(cls, value: int) -> int:
-        from wsgate.gateway.frames import check_close_code
-
         return check_close_code(value)
 
     @field_validator("rate", mode="before")

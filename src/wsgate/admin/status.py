@@ -28,7 +28,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from wsgate.cli import UsageError
+from wsgate.args import UsageError
 
 __all__ = ["AdminUnreachable", "add_arguments", "admin_url", "fetch_overview", "render", "run"]
 
