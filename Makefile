@@ -40,7 +40,7 @@ bench-smoke:
 
 # The container image (docs/deploy.md): `make image BASE=<base image> IMAGE=<name:tag>`.
 BASE ?= docker.io/library/python:3.11-slim-bookworm
-IMAGE ?= localhost/wsgate:latest
+IMAGE ?= localhost/wsgate:dev
 image:
 	BASE=$(BASE) IMAGE=$(IMAGE) ./scripts/image.sh image
 

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BASE=${BASE:-docker.io/library/python:3.11-slim-bookworm}
-IMAGE=${IMAGE:-localhost/wsgate:latest}
+IMAGE=${IMAGE:-localhost/wsgate:dev}
 PYTHON=${PYTHON:-python3}
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/wsgate
 # Explicit limits and runc: podman's defaults (and crun) fail where the container
