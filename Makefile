@@ -1,5 +1,5 @@
 # The README's commands. Each one sets up what it needs first.
-.PHONY: setup demo test test-fast test-containers lint format bench bench-smoke image image-base clean
+.PHONY: setup demo test test-fast test-containers lint format bench bench-smoke bench-storm image image-base clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -37,6 +37,10 @@ bench:
 bench-smoke:
 	./scripts/setup.sh --bench
 	$(PY) -m bench --smoke $(ARGS)
+
+bench-storm:
+	./scripts/setup.sh --bench
+	$(PY) -m bench.storm $(ARGS)
 
 # The container image (docs/deploy.md): `make image BASE=<base image> IMAGE=<name:tag>`.
 BASE ?= docker.io/library/python:3.11-slim-bookworm

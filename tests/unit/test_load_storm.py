@@ -38,6 +38,7 @@ def test_the_load_drops_after_the_hold_and_times_the_recovery() -> None:
     assert report["dropped"] == 4
     assert report["attempts"] == 4
     assert report["rejected_by_status"] == {"503": 1}
+    assert report["rejected_by_reason"] == {"no_capacity": 1}
     assert report["retry_after_s"] == {"1": 1}
     assert report["outcome"] == "recovered"
     assert storm.observe(5.0, stats) is Action.STOP

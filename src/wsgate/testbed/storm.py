@@ -60,6 +60,7 @@ class StormPlan:
 class _Counts:
     attempted: int
     rejected: Counter[str]
+    reasons: Counter[str]
     failed: Counter[str]
     retry_after: Counter[str]
 
@@ -68,6 +69,7 @@ class _Counts:
         return cls(
             stats.attempted,
             Counter(stats.rejected),
+            Counter(stats.rejected_reasons),
             Counter(stats.failed),
             Counter(stats.retry_after),
         )
@@ -175,6 +177,7 @@ class Storm:
             "attempts": after.attempted - before.attempted if before else 0,
             "rejected": sum(rejected.values()),
             "rejected_by_status": rejected,
+            "rejected_by_reason": since_drop("reasons"),
             "failed": since_drop("failed"),
             "retry_after_s": since_drop("retry_after"),
         }
