@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -34,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.suite import machine
 from wsgate.runtime import raise_open_files_limit
 from wsgate.testbed.processes import (
     ProcessGroup,
@@ -271,18 +271,6 @@ def run_haproxy(plan: StormPlan, log_dir: Path) -> dict[str, Any]:
         return result
 
 
-def _machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} CPUs, Linux {platform.release()}"
-
-
 def _cell(value: Any) -> str:
     if value is None:
         return "—"
@@ -314,7 +302,7 @@ def markdown(plan: StormPlan, results: dict[str, dict[str, Any]], command: str) 
     lines = [
         "# Reconnect storm: one of two replicas SIGKILLed",
         "",
-        f"Run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: {_machine()}",
+        f"Run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: {machine()}",
         f"- Command: `{command}`",
         f"- {plan.sessions:,} sessions from {plan.clients} source addresses over "
         f"{plan.backends} demo backends; {plan.workers} process(es) per replica; wsgate: a cap of "

@@ -27,7 +27,7 @@ from wsgate.runtime import raise_open_files_limit, run_async, setup_logging
 from wsgate.testbed.health import serve_health
 from wsgate.testbed.load_control import follow_stages, run_storm
 from wsgate.testbed.load_http import HttpLoad
-from wsgate.testbed.load_plan import LoadPlan, plan_from_args
+from wsgate.testbed.load_plan import RECONNECT_CODES, LoadPlan, plan_from_args
 from wsgate.testbed.load_shell import interactive
 from wsgate.testbed.load_view import watch
 from wsgate.testbed.load_ws import WebSocketLoad
@@ -212,9 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     behaviour = parser.add_argument_group("retries and reconnects")
     behaviour.add_argument(
         "--reconnect-codes",
-        default="1001,1012,1013",
+        default=",".join(str(int(code)) for code in sorted(RECONNECT_CODES)),
         metavar="CODES",
-        help="close codes that trigger a reconnect",
+        help="close codes that trigger a reconnect (default %(default)s)",
     )
     behaviour.add_argument(
         "--reconnect-delay",
