@@ -45,6 +45,10 @@ if [ "${#packages[@]}" -gt 0 ]; then
   fi
 fi
 
+# The manifest tests render deploy/ with kubectl's kustomize; kubectl is not in
+# Debian's packages (https://kubernetes.io/docs/tasks/tools/). Without it they skip.
+command -v kubectl >/dev/null || echo "setup: kubectl not found: the deploy/ manifest tests will skip" >&2
+
 stamp=.venv/.wsgate-installed
 # Reinstall (and so recompile the relay) when the package definition or the C source changes.
 digest=$(cat pyproject.toml setup.py src/wsgate/gateway/_relay.c | sha256sum | cut -c1-16)

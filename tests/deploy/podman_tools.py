@@ -102,10 +102,11 @@ class Podman:
         return self("logs", container, check=False, timeout=30)[-3000:]
 
     def clean_up(self) -> None:
+        pods = [pod["Name"] for pod in self.pods()]
+        if pods:
+            self("pod", "rm", "--force", "--time", "1", *pods, check=False, timeout=180)
         for manifest in reversed(self.played):
             self("kube", "down", str(manifest), check=False, timeout=120)
-        for pod in self.pods():
-            self("pod", "rm", "--force", pod["Name"], check=False)
         for container in self.containers:
             self("rm", "--force", "--time", "0", container, check=False)
         for network in self.networks:
