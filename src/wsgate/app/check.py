@@ -6,7 +6,7 @@ import argparse
 
 import yaml
 
-from wsgate.gateway.serve import add_config_arguments, config_from_args
+from wsgate.app.serve import add_config_arguments, config_from_args
 
 __all__ = ["add_arguments", "run"]
 
