@@ -6,7 +6,9 @@ next candidate when one cannot be reached), writes the request, and rewrites
 the response the backend's :class:`~wsgate.gateway.upstream.Upstream` reports
 to it (as a :class:`~wsgate.gateway.upstream.ResponseSink`). Its
 :class:`~wsgate.gateway.reservation.Reservation` is released when the
-exchange ends, however it ends, unless a ``101`` committed it to a session.
+exchange ends, however it ends, unless it was committed: to a session by a
+``101``, or to an upstream connection cut short, which releases it once its
+socket is closed (until then the backend still counts the request).
 """
 
 from __future__ import annotations
@@ -186,8 +188,10 @@ class Exchange:
         try:
             ending = await finished
         except asyncio.CancelledError:
-            # The client went away mid-exchange.
+            # The client went away mid-exchange: the backend counts the request until
+            # the connection to it is closed.
             upstream.abandon()
+            upstream.release_when_closed(reservation)
             plane.log.finished(record, Outcome.CLIENT_CLOSED)
             raise
         finally:
@@ -197,8 +201,11 @@ class Exchange:
     def _after(self, ending: Ending) -> bool:
         """Account for the response's end; whether the client connection stays open."""
         plane, route = self.plane, self.route
-        backend, upstream, record = self.backend, self.upstream, self.record
+        backend, upstream, record, reservation = (
+            self.backend, self.upstream, self.record, self.reservation,
+        )  # fmt: skip
         assert backend is not None and upstream is not None and record is not None
+        assert reservation is not None
         head = self.request.head
         if ending is Ending.UPGRADED:
             route.pool.record_success(backend)
@@ -213,7 +220,9 @@ class Exchange:
             plane.log.finished(record, Outcome.OK if record.status < 500 else Outcome.BACKEND_ERROR)
             if head.upgrade:
                 upstream.abandon()  # a refused upgrade leaves the connection in no known state
+                upstream.release_when_closed(reservation)
             else:
+                # The backend has answered in full: the slot is free as the block ends.
                 plane.connector.give_back(upstream)
             return keep and not plane.draining
         # The backend failed before or during the response.
@@ -224,6 +233,8 @@ class Exchange:
                 error_response(502, Reason.BACKEND_UNREACHABLE, retry_after=1.0, close=True)
             )
             record.status = 502
+        upstream.abandon()
+        upstream.release_when_closed(reservation)
         plane.log.finished(record, ending)
         return False
 

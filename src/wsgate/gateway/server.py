@@ -205,9 +205,10 @@ class Gateway:
         # Let transports finish closing, and so release their slots, before the store
         # closes (for Redis, the releases leave before the store's own goodbye).
         await asyncio.sleep(0)
-        await self.store.close()
-        # Close frames still on their way to slow clients had the stop's time to leave.
+        # The relay's sockets still flushing are cut: each slot is released as its
+        # backend socket closes, and before the store says goodbye.
         self.sessions.close()
+        await self.store.close()
         self.spares.close()
         self.log.flush()
         self.stopped.set()

@@ -62,7 +62,9 @@ class Sessions:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         # Established sessions are relayed in C; a session hears from it when it ends.
-        self.relay = relay = Relay(Session.finish, linger=CLOSE_GRACE)
+        self.relay = relay = Relay(
+            Session.finish, on_backend_closed=Session.backend_closed, linger=CLOSE_GRACE
+        )
         loop.add_reader(relay.fileno(), relay.report)
 
     def open(
@@ -201,9 +203,12 @@ class Session:
         )
 
     def finish(self, outcome: str) -> None:
-        """Close both sides and release the slot, exactly once.
+        """Close both sides, exactly once; the slot is released when the backend's is closed.
 
         The relay calls this too (``on_end``) when either side closes or fails.
+        Bytes still owed to the backend are flushed for up to the relay's linger,
+        and until its socket is closed the backend still counts the session: the
+        relay says when (``on_backend_closed``, :meth:`backend_closed`).
         """
         if self.done:
             return
@@ -219,11 +224,16 @@ class Session:
             link.finish()  # what is still waiting for a peer is flushed, then closed
             record.bytes_in += link.bytes_in
             record.bytes_out += link.bytes_out
-            self.link = None  # the link referred to us until it ended; now neither does
+            self.link = None  # the link refers to us until its backend socket is closed
+        else:
+            self.reservation.release()  # never relayed: the transports' sockets are closed
         sessions = self.sessions
         self.backend.connections.discard(self)
         sessions.live.discard(self)
-        self.reservation.release()
         sessions.log.finished(
             record, f"closed_{self.closing_reason}" if self.closing_code else outcome
         )
+
+    def backend_closed(self) -> None:
+        """The relay closed the socket toward the backend: its slot is free now."""
+        self.reservation.release()
