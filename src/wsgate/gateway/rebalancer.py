@@ -21,7 +21,6 @@ from wsgate.config import Config
 from wsgate.gateway.frames import CloseCode
 from wsgate.gateway.outcomes import CloseReason
 from wsgate.gateway.session import Session, Sessions
-from wsgate.gateway.store import refresh_counts
 from wsgate.upstreams.pool import BackendPool
 from wsgate.upstreams.rebalance import ArrivalEstimate, local_share, plan_moves, spread
 
@@ -104,7 +103,7 @@ class Rebalancer:
             self._arrivals.observe(now(), sum(counts.values()))
             return []
         # The plan must come from counts as fresh as the store can give.
-        await refresh_counts(self.store)
+        await self.store.refresh()
         counts = self.store.global_counts()
         mine: dict[str, list[Session]] = {}
         closing: Counter[str] = Counter()

@@ -43,7 +43,7 @@ from wsgate.gateway.plane import Plane, Route
 from wsgate.gateway.rebalancer import Rebalancer
 from wsgate.gateway.session import Session, Sessions
 from wsgate.gateway.stats import Stats
-from wsgate.gateway.store import limits_of, open_store, watch_excess
+from wsgate.gateway.store import limits_of, open_store
 from wsgate.upstreams.health import HealthChecker
 from wsgate.upstreams.pool import BackendPool
 
@@ -95,7 +95,7 @@ class Gateway:
         self.stopped = asyncio.Event()
         self._drain_cut = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
-        watch_excess(self.store, self.rebalancer.close_excess)
+        self.store.on_excess = self.rebalancer.close_excess
 
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:

@@ -1,20 +1,17 @@
-"""The admission store the config names, and what the gateway asks of it beyond admitting.
+"""The admission store the config names: embedded memory, or Redis shared by replicas.
 
-:func:`open_store` builds the embedded memory store or the Redis store shared
-by replicas. :func:`watch_excess` and :func:`refresh_counts` are the two
-things the gateway needs that only the Redis store does today; they are the
-only place that tells the stores apart.
+The rest of the gateway sees only the contract
+(:class:`~wsgate.admission.AdmissionStore`); this is the one place that
+knows which stores there are.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from wsgate.admission import AdmissionStore, Limits
 from wsgate.admission.memory import MemoryStore
 from wsgate.config import Config
 
-__all__ = ["limits_of", "open_store", "refresh_counts", "watch_excess"]
+__all__ = ["limits_of", "open_store"]
 
 
 def limits_of(config: Config) -> Limits:
@@ -42,23 +39,3 @@ def open_store(config: Config, replica_id: str) -> AdmissionStore:
         on_failure=state.on_failure,
         limits=limits_of(config),
     )
-
-
-def watch_excess(store: AdmissionStore, on_excess: Callable[[str, int], None]) -> None:
-    """Be told ``(backend_id, count)`` when the shared state finds this replica over a cap.
-
-    Only a shared store can find that (after it re-registered this replica's
-    slots); the memory store never does.
-    """
-    if store.kind == "redis":
-        from wsgate.admission.redis import RedisStore
-
-        if isinstance(store, RedisStore):
-            store.on_excess = on_excess
-
-
-async def refresh_counts(store: AdmissionStore) -> None:
-    """Make ``store.global_counts()`` as fresh as the store can (one round trip for Redis)."""
-    renew = getattr(store, "renew_now", None)
-    if renew is not None:
-        await renew()
