@@ -18,11 +18,11 @@ from collections import Counter
 
 from wsgate.admission import AdmissionStore
 from wsgate.config import Config
-from wsgate.gateway.frames import CloseCode
 from wsgate.gateway.outcomes import CloseReason
 from wsgate.gateway.session import Session, Sessions
 from wsgate.upstreams.pool import BackendPool
 from wsgate.upstreams.rebalance import ArrivalEstimate, local_share, plan_moves, spread
+from wsgate.wire import CloseCode
 
 __all__ = ["RECONNECT_WINDOW", "Rebalancer"]
 

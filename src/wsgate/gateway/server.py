@@ -35,7 +35,6 @@ from wsgate.gateway.connector import Connector
 from wsgate.gateway.descriptors import SpareDescriptors
 from wsgate.gateway.downstream import Downstream
 from wsgate.gateway.follower import BackendFollower, discovery_source
-from wsgate.gateway.frames import CloseCode
 from wsgate.gateway.head import RequestHead
 from wsgate.gateway.listener import Listener
 from wsgate.gateway.outcomes import CloseReason, Outcome
@@ -46,6 +45,7 @@ from wsgate.gateway.stats import Stats
 from wsgate.gateway.store import limits_of, open_store
 from wsgate.upstreams.health import HealthChecker
 from wsgate.upstreams.pool import BackendPool
+from wsgate.wire import CloseCode
 
 __all__ = ["RESTART_KEYS", "Gateway"]
 

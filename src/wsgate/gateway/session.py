@@ -18,12 +18,12 @@ from collections.abc import Callable, Iterator
 
 from wsgate.gateway._relay import Link, Relay
 from wsgate.gateway.access_log import Record, RequestLog
-from wsgate.gateway.frames import CloseCode, close_frame, masked_close_frame
 from wsgate.gateway.handoff import Handoff, HandOver, hand_over
 from wsgate.gateway.outcomes import CloseReason, Outcome
 from wsgate.gateway.reservation import Reservation
 from wsgate.gateway.stats import Stats
 from wsgate.upstreams.pool import Backend
+from wsgate.wire import CloseCode, close_frame, masked_close_frame
 
 __all__ = ["CLOSE_GRACE", "Session", "Sessions"]
 
