@@ -384,6 +384,9 @@ class _Recorder:
     def spare_descriptor(self) -> bool:
         return False  # far from the open-files limit here
 
+    def refill_spare_descriptors(self) -> None:
+        pass  # none was taken
+
 
 def test_handoff_waits_until_uvloop_has_written_what_it_holds() -> None:
     """Bytes uvloop still buffers for the client when the session starts go out first."""

@@ -688,6 +688,7 @@ def hand_over(
         client_fd = _duplicate(gw, client_transport)
     except OSError:
         _abort(client_transport, backend_transport)
+        gw.refill_spare_descriptors()
         session.finish("client_error")
         return
     try:
@@ -695,9 +696,11 @@ def hand_over(
     except OSError:
         os.close(client_fd)
         _abort(client_transport, backend_transport)
+        gw.refill_spare_descriptors()
         session.finish("backend_error")
         return
     _abort(client_transport, backend_transport)
+    gw.refill_spare_descriptors()
     session.relay(client_fd, backend_fd, rest)
 
 

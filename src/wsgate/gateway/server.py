@@ -620,13 +620,25 @@ class Gateway:
         A session handed to the relay holds two descriptors more until uvloop
         closes its own on the next loop iteration. At the limit that would fail a
         session already answered 101; a spare makes room instead, and is taken
-        back once uvloop's descriptors are closed. False when none is left.
+        back once uvloop's descriptors are closed
+        (:meth:`refill_spare_descriptors`). False when none is left.
         """
         if not self._spare_fds:
             return False
         os.close(self._spare_fds.pop())
-        self.loop.call_later(0.001, self.keep_spare_descriptors)
         return True
+
+    def refill_spare_descriptors(self) -> None:
+        """After a hand-over has aborted its transports: take back the spares it used.
+
+        ``abort()`` closes a transport's socket in a callback it schedules with
+        ``call_soon``, so one scheduled after it runs once the socket is closed.
+        (A timer would not do: when the loop is slow, a timer due in 1 ms fires
+        before the ready callbacks, the descriptors are still open, the spares are
+        not taken back, and the hand-overs that follow find none.)
+        """
+        if len(self._spare_fds) < SPARE_DESCRIPTORS:
+            self.loop.call_soon(self.keep_spare_descriptors)
 
     def keep_spare_descriptors(self) -> None:
         while len(self._spare_fds) < SPARE_DESCRIPTORS:
