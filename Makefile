@@ -1,5 +1,5 @@
 # The README's commands. Each one sets up what it needs first.
-.PHONY: setup demo test test-fast lint format bench bench-smoke clean
+.PHONY: setup demo test test-fast sanitize lint format bench bench-smoke clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,6 +15,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The relay built with ASan and UBSan (-Werror), and the tests that go through it.
+sanitize: setup
+	./scripts/sanitize.sh
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -199,10 +199,15 @@ async def serve(
     from wsgate.gateway.server import Gateway
 
     gateway = Gateway(config, reuse_port=reuse_port)
+    started = False
     try:
         await gateway.start()
+        started = True
     except OSError as error:
         raise ConfigError(f"cannot listen on {config.listen}: {error.strerror}") from None
+    finally:
+        if not started:
+            gateway.relay.close()  # its thread runs from the gateway's creation on
     admin = None
     if config.admin:
         from wsgate.admin.server import AdminServer
