@@ -144,6 +144,16 @@ class HandOvers:
         return None
 
 
+class NoSpares:
+    """Far from the open-files limit: no spare is ever needed."""
+
+    def take(self) -> bool:
+        return False
+
+    def refill_soon(self) -> None:
+        pass
+
+
 class Rig:
     """One gateway's data plane on scripted transports, with the memory store."""
 
@@ -162,7 +172,7 @@ class Rig:
         self.admission.pool_changed()
         self.connector = connector
         self.hand_overs = HandOvers()
-        self.sessions = Sessions(self.stats, self.log, lambda: False, hand_over=self.hand_overs)
+        self.sessions = Sessions(self.stats, self.log, NoSpares(), hand_over=self.hand_overs)
         self.sessions.loop = asyncio.get_running_loop()
         connector.start(asyncio.get_running_loop())
         route = Route(self.pool, self.admission)

@@ -82,7 +82,7 @@ class Gateway:
         )
         self.route = Route(self.pool, self.admission)
         self.spares = SpareDescriptors()
-        self.sessions = Sessions(self.stats, self.log, self.spares.take)
+        self.sessions = Sessions(self.stats, self.log, self.spares)
         self.connector = Connector(config.timeouts.connect)
         self.follower = BackendFollower(self.pool, self.health, self.connector.drop_idle)
         self.rebalancer = Rebalancer(config, self.store, self.pool, self.sessions)

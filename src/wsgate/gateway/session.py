@@ -14,11 +14,11 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from wsgate.gateway._relay import Link, Relay
 from wsgate.gateway.access_log import Record, RequestLog
-from wsgate.gateway.handoff import Handoff, HandOver, hand_over
+from wsgate.gateway.handoff import Handoff, HandOver, Spares, hand_over
 from wsgate.gateway.outcomes import CloseReason, Outcome
 from wsgate.gateway.reservation import Reservation
 from wsgate.gateway.stats import Stats
@@ -46,13 +46,13 @@ class Sessions:
         self,
         stats: Stats,
         log: RequestLog,
-        spare: Callable[[], bool],
+        spares: Spares,
         *,
         hand_over: HandOver = hand_over,
     ):
         self.stats = stats
         self.log = log
-        self.spare = spare  # frees a descriptor for a hand-over at the open-files limit
+        self.spares = spares  # for hand-overs at the open-files limit
         self.hand_over = hand_over
         self.live: set[Session] = set()
         self.relay: Relay | None = None
@@ -82,7 +82,7 @@ class Sessions:
         backend.connections.add(session)
         self.live.add(session)
         session.handoff = self.hand_over(
-            session, client_transport, backend_transport, rest, self.spare
+            session, client_transport, backend_transport, rest, self.spares
         )
         if self.closing is not None:
             session.close_gracefully(*self.closing)
