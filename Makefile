@@ -1,5 +1,5 @@
 # The README's commands. Each one sets up what it needs first.
-.PHONY: setup demo test test-fast test-containers lint format bench bench-smoke bench-storm image image-base clean
+.PHONY: setup demo test test-fast test-containers sanitize lint format bench bench-smoke bench-storm image image-base clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,6 +20,10 @@ test-fast: setup
 # few minutes; `make test` leaves these out).
 test-containers: setup
 	$(PY) -m pytest -m containers tests/deploy $(PYTEST_ARGS)
+
+# The relay built with ASan and UBSan (-Werror), and the tests that go through it.
+sanitize: setup
+	./scripts/sanitize.sh
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -21,6 +21,8 @@ PYTHON=${PYTHON:-python3}
 packages=()
 # The relay is a C extension: it needs a compiler and Python's headers.
 command -v cc >/dev/null || packages+=(gcc libc6-dev)
+# make sanitize builds it with gcc's AddressSanitizer and UndefinedBehaviorSanitizer.
+[ -e "$(gcc -print-file-name=libasan.so 2>/dev/null)" ] || packages+=(gcc)
 "$PYTHON" - <<'PY' || packages+=(python3-dev)
 import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))

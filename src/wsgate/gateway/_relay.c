@@ -27,16 +27,28 @@
  *   (on_backend_closed), after on_end if any. Until then the backend may still
  *   count the session, so that is when the gateway frees its slot.
  *
- * Threads. The relay thread and Python's calls (add, close_gracefully, finish,
- * the counters) take one mutex; the relay thread never touches a Python object
- * or its reference count. It reports through an eventfd that the event loop
- * watches: report() then calls on_end(owner, outcome) for each ended session,
- * on_backend_closed(owner) for each closed backend socket, and drops the
- * relay's reference to the links it is done with. A link is let
- * go only when no batch of events can point at it any more: one the relay
- * thread closed, at the end of that batch (the next wait starts after the
- * close); one Python closed between two batches, after the next whole batch,
- * since that batch may have been fetched before the close.
+ * - Lingering links are on a list of their own: the once-a-second sweep that
+ *   cuts overdue flushes visits them and nothing else.
+ *
+ * Threads. The relay thread and Python's calls that change a link (add,
+ * close_gracefully, finish, report, close) take one mutex; the relay thread
+ * never touches a Python object or its reference count, and Python sets no
+ * exception and makes no call into Python while it holds the mutex. The
+ * counters Python reads (bytes, outcome, lingering, len) are atomic: reading
+ * them never waits for a batch. The relay reports through an eventfd that the
+ * event loop watches: report() then calls on_end(owner, outcome) for each ended
+ * session, on_backend_closed(owner) for each closed backend socket, and drops
+ * the relay's reference to the links it is done with. A link is let go only
+ * when no batch of events can point at it any more: one the relay thread
+ * closed, at the end of that batch (the next wait starts after the close); one
+ * Python closed between two batches, after the next whole batch, since that
+ * batch may have been fetched before the close.
+ *
+ * Lifetime. A relay holds a reference to each of its links and each link one
+ * to its relay and to its owner; both types take part in the collector, so a
+ * relay nobody closed and nobody refers to is found, stopped (its thread
+ * joined, its sockets closed) and freed with its links. Closing it is still
+ * the way to stop it at a known moment.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -55,6 +67,13 @@
 
 #define CLIENT 0
 #define BACKEND 1
+
+/* The counters Python reads (bytes, outcome, state, how many relay or linger)
+ * are written under the lock but read without it: written and read atomically,
+ * so a reader never waits for a batch to end. */
+#define LOAD(field) __atomic_load_n(&(field), __ATOMIC_RELAXED)
+#define STORE(field, value) __atomic_store_n(&(field), (value), __ATOMIC_RELAXED)
+#define ADD(field, value) __atomic_add_fetch(&(field), (value), __ATOMIC_RELAXED)
 #define OPCODE_CLOSE 0x8
 #define MAX_HEADER 14
 #define EVENTS_PER_RUN 256
@@ -307,6 +326,7 @@ typedef struct LinkObject {
     CloseFrames *close; /* set when the gateway closes: the frames wait for a boundary */
     struct timespec linger_since;
     struct LinkObject *prev, *next; /* the relay's list of links with open sockets */
+    struct LinkObject *linger_prev, *linger_next; /* its list of lingering links */
     struct LinkObject *next_ended;  /* on the relay's list of links to report */
     struct LinkObject *next_gone;   /* on one of its lists of links with no socket left */
     struct LinkObject *next_backend_gone; /* on the relay's list of backend sockets closed */
@@ -329,6 +349,7 @@ typedef struct RelayObject {
     PyObject *on_end;
     PyObject *on_backend_closed; /* or NULL */
     LinkObject *links; /* the relay holds a reference to each until it is freeable */
+    LinkObject *lingering_links; /* those of `links` that linger: what the sweep visits */
     Py_ssize_t count;  /* links relaying */
     Py_ssize_t lingering;
     LinkObject *ended;    /* to report */
@@ -452,9 +473,18 @@ static void
 link_release(LinkObject *link)
 {
     RelayObject *relay = link->relay;
-    if (link->state == LINGERING && --relay->lingering == 0)
-        relay_arm_sweep(relay, 0);
-    link->state = CLOSED;
+    if (link->state == LINGERING) {
+        if (link->linger_prev)
+            link->linger_prev->linger_next = link->linger_next;
+        else
+            relay->lingering_links = link->linger_next;
+        if (link->linger_next)
+            link->linger_next->linger_prev = link->linger_prev;
+        link->linger_prev = link->linger_next = NULL;
+        if (ADD(relay->lingering, -1) == 0)
+            relay_arm_sweep(relay, 0);
+    }
+    STORE(link->state, CLOSED);
     if (link->prev)
         link->prev->next = link->next;
     else
@@ -473,8 +503,8 @@ link_end(LinkObject *link, int outcome, int report)
     if (link->state != RELAYING)
         return;
     RelayObject *relay = link->relay;
-    link->outcome = outcome;
-    relay->count--;
+    STORE(link->outcome, outcome);
+    ADD(relay->count, -1);
     int lingering = 0;
     for (int side = CLIENT; side <= BACKEND; side++) {
         End *end = &link->ends[side];
@@ -484,9 +514,14 @@ link_end(LinkObject *link, int outcome, int report)
             end_close(relay, end);
     }
     if (lingering) {
-        link->state = LINGERING;
+        STORE(link->state, LINGERING);
         clock_gettime(CLOCK_MONOTONIC, &link->linger_since);
-        if (relay->lingering++ == 0)
+        link->linger_prev = NULL;
+        link->linger_next = relay->lingering_links;
+        if (relay->lingering_links)
+            relay->lingering_links->linger_prev = link;
+        relay->lingering_links = link;
+        if (ADD(relay->lingering, 1) == 1)
             relay_arm_sweep(relay, 1);
         link_watch(link);
     }
@@ -597,7 +632,7 @@ link_inject(LinkObject *link)
 static void
 link_from_backend(LinkObject *link, const unsigned char *data, Py_ssize_t size)
 {
-    link->bytes_out += (unsigned long long)size;
+    ADD(link->bytes_out, (unsigned long long)size);
     Py_ssize_t boundary = tracker_feed(&link->tracker, data, size);
     End *client = &link->ends[CLIENT];
     if (link->close == NULL) {
@@ -630,7 +665,7 @@ link_readable(RelayObject *relay, End *end)
             link_from_backend(link, relay->scratch, size);
         }
         else {
-            link->bytes_in += (unsigned long long)size;
+            ADD(link->bytes_in, (unsigned long long)size);
             if (!link->injected)
                 end_send(&link->ends[BACKEND], relay->scratch, (size_t)size);
         }
@@ -677,16 +712,14 @@ relay_sweep(RelayObject *relay)
     drain_fd(relay->timerfd);
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
-    LinkObject *link = relay->links;
+    LinkObject *link = relay->lingering_links;
     while (link != NULL) {
-        LinkObject *next = link->next;
-        if (link->state == LINGERING) {
-            double waited = (double)(now.tv_sec - link->linger_since.tv_sec) +
-                            (double)(now.tv_nsec - link->linger_since.tv_nsec) / 1e9;
-            if (waited >= relay->linger) {
-                end_cut(relay, &link->ends[CLIENT]);
-                end_cut(relay, &link->ends[BACKEND]);
-            }
+        LinkObject *next = link->linger_next; /* the cut below takes it off the list */
+        double waited = (double)(now.tv_sec - link->linger_since.tv_sec) +
+                        (double)(now.tv_nsec - link->linger_since.tv_nsec) / 1e9;
+        if (waited >= relay->linger) {
+            end_cut(relay, &link->ends[CLIENT]);
+            end_cut(relay, &link->ends[BACKEND]);
         }
         link = next;
     }
@@ -789,9 +822,27 @@ relay_deliver(RelayObject *relay, LinkObject *ended, LinkObject *backend_gone,
 
 /* -- Link's Python face ----------------------------------------------------------------- */
 
+static int
+Link_traverse(LinkObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->owner);
+    Py_VISIT(self->relay);
+    return 0;
+}
+
+/* The owner only: the relay stays, since the link's fields are the relay's to
+ * change until it lets the link go (the relay's own clear does that). */
+static int
+Link_clear(LinkObject *self)
+{
+    Py_CLEAR(self->owner);
+    return 0;
+}
+
 static void
 Link_dealloc(LinkObject *self)
 {
+    PyObject_GC_UnTrack(self);
     for (int side = CLIENT; side <= BACKEND; side++)
         out_free(&self->ends[side].out);
     PyMem_RawFree(self->close);
@@ -872,27 +923,19 @@ Link_finish(LinkObject *self, PyObject *unused)
 static PyObject *
 Link_bytes_in(LinkObject *self, void *closure)
 {
-    pthread_mutex_lock(&self->relay->lock);
-    unsigned long long value = self->bytes_in;
-    pthread_mutex_unlock(&self->relay->lock);
-    return PyLong_FromUnsignedLongLong(value);
+    return PyLong_FromUnsignedLongLong(LOAD(self->bytes_in));
 }
 
 static PyObject *
 Link_bytes_out(LinkObject *self, void *closure)
 {
-    pthread_mutex_lock(&self->relay->lock);
-    unsigned long long value = self->bytes_out;
-    pthread_mutex_unlock(&self->relay->lock);
-    return PyLong_FromUnsignedLongLong(value);
+    return PyLong_FromUnsignedLongLong(LOAD(self->bytes_out));
 }
 
 static PyObject *
 Link_outcome(LinkObject *self, void *closure)
 {
-    pthread_mutex_lock(&self->relay->lock);
-    int outcome = self->outcome;
-    pthread_mutex_unlock(&self->relay->lock);
+    int outcome = LOAD(self->outcome);
     if (outcome == OUTCOME_NONE)
         Py_RETURN_NONE;
     return Py_NewRef(outcome_strings[outcome]);
@@ -901,10 +944,7 @@ Link_outcome(LinkObject *self, void *closure)
 static PyObject *
 Link_lingering(LinkObject *self, void *closure)
 {
-    pthread_mutex_lock(&self->relay->lock);
-    int lingering = self->state == LINGERING;
-    pthread_mutex_unlock(&self->relay->lock);
-    return PyBool_FromLong(lingering);
+    return PyBool_FromLong(LOAD(self->state) == LINGERING);
 }
 
 static PyMethodDef Link_methods[] = {
@@ -931,34 +971,53 @@ static PyTypeObject LinkType = {
     .tp_name = "wsgate.gateway._relay.Link",
     .tp_doc = "One session in a Relay: two sockets and what passed between them.",
     .tp_basicsize = sizeof(LinkObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_dealloc = (destructor)Link_dealloc,
+    .tp_traverse = (traverseproc)Link_traverse,
+    .tp_clear = (inquiry)Link_clear,
     .tp_methods = Link_methods,
     .tp_getset = Link_getset,
 };
 
 /* -- Relay's Python face ---------------------------------------------------------------- */
 
+static void relay_shut(RelayObject *self, int deliver);
+
+/* The relay holds one reference to each of its links until it lets it go, and
+ * each link one to the relay: the collector must see both, or a relay never
+ * closed would keep its thread and its links for ever. */
 static int
 Relay_traverse(RelayObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->on_end);
     Py_VISIT(self->on_backend_closed);
-    return 0;
+    int failed = 0;
+    pthread_mutex_lock(&self->lock);
+    for (LinkObject *link = self->links; link != NULL && !failed; link = link->next)
+        failed = visit((PyObject *)link, arg);
+    LinkObject *lists[] = {self->released, self->freeable};
+    for (size_t i = 0; i < sizeof lists / sizeof lists[0]; i++)
+        for (LinkObject *link = lists[i]; link != NULL && !failed; link = link->next_gone)
+            failed = visit((PyObject *)link, arg);
+    pthread_mutex_unlock(&self->lock);
+    return failed;
 }
 
+/* An unreachable relay: stop it and let go of everything, calling no one. */
 static int
 Relay_clear(RelayObject *self)
 {
+    relay_shut(self, 0);
     Py_CLEAR(self->on_end);
     Py_CLEAR(self->on_backend_closed);
     return 0;
 }
 
 /* Stop the thread, end every session without reporting it, close every
- * descriptor; report what had ended before and let go of every link. */
+ * descriptor; report what had ended before (when `deliver`) and let go of
+ * every link. */
 static void
-relay_shut(RelayObject *self)
+relay_shut(RelayObject *self, int deliver)
 {
     if (self->thread_started) {
         pthread_mutex_lock(&self->lock);
@@ -990,14 +1049,17 @@ relay_shut(RelayObject *self)
     LinkObject *gone = gone_append(self->freeable, self->released);
     self->ended = self->backend_gone = self->freeable = self->released = NULL;
     pthread_mutex_unlock(&self->lock);
-    relay_deliver(self, ended, backend_gone, gone);
+    if (deliver)
+        relay_deliver(self, ended, backend_gone, gone);
+    else
+        relay_deliver(self, NULL, NULL, gone);
 }
 
 static void
 Relay_dealloc(RelayObject *self)
 {
     PyObject_GC_UnTrack(self);
-    relay_shut(self);
+    relay_shut(self, 1);
     Relay_clear(self);
     PyMem_RawFree(self->scratch);
     pthread_mutex_destroy(&self->lock);
@@ -1084,7 +1146,7 @@ Relay_add(RelayObject *self, PyObject *args)
     if (self->epfd < 0)
         PyErr_SetString(PyExc_ValueError, "the relay is closed");
     else
-        link = PyObject_New(LinkObject, &LinkType);
+        link = PyObject_GC_New(LinkObject, &LinkType);
     if (link == NULL) {
         PyBuffer_Release(&rest);
         close(client_fd);
@@ -1100,7 +1162,7 @@ Relay_add(RelayObject *self, PyObject *args)
     link->close = NULL;
     link->owner = Py_NewRef(owner);
     link->prev = link->next = link->next_ended = link->next_gone = NULL;
-    link->next_backend_gone = NULL;
+    link->linger_prev = link->linger_next = link->next_backend_gone = NULL;
     int fds[2] = {client_fd, backend_fd};
     for (int side = CLIENT; side <= BACKEND; side++) {
         End *end = &link->ends[side];
@@ -1110,26 +1172,25 @@ Relay_add(RelayObject *self, PyObject *args)
         end->interest = 0;
         memset(&end->out, 0, sizeof end->out);
     }
+    PyObject_GC_Track(link);
     Py_INCREF(link); /* the relay's, until the link is freeable */
     pthread_mutex_lock(&self->lock);
     link->next = self->links;
     if (self->links)
         self->links->prev = link;
     self->links = link;
-    self->count++;
-    int registered = 1;
+    ADD(self->count, 1);
+    int registered = 1, failure = 0;
     for (int side = CLIENT; side <= BACKEND && registered; side++) {
         End *end = &link->ends[side];
         struct epoll_event event = {.events = EPOLLIN, .data.ptr = end};
         if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, end->fd, &event) == 0)
             end->interest = EPOLLIN;
         else
-            registered = 0;
+            registered = 0, failure = errno;
     }
-    if (!registered) {
-        PyErr_SetFromErrno(PyExc_OSError);
+    if (!registered)
         link_end(link, OUTCOME_FINISHED, 0);
-    }
     else if (rest.len) {
         link_from_backend(link, rest.buf, rest.len);
         link_watch(link);
@@ -1143,6 +1204,9 @@ Relay_add(RelayObject *self, PyObject *args)
     if (kick)
         signal_fd(self->kickfd);
     if (!registered) {
+        /* Set only now: no Python call is made while the relay thread may wait. */
+        errno = failure;
+        PyErr_SetFromErrno(PyExc_OSError);
         Py_CLEAR(link->owner);
         Py_DECREF(link);
         return NULL;
@@ -1167,26 +1231,20 @@ Relay_report(RelayObject *self, PyObject *unused)
 static PyObject *
 Relay_close(RelayObject *self, PyObject *unused)
 {
-    relay_shut(self);
+    relay_shut(self, 1);
     Py_RETURN_NONE;
 }
 
 static Py_ssize_t
 Relay_len(RelayObject *self)
 {
-    pthread_mutex_lock(&self->lock);
-    Py_ssize_t count = self->count;
-    pthread_mutex_unlock(&self->lock);
-    return count;
+    return LOAD(self->count);
 }
 
 static PyObject *
 Relay_lingering(RelayObject *self, void *closure)
 {
-    pthread_mutex_lock(&self->lock);
-    Py_ssize_t lingering = self->lingering;
-    pthread_mutex_unlock(&self->lock);
-    return PyLong_FromSsize_t(lingering);
+    return PyLong_FromSsize_t(LOAD(self->lingering));
 }
 
 static PyMethodDef Relay_methods[] = {

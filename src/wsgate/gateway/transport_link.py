@@ -22,12 +22,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from wsgate.gateway.flow import HIGH_WATER, LOW_WATER
 from wsgate.gateway.frames import FrameTracker
 
 __all__ = ["TransportLink"]
-
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
 
 
 class _Side(asyncio.Protocol):

@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(str(error)) from None
     raise_open_files_limit()
     if args.workers > 1 and args.worker_index is None:
-        from wsgate.gateway.workers import supervise
+        from wsgate.app.workers import supervise
 
         return supervise(args.workers, args.argv)
 
@@ -206,6 +206,7 @@ async def serve(
     try:
         await gateway.start()
     except OSError as error:
+        # Nothing to stop: the relay thread starts once the gateway listens.
         raise ConfigError(f"cannot listen on {config.listen}: {error.strerror}") from None
     admin = None
     if config.admin:
