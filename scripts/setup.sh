@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything wsgate's commands need on a fresh Debian machine, idempotently:
 # the virtualenv with the package and its dev tools, and the system binaries the
-# tests and demo use (redis-server, chromium; haproxy, nginx and perf with --bench).
+# tests and demo use (redis-server, haproxy, chromium; nginx and perf with --bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,11 +28,12 @@ import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
 PY
 command -v redis-server >/dev/null || packages+=(redis-server)
+# The edge tests put a real HAProxy in front of the gateway (PROXY protocol, X-Forwarded-For).
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || packages+=(haproxy)
 if [ "$want_browser" = 1 ]; then
   command -v chromium >/dev/null || packages+=(chromium)
 fi
 if [ "$want_bench" = 1 ]; then
-  command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || packages+=(haproxy)
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || packages+=(nginx)
   command -v perf >/dev/null || packages+=(linux-perf)  # bench.setup_cost counts instructions
 fi
@@ -45,6 +46,10 @@ if [ "${#packages[@]}" -gt 0 ]; then
     echo "setup: cannot install ${packages[*]} (needs root and apt-get); what needs them will fail or skip" >&2
   fi
 fi
+
+# The manifest tests render deploy/ with kubectl's kustomize; kubectl is not in
+# Debian's packages (https://kubernetes.io/docs/tasks/tools/). Without it they skip.
+command -v kubectl >/dev/null || echo "setup: kubectl not found: the deploy/ manifest tests will skip" >&2
 
 stamp=.venv/.wsgate-installed
 # Reinstall (and so recompile the relay) when the package definition or the C source changes.
