@@ -17,12 +17,12 @@ import random
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from wsgate.admission import AdmissionStore, Admitted, Candidate, Limits, Reason, Rejected, Ticket
 from wsgate.admission.memory import MemoryStore
-from wsgate.balancing import cookie_token, make_policy, rendezvous_order
+from wsgate.balancing import cookie_token, make_policy, rendezvous_top
 from wsgate.config import (
     BackendSpec,
     Config,
@@ -474,14 +474,22 @@ class Gateway:
         self._cookie_ids = {cookie_token(b.id): b.id for b in self.pool}
 
     def _affinity(
-        self, head: RequestHead, client_ip: str, candidates: list[Candidate]
+        self,
+        head: RequestHead,
+        client_ip: str,
+        candidates: Sequence[Candidate],
+        exclude: set[str],
     ) -> tuple[str | None, str]:
         """(the affine backend, the hash key) of this request under the affinity setting."""
         affinity = self.config.affinity
         if affinity.by == "cookie":
             token = head.cookie(affinity.cookie)
             backend_id = self._cookie_ids.get(token) if token else None
-            known = any(c.backend_id == backend_id for c in candidates)
+            known = (
+                backend_id is not None
+                and backend_id not in exclude
+                and self.pool.is_candidate(backend_id)
+            )
             return (backend_id if known else None), client_ip
         key = client_ip
         if affinity.by == "header":
@@ -492,7 +500,7 @@ class Gateway:
         elif affinity.by != "ip":
             return None, client_ip
         # Rendezvous over the healthy backends: stable per key, little churn on change.
-        return (rendezvous_order(candidates, key)[0].backend_id if candidates else None), key
+        return rendezvous_top(candidates, key, exclude), key
 
     async def admit(
         self, head: RequestHead, client_ip: str, *, exclude: set[str]
@@ -525,10 +533,12 @@ class Gateway:
     async def _decide(
         self, head: RequestHead, client_ip: str, exclude: set[str]
     ) -> tuple[Admitted | Rejected, str | None]:
+        # The pool's own tuple, unchanged until the pool changes: the store then
+        # knows it already, and the excluded backends travel by name.
         candidates = self.pool.candidates()
-        if exclude:
-            candidates = [c for c in candidates if c.backend_id not in exclude]
-        preferred, key = self._affinity(head, client_ip, candidates)
+        if exclude and sum(map(self.pool.is_candidate, exclude)) >= len(candidates):
+            candidates = ()  # every healthy backend was tried: none is left
+        preferred, key = self._affinity(head, client_ip, candidates, exclude)
         plan = self.policy.plan(candidates, key=key, load=self._global_load, preferred=preferred)
         started = time.perf_counter()
         decision = await self.store.admit(
@@ -536,6 +546,8 @@ class Gateway:
             client_key=client_ip,
             least_loaded=plan.least_loaded,
             preferred=plan.preferred,
+            first=plan.first,
+            exclude=exclude,
         )
         self.stats.admission_latency.observe(time.perf_counter() - started)
         return decision, preferred
