@@ -299,39 +299,32 @@ local function admit()
       break
     end
   end
-  local page = 16
+  -- The first backend with room, page by page, as far as it takes.
+  local function first_with_room(page_of)
+    local page, offset = 16, 0
+    while true do
+      local ids = page_of(offset, page)
+      for _, backend in ipairs(ids) do
+        if room(backend) then
+          return backend
+        end
+      end
+      if #ids < page then
+        return nil
+      end
+      offset = offset + page
+    end
+  end
   if not best and ARGV[5] == '1' then
     -- Least loaded by share of cap, ties to the smallest id (P:load's own order).
-    local offset = 0
-    while not best do
-      local ids = redis.call('ZRANGEBYSCORE', LOAD, '-inf', '(1', 'LIMIT', offset, page)
-      for _, backend in ipairs(ids) do
-        if room(backend) then
-          best = backend
-          break
-        end
-      end
-      if #ids < page then
-        break
-      end
-      offset = offset + page
-    end
+    best = first_with_room(function(offset, page)
+      return redis.call('ZRANGEBYSCORE', LOAD, '-inf', '(1', 'LIMIT', offset, page)
+    end)
   elseif not best then
     -- First fit in R's pool order.
-    local offset = 0
-    while not best do
-      local ids = redis.call('ZRANGE', order, offset, offset + page - 1)
-      for _, backend in ipairs(ids) do
-        if room(backend) then
-          best = backend
-          break
-        end
-      end
-      if #ids < page then
-        break
-      end
-      offset = offset + page
-    end
+    best = first_with_room(function(offset, page)
+      return redis.call('ZRANGE', order, offset, offset + page - 1)
+    end)
   end
 
   local live = redis.call('ZCARD', REPLICAS)
