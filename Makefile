@@ -37,10 +37,12 @@ format: setup
 bench:
 	./scripts/setup.sh --bench
 	$(PY) -m bench $(ARGS)
+	$(PY) -m bench.admission --out bench/results
 
 bench-smoke:
 	./scripts/setup.sh --bench
 	$(PY) -m bench --smoke $(ARGS)
+	$(PY) -m bench.admission --seconds 0.3 --sizes 4,100 --callers 5
 
 bench-storm:
 	./scripts/setup.sh --bench

@@ -158,8 +158,7 @@ async def test_backend_refusing_connections_is_ejected_then_returns(procs: Proce
     if time.monotonic() - ejected_at < 1.8:
         assert late.stats()["total_connections"] == 0
     await logged(gateway, "backend pod-late is back after its ejection", within=4)
-    # (On a slow machine the backend takes longer to start than the ejection lasts,
-    # and one of the two above reached it already: count from here.)
-    before = late.stats()["total_connections"]
+    # (On a slow machine the two attempts above may outlast the ejection and reach it.)
+    reached = late.stats()["total_connections"]
     assert [await attempt(gateway.ws_url) for _ in range(2)] == [101, 101]
-    assert late.stats()["total_connections"] == before + 1
+    assert late.stats()["total_connections"] == reached + 1  # in turn with the other

@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
-from wsgate.admission.contract import Admitted, Candidate, Limits, Rejected, Ticket
+from wsgate.admission.contract import Admitted, Candidate, Limits, Reason, Rejected, Ticket
 from wsgate.admission.local import LocalDecision
+from wsgate.admission.pool_index import PoolIndex
 
 __all__ = ["MemoryStore", "take_tokens"]
 
@@ -28,6 +29,7 @@ class MemoryStore:
         self._clock = clock
         self._active: Counter[str] = Counter()
         self._decision = LocalDecision(clock)
+        self._index = PoolIndex(self._active)
         self._close_tat: float | None = None
         self.on_excess: Callable[[str, int], None] | None = None  # never over: nothing to shed
 
@@ -58,9 +60,16 @@ class MemoryStore:
         client_key: str | None = None,
         least_loaded: bool = False,
         preferred: str | None = None,
+        first: Sequence[str] = (),
+        exclude: Collection[str] = (),
     ) -> Admitted | Rejected:
         return self.admit_now(
-            candidates, client_key=client_key, least_loaded=least_loaded, preferred=preferred
+            candidates,
+            client_key=client_key,
+            least_loaded=least_loaded,
+            preferred=preferred,
+            first=first,
+            exclude=exclude,
         )
 
     def admit_now(
@@ -70,19 +79,23 @@ class MemoryStore:
         client_key: str | None = None,
         least_loaded: bool = False,
         preferred: str | None = None,
+        first: Sequence[str] = (),
+        exclude: Collection[str] = (),
     ) -> Admitted | Rejected:
         """The decision itself, synchronous: usable from code that cannot await."""
-        decision = self._decision.admit(
-            candidates,
-            self._active,
-            self._limits,
-            client_key=client_key,
-            least_loaded=least_loaded,
-            preferred=preferred,
+        limits = self._limits
+        if not candidates:
+            return Rejected(Reason.NO_HEALTHY_BACKEND, limits.no_capacity_retry_after)
+        index = self._index
+        index.offer(candidates)
+        choice = index.choose(
+            least_loaded=least_loaded, preferred=preferred, first=first, exclude=exclude
         )
+        decision = self._decision.admit(choice, limits, client_key=client_key)
         if isinstance(decision, Rejected):
             return decision
         self._active[decision] += 1
+        index.changed(decision)
         return Admitted(Ticket(decision))
 
     async def release(self, ticket: Ticket) -> None:
@@ -92,9 +105,11 @@ class MemoryStore:
         if ticket.released:
             return
         ticket.released = True
-        self._active[ticket.backend_id] -= 1
-        if self._active[ticket.backend_id] <= 0:
-            del self._active[ticket.backend_id]
+        backend = ticket.backend_id
+        self._active[backend] -= 1
+        if self._active[backend] <= 0:
+            del self._active[backend]
+        self._index.changed(backend)
 
     def global_counts(self) -> Mapping[str, int]:
         # A read-only view, not a copy: policies read it on every admission.

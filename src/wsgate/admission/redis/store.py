@@ -64,15 +64,17 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Literal
 
 from wsgate.admission.contract import Admitted, Candidate, Limits, Reason, Rejected, Ticket
-from wsgate.admission.local import LocalDecision
+from wsgate.admission.local import LocalDecision, share_choice
 from wsgate.admission.redis import script
 from wsgate.admission.redis.connection import StateUnavailable, connect
 from wsgate.admission.redis.lease import LeaseKeeper
 from wsgate.admission.redis.pipeline import ScriptCaller
+from wsgate.admission.redis.pool import PoolSync
 from wsgate.admission.redis.sync import Change, ReplicaSync, SyncState
 from wsgate.config import redact_url
 
@@ -135,9 +137,11 @@ class RedisStore:
             self._sync,
             self.replica_id,
             script.rate_args(self._limits),
+            self._caps_for,
             self._report_excess,
         )
         self._local = LocalDecision()
+        self._pool = PoolSync()
         self._background: set[asyncio.Task[None]] = set()
 
     # -- life cycle -------------------------------------------------------------
@@ -199,66 +203,64 @@ class RedisStore:
         client_key: str | None = None,
         least_loaded: bool = False,
         preferred: str | None = None,
+        first: Sequence[str] = (),
+        exclude: Collection[str] = (),
     ) -> Admitted | Rejected:
         limits = self._limits
         if not candidates:
             return Rejected(Reason.NO_HEALTHY_BACKEND, limits.no_capacity_retry_after)
-        self._lease.saw(candidates)
+        self._pool.offer(candidates)
         sync = self._sync
         sync.check_lease(time.monotonic())
-        if sync.in_sync:
+        tried_first = (preferred, *first) if preferred is not None else first
+        # A second attempt only when Redis asked for the whole pool.
+        for _attempt in range(2):
+            if not sync.in_sync:
+                break
             call = script.admit_call(
                 sync.deadline(time.monotonic()),
                 self.replica_id,
                 sync.token,
-                candidates,
+                self._pool.update(),
                 self._lease.rates,
                 client_key=client_key,
                 least_loaded=least_loaded,
-                preferred=preferred,
+                first=tried_first,
+                exclude=exclude,
             )
             try:
                 raw = await self._caller.call(call, abandoned=self._undo_admission)
             except StateUnavailable as error:
                 sync.failed(str(error))
-            else:
-                # No await from here on: the reply and ``held`` change together.
-                decision = sync.admit_replied(
-                    script.decode_admit(raw),
-                    candidates,
-                    time.monotonic(),
-                    limits.no_capacity_retry_after,
-                )
-                if isinstance(decision, str):
-                    return Admitted(Ticket(decision))
-                if decision is not None:
-                    return decision
-        return self._admit_degraded(
-            candidates, client_key=client_key, least_loaded=least_loaded, preferred=preferred
-        )
-
-    def _admit_degraded(
-        self,
-        candidates: Sequence[Candidate],
-        *,
-        client_key: str | None,
-        least_loaded: bool,
-        preferred: str | None,
-    ) -> Admitted | Rejected:
+                break
+            # No await from here on: the reply and ``held`` change together.
+            reply = script.decode_admit(raw)
+            if reply.status is script.AdmitStatus.POOL:
+                self._pool.resend()
+                continue
+            self._pool.acknowledged(reply.pool_version)
+            decision = sync.admit_replied(reply, time.monotonic(), limits.no_capacity_retry_after)
+            if isinstance(decision, str):
+                return Admitted(Ticket(decision))
+            if decision is not None:
+                return decision
+            break
         if self.on_failure == "closed":
             return Rejected(Reason.STATE_UNAVAILABLE, max(1.0, math.ceil(self._lease.retry_every)))
-        decision = self._local.admit(
+        # Degraded (on_failure: local): this replica's share, on its own counts.
+        choice = share_choice(
             candidates,
-            self._sync.held,
-            self._limits,
-            live=self._sync.live,
-            client_key=client_key,
+            sync.held,
+            sync.live,
             least_loaded=least_loaded,
             preferred=preferred,
+            first=first,
+            exclude=exclude,
         )
+        decision = self._local.admit(choice, limits, live=sync.live, client_key=client_key)
         if isinstance(decision, Rejected):
             return decision
-        self._sync.admitted_locally(decision)
+        sync.admitted_locally(decision)
         return Admitted(Ticket(decision))
 
     async def release(self, ticket: Ticket) -> None:
@@ -342,7 +344,9 @@ class RedisStore:
     # -- what the replica knows -------------------------------------------------
 
     def global_counts(self) -> Mapping[str, int]:
-        return {b: count for b, count in self._sync.global_counts.items() if count > 0}
+        # A read-only view, not a copy (policies read it on every admission); the
+        # sync keeps only backends with connections in it.
+        return MappingProxyType(self._sync.global_counts)
 
     def local_counts(self) -> Mapping[str, int]:
         return dict(self._sync.held)
@@ -381,6 +385,11 @@ class RedisStore:
     async def refresh(self) -> None:
         """One renewal (fresh global counts), or a re-registration when out of sync."""
         await self._lease.refresh()
+
+    def _caps_for(self, held: Mapping[str, int]) -> dict[str, int]:
+        self._pool.forget_caps(set(held))
+        caps = self._pool.caps
+        return {backend: caps[backend] for backend in held if backend in caps}
 
     def _report_excess(self, excess: Mapping[str, int]) -> None:
         for backend, count in excess.items():
