@@ -106,7 +106,9 @@ class Gateway:
         self.stats = Stats()
         self.sessions: set[Session] = set()
         # Established sessions are relayed in C; a session hears from it when it ends.
-        self.relay = Relay(Session.finish, linger=CLOSE_GRACE)
+        self.relay = Relay(
+            Session.finish, on_backend_closed=Session.backend_closed, linger=CLOSE_GRACE
+        )
         self.downstreams: set[Downstream] = set()
         self.connector = Connector(self)
         self.health = HealthChecker(self.pool, config.health)
@@ -245,10 +247,11 @@ class Gateway:
         # Let transports finish closing, and so release their slots, before the store
         # closes (for Redis, the releases leave before the store's own goodbye).
         await asyncio.sleep(0)
-        await self.store.close()
-        # Close frames still on their way to slow clients had the stop's time to leave.
+        # The relay's sockets still flushing are cut: each slot is released as its
+        # backend socket closes, and before the store says goodbye.
         self.loop.remove_reader(self.relay.fileno())
         self.relay.close()
+        await self.store.close()
         while self._spare_fds:
             os.close(self._spare_fds.pop())
         self._access.flush()
