@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from fleet import CLIENT_IPS, live, redis_total
 from gwtools import open_one, wait_until
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from wsgate.testbed.processes import Process, RedisServer
 from wsgate.testbed.topology import BackendProcess, GatewayProcess
@@ -90,7 +90,8 @@ class Traffic:
                 self.refused[str(body.get("error", rejected.response.status_code))] += 1
                 await asyncio.sleep(0.05)
                 continue
-            except (OSError, TimeoutError, ConnectionClosed) as error:
+            except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as error:
+                # A gateway that dies mid-handshake leaves an unfinished answer.
                 self.failed[type(error).__name__] += 1
                 await asyncio.sleep(0.05)
                 continue

@@ -13,6 +13,7 @@ import asyncio
 import signal
 import time
 from collections import Counter
+from typing import Any
 
 import pytest
 from faultkit import Traffic, all_free, served_by_backends
@@ -22,17 +23,34 @@ from redis import Redis
 
 from wsgate.admission.redis import key_prefix
 from wsgate.testbed.processes import ProcessGroup, RedisServer
-from wsgate.testbed.topology import start_backends
+from wsgate.testbed.topology import BackendProcess, GatewayProcess, start_backends
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
 
+def capped_fleet(
+    procs: ProcessGroup,
+    redis_server: RedisServer,
+    namespace: str,
+    *,
+    pods: int,
+    gateways: int,
+    cap: int,
+    **config: Any,
+) -> tuple[list[BackendProcess], list[GatewayProcess]]:
+    """Backends whose tripwire is the cap, and replicas on one Redis that hold them to it."""
+    backends = start_backends(procs, pods, tripwire=cap)
+    limits = {"max_connections_per_backend": cap}
+    return backends, replicas(
+        procs, backends, gateways, redis_server, namespace, limits=limits, **config
+    )
+
+
 async def test_redis_frozen_during_traffic(procs: ProcessGroup, redis_server: RedisServer) -> None:
     cap = 3
-    backends = start_backends(procs, 2, tripwire=cap)
-    gateways = replicas(
-        procs, backends, 2, redis_server, "freeze",
-        state={"timeout": "100ms", "lease_ttl": "5s"}, limits={"max_connections_per_backend": cap},
+    backends, gateways = capped_fleet(
+        procs, redis_server, "freeze", pods=2, gateways=2, cap=cap,
+        state={"timeout": "100ms", "lease_ttl": "5s"},
     )  # fmt: skip
     traffic = Traffic([g.ws_url for g in gateways], clients=8).start()
     await asyncio.sleep(1.5)
@@ -74,10 +92,7 @@ async def test_redis_killed_and_restarted_empty_during_traffic(
     procs: ProcessGroup, redis_server: RedisServer
 ) -> None:
     cap = 2
-    backends = start_backends(procs, 3, tripwire=cap)
-    gateways = replicas(
-        procs, backends, 2, redis_server, "restart", limits={"max_connections_per_backend": cap}
-    )
+    backends, gateways = capped_fleet(procs, redis_server, "restart", pods=3, gateways=2, cap=cap)
     held = await spread_over(gateways, 2)  # sessions that live through the loss of Redis
     assert held.statuses == Counter({101: 2})
     traffic = Traffic([g.ws_url for g in gateways], clients=6).start()
@@ -88,13 +103,19 @@ async def test_redis_killed_and_restarted_empty_during_traffic(
     await asyncio.sleep(0.5)
     redis_server.restart()  # same port, no data
     restarted = time.monotonic()
-    await asyncio.sleep(2.0)
+    client = Redis.from_url(redis_server.url)
+    try:  # both replicas registered again (their truths are in Redis)
+        replicas_key = f"{key_prefix('restart')}:replicas"
+        await wait_until(lambda: client.zcard(replicas_key) == 2, within=3, interval=0.02)
+    finally:
+        client.close()
+    reregistered = time.monotonic() - restarted
+    await asyncio.sleep(2.0 - reregistered)
     await traffic.stop()
     recovery = traffic.first_opened_after(restarted)
     assert recovery is not None, "nothing admitted after the restart"
-    # The replicas re-register what they hold: Redis counts the two held sessions again.
+    # The replicas re-registered what they hold: Redis counts the two held sessions again.
     await wait_until(lambda: redis_total(redis_server, "restart") == truth(backends), within=3)
-    reconciled = time.monotonic() - restarted
     again = await spread_over(gateways, 3 * cap)  # exactly the slots not held
     try:
         assert again.statuses == Counter({101: 3 * cap - 2, 503: 2}), again.statuses
@@ -105,7 +126,7 @@ async def test_redis_killed_and_restarted_empty_during_traffic(
     sessions, messages = served_by_backends(backends)
     print(
         f"\nredis killed, restarted empty 0.5s later: first session after restart in "
-        f"{recovery:.2f}s; counts reconciled {reconciled:.2f}s after restart; "
+        f"{recovery:.2f}s; both replicas registered again {reregistered:.2f}s after it; "
         f"{traffic.opened_between(killed + 0.3, restarted)} admitted while down; "
         f"refused {dict(traffic.refused)}; all free {freed:.2f}s after the last close"
     )
@@ -121,10 +142,7 @@ async def test_a_replica_killed_during_a_connect_storm(
     procs: ProcessGroup, redis_server: RedisServer
 ) -> None:
     cap = 4
-    backends = start_backends(procs, 3, tripwire=cap)
-    gateways = replicas(
-        procs, backends, 3, redis_server, "storm", limits={"max_connections_per_backend": cap}
-    )
+    backends, gateways = capped_fleet(procs, redis_server, "storm", pods=3, gateways=3, cap=cap)
     victim = gateways[0]
     victim_id = victim.admin("/clusters")["replica"]
     prefix = key_prefix("storm")
