@@ -7,6 +7,7 @@ and may be overridden by command-line flags. Every user mistake ends in a
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,9 +25,20 @@ from pydantic import (
     model_validator,
 )
 
+from wsgate.routing import (
+    DEFAULT_ROUTE,
+    RouteKey,
+    check_host,
+    check_path_prefix,
+    check_routes,
+    inherit_route_keys,
+)
+from wsgate.wire import CloseCode, check_close_code
+
 __all__ = [
     "AffinityConfig",
     "BackendSpec",
+    "BackendTlsConfig",
     "Config",
     "ConfigError",
     "DnsDiscovery",
@@ -35,17 +47,23 @@ __all__ = [
     "HealthConfig",
     "LimitsConfig",
     "PassiveHealthConfig",
+    "ProxyProtocolConfig",
     "QueueConfig",
     "RateConfig",
     "RebalanceConfig",
+    "RouteConfig",
+    "RouteMatch",
     "StateConfig",
     "TimeoutsConfig",
+    "TlsConfig",
     "format_duration",
     "load_config",
     "parse_address",
     "parse_duration",
     "redact_url",
 ]
+
+Balance = Literal["round_robin", "least_conn", "p2c", "hash"]
 
 
 class ConfigError(Exception):
@@ -109,6 +127,23 @@ def _check_address(value: object) -> str:
 Address = Annotated[str, BeforeValidator(_check_address)]
 
 
+def _check_cidr(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a CIDR block like 10.0.0.0/8, got {value!r}")
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"expected a CIDR block like 10.0.0.0/8, got {value!r}") from None
+
+
+Cidr = Annotated[str, BeforeValidator(_check_cidr)]
+
+
+def _version_text(value: object) -> object:
+    # YAML reads an unquoted 1.2 as a number.
+    return f"{value:g}" if isinstance(value, float) else value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -132,15 +167,37 @@ class LimitsConfig(_Model):
     connect_rate: RateConfig | None = None
     client_connect_rate: RateConfig | None = None
     queue: QueueConfig = QueueConfig()
+    # Concurrent connections one client address may hold, over all backends and replicas.
+    max_connections_per_client: int | None = Field(default=None, ge=1)
     # What a 503 no_capacity answer tells clients to wait: nobody knows when a
     # slot frees, so this is a hint that keeps retries from hammering the gate.
     retry_after: Duration = 5.0
+
+
+class BackendTlsConfig(_Model):
+    """TLS toward a backend: verified against the system's CAs (or ``ca``) by default."""
+
+    verify: bool = True
+    ca: Path | None = None
+    server_name: str | None = None  # the name to verify and send as SNI; the host otherwise
+
+
+def _backend_tls(value: object) -> object:
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
+BackendTls = Annotated[BackendTlsConfig | None, BeforeValidator(_backend_tls)]
 
 
 class BackendSpec(_Model):
     address: Address
     id: str | None = None
     max_connections: int | None = Field(default=None, ge=1)
+    tls: BackendTls = None  # overrides backend_tls for this backend
 
     @property
     def backend_id(self) -> str:
@@ -164,6 +221,37 @@ class DnsDiscovery(_Model):
 class FileDiscovery(_Model):
     path: Path
     refresh: Duration = 1.0
+
+
+def _discovery_shape(value: object) -> object:
+    # `dns: {...}` and `file: PATH` are written as one-key mappings.
+    if isinstance(value, dict):
+        try:
+            if set(value) == {"dns"}:
+                return DnsDiscovery.model_validate(value["dns"])
+            if set(value) == {"file"}:
+                spec = value["file"]
+                return FileDiscovery.model_validate(
+                    {"path": spec} if isinstance(spec, str) else spec
+                )
+        except ValidationError as error:
+            raise ValueError(f"{next(iter(value))}.{_describe(error)}") from None
+        raise ValueError("expected a list of backends, {dns: {...}} or {file: PATH}")
+    return value
+
+
+Backends = Annotated[
+    list[BackendEntry] | DnsDiscovery | FileDiscovery, BeforeValidator(_discovery_shape)
+]
+
+
+def _unique_backend_ids(backends: Backends) -> None:
+    if isinstance(backends, list):
+        seen: set[str] = set()
+        for spec in backends:
+            if spec.backend_id in seen:
+                raise ValueError(f"backend id {spec.backend_id!r} appears twice")
+            seen.add(spec.backend_id)
 
 
 class PassiveHealthConfig(_Model):
@@ -215,6 +303,23 @@ class StateConfig(_Model):
         return value
 
 
+class TlsConfig(_Model):
+    """TLS on the listener. The files are read at start, on SIGHUP and when they change."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_version_text)] = "1.2"
+    handshake_timeout: Duration = 10.0
+
+
+class ProxyProtocolConfig(_Model):
+    """PROXY protocol v1/v2 from these sources (and only from them, always)."""
+
+    trusted: list[Cidr] = Field(min_length=1)
+    timeout: Duration = 3.0
+
+
 def _state_from_text(value: object) -> object:
     return {"store": value} if isinstance(value, str) else value
 
@@ -223,14 +328,12 @@ class RebalanceConfig(_Model):
     enabled: bool = False
     max_skew: float = Field(default=1, ge=0)
     rate: float = 2.0
-    close_code: int = 1012
+    close_code: int = int(CloseCode.SERVICE_RESTART)
     interval: Duration = 1.0
 
     @field_validator("close_code")
     @classmethod
     def _sendable(cls, value: int) -> int:
-        from wsgate.gateway.frames import check_close_code
-
         return check_close_code(value)
 
     @field_validator("rate", mode="before")
@@ -245,13 +348,62 @@ class RebalanceConfig(_Model):
         return value
 
 
+# -- routes: each with the pool keys of its own; see wsgate.routing -------------------------------
+class RouteMatch(_Model):
+    host: str | None = None
+    path_prefix: str = "/"
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        return None if value is None else check_host(value)
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return check_path_prefix(value)
+
+    @property
+    def key(self) -> RouteKey:
+        return RouteKey(self.host, self.path_prefix)
+
+
+class RouteConfig(_Model):
+    """One route: what it matches and its own pool, policy, limits and checks."""
+
+    name: str
+    match: RouteMatch = RouteMatch()
+    backends: Backends = Field(default_factory=list)
+    balance: Balance = "least_conn"
+    affinity: AffinityConfig = AffinityConfig()
+    limits: LimitsConfig = LimitsConfig()
+    health: HealthConfig = HealthConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # The name goes into Redis keys, metric labels and URLs.
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+            raise ValueError(f"use up to 64 letters, digits, '.', '_' or '-', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _own_backend_ids(self) -> RouteConfig:
+        _unique_backend_ids(self.backends)
+        return self
+
+
 class Config(_Model):
     listen: Address = "127.0.0.1:8080"
+    tls: TlsConfig | None = None
+    proxy_protocol: ProxyProtocolConfig | None = None
+    trusted_proxies: list[Cidr] = Field(default_factory=list)
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     admin: Address | None = "127.0.0.1:9901"
     admin_token: str | None = None
     state: Annotated[StateConfig, BeforeValidator(_state_from_text)] = StateConfig()
-    backends: list[BackendEntry] | DnsDiscovery | FileDiscovery = Field(default_factory=list)
-    balance: Literal["round_robin", "least_conn", "p2c", "hash"] = "least_conn"
+    backends: Backends = Field(default_factory=list)
+    balance: Balance = "least_conn"
     affinity: AffinityConfig = AffinityConfig()
     limits: LimitsConfig = LimitsConfig()
     health: HealthConfig = HealthConfig()
@@ -261,36 +413,45 @@ class Config(_Model):
     drain_timeout: Duration = 30.0
     max_connection_duration: Duration | None = None
     rebalance: RebalanceConfig = RebalanceConfig()
+    backend_tls: BackendTls = None  # TLS toward every backend (a backend's own tls wins)
     access_log: bool = True
     replica_id: str | None = None
 
-    @field_validator("backends", mode="before")
+    routes: list[RouteConfig] = Field(default_factory=list)
+
+    @model_validator(mode="before")
     @classmethod
-    def _discovery_shape(cls, value: object) -> object:
-        # `dns: {...}` and `file: PATH` are written as one-key mappings.
-        if isinstance(value, dict):
-            try:
-                if set(value) == {"dns"}:
-                    return DnsDiscovery.model_validate(value["dns"])
-                if set(value) == {"file"}:
-                    spec = value["file"]
-                    return FileDiscovery.model_validate(
-                        {"path": spec} if isinstance(spec, str) else spec
-                    )
-            except ValidationError as error:
-                raise ValueError(f"{next(iter(value))}.{_describe(error)}") from None
-            raise ValueError("expected a list of backends, {dns: {...}} or {file: PATH}")
-        return value
+    def _routes_inherit(cls, data: object) -> object:
+        return inherit_route_keys(data)
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> Config:
-        if isinstance(self.backends, list):
-            seen: set[str] = set()
-            for spec in self.backends:
-                if spec.backend_id in seen:
-                    raise ValueError(f"backend id {spec.backend_id!r} appears twice")
-                seen.add(spec.backend_id)
+    def _valid_pools_and_routes(self) -> Config:
+        _unique_backend_ids(self.backends)
+        # Without routes, an empty pool is today's gateway waiting for its backends.
+        check_routes(
+            (r.name, r.match.key, bool(self.routes) and r.backends == []) for r in self.route_list()
+        )
         return self
+
+    @property
+    def has_default_route(self) -> bool:
+        """Whether the top-level keys form a route: always without ``routes``; with
+        them, when the top-level ``backends`` is set."""
+        return not self.routes or self.backends != []
+
+    def route_list(self) -> list[RouteConfig]:
+        """Every route, the default route (the top-level keys) first when there is one."""
+        if not self.has_default_route:
+            return list(self.routes)
+        default = RouteConfig(
+            name=DEFAULT_ROUTE,
+            backends=self.backends,
+            balance=self.balance,
+            affinity=self.affinity,
+            limits=self.limits,
+            health=self.health,
+        )
+        return [default, *self.routes]
 
     def public_dump(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets redacted."""

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
 import struct
 import subprocess
+import termios
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -473,8 +478,91 @@ def run_status_watch(admin_url: str, token: str) -> str:
                     "--interval", "0.2"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(1.5)
+    # Three refreshes, however long the command takes to start on a busy machine.
+    assert process.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 30
+    while len(lines) < 3 and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=10)
     assert process.returncode == 0, err
-    return out
+    return "".join(lines) + out
+
+
+def status_in_a_pipe(admin: str) -> str:
+    """``wsgate status`` with stdout a pipe and no COLUMNS: 80 columns, no colours."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    result = subprocess.run(
+        wsgate_argv("status", "--admin", admin), capture_output=True, text=True, timeout=20, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def status_in_a_terminal(admin: str, columns: int) -> str:
+    """``wsgate status`` on a pseudo-terminal ``columns`` wide, its colours taken out."""
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    with subprocess.Popen(
+        wsgate_argv("status", "--admin", admin),
+        stdout=child,
+        stderr=child,
+        env={**env, "TERM": "xterm-256color"},
+    ) as process:
+        os.close(child)
+        chunks = []
+        with contextlib.suppress(OSError):  # EIO: the terminal's other side closed
+            while chunk := os.read(main, 65536):
+                chunks.append(chunk)
+        os.close(main)
+        assert process.wait(timeout=20) == 0
+    text = b"".join(chunks).decode()
+    assert "\x1b[" in text  # a terminal gets colours
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r\n", "\n")
+
+
+@pytest.mark.slow
+async def test_status_reads_whole_at_80_columns_and_in_a_pipe(procs: ProcessGroup) -> None:
+    backends = start_backends(procs, 2, prefix="chat-7d9f8c6b5")
+    gateway = gateway_with_admin(procs, backends, limits={"max_connections_per_backend": 2})
+    sessions = [await must_open(gateway.port) for _ in range(3)]
+    try:
+        await check_status_at_80_columns(gateway, backends)
+    finally:
+        for session in sessions:
+            await session.close()
+
+
+async def check_status_at_80_columns(
+    gateway: GatewayProcess, backends: list[BackendProcess]
+) -> None:
+    seen = {b.pod_id: b.stats()["active_connections"] for b in backends}
+    assert sorted(seen.values()) == [1, 2]
+    admin = f"127.0.0.1:{gateway.admin_port}"
+    for shown in (
+        await asyncio.to_thread(status_in_a_pipe, admin),
+        await asyncio.to_thread(status_in_a_terminal, admin, 80),
+    ):
+        lines = shown.splitlines()
+        assert lines and all(len(line) <= 80 for line in lines), shown
+        assert "…" not in shown, shown
+        header = next(line for line in lines if line.startswith("┃"))
+        headers = [cell.strip() for cell in header.strip("┃").split("┃")]
+        assert headers[:2] == ["Backend", "Health"], shown
+        assert headers[2] in ("Connections vs cap", "Connections"), shown
+        assert {"Here", "Admitted", "Rejected"} <= set(headers), shown
+        rows = {
+            cells[0]: cells
+            for line in lines
+            if line.startswith("│")
+            and (cells := [c.strip() for c in line.strip("│").split("│")])[0] in seen
+        }
+        # What the backends counted themselves, each against its cap.
+        assert {pod: rows[pod][2].split()[-1] for pod in seen} == {
+            pod: f"{n}/2" for pod, n in seen.items()
+        }, shown

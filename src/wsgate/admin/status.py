@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,7 +29,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from wsgate.cli import UsageError
+from wsgate.args import UsageError
 
 __all__ = ["AdminUnreachable", "add_arguments", "admin_url", "fetch_overview", "render", "run"]
 
@@ -144,9 +145,14 @@ def _bar(active: int, here: int, cap: int, width: int) -> Text:
     bar.append("█" * cells_here, style="red" if over else "bright_green")
     bar.append("█" * (cells_all - cells_here), style="red3" if over else "green4")
     bar.append("░" * (width - cells_all), style="grey35")
-    count_style = "bold red" if over else "bold yellow" if active >= cap else "bold"
-    bar.append(f" {active}/{cap}", style=count_style)
+    bar.append(" ")
+    bar.append_text(_count(active, cap))
     return bar
+
+
+def _count(active: int, cap: int) -> Text:
+    style = "bold red" if active > cap else "bold yellow" if active >= cap else "bold"
+    return Text(f"{active}/{cap}", style=style)
 
 
 def _health(backend: dict[str, Any]) -> Text:
@@ -167,12 +173,127 @@ def _uptime(seconds: float) -> str:
     return f"{minutes}m{s % 60}s" if minutes else f"{s}s"
 
 
+def _packed(items: list[Text], width: int, gap: str = "   ") -> Text:
+    """Items on as few lines as fit in ``width``, breaking only between items."""
+    packed = Text()
+    line = 0
+    for item in items:
+        if line and line + len(gap) + item.cell_len > width:
+            packed.append("\n")
+            line = 0
+        elif line:
+            packed.append(gap)
+            line += len(gap)
+        packed.append_text(item)
+        line += item.cell_len
+    return packed
+
+
+@dataclass(slots=True)
+class _Column:
+    header: str
+    cells: list[RenderableType]
+    right: bool = False
+    style: str = ""
+
+    @property
+    def width(self) -> int:
+        return max([len(self.header), *(_cell_len(cell) for cell in self.cells)])
+
+
+def _cell_len(cell: RenderableType) -> int:
+    return cell.cell_len if isinstance(cell, Text) else len(str(cell))
+
+
+# How the table gives way when the terminal is narrow, most informative first: the
+# columns left out at each step, and the narrowest bar the step accepts (0: the bare
+# count). Active and cap stay readable in the bar's "active/cap".
+_LAYOUTS: tuple[tuple[frozenset[str], int], ...] = tuple(
+    (frozenset(gone), bar)
+    for gone, bar in (
+        ((), 12),
+        (("Address",), 12),
+        (("Address", "Active", "Cap"), 10),
+        (("Address", "Active", "Cap", "Conn. fail"), 6),
+        (("Address", "Active", "Cap", "Conn. fail", "Here"), 6),
+        (("Address", "Active", "Cap", "Conn. fail", "Here"), 0),
+        (("Address", "Active", "Cap", "Conn. fail", "Here", "Rejected", "Admitted"), 0),
+    )
+)
+_LOAD_HEADERS = ("Connections vs cap", "Connections", "Active/cap")
+# A heavy-head table spends three cells per column (border, padding) and one more.
+_CELLS_PER_COLUMN = 3
+
+
+def _load_header(content: int) -> str:
+    return next((h for h in _LOAD_HEADERS if len(h) <= content), _LOAD_HEADERS[-1])
+
+
+def _backend_table(backends: list[dict[str, Any]], width: int) -> Table:
+    """The backends' table at its most informative that fits in ``width`` columns."""
+    numbers = [
+        ("Active", "active"), ("Here", "active_here"), ("Cap", "max_connections"),
+        ("Admitted", "admitted_total"), ("Rejected", "rejected_total"),
+        ("Conn. fail", "connect_failures_total"),
+    ]  # fmt: skip
+    before = [
+        _Column("Backend", [b["id"] for b in backends], style="bold"),
+        _Column("Address", [b["address"] for b in backends], style="dim"),
+        _Column("Health", [_health(b) for b in backends]),
+    ]
+    if not any(b["address"] != b["id"] for b in backends):
+        before.pop(1)
+    after = [
+        _Column(name, [str(b.get(key, 0)) for b in backends], right=True) for name, key in numbers
+    ]
+    count_width = max([0, *(len(f"{b['active']}/{b['max_connections']}") for b in backends)])
+
+    def load_width(bar: int) -> int:
+        content = bar + 1 + count_width if bar else count_width
+        return max(content, len(_load_header(content)))
+
+    chosen_gone, chosen_bar = _LAYOUTS[-1][0], 0
+    for gone, narrowest in _LAYOUTS:
+        fixed = [c for c in before + after if c.header not in gone]
+        room = width - _table_width(fixed) - _CELLS_PER_COLUMN
+        fits = [bar for bar in range(BAR_WIDTH, narrowest - 1, -1) if load_width(bar) <= room]
+        if narrowest == 0 and not fits and load_width(0) <= room:
+            fits = [0]
+        if fits:
+            chosen_gone, chosen_bar = gone, fits[0]
+            break
+    content = chosen_bar + 1 + count_width if chosen_bar else count_width
+    load = _Column(
+        _load_header(content),
+        [
+            _bar(b["active"], b["active_here"], b["max_connections"], chosen_bar)
+            if chosen_bar
+            else _count(b["active"], b["max_connections"])
+            for b in backends
+        ],
+    )
+    chosen = [c for c in before if c.header not in chosen_gone] + [load]
+    chosen += [c for c in after if c.header not in chosen_gone]
+    table = Table(header_style="bold")
+    for column in chosen:
+        # Names and numbers are never cut short: a terminal narrower still folds them.
+        table.add_column(
+            column.header, style=column.style, no_wrap=True, overflow="fold",
+            justify="right" if column.right else "left",
+        )  # fmt: skip
+    for row in zip(*(c.cells for c in chosen), strict=True):
+        table.add_row(*row)
+    return table
+
+
+def _table_width(columns: list[_Column]) -> int:
+    return sum(c.width for c in columns) + _CELLS_PER_COLUMN * len(columns) + 1
+
+
 def render(
     overview: dict[str, Any], source: str, problem: str | None = None, width: int = 160
 ) -> RenderableType:
     """The whole picture as one rich renderable, for a terminal ``width`` columns wide."""
-    # The bars give way first when the terminal is narrow; the numbers stay.
-    bar_width = max(6, min(BAR_WIDTH, width - 106))
     state = overview["state"]
     totals = overview["totals"]
     mode_style = "bold green" if state["mode"] == "ok" else "bold red"
@@ -183,15 +304,20 @@ def render(
         if overview["ready"]
         else ("not ready", "red")
     )
-    head = Text.assemble(
-        ("wsgate ", "bold blue"),
-        ("replica ", "dim"), (overview["replica"], "bold"),
-        ("  store ", "dim"), state["store"], " ", (state["mode"], mode_style),
-        ("  live replicas ", "dim"), str(state["live_replicas"]),
-        ("  ", ""), readiness,
-        ("  up ", "dim"), _uptime(overview["uptime"]),
-        ("  " + source, "dim"),
-    )  # fmt: skip
+    head = _packed(
+        [
+            Text.assemble(
+                ("wsgate ", "bold blue"), ("replica ", "dim"), (overview["replica"], "bold")
+            ),
+            Text.assemble(("store ", "dim"), state["store"], " ", (state["mode"], mode_style)),
+            Text.assemble(("live replicas ", "dim"), str(state["live_replicas"])),
+            Text.assemble(readiness),
+            Text.assemble(("up ", "dim"), _uptime(overview["uptime"])),
+            Text(source, style="dim"),
+        ],
+        width,
+        "  ",
+    )
     admitted_rate, rejected_rates = _recent_rates(overview, 60)
     rate = overview["connect_rate"]
     tokens = (
@@ -199,48 +325,33 @@ def render(
         if rate
         else "unlimited"
     )
-    summary = Text.assemble(
-        ("active ", "dim"), (f"{totals['active']}/{totals['capacity']}", "bold"),
-        (f" (here {totals['active_here']})", ""),
-        ("   admitted ", "dim"), str(totals["admitted_total"]), f" ({admitted_rate:.2f}/s)",
-        ("   rejected ", "dim"), str(totals["rejected_total"]),
-        f" ({sum(rejected_rates.values()):.2f}/s)",
-        ("   tokens ", "dim"), tokens,
-        ("   sessions here ", "dim"), str(totals["sessions_here"]),
-        ("   queued ", "dim"), str(totals["queued"]),
+    summary = _packed(
+        [
+            Text.assemble(
+                ("active ", "dim"), (f"{totals['active']}/{totals['capacity']}", "bold"),
+                f" (here {totals['active_here']})",
+            ),
+            Text.assemble(
+                ("admitted ", "dim"), str(totals["admitted_total"]), f" ({admitted_rate:.2f}/s)"
+            ),
+            Text.assemble(
+                ("rejected ", "dim"), str(totals["rejected_total"]),
+                f" ({sum(rejected_rates.values()):.2f}/s)",
+            ),
+            Text.assemble(("tokens ", "dim"), tokens),
+            Text.assemble(("sessions here ", "dim"), str(totals["sessions_here"])),
+            Text.assemble(("queued ", "dim"), str(totals["queued"])),
+        ],
+        width,
     )  # fmt: skip
 
     backends = overview["backends"]
-    with_address = any(b["address"] != b["id"] for b in backends)
-    table = Table(header_style="bold")
-    table.add_column("Backend", style="bold", no_wrap=True)
-    if with_address:
-        table.add_column("Address", style="dim", no_wrap=True)
-    table.add_column("Health", no_wrap=True)
-    table.add_column("Connections vs cap", no_wrap=True)
-    for name in ("Active", "Here", "Cap", "Admitted", "Rejected", "Conn. fail"):
-        table.add_column(name, justify="right", no_wrap=True)
-    for b in backends:
-        cells: list[RenderableType] = [b["id"]]
-        if with_address:
-            cells.append(b["address"])
-        cells += [
-            _health(b),
-            _bar(b["active"], b["active_here"], b["max_connections"], bar_width),
-            str(b["active"]),
-            str(b["active_here"]),
-            str(b["max_connections"]),
-            str(b["admitted_total"]),
-            str(b["rejected_total"]),
-            str(b.get("connect_failures_total", 0)),
-        ]
-        table.add_row(*cells)
     legend = Text.assemble(
         ("█", "bright_green"), " this replica  ", ("█", "green4"), " other replicas  ",
         ("░", "grey35"), " free" if backends else " free   (no backends yet)",
     )  # fmt: skip
 
-    parts: list[RenderableType] = [head, summary, table, legend]
+    parts: list[RenderableType] = [head, summary, _backend_table(backends, width), legend]
     rejected = {reason: n for reason, n in totals["rejected"].items() if n}
     if rejected:
         reasons = Table(header_style="bold")

@@ -161,6 +161,12 @@ def _join(lines: list[bytes]) -> bytes:
     return b"\r\n".join(lines)
 
 
+# Set by the gateway from what it resolved: a client's own copies never pass.
+_REPLACED = frozenset(
+    {b"x-forwarded-for", b"forwarded", b"x-real-ip", b"x-forwarded-proto", b"x-request-id"}
+)
+
+
 def render_request(
     head: RequestHead,
     *,
@@ -173,17 +179,16 @@ def render_request(
     WebSocket upgrades keep their ``Connection``/``Upgrade`` headers. Plain
     requests go out as keep-alive HTTP/1.1 on a pooled connection, with the body
     framed as the client framed it (chunked is re-chunked as it streams).
+
+    ``client_ip`` is the client's address as the gateway resolved it (its peer,
+    or what trusted proxies said): ``X-Forwarded-For``, ``X-Real-IP`` and
+    ``Forwarded`` carry that one address, so a backend that takes their right-most
+    (or only) entry gets it, and whatever a client wrote into them is dropped.
     """
     lines = [b"%s %s HTTP/1.1" % (head.method, head.target)]
-    forwarded_for: bytes | None = None
     for name, value in head.headers:
         lower = name.lower()
-        if lower == b"x-forwarded-for":
-            forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-            continue
-        if lower in (b"x-real-ip", b"x-forwarded-proto", b"x-request-id"):
-            continue
-        if lower in HOP_BY_HOP:
+        if lower in _REPLACED or lower in HOP_BY_HOP:
             continue
         lines.append(name + b": " + value)
     if head.upgrade:
@@ -194,9 +199,12 @@ def render_request(
         if head.chunked:
             lines.append(b"Transfer-Encoding: chunked")
     ip = client_ip.encode()
-    lines.append(b"X-Forwarded-For: " + (forwarded_for + b", " + ip if forwarded_for else ip))
+    lines.append(b"X-Forwarded-For: " + ip)
     lines.append(b"X-Forwarded-Proto: " + proto.encode())
     lines.append(b"X-Real-IP: " + ip)
+    # RFC 7239 section 6: an IPv6 node is bracketed, and then quoted.
+    node = b'"[' + ip + b']"' if b":" in ip else ip
+    lines.append(b"Forwarded: for=" + node + b";proto=" + proto.encode())
     lines.append(b"X-Request-Id: " + request_id.encode())
     return _join(lines)
 
