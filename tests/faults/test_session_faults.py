@@ -26,7 +26,8 @@ from websockets.asyncio.client import ClientConnection
 from wsgate.runtime import raise_open_files_limit
 from wsgate.testbed.processes import ProcessGroup
 from wsgate.testbed.topology import GatewayProcess, start_backends, start_gateway
-from wsgate.testbed.wsclient import Opcode, encode_frame, opening_request, parse_response_head
+from wsgate.testbed.wsclient import parse_response_head
+from wsgate.wire import Opcode, encode_frame, opening_request
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
