@@ -33,6 +33,9 @@ CASES: list[tuple[str, bytes, Outcome]] = [
     ("handshake_without_host", b"GET / HTTP/1.1\r\n" + _HANDSHAKE + b"\r\n", REFUSE),
     ("empty_host", b"GET / HTTP/1.1\r\nHost:\r\n\r\n", HTTP),
     ("http10_without_host", b"GET / HTTP/1.0\r\n\r\n", HTTP),
+    # No version: llhttp reads HTTP/0.9, which the gateway forwarded (found live).
+    ("no_version", b"POST /echoHTTP/1.1\r\nHost: a\r\n\r\n", REFUSE),
+    ("http2_request_line", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", REFUSE),
     # RFC 6455 11.3.1, 11.3.5: key and version once (the first one was taken before).
     (
         "two_keys",

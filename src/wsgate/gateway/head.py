@@ -116,9 +116,13 @@ _HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]*
 def request_problem(head: RequestHead) -> str | None:
     """Why this request must be answered 400 before anything else (RFC 9112 3.2), or None.
 
-    An HTTP/1.1 request needs exactly one ``Host``, and a valid one; an HTTP/1.0
-    request may have none. A ``Transfer-Encoding`` must end in ``chunked``.
+    Only HTTP/1.0 and HTTP/1.1 are spoken: llhttp reads a request-line without a
+    version as HTTP/0.9, which RFC 9112's grammar has no room for. An HTTP/1.1
+    request needs exactly one ``Host``, and a valid one; an HTTP/1.0 request may
+    have none. A ``Transfer-Encoding`` must end in ``chunked``.
     """
+    if head.version not in ("1.0", "1.1"):
+        return "only HTTP/1.0 and HTTP/1.1 requests are served"
     codings = b",".join(head.values(b"transfer-encoding")).split(b",")
     if codings != [b""] and codings[-1].strip(b" \t").lower() != b"chunked":
         # llhttp lets this through on an upgrade; the RFC says 400 (RFC 9112 6.1).
