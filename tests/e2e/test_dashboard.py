@@ -36,7 +36,8 @@ READ_ROWS = """() => [...document.querySelectorAll("#backends tbody tr")].map((t
   const text = (name) => tr.querySelector(`[data-field="${name}"]`).textContent.trim();
   const number = (name) => Number(text(name).replace(/,/g, ""));
   return {
-    id: text("id"), address: text("address"), healthy: text("healthy") === "healthy",
+    route: text("route"), id: text("id"), address: text("address"),
+    healthy: text("healthy") === "healthy",
     active: number("active"), active_here: number("active_here"),
     max_connections: number("max_connections"), admitted_total: number("admitted_total"),
     rejected_total: number("rejected_total"),
