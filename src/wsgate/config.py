@@ -7,6 +7,7 @@ and may be overridden by command-line flags. Every user mistake ends in a
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,10 +33,12 @@ from wsgate.routing import (
     check_routes,
     inherit_route_keys,
 )
+from wsgate.wire import CloseCode, check_close_code
 
 __all__ = [
     "AffinityConfig",
     "BackendSpec",
+    "BackendTlsConfig",
     "Config",
     "ConfigError",
     "DnsDiscovery",
@@ -44,6 +47,7 @@ __all__ = [
     "HealthConfig",
     "LimitsConfig",
     "PassiveHealthConfig",
+    "ProxyProtocolConfig",
     "QueueConfig",
     "RateConfig",
     "RebalanceConfig",
@@ -51,6 +55,7 @@ __all__ = [
     "RouteMatch",
     "StateConfig",
     "TimeoutsConfig",
+    "TlsConfig",
     "format_duration",
     "load_config",
     "parse_address",
@@ -122,6 +127,23 @@ def _check_address(value: object) -> str:
 Address = Annotated[str, BeforeValidator(_check_address)]
 
 
+def _check_cidr(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a CIDR block like 10.0.0.0/8, got {value!r}")
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"expected a CIDR block like 10.0.0.0/8, got {value!r}") from None
+
+
+Cidr = Annotated[str, BeforeValidator(_check_cidr)]
+
+
+def _version_text(value: object) -> object:
+    # YAML reads an unquoted 1.2 as a number.
+    return f"{value:g}" if isinstance(value, float) else value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -145,15 +167,37 @@ class LimitsConfig(_Model):
     connect_rate: RateConfig | None = None
     client_connect_rate: RateConfig | None = None
     queue: QueueConfig = QueueConfig()
+    # Concurrent connections one client address may hold, over all backends and replicas.
+    max_connections_per_client: int | None = Field(default=None, ge=1)
     # What a 503 no_capacity answer tells clients to wait: nobody knows when a
     # slot frees, so this is a hint that keeps retries from hammering the gate.
     retry_after: Duration = 5.0
+
+
+class BackendTlsConfig(_Model):
+    """TLS toward a backend: verified against the system's CAs (or ``ca``) by default."""
+
+    verify: bool = True
+    ca: Path | None = None
+    server_name: str | None = None  # the name to verify and send as SNI; the host otherwise
+
+
+def _backend_tls(value: object) -> object:
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
+BackendTls = Annotated[BackendTlsConfig | None, BeforeValidator(_backend_tls)]
 
 
 class BackendSpec(_Model):
     address: Address
     id: str | None = None
     max_connections: int | None = Field(default=None, ge=1)
+    tls: BackendTls = None  # overrides backend_tls for this backend
 
     @property
     def backend_id(self) -> str:
@@ -259,6 +303,23 @@ class StateConfig(_Model):
         return value
 
 
+class TlsConfig(_Model):
+    """TLS on the listener. The files are read at start, on SIGHUP and when they change."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_version_text)] = "1.2"
+    handshake_timeout: Duration = 10.0
+
+
+class ProxyProtocolConfig(_Model):
+    """PROXY protocol v1/v2 from these sources (and only from them, always)."""
+
+    trusted: list[Cidr] = Field(min_length=1)
+    timeout: Duration = 3.0
+
+
 def _state_from_text(value: object) -> object:
     return {"store": value} if isinstance(value, str) else value
 
@@ -267,14 +328,12 @@ class RebalanceConfig(_Model):
     enabled: bool = False
     max_skew: float = Field(default=1, ge=0)
     rate: float = 2.0
-    close_code: int = 1012
+    close_code: int = int(CloseCode.SERVICE_RESTART)
     interval: Duration = 1.0
 
     @field_validator("close_code")
     @classmethod
     def _sendable(cls, value: int) -> int:
-        from wsgate.gateway.frames import check_close_code
-
         return check_close_code(value)
 
     @field_validator("rate", mode="before")
@@ -336,6 +395,10 @@ class RouteConfig(_Model):
 
 class Config(_Model):
     listen: Address = "127.0.0.1:8080"
+    tls: TlsConfig | None = None
+    proxy_protocol: ProxyProtocolConfig | None = None
+    trusted_proxies: list[Cidr] = Field(default_factory=list)
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     admin: Address | None = "127.0.0.1:9901"
     admin_token: str | None = None
     state: Annotated[StateConfig, BeforeValidator(_state_from_text)] = StateConfig()
@@ -350,6 +413,7 @@ class Config(_Model):
     drain_timeout: Duration = 30.0
     max_connection_duration: Duration | None = None
     rebalance: RebalanceConfig = RebalanceConfig()
+    backend_tls: BackendTls = None  # TLS toward every backend (a backend's own tls wins)
     access_log: bool = True
     replica_id: str | None = None
 

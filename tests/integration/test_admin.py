@@ -19,7 +19,6 @@ import signal
 import struct
 import subprocess
 import termios
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -501,17 +500,19 @@ def run_status_watch(admin_url: str, token: str) -> str:
                     "--interval", "0.2"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    # Interrupted once it runs (the first line is out), not while it still imports.
+    # Three refreshes, however long the command takes to start on a busy machine.
     assert process.stdout is not None
-    stopper = threading.Timer(20, process.kill)
-    stopper.start()
-    first = process.stdout.readline()
-    stopper.cancel()
-    time.sleep(1.0)
+    lines = []
+    deadline = time.monotonic() + 30
+    while len(lines) < 3 and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=10)
     assert process.returncode == 0, err
-    return first + out
+    return "".join(lines) + out
 
 
 def status_in_a_pipe(admin: str) -> str:

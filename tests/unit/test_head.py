@@ -76,9 +76,11 @@ class TestForwardedHead:
         wire = render_request(head, client_ip="127.0.0.7", request_id="r-1")
         lines = wire.split(b"\r\n")
         assert lines[0] == b"GET /chat HTTP/1.1"
-        assert b"X-Forwarded-For: 10.0.0.9, 127.0.0.7" in lines
+        # The gateway resolved the client: the client's own X-Forwarded-For is not passed on.
+        assert b"X-Forwarded-For: 127.0.0.7" in lines and b"10.0.0.9" not in wire
         assert b"X-Real-IP: 127.0.0.7" in lines
         assert b"X-Forwarded-Proto: http" in lines
+        assert b"Forwarded: for=127.0.0.7;proto=http" in lines
         assert b"X-Request-Id: r-1" in lines
         assert b"Connection: Upgrade" in lines and b"Upgrade: websocket" in lines
         assert wire.endswith(b"\r\n\r\n")
@@ -94,8 +96,19 @@ class TestForwardedHead:
         assert b"Connection: keep-alive" in wire
         assert b"Keep-Alive" not in wire and b"TE:" not in wire and b"Accept: */*" in wire
 
+    def test_forwarded_of_an_ipv6_client_over_tls(self) -> None:
+        raw = b"GET / HTTP/1.1\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Proto: http\r\n\r\n"
+        head = only_head(RequestReader().feed(raw))
+        wire = render_request(head, client_ip="2001:db8::7", request_id="x", proto="https")
+        lines = wire.split(b"\r\n")
+        assert b'Forwarded: for="[2001:db8::7]";proto=https' in lines
+        assert b"X-Forwarded-For: 2001:db8::7" in lines and b"X-Forwarded-Proto: https" in lines
+        assert b"6.6.6.6" not in wire and b"X-Forwarded-Proto: http\r" not in wire
+
     def test_spoofed_real_ip_is_replaced(self) -> None:
-        head = only_head(RequestReader().feed(b"GET / HTTP/1.1\r\nX-Real-IP: 6.6.6.6\r\n\r\n"))
+        head = only_head(
+            RequestReader().feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Real-IP: 6.6.6.6\r\n\r\n")
+        )
         wire = render_request(head, client_ip="1.2.3.4", request_id="x")
         assert b"6.6.6.6" not in wire and b"X-Real-IP: 1.2.3.4" in wire
 
@@ -103,8 +116,8 @@ class TestForwardedHead:
 class TestFraming:
     def test_pipelined_requests_with_chunked_body(self) -> None:
         raw = (
-            b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-            b"GET /b HTTP/1.1\r\n\r\n"
+            b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n"
         )
         events = RequestReader().feed(raw)
         kinds = [type(e).__name__ for e in events]
@@ -140,7 +153,7 @@ class TestFraming:
 
     def test_body_larger_than_the_head_limit_is_fine(self) -> None:
         body = b"z" * 50000
-        raw = b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        raw = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         events = read_all(
             RequestReader(16384), [raw[i : i + 4096] for i in range(0, len(raw), 4096)]
         )
@@ -164,7 +177,7 @@ class TestFraming:
         assert reader.idle
         reader.feed(b"GET / HT")
         assert not reader.idle
-        reader.feed(b"TP/1.1\r\n\r\n")
+        reader.feed(b"TP/1.1\r\nHost: h\r\n\r\n")
         assert reader.idle
 
 

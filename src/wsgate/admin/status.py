@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from wsgate.admin.status_table import backend_table, packed
-from wsgate.cli import UsageError
+from wsgate.args import UsageError
 from wsgate.routing import DEFAULT_ROUTE
 
 __all__ = ["AdminUnreachable", "add_arguments", "admin_url", "fetch_overview", "render", "run"]

@@ -19,15 +19,20 @@
  *   tracker (headers only, RFC 6455 section 5.2) so that a close frame asked
  *   for by the gateway is written between two frames, never inside one.
  * - The end: the first end of stream or error on either side ends the session
- *   and calls back into Python once. Bytes still waiting for a slow peer are
- *   flushed afterwards ("lingering") for at most `linger` seconds; a timerfd
- *   in the same epoll set cuts what is left.
+ *   and calls back into Python once (on_end). Bytes still waiting for a slow
+ *   peer are flushed afterwards ("lingering") for at most `linger` seconds; a
+ *   timerfd in the same epoll set cuts what is left, with a reset.
+ * - The backend's socket: when the relay closes it (at the end, after its
+ *   flush, or when the linger runs out) Python hears so once more
+ *   (on_backend_closed), after on_end if any. Until then the backend may still
+ *   count the session, so that is when the gateway frees its slot.
  *
  * Threads. The relay thread and Python's calls (add, close_gracefully, finish,
  * the counters) take one mutex; the relay thread never touches a Python object
  * or its reference count. It reports through an eventfd that the event loop
- * watches: report() then calls on_end(owner, outcome) for each ended session
- * and drops the relay's reference to the links it is done with. A link is let
+ * watches: report() then calls on_end(owner, outcome) for each ended session,
+ * on_backend_closed(owner) for each closed backend socket, and drops the
+ * relay's reference to the links it is done with. A link is let
  * go only when no batch of events can point at it any more: one the relay
  * thread closed, at the end of that batch (the next wait starts after the
  * close); one Python closed between two batches, after the next whole batch,
@@ -304,6 +309,7 @@ typedef struct LinkObject {
     struct LinkObject *prev, *next; /* the relay's list of links with open sockets */
     struct LinkObject *next_ended;  /* on the relay's list of links to report */
     struct LinkObject *next_gone;   /* on one of its lists of links with no socket left */
+    struct LinkObject *next_backend_gone; /* on the relay's list of backend sockets closed */
     PyObject *owner; /* handed to on_end; Python's side only (touched with the GIL) */
 } LinkObject;
 
@@ -321,10 +327,12 @@ typedef struct RelayObject {
     size_t scratch_size;
     double linger;
     PyObject *on_end;
+    PyObject *on_backend_closed; /* or NULL */
     LinkObject *links; /* the relay holds a reference to each until it is freeable */
     Py_ssize_t count;  /* links relaying */
     Py_ssize_t lingering;
     LinkObject *ended;    /* to report */
+    LinkObject *backend_gone; /* backend socket closed: to report after `ended` */
     LinkObject *released; /* no socket left: closed by Python, or in the batch in progress */
     LinkObject *freeable; /* no batch can point at them any more */
 } RelayObject;
@@ -494,15 +502,32 @@ link_end(LinkObject *link, int outcome, int report)
 static void
 end_close(RelayObject *relay, End *end)
 {
+    LinkObject *link = end->link;
     if (end->fd >= 0) {
         epoll_ctl(relay->epfd, EPOLL_CTL_DEL, end->fd, NULL);
         close(end->fd);
         end->fd = -1;
+        if (end->side == BACKEND) {
+            /* From now on the backend cannot count this session: Python may free its slot. */
+            link->next_backend_gone = relay->backend_gone;
+            relay->backend_gone = link;
+        }
     }
     out_free(&end->out);
-    LinkObject *link = end->link;
     if (link->state == LINGERING && link->ends[CLIENT].fd < 0 && link->ends[BACKEND].fd < 0)
         link_release(link);
+}
+
+/* Close a socket whose flush ran out of time: with a reset, so that its peer
+ * stops counting the connection now, not after reading what is left. */
+static void
+end_cut(RelayObject *relay, End *end)
+{
+    if (end->fd >= 0) {
+        struct linger now = {.l_onoff = 1, .l_linger = 0};
+        setsockopt(end->fd, SOL_SOCKET, SO_LINGER, &now, sizeof now);
+    }
+    end_close(relay, end);
 }
 
 /* Write what waits for this socket; -1 when the socket failed. */
@@ -659,8 +684,8 @@ relay_sweep(RelayObject *relay)
             double waited = (double)(now.tv_sec - link->linger_since.tv_sec) +
                             (double)(now.tv_nsec - link->linger_since.tv_nsec) / 1e9;
             if (waited >= relay->linger) {
-                end_close(relay, &link->ends[CLIENT]);
-                end_close(relay, &link->ends[BACKEND]);
+                end_cut(relay, &link->ends[CLIENT]);
+                end_cut(relay, &link->ends[BACKEND]);
             }
         }
         link = next;
@@ -708,28 +733,47 @@ relay_thread(void *arg)
         }
         relay->freeable = gone_append(gone_append(relay->freeable, retiring), relay->released);
         relay->released = NULL;
-        int report = relay->ended != NULL || relay->freeable != NULL;
+        int report = relay->ended != NULL || relay->backend_gone != NULL ||
+                     relay->freeable != NULL;
         pthread_mutex_unlock(&relay->lock);
         if (report)
             signal_fd(relay->reportfd);
     }
 }
 
-/* What report() does after taking the lists: call on_end, let go of links.
- * Runs on Python's thread with the GIL and without the lock. */
+/* What report() does after taking the lists: call on_end, then
+ * on_backend_closed, then let go of links. The lists are taken together, and a
+ * link's backend socket is closed no later than its end is recorded and before
+ * it can be freeable, so each link hears of its end first and of its backend
+ * socket after. Runs on Python's thread with the GIL and without the lock. */
 static void
-relay_deliver(RelayObject *relay, LinkObject *ended, LinkObject *freeable)
+relay_deliver(RelayObject *relay, LinkObject *ended, LinkObject *backend_gone,
+              LinkObject *freeable)
 {
     while (ended != NULL) {
         LinkObject *link = ended;
         ended = link->next_ended;
-        PyObject *owner = link->owner;
-        link->owner = NULL;
+        link->next_ended = NULL;
+        PyObject *owner = Py_XNewRef(link->owner); /* kept for on_backend_closed */
         if (owner != NULL && relay->on_end != NULL) {
             PyObject *result = PyObject_CallFunctionObjArgs(
                 relay->on_end, owner, outcome_strings[link->outcome], NULL);
             if (result == NULL)
                 PyErr_WriteUnraisable(relay->on_end);
+            Py_XDECREF(result);
+        }
+        Py_XDECREF(owner);
+    }
+    while (backend_gone != NULL) {
+        LinkObject *link = backend_gone;
+        backend_gone = link->next_backend_gone;
+        link->next_backend_gone = NULL;
+        PyObject *owner = link->owner; /* nothing more is said to it */
+        link->owner = NULL;
+        if (owner != NULL && relay->on_backend_closed != NULL) {
+            PyObject *result = PyObject_CallOneArg(relay->on_backend_closed, owner);
+            if (result == NULL)
+                PyErr_WriteUnraisable(relay->on_backend_closed);
             Py_XDECREF(result);
         }
         Py_XDECREF(owner);
@@ -797,7 +841,7 @@ Link_close_gracefully(LinkObject *self, PyObject *args)
         }
         link_watch(self);
     }
-    int report = relay->ended != NULL;
+    int report = relay->ended != NULL || relay->backend_gone != NULL;
     int kick = accepted && self->state == CLOSED; /* a failed send closed it: retire it */
     pthread_mutex_unlock(&relay->lock);
     PyMem_RawFree(frames); /* not taken: already closing or ended */
@@ -816,10 +860,12 @@ Link_finish(LinkObject *self, PyObject *unused)
     int was_relaying = self->state == RELAYING;
     link_end(self, OUTCOME_FINISHED, 0);
     int kick = was_relaying && self->state == CLOSED;
+    int report = relay->backend_gone != NULL;
     pthread_mutex_unlock(&relay->lock);
     if (kick)
         signal_fd(relay->kickfd); /* so that the relay thread retires it */
-    Py_CLEAR(self->owner);
+    if (report)
+        signal_fd(relay->reportfd); /* on_backend_closed, at once or after the flush */
     Py_RETURN_NONE;
 }
 
@@ -866,7 +912,8 @@ static PyMethodDef Link_methods[] = {
      "Write client_close at the next frame boundary, backend_close to the backend; "
      "False when already closing or ended."},
     {"finish", (PyCFunction)Link_finish, METH_NOARGS,
-     "End the session now (no on_end call); waiting bytes are still flushed."},
+     "End the session now (no on_end call); waiting bytes are still flushed, and "
+     "on_backend_closed follows once the backend's socket is closed."},
     {NULL},
 };
 
@@ -896,6 +943,7 @@ static int
 Relay_traverse(RelayObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->on_end);
+    Py_VISIT(self->on_backend_closed);
     return 0;
 }
 
@@ -903,6 +951,7 @@ static int
 Relay_clear(RelayObject *self)
 {
     Py_CLEAR(self->on_end);
+    Py_CLEAR(self->on_backend_closed);
     return 0;
 }
 
@@ -926,8 +975,8 @@ relay_shut(RelayObject *self)
         LinkObject *link = self->links;
         link_end(link, OUTCOME_FINISHED, 0);
         if (link->state == LINGERING) {
-            end_close(self, &link->ends[CLIENT]);
-            end_close(self, &link->ends[BACKEND]);
+            end_cut(self, &link->ends[CLIENT]);
+            end_cut(self, &link->ends[BACKEND]);
         }
     }
     int *fds[] = {&self->epfd, &self->timerfd, &self->kickfd, &self->reportfd};
@@ -937,11 +986,11 @@ relay_shut(RelayObject *self)
             *fds[i] = -1;
         }
     }
-    LinkObject *ended = self->ended;
+    LinkObject *ended = self->ended, *backend_gone = self->backend_gone;
     LinkObject *gone = gone_append(self->freeable, self->released);
-    self->ended = self->freeable = self->released = NULL;
+    self->ended = self->backend_gone = self->freeable = self->released = NULL;
     pthread_mutex_unlock(&self->lock);
-    relay_deliver(self, ended, gone);
+    relay_deliver(self, ended, backend_gone, gone);
 }
 
 static void
@@ -958,15 +1007,16 @@ Relay_dealloc(RelayObject *self)
 static PyObject *
 Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"on_end", "read_size", "linger", NULL};
-    PyObject *on_end;
+    static char *kwlist[] = {"on_end", "on_backend_closed", "read_size", "linger", NULL};
+    PyObject *on_end, *on_backend_closed = Py_None;
     Py_ssize_t read_size = 256 * 1024;
     double linger = 5.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$nd:Relay", kwlist, &on_end, &read_size,
-                                     &linger))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$Ond:Relay", kwlist, &on_end,
+                                     &on_backend_closed, &read_size, &linger))
         return NULL;
-    if (!PyCallable_Check(on_end)) {
-        PyErr_SetString(PyExc_TypeError, "on_end must be callable");
+    if (!PyCallable_Check(on_end) ||
+        (on_backend_closed != Py_None && !PyCallable_Check(on_backend_closed))) {
+        PyErr_SetString(PyExc_TypeError, "on_end and on_backend_closed must be callable");
         return NULL;
     }
     if (read_size < 1024 || linger < 0) {
@@ -986,6 +1036,7 @@ Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     self->scratch_size = (size_t)read_size;
     self->on_end = Py_NewRef(on_end);
+    self->on_backend_closed = on_backend_closed == Py_None ? NULL : Py_NewRef(on_backend_closed);
     self->epfd = epoll_create1(EPOLL_CLOEXEC);
     self->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     self->kickfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -1049,6 +1100,7 @@ Relay_add(RelayObject *self, PyObject *args)
     link->close = NULL;
     link->owner = Py_NewRef(owner);
     link->prev = link->next = link->next_ended = link->next_gone = NULL;
+    link->next_backend_gone = NULL;
     int fds[2] = {client_fd, backend_fd};
     for (int side = CLIENT; side <= BACKEND; side++) {
         End *end = &link->ends[side];
@@ -1082,7 +1134,7 @@ Relay_add(RelayObject *self, PyObject *args)
         link_from_backend(link, rest.buf, rest.len);
         link_watch(link);
     }
-    int report = self->ended != NULL;
+    int report = self->ended != NULL || self->backend_gone != NULL;
     int kick = link->state == CLOSED;
     pthread_mutex_unlock(&self->lock);
     PyBuffer_Release(&rest);
@@ -1104,10 +1156,11 @@ Relay_report(RelayObject *self, PyObject *unused)
     pthread_mutex_lock(&self->lock);
     if (self->reportfd >= 0)
         drain_fd(self->reportfd);
-    LinkObject *ended = self->ended, *freeable = self->freeable;
-    self->ended = self->freeable = NULL;
+    LinkObject *ended = self->ended, *backend_gone = self->backend_gone;
+    LinkObject *freeable = self->freeable;
+    self->ended = self->backend_gone = self->freeable = NULL;
     pthread_mutex_unlock(&self->lock);
-    relay_deliver(self, ended, freeable);
+    relay_deliver(self, ended, backend_gone, freeable);
     Py_RETURN_NONE;
 }
 
@@ -1142,7 +1195,8 @@ static PyMethodDef Relay_methods[] = {
     {"add", (PyCFunction)Relay_add, METH_VARARGS,
      "add(client_fd, backend_fd, rest, owner) -> Link. Takes the two sockets (closed "
      "by the relay from now on, even on error); rest goes to the client first, as if "
-     "the backend had just sent it; owner is passed to on_end(owner, outcome)."},
+     "the backend had just sent it; owner is passed to on_end(owner, outcome) and "
+     "to on_backend_closed(owner)."},
     {"report", (PyCFunction)Relay_report, METH_NOARGS,
      "Call on_end for the sessions that ended; let go of the links the relay is done with."},
     {"close", (PyCFunction)Relay_close, METH_NOARGS,
@@ -1163,7 +1217,8 @@ static PySequenceMethods Relay_as_sequence = {
 static PyTypeObject RelayType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "wsgate.gateway._relay.Relay",
-    .tp_doc = "Relay(on_end, *, read_size=262144, linger=5.0): established sessions, "
+    .tp_doc = "Relay(on_end, *, on_backend_closed=None, read_size=262144, linger=5.0): "
+              "established sessions, "
               "relayed in C by a thread of their own.",
     .tp_basicsize = sizeof(RelayObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -22,6 +23,7 @@ __all__ = [
     "error_response",
     "render_request",
     "render_response",
+    "request_problem",
     "retry_after_seconds",
     "websocket_problem",
 ]
@@ -106,23 +108,50 @@ def cookie_value(cookie_headers: Iterable[bytes], name: str) -> str | None:
     return None
 
 
+# RFC 9110 7.2: Host = uri-host [ ":" port ], uri-host an IP-literal or a reg-name
+# (RFC 3986 3.2.2); empty when the target has no authority.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]*)?\Z")
+
+
+def request_problem(head: RequestHead) -> str | None:
+    """Why this request must be answered 400 before anything else (RFC 9112 3.2), or None.
+
+    An HTTP/1.1 request needs exactly one ``Host``, and a valid one; an HTTP/1.0
+    request may have none. A ``Transfer-Encoding`` must end in ``chunked``.
+    """
+    codings = b",".join(head.values(b"transfer-encoding")).split(b",")
+    if codings != [b""] and codings[-1].strip(b" \t").lower() != b"chunked":
+        # llhttp lets this through on an upgrade; the RFC says 400 (RFC 9112 6.1).
+        return "Transfer-Encoding must end in chunked"
+    hosts = head.values(b"host")
+    if len(hosts) > 1:
+        return "more than one Host header"
+    if not hosts:
+        return "missing Host header" if head.version != "1.0" else None
+    if not _HOST.match(hosts[0]):
+        return "invalid Host header"
+    return None
+
+
 def websocket_problem(head: RequestHead) -> str | None:
     """Why this upgrade request is not a valid WebSocket handshake (RFC 6455 4.2.1), or None."""
     if head.method != b"GET":
         return "a WebSocket handshake must use GET"
     if head.version != "1.1":
         return "a WebSocket handshake needs HTTP/1.1"
-    key = head.get(b"sec-websocket-key")
-    if key is None:
+    # Each of these appears once in a request (RFC 6455 11.3.1, 11.3.5).
+    keys = head.values(b"sec-websocket-key")
+    if not keys:
         return "missing Sec-WebSocket-Key"
+    if len(keys) > 1:
+        return "more than one Sec-WebSocket-Key"
     try:
-        if len(base64.b64decode(key.strip(), validate=True)) != 16:
+        if len(base64.b64decode(keys[0], validate=True)) != 16:
             return "Sec-WebSocket-Key must be 16 bytes in base64"
     except (binascii.Error, ValueError):
         return "Sec-WebSocket-Key is not base64"
-    version = head.get(b"sec-websocket-version")
-    if version is None or version.strip() != b"13":
-        return "Sec-WebSocket-Version must be 13"
+    if head.values(b"sec-websocket-version") != [b"13"]:
+        return "Sec-WebSocket-Version must be 13, once"
     return None
 
 
@@ -130,6 +159,12 @@ def _join(lines: list[bytes]) -> bytes:
     lines.append(b"")
     lines.append(b"")
     return b"\r\n".join(lines)
+
+
+# Set by the gateway from what it resolved: a client's own copies never pass.
+_REPLACED = frozenset(
+    {b"x-forwarded-for", b"forwarded", b"x-real-ip", b"x-forwarded-proto", b"x-request-id"}
+)
 
 
 def render_request(
@@ -144,17 +179,16 @@ def render_request(
     WebSocket upgrades keep their ``Connection``/``Upgrade`` headers. Plain
     requests go out as keep-alive HTTP/1.1 on a pooled connection, with the body
     framed as the client framed it (chunked is re-chunked as it streams).
+
+    ``client_ip`` is the client's address as the gateway resolved it (its peer,
+    or what trusted proxies said): ``X-Forwarded-For``, ``X-Real-IP`` and
+    ``Forwarded`` carry that one address, so a backend that takes their right-most
+    (or only) entry gets it, and whatever a client wrote into them is dropped.
     """
     lines = [b"%s %s HTTP/1.1" % (head.method, head.target)]
-    forwarded_for: bytes | None = None
     for name, value in head.headers:
         lower = name.lower()
-        if lower == b"x-forwarded-for":
-            forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-            continue
-        if lower in (b"x-real-ip", b"x-forwarded-proto", b"x-request-id"):
-            continue
-        if lower in HOP_BY_HOP:
+        if lower in _REPLACED or lower in HOP_BY_HOP:
             continue
         lines.append(name + b": " + value)
     if head.upgrade:
@@ -165,9 +199,12 @@ def render_request(
         if head.chunked:
             lines.append(b"Transfer-Encoding: chunked")
     ip = client_ip.encode()
-    lines.append(b"X-Forwarded-For: " + (forwarded_for + b", " + ip if forwarded_for else ip))
+    lines.append(b"X-Forwarded-For: " + ip)
     lines.append(b"X-Forwarded-Proto: " + proto.encode())
     lines.append(b"X-Real-IP: " + ip)
+    # RFC 7239 section 6: an IPv6 node is bracketed, and then quoted.
+    node = b'"[' + ip + b']"' if b":" in ip else ip
+    lines.append(b"Forwarded: for=" + node + b";proto=" + proto.encode())
     lines.append(b"X-Request-Id: " + request_id.encode())
     return _join(lines)
 

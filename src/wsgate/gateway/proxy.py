@@ -412,9 +412,10 @@ class Exchange:
         try:
             outcome = await up.finished
         except asyncio.CancelledError:
-            # The client went away mid-exchange.
+            # The client went away mid-exchange: the backend counts the request until
+            # the connection to it is closed.
             up.abandon()
-            slot.release()
+            up.release_when_closed(slot)
             slot.log("client_closed")
             raise
         finally:
@@ -422,7 +423,6 @@ class Exchange:
         if outcome == "upgraded":
             gw.pool.record_success(backend)
             return True
-        slot.release()
         if outcome == "complete":
             # Passive ejection counts refused upgrades; any other answer is a success.
             if 500 <= slot.status < 600 and head.upgrade:
@@ -433,7 +433,9 @@ class Exchange:
             slot.log("ok" if slot.status < 500 else "backend_error")
             if head.upgrade:
                 up.abandon()  # a refused upgrade leaves the connection in no known state
+                up.release_when_closed(slot)
             else:
+                slot.release()  # the backend has answered in full: it serves no request here
                 gw.connector.give_back(up)
             return keep
         # The backend failed before or during the response.
@@ -442,6 +444,8 @@ class Exchange:
             gw.pool.record_failure(backend, outcome)
             down.write(error_response(502, Reason.BACKEND_UNREACHABLE, retry_after=1.0, close=True))
             slot.status = 502
+        up.abandon()
+        up.release_when_closed(slot)
         slot.log(outcome)
         return False
 
@@ -458,6 +462,8 @@ class Upstream(asyncio.Protocol):
         self.finished: asyncio.Future[str] = gateway.loop.create_future()
         self.chunked_out = False
         self.closed = False
+        self.lost = False  # the socket is closed (connection_lost has come)
+        self.release_on_lost: Slot | None = None
         self.reading_paused = False
         self.idle_since = 0.0
         self.upgrade_head: ResponseHead | None = None
@@ -541,7 +547,12 @@ class Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost = True  # uvloop closes the socket as this returns
         self.gw.connector.forget(self)
+        slot = self.release_on_lost
+        if slot is not None:
+            self.release_on_lost = None
+            slot.release()
         exchange = self.exchange
         if exchange is None:
             return
@@ -585,6 +596,13 @@ class Upstream(asyncio.Protocol):
     def end_body(self, chunked: bool) -> None:
         if chunked:
             self.write(b"0\r\n\r\n")
+
+    def release_when_closed(self, slot: Slot) -> None:
+        """Release ``slot`` once this connection is closed (at once if it is already)."""
+        if self.lost or self.transport is None:
+            slot.release()
+        else:
+            self.release_on_lost = slot
 
     def abandon(self) -> None:
         """Close without reuse (the exchange was cut short)."""
@@ -795,9 +813,12 @@ class Session:
         )
 
     def finish(self, outcome: str) -> None:
-        """Close both sides and release the slot, exactly once.
+        """Close both sides, exactly once; the slot is released when the backend's is closed.
 
         The relay calls this too (``on_end``) when either side closes or fails.
+        Bytes still owed to the backend are flushed for up to the relay's linger,
+        and until its socket is closed the backend still counts the session: the
+        relay says when (``on_backend_closed``, :meth:`backend_closed`).
         """
         if self.done:
             return
@@ -813,8 +834,13 @@ class Session:
             link.finish()  # what is still waiting for a peer is flushed, then closed
             slot.bytes_in += link.bytes_in
             slot.bytes_out += link.bytes_out
-            self.link = None  # the link referred to us until it ended; now neither does
+            self.link = None  # the link refers to us until its backend socket is closed
+        else:
+            slot.release()  # never relayed: the transports' sockets are closed already
         self.backend.connections.discard(self)
         self.gw.sessions.discard(self)
-        slot.release()
         slot.log(f"closed_{self.closing_reason}" if self.closing_code else outcome)
+
+    def backend_closed(self) -> None:
+        """The relay closed the socket toward the backend: its slot is free now."""
+        self.slot.release()

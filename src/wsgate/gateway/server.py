@@ -106,7 +106,9 @@ class Gateway:
         self.stats = Stats()
         self.sessions: set[Session] = set()
         # Established sessions are relayed in C; a session hears from it when it ends.
-        self.relay = Relay(Session.finish, linger=CLOSE_GRACE)
+        self.relay = Relay(
+            Session.finish, on_backend_closed=Session.backend_closed, linger=CLOSE_GRACE
+        )
         self.downstreams: set[Downstream] = set()
         self.connector = Connector(self)
         self.health = HealthChecker(self.pool, config.health)
@@ -128,11 +130,7 @@ class Gateway:
         self._spare_fds: list[int] = []
         self._request_prefix = os.urandom(6).hex()
         self._request_serials = itertools.count(1)
-        if self.store.kind == "redis":
-            from wsgate.admission.redis import RedisStore
-
-            if isinstance(self.store, RedisStore):
-                self.store.on_excess = self._close_excess
+        self.store.on_excess = self._close_excess
 
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -245,10 +243,11 @@ class Gateway:
         # Let transports finish closing, and so release their slots, before the store
         # closes (for Redis, the releases leave before the store's own goodbye).
         await asyncio.sleep(0)
-        await self.store.close()
-        # Close frames still on their way to slow clients had the stop's time to leave.
+        # The relay's sockets still flushing are cut: each slot is released as its
+        # backend socket closes, and before the store says goodbye.
         self.loop.remove_reader(self.relay.fileno())
         self.relay.close()
+        await self.store.close()
         while self._spare_fds:
             os.close(self._spare_fds.pop())
         self._access.flush()
@@ -437,9 +436,7 @@ class Gateway:
             self._arrivals.observe(self.loop.time(), sum(counts.values()))
             return []
         # The plan must come from counts as fresh as the store can give.
-        refresh = getattr(self.store, "renew_now", None)
-        if refresh is not None:
-            await refresh()
+        await self.store.refresh()
         counts = self.store.global_counts()
         mine: dict[str, list[Session]] = {}
         closing: Counter[str] = Counter()

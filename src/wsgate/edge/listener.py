@@ -1,0 +1,229 @@
+"""A listener that learns who the client is before HTTP: PROXY header, then TLS.
+
+Used when the config has ``tls`` or ``proxy_protocol`` (a plain listener is the
+event loop's own server). Each accepted connection goes through, in order:
+
+1. From a source in ``proxy_protocol.trusted``: its PROXY header, read straight
+   from the socket. The reader *peeks* and takes off the socket only the bytes
+   of the header, so whatever follows it (a TLS ClientHello, a request) is
+   still in the kernel for the next layer, whichever it is. A header not
+   complete within ``proxy_protocol.timeout``, malformed, or missing closes the
+   connection and is counted by kind. A source not trusted sends no header (a
+   header from it is refused by the HTTP layer, see
+   :func:`~wsgate.edge.proxy_protocol.starts_like_proxy_header`).
+2. With ``tls``: the handshake, with the context current *now*, so a reload
+   applies to the next connection and never to a live one. Failures are
+   counted by reason.
+3. The connection's protocol, given the client's address (the PROXY header's,
+   or the peer's).
+
+A connection that closes before sending anything (a load balancer's TCP health
+check) is no error and is not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+from collections import Counter
+from collections.abc import Callable
+
+from wsgate.edge.client_address import TrustedNetworks, canonical_address
+from wsgate.edge.proxy_protocol import (
+    MAX_V2_SIZE,
+    ProxyError,
+    ProxyErrorKind,
+    ProxyHeader,
+    ProxyHeaderReader,
+)
+from wsgate.edge.tls import ServingCertificate, handshake_failure_reason
+
+__all__ = ["EdgeListener", "EdgeStats"]
+
+log = logging.getLogger("wsgate.edge")
+
+ACCEPT_BATCH = 128
+# After EMFILE the listening socket stays readable: wait this long before accepting again.
+ACCEPT_PAUSE = 0.1
+
+
+class EdgeStats:
+    """Counts of the edge, read by the metrics."""
+
+    __slots__ = ("handshake_failures", "handshakes_total", "proxy_errors", "proxy_headers_total")
+
+    def __init__(self) -> None:
+        self.handshakes_total = 0
+        self.handshake_failures: Counter[str] = Counter()
+        self.proxy_headers_total = 0
+        self.proxy_errors: Counter[str] = Counter()
+
+
+class _ClosedEarly(Exception):
+    """The connection closed before its header was complete."""
+
+    def __init__(self, received: int):
+        self.received = received
+
+
+class EdgeListener:
+    """Accepts on ``sock`` and sets up each connection as the module docstring says."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol_factory: Callable[[str], asyncio.Protocol],
+        *,
+        stats: EdgeStats,
+        tls: ServingCertificate | None = None,
+        handshake_timeout: float = 10.0,
+        proxy_sources: TrustedNetworks | None = None,
+        proxy_timeout: float = 3.0,
+    ):
+        self.sock = sock
+        self.protocol_factory = protocol_factory
+        self.stats = stats
+        self.tls = tls
+        self.handshake_timeout = handshake_timeout
+        self.proxy_sources = proxy_sources or TrustedNetworks()
+        self.proxy_timeout = proxy_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._setting_up: set[asyncio.Task[None]] = set()
+        self._accepting = False
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [self.sock]
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.sock.setblocking(False)
+        self._accepting = True
+        loop.add_reader(self.sock.fileno(), self._accept_ready)
+
+    def close(self) -> None:
+        """Stop accepting; connections still being set up are closed."""
+        if self._loop is not None and self._accepting:
+            self._accepting = False
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for task in list(self._setting_up):
+            task.cancel()
+
+    def _accept_ready(self) -> None:
+        assert self._loop is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept: %s; pausing accepts briefly", error.strerror)
+                    self._loop.remove_reader(self.sock.fileno())
+                    self._loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+                return  # ECONNABORTED and the like concern one connection only
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self._loop.create_task(self._set_up(conn, canonical_address(address[0])))
+            self._setting_up.add(task)
+            task.add_done_callback(self._setting_up.discard)
+
+    def _resume_accepting(self) -> None:
+        if self._accepting and self._loop is not None:
+            self._loop.add_reader(self.sock.fileno(), self._accept_ready)
+
+    async def _set_up(self, conn: socket.socket, peer: str) -> None:
+        assert self._loop is not None
+        client = peer
+        try:
+            if peer in self.proxy_sources:
+                header = await self._proxy_header(conn)
+                if header is None:
+                    conn.close()
+                    return
+                if header.source is not None:
+                    client = header.source[0]
+            await self._connect(conn, client)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+
+    async def _proxy_header(self, conn: socket.socket) -> ProxyHeader | None:
+        """The connection's header, or None (closed and counted) when there is none."""
+        kind: ProxyErrorKind | None = None
+        try:
+            async with asyncio.timeout(self.proxy_timeout):
+                header = await self._read_header(conn)
+        except ProxyError as error:
+            kind = error.kind
+        except TimeoutError:
+            kind = ProxyErrorKind.TIMEOUT
+        except _ClosedEarly as early:
+            kind = ProxyErrorKind.MALFORMED if early.received else None
+        except OSError:
+            kind = None  # reset by the peer: nothing was refused
+        else:
+            self.stats.proxy_headers_total += 1
+            return header
+        if kind is not None:
+            self.stats.proxy_errors[kind] += 1
+        return None
+
+    async def _read_header(self, conn: socket.socket) -> ProxyHeader:
+        reader = ProxyHeaderReader()
+        received = 0
+        while True:
+            await self._readable(conn)
+            try:
+                data = conn.recv(MAX_V2_SIZE, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                continue
+            if not data:
+                raise _ClosedEarly(received)
+            header = reader.feed(data)
+            # Take off the socket what the header used: while it is incomplete, all
+            # that came; once complete, not a byte past it.
+            used = len(data) - len(reader.rest) if header is not None else len(data)
+            while used:
+                used -= len(conn.recv(used))
+            received += len(data)
+            if header is not None:
+                return header
+
+    async def _readable(self, conn: socket.socket) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        ready = loop.create_future()
+        fd = conn.fileno()
+        loop.add_reader(fd, ready.set_result, None)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+
+    async def _connect(self, conn: socket.socket, client: str) -> None:
+        assert self._loop is not None
+        tls = self.tls
+        try:
+            await self._loop.connect_accepted_socket(
+                lambda: self.protocol_factory(client),
+                conn,
+                ssl=tls.context if tls is not None else None,
+                ssl_handshake_timeout=self.handshake_timeout if tls is not None else None,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            with contextlib.suppress(OSError):
+                conn.close()
+            if tls is None:
+                log.warning("cannot serve a connection from %s: %s", client, error)
+                return
+            self.stats.handshake_failures[handshake_failure_reason(error)] += 1
+            return
+        if tls is not None:
+            self.stats.handshakes_total += 1
