@@ -45,6 +45,7 @@ _REASON_STATUS = {
     "backend_unreachable": 502,
     "draining": 503,
     "overloaded": 503,
+    "no_route": 404,
 }
 
 
