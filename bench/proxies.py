@@ -255,7 +255,7 @@ def _start_wsgate(
     redis: list[RedisServer],
 ) -> Endpoint:
     try:
-        present = importlib.util.find_spec("wsgate.gateway.serve") is not None
+        present = importlib.util.find_spec("wsgate.app.serve") is not None
     except ModuleNotFoundError:
         present = False
     if not present:

@@ -97,7 +97,7 @@ class TestForwardedHead:
         assert b"Keep-Alive" not in wire and b"TE:" not in wire and b"Accept: */*" in wire
 
     def test_forwarded_of_an_ipv6_client_over_tls(self) -> None:
-        raw = b"GET / HTTP/1.1\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Proto: http\r\n\r\n"
+        raw = b"GET / HTTP/1.1\r\nHost: h\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Proto: http\r\n\r\n"
         head = only_head(RequestReader().feed(raw))
         wire = render_request(head, client_ip="2001:db8::7", request_id="x", proto="https")
         lines = wire.split(b"\r\n")
