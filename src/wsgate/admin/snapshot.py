@@ -118,26 +118,33 @@ class Snapshot:
 
 def take_snapshot(gw: Gateway) -> Snapshot:
     """Read the gateway now."""
-    store = gw.store
     stats = gw.stats
-    backends = _pool_snapshot(DEFAULT_ROUTE, gw.pool, store)
+    backends: list[BackendSnapshot] = []
+    routes: list[RouteSnapshot] = []
+    for parts in gw.routes:
+        backends += _pool_snapshot(parts.name, parts.pool, parts.store)
+        route_rate = parts.spec.limits.connect_rate
+        routes.append(
+            RouteSnapshot(
+                name=parts.name,
+                host=parts.spec.match.host,
+                path_prefix=parts.spec.match.path_prefix,
+                mode=parts.store.mode,
+                queued=parts.admission.queued,
+                admitted_total=parts.route.admitted_total,
+                rejected={str(reason): n for reason, n in parts.route.rejected.items()},
+                tokens_available=parts.store.tokens_available(),
+                rate_per_second=route_rate.per_second if route_rate else None,
+                rate_burst=route_rate.burst if route_rate else None,
+            )
+        )
+    stores = gw.routes.stores
+    # The replica's state is the worst of its routes' stores.
+    mode = next((s.mode for s in stores if s.mode != "ok"), "ok")
+    store = gw.store
     rejected = {str(reason): 0 for reason in Reason}
     rejected.update((str(reason), count) for reason, count in stats.rejected.items())
     rate = gw.config.limits.connect_rate
-    routes = [
-        RouteSnapshot(
-            name=DEFAULT_ROUTE,
-            host=None,
-            path_prefix="/",
-            mode=store.mode,
-            queued=gw.queued,
-            admitted_total=stats.admitted_total,
-            rejected=rejected,
-            tokens_available=store.tokens_available(),
-            rate_per_second=rate.per_second if rate else None,
-            rate_burst=rate.burst if rate else None,
-        )
-    ]
     # Finished connections are in the totals; live sessions add what they relayed so far.
     bytes_from_clients = stats.bytes_from_clients
     bytes_to_clients = stats.bytes_to_clients
@@ -151,10 +158,10 @@ def take_snapshot(gw: Gateway) -> Snapshot:
         ready=gw.ready,
         draining=gw.draining,
         store=store.kind,
-        mode=store.mode,
+        mode=mode,
         live_replicas=store.live_replicas(),
         # Stores that talk to a server count failed calls; the embedded one has none.
-        store_errors_total=store.errors_total,
+        store_errors_total=sum(s.errors_total for s in stores),
         tokens_available=store.tokens_available(),
         rate_per_second=rate.per_second if rate else None,
         rate_burst=rate.burst if rate else None,
