@@ -245,13 +245,7 @@ def overview_json(snap: Snapshot, history: list[dict[str, Any]]) -> dict[str, An
             "live_replicas": snap.live_replicas,
             "errors_total": snap.store_errors_total,
         },
-        "connect_rate": None
-        if snap.rate_per_second is None
-        else {
-            "per_second": snap.rate_per_second,
-            "burst": snap.rate_burst,
-            "tokens_available": _round(snap.tokens_available),
-        },
+        "connect_rate": _rate_json(snap.rate_per_second, snap.rate_burst, snap.tokens_available),
         "totals": {
             "accepted_total": snap.accepted_total,
             "admitted_total": snap.admitted_total,
@@ -272,13 +266,9 @@ def overview_json(snap: Snapshot, history: list[dict[str, Any]]) -> dict[str, An
             {
                 **_route_json(snap, route),
                 "rejected": route.rejected,
-                "connect_rate": None
-                if route.rate_per_second is None
-                else {
-                    "per_second": route.rate_per_second,
-                    "burst": route.rate_burst,
-                    "tokens_available": _round(route.tokens_available),
-                },
+                "connect_rate": _rate_json(
+                    route.rate_per_second, route.rate_burst, route.tokens_available
+                ),
             }
             for route in snap.routes
         ],
@@ -392,6 +382,15 @@ def stats_text(snap: Snapshot) -> str:
             (f"{prefix}.ejections_total", b.ejections_total),
         ]
     return "".join(f"{name}: {value}\n" for name, value in lines)
+
+
+def _rate_json(
+    per_second: float | None, burst: int | None, tokens: float | None
+) -> dict[str, Any] | None:
+    """A connect-rate bucket as the JSON views show it; None when there is no limit."""
+    if per_second is None:
+        return None
+    return {"per_second": per_second, "burst": burst, "tokens_available": _round(tokens)}
 
 
 def _round(value: float | None) -> float | None:
