@@ -41,6 +41,7 @@ __all__ = [
     "host_name",
     "inherit_route_keys",
     "request_host_and_path",
+    "route_namespace",
 ]
 
 _HOST = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
@@ -155,6 +156,16 @@ class RouteTable:
                 return name
             end = path.rfind("/", 0, end)
         return by_prefix.get("/")
+
+
+def route_namespace(namespace: str, route: str) -> str:
+    """The state namespace of a route: its own, so its caps, rates and queue are its own.
+
+    The default route keeps the namespace itself (today's keys stay where they
+    are); another route gets ``NS:ROUTE``, and so the hash tag ``{wsgate:NS:ROUTE}``
+    of its own (neither a namespace nor a route name may hold a ``:``).
+    """
+    return namespace if route == DEFAULT_ROUTE else f"{namespace}:{route}"
 
 
 def inherit_route_keys(data: Any) -> Any:

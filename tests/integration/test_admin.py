@@ -246,9 +246,10 @@ async def test_metrics_clusters_and_stats_equal_what_backends_and_clients_saw(
         seen = truth[pod]
         admitted_here = seen["total_connections"] + seen["http_requests"]
         assert set(row) == {
-            "id", "address", "healthy", "active", "active_here", "max_connections",
+            "route", "id", "address", "healthy", "active", "active_here", "max_connections",
             "admitted_total", "rejected_total",
         }  # fmt: skip
+        assert row["route"] == "default"
         assert row["address"] == next(b.address for b in backends if b.pod_id == pod)
         assert row["healthy"] is True
         assert row["active"] == row["active_here"] == seen["active_connections"]
@@ -256,16 +257,27 @@ async def test_metrics_clusters_and_stats_equal_what_backends_and_clients_saw(
         assert row["admitted_total"] == admitted_here
         # Every no_capacity answer found both backends full.
         assert row["rejected_total"] == 2
-        assert metric(samples, "wsgate_backend_active_connections", backend=pod) == row["active"]
         assert (
-            metric(samples, "wsgate_backend_global_active_connections", backend=pod)
+            metric(samples, "wsgate_backend_active_connections", route="default", backend=pod)
             == row["active"]
         )
-        assert metric(samples, "wsgate_backend_max_connections", backend=pod) == 1
-        assert metric(samples, "wsgate_backend_healthy", backend=pod) == 1
-        assert metric(samples, "wsgate_backend_admitted_total", backend=pod) == admitted_here
-        assert metric(samples, "wsgate_backend_rejected_total", backend=pod) == 2
-        assert metric(samples, "wsgate_backend_connect_failures_total", backend=pod) == 0
+        assert (
+            metric(
+                samples, "wsgate_backend_global_active_connections", route="default", backend=pod
+            )
+            == row["active"]
+        )
+        assert metric(samples, "wsgate_backend_max_connections", route="default", backend=pod) == 1
+        assert metric(samples, "wsgate_backend_healthy", route="default", backend=pod) == 1
+        assert (
+            metric(samples, "wsgate_backend_admitted_total", route="default", backend=pod)
+            == admitted_here
+        )
+        assert metric(samples, "wsgate_backend_rejected_total", route="default", backend=pod) == 2
+        assert (
+            metric(samples, "wsgate_backend_connect_failures_total", route="default", backend=pod)
+            == 0
+        )
         assert stats[f"backend.{pod}.active"] == str(row["active"])
         assert stats[f"backend.{pod}.admitted_total"] == str(admitted_here)
         assert stats[f"backend.{pod}.rejected_total"] == "2"
@@ -316,10 +328,20 @@ async def test_connect_failures_are_counted_per_backend(
     session = await must_open(gateway.port)  # tried dead first, then live
     await session.ask("hi")
     samples = metric_samples(await get_text(http, f"{gateway.admin_url}/metrics"))
-    assert metric(samples, "wsgate_backend_connect_failures_total", backend="dead") == 1
-    assert metric(samples, "wsgate_backend_connect_failures_total", backend="pod-a") == 0
-    assert metric(samples, "wsgate_backend_active_connections", backend="dead") == 0
-    assert metric(samples, "wsgate_backend_active_connections", backend="pod-a") == 1
+    assert (
+        metric(samples, "wsgate_backend_connect_failures_total", route="default", backend="dead")
+        == 1
+    )
+    assert (
+        metric(samples, "wsgate_backend_connect_failures_total", route="default", backend="pod-a")
+        == 0
+    )
+    assert (
+        metric(samples, "wsgate_backend_active_connections", route="default", backend="dead") == 0
+    )
+    assert (
+        metric(samples, "wsgate_backend_active_connections", route="default", backend="pod-a") == 1
+    )
     assert live.stats()["active_connections"] == 1
     await session.close()
 

@@ -126,8 +126,8 @@ async def test_backend_answering_5xx_on_upgrade_is_ejected_then_returns(
         assert [await attempt(gateway.ws_url) for _ in range(4)] == [101] * 4
         assert bad.stats()["refused"] == 2 and bad.stats()["total_connections"] == 1
         metrics = metric_lines(gateway, "bad-a")
-        assert 'wsgate_backend_ejected{backend="bad-a"} 1.0' in metrics
-        assert 'wsgate_backend_ejections_total{backend="bad-a"} 1.0' in metrics
+        assert 'wsgate_backend_ejected{backend="bad-a",route="default"} 1.0' in metrics
+        assert 'wsgate_backend_ejections_total{backend="bad-a",route="default"} 1.0' in metrics
     finally:
         await hog.close()
     await wait_until(lambda: bad.stats()["active_connections"] == 0)

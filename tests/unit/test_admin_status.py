@@ -129,3 +129,34 @@ counts = st.integers(min_value=0, max_value=10**7)
 )
 def test_any_pool_fits(backends: list[Any], width: int) -> None:
     check_whole(drawn(overview_of(backends), width), backends, width)
+
+
+def test_routes_each_get_a_heading_and_their_own_table() -> None:
+    from tests.unit.test_admin_snapshot import two_routes
+
+    lines = drawn(overview_json(two_routes(), []), 80)
+    assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+    headings = [line for line in lines if line.startswith("route ")]
+    assert len(headings) == 2, "\n".join(lines)
+    assert headings[0].split()[:5] == ["route", "default", "any", "host", "/"]
+    assert headings[1].split()[:4] == ["route", "chat", "chat.example.com", "/ws"]
+    assert "active 1/2" in headings[1] and "queued 2" in headings[1]
+    # Each heading is followed by its own table: default has pod-a and pod-b, chat pod-a and pod-c.
+    tables: list[list[str]] = []
+    open_table = False
+    for line in lines:
+        if line.startswith("route "):
+            tables.append([])
+            open_table = True
+        elif line.startswith("└"):
+            open_table = False
+        elif line.startswith("│") and open_table:
+            tables[-1].append(line.strip("│").split("│")[0].strip())
+    assert tables == [["pod-a"], ["pod-a", "pod-c"]]
+    tops = [line for line in lines if line.startswith("┏")]
+    assert tops[0] == tops[1]  # the routes' tables line up
+
+
+def test_one_default_route_draws_as_before() -> None:
+    lines = drawn(overview_of([backend("pod-a")]), 80)
+    assert not any(line.startswith("route ") for line in lines)

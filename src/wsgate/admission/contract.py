@@ -34,6 +34,7 @@ class Reason(StrEnum):
     BACKEND_UNREACHABLE = "backend_unreachable"
     DRAINING = "draining"
     OVERLOADED = "overloaded"  # the gateway itself is out of descriptors or memory
+    NO_ROUTE = "no_route"  # no route matches the request's host and path
 
 
 REJECT_STATUS: Mapping[Reason, int] = {
@@ -45,6 +46,7 @@ REJECT_STATUS: Mapping[Reason, int] = {
     Reason.BACKEND_UNREACHABLE: 502,
     Reason.DRAINING: 503,
     Reason.OVERLOADED: 503,
+    Reason.NO_ROUTE: 404,
 }
 
 

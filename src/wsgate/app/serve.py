@@ -90,10 +90,6 @@ def load_from_args(args: argparse.Namespace) -> Config:
     Called at start and again on each reload, so a reload keeps the overrides.
     """
     config = config_from_args(args)
-    if config.routes:
-        raise ConfigError(
-            "routes: `wsgate check` validates them, but `serve` does not run them yet"
-        )
     if getattr(args, "no_access_log", False):
         config = config.model_copy(update={"access_log": False})
     return config

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from wsgate.admission import AdmissionStore, Admitted, Candidate, Reason, Rejected, Ticket
 from wsgate.balancing import Policy, cookie_token, rendezvous_top
-from wsgate.config import Config
+from wsgate.config import RouteConfig
 from wsgate.gateway.head import Header, RequestHead
 from wsgate.gateway.reservation import Reservation
 from wsgate.gateway.stats import Stats
@@ -37,13 +37,13 @@ class Admission:
 
     def __init__(
         self,
-        config: Config,
+        config: RouteConfig,
         store: AdmissionStore,
         pool: BackendPool,
         policy: Policy,
         stats: Stats,
     ):
-        self.config = config  # a reload replaces it (and the policy)
+        self.config = config  # the route's keys; a reload replaces them (and the policy)
         self.store = store
         self.pool = pool
         self.policy = policy

@@ -7,14 +7,22 @@ knows which stores there are.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from wsgate.admission import AdmissionStore, Limits
 from wsgate.admission.memory import MemoryStore
-from wsgate.config import Config
+from wsgate.config import Config, LimitsConfig
 
 __all__ = ["limits_of", "open_store"]
 
 
-def limits_of(config: Config) -> Limits:
+class _HasLimits(Protocol):
+    @property
+    def limits(self) -> LimitsConfig: ...
+
+
+def limits_of(config: _HasLimits) -> Limits:
+    """What a store enforces, from the ``limits`` of the config or of a route."""
     limits = config.limits
     return Limits(
         connect_rate=limits.connect_rate,
@@ -23,19 +31,30 @@ def limits_of(config: Config) -> Limits:
     )
 
 
-def open_store(config: Config, replica_id: str) -> AdmissionStore:
-    """The store the config names: embedded memory, or Redis shared by replicas."""
+def open_store(
+    config: Config,
+    replica_id: str,
+    *,
+    limits: _HasLimits | None = None,
+    namespace: str | None = None,
+) -> AdmissionStore:
+    """The store the config names: embedded memory, or Redis shared by replicas.
+
+    A route's store enforces the route's ``limits`` and keeps its state under
+    the route's ``namespace`` (see :func:`wsgate.routing.route_namespace`).
+    """
     state = config.state
+    enforced = limits_of(limits or config)
     if state.store == "memory":
-        return MemoryStore(limits_of(config))
+        return MemoryStore(enforced)
     from wsgate.admission.redis import RedisStore
 
     return RedisStore(
         state.store,
-        namespace=state.namespace,
+        namespace=namespace or state.namespace,
         replica_id=replica_id,
         lease_ttl=state.lease_ttl,
         timeout=state.timeout,
         on_failure=state.on_failure,
-        limits=limits_of(config),
+        limits=enforced,
     )
