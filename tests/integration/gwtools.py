@@ -4,24 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from wsgate.admission.redis import key_prefix
 from wsgate.gateway.access_log import FLUSH_INTERVAL
+from wsgate.testbed.processes import RedisServer
 from wsgate.testbed.topology import BackendProcess, GatewayProcess
 
 __all__ = [
+    "Churn",
     "Outcomes",
     "access_log_written",
     "assert_capacity_free",
     "close_all",
+    "live",
+    "never_over",
     "open_many",
     "pod_of",
     "raw_request",
+    "redis_total",
+    "truth",
 ]
 
 
@@ -130,3 +139,81 @@ async def raw_request(
         return status, headers, body
     finally:
         writer.close()
+
+
+def live(backends: list[BackendProcess]) -> list[int]:
+    return [b.stats()["active_connections"] for b in backends]
+
+
+def never_over(backends: list[BackendProcess], cap: int) -> None:
+    """The tripwire never fired and no backend ever held more than ``cap``."""
+    stats = [b.stats() for b in backends]
+    assert max(s["peak_connections"] for s in stats) <= cap, stats
+    assert sum(s["refused"] for s in stats) == 0, stats
+
+
+def truth(backends: list[BackendProcess]) -> dict[str, int]:
+    return {b.pod_id: n for b, n in zip(backends, live(backends), strict=True) if n}
+
+
+def redis_total(server: RedisServer, namespace: str) -> dict[str, int]:
+    client = Redis.from_url(server.url, decode_responses=True)
+    try:
+        return {k: int(v) for k, v in client.hgetall(f"{key_prefix(namespace)}:total").items()}
+    finally:
+        client.close()
+
+
+@dataclass
+class Churn:
+    """Clients that keep connecting, holding a moment and leaving, over several gateways.
+
+    Bounded in time and in attempts; ``holding`` pauses the leaving so the set of
+    live sessions stands still (to compare counts), ``stop`` ends it.
+    """
+
+    urls: list[str]
+    clients: int = 12
+    hold: float = 0.2
+    statuses: Counter[int] = field(default_factory=Counter)
+    admitted_at: list[float] = field(default_factory=list)  # monotonic time of each 101
+    holding: bool = False
+    stopped: bool = False
+    _held: list[ClientConnection] = field(default_factory=list)
+
+    async def run(self, within: float, attempts: int = 20_000) -> None:
+        deadline = time.monotonic() + within
+        budget = [attempts]
+
+        async def client(index: int) -> None:
+            url = self.urls[index % len(self.urls)]
+            ip = f"127.0.0.{2 + index % 8}"
+            while not self.stopped and time.monotonic() < deadline and budget[0] > 0:
+                if self.holding:
+                    await asyncio.sleep(0.05)
+                    continue
+                budget[0] -= 1
+                try:
+                    ws = await open_one(url, ip)
+                except InvalidStatus as rejected:
+                    self.statuses[rejected.response.status_code] += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                except OSError:
+                    self.statuses[0] += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                self.statuses[101] += 1
+                self.admitted_at.append(time.monotonic())
+                self._held.append(ws)
+                await asyncio.sleep(self.hold)
+                # Polled, not an Event: the deadline bounds this wait too.
+                while self.holding and not self.stopped and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                self._held.remove(ws)
+                await ws.close()
+
+        try:
+            await asyncio.gather(*(client(i) for i in range(self.clients)))
+        finally:
+            await close_all(self._held)

@@ -16,12 +16,10 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from gwtools import close_all, open_many, open_one, wait_until
+from gwtools import close_all, live, never_over, open_many, open_one, redis_total, truth, wait_until
 from lifecycle import close_seen
-from redis import Redis
 from websockets.asyncio.client import ClientConnection
 
-from wsgate.admission.redis import key_prefix
 from wsgate.testbed.processes import ProcessGroup, RedisServer, wait_for_port
 from wsgate.testbed.topology import (
     BackendProcess,
@@ -56,29 +54,6 @@ def replicas(
     for gateway in started:
         wait_for_port("127.0.0.1", gateway.admin_port, process=gateway.process)
     return started
-
-
-def live(backends: list[BackendProcess]) -> list[int]:
-    return [b.stats()["active_connections"] for b in backends]
-
-
-def never_over(backends: list[BackendProcess], cap: int) -> None:
-    """The tripwire never fired and no backend ever held more than ``cap``."""
-    stats = [b.stats() for b in backends]
-    assert max(s["peak_connections"] for s in stats) <= cap, stats
-    assert sum(s["refused"] for s in stats) == 0, stats
-
-
-def redis_total(server: RedisServer, namespace: str) -> dict[str, int]:
-    client = Redis.from_url(server.url, decode_responses=True)
-    try:
-        return {k: int(v) for k, v in client.hgetall(f"{key_prefix(namespace)}:total").items()}
-    finally:
-        client.close()
-
-
-def truth(backends: list[BackendProcess]) -> dict[str, int]:
-    return {b.pod_id: n for b, n in zip(backends, live(backends), strict=True) if n}
 
 
 async def spread_over(gateways: list[GatewayProcess], count: int, **kw: Any) -> Any:

@@ -72,12 +72,20 @@ def limits_of(config: Config) -> Limits:
 def open_store(config: Config, replica_id: str) -> AdmissionStore:
     """The store the config names: embedded memory, or Redis shared by replicas."""
     state = config.state
-    if state.store == "memory":
+    if not state.shared:
         return MemoryStore(limits_of(config))
     from wsgate.admission.redis import RedisStore
+    from wsgate.admission.redis.connection import ClusterNodes, Sentinels, Target
 
+    target: Target = state.store
+    if state.sentinels is not None:
+        assert state.service is not None  # the config requires it with sentinels
+        addresses = tuple(parse_address(a) for a in state.sentinels)
+        target = Sentinels(addresses, state.service, state.password, state.sentinel_password)
+    elif state.cluster is not None:
+        target = ClusterNodes(tuple(parse_address(a) for a in state.cluster), state.password)
     return RedisStore(
-        state.store,
+        target,
         namespace=state.namespace,
         replica_id=replica_id,
         lease_ttl=state.lease_ttl,
