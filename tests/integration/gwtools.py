@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
+from redis.cluster import RedisCluster
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
@@ -156,12 +157,15 @@ def truth(backends: list[BackendProcess]) -> dict[str, int]:
     return {b.pod_id: n for b, n in zip(backends, live(backends), strict=True) if n}
 
 
-def redis_total(server: RedisServer, namespace: str) -> dict[str, int]:
-    client = Redis.from_url(server.url, decode_responses=True)
+def redis_total(server: RedisServer | RedisCluster, namespace: str) -> dict[str, int]:
+    """The namespace's per-backend totals as Redis holds them (one server or a Cluster)."""
+    client = server if isinstance(server, RedisCluster) else Redis.from_url(server.url)
     try:
-        return {k: int(v) for k, v in client.hgetall(f"{key_prefix(namespace)}:total").items()}
+        raw = client.hgetall(f"{key_prefix(namespace)}:total")
+        return {k.decode(): int(v) for k, v in raw.items()}
     finally:
-        client.close()
+        if client is not server:
+            client.close()
 
 
 @dataclass
