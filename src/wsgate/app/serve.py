@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--watch-config needs a config file (-c FILE)")
     if args.workers < 1:
         raise ConfigError("--workers must be at least 1")
-    if args.workers > 1 and config.state.store == "memory":
+    if args.workers > 1 and not config.state.shared:
         raise ConfigError(
             "--workers > 1 needs a shared state (state: redis://...): with the memory "
             "store each worker would enforce the caps on its own"

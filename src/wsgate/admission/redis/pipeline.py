@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from wsgate.admission.redis.connection import StateUnavailable, describe_failure
 from wsgate.admission.redis.script import SCRIPT, SCRIPT_SHA, ScriptCall, evalsha
@@ -72,7 +73,7 @@ class ScriptPipeline:
                     results: list[Any] = [await evalsha(client, self._key, calls[0])]
                 else:
                     results = await self._many(client, calls)
-        except (TimeoutError, RedisError, OSError) as error:
+        except (TimeoutError, RedisError, RedisClusterException, OSError) as error:
             results = [error] * len(batch)
         for (_, future), result in zip(batch, results, strict=True):
             if future.done():
@@ -93,6 +94,11 @@ class ScriptPipeline:
         return results
 
     async def _pipelined(self, client: aioredis.Redis, calls: list[ScriptCall]) -> list[Any]:
+        if isinstance(client, RedisCluster):
+            # A cluster pipeline refuses scripts: the calls go side by side instead,
+            # each to the shard of its key (all of a namespace's keys share one slot).
+            runs = (client.evalsha(SCRIPT_SHA, 1, self._key, *call) for call in calls)
+            return list(await asyncio.gather(*runs, return_exceptions=True))
         pipe = client.pipeline(transaction=False)
         for call in calls:
             pipe.evalsha(SCRIPT_SHA, 1, self._key, *call)

@@ -71,12 +71,11 @@ from typing import Any, Literal
 from wsgate.admission.contract import Admitted, Candidate, Limits, Reason, Rejected, Ticket
 from wsgate.admission.local import LocalDecision, share_choice
 from wsgate.admission.redis import script
-from wsgate.admission.redis.connection import StateUnavailable, connect
+from wsgate.admission.redis.connection import StateUnavailable, Target, connect, describe_target
 from wsgate.admission.redis.lease import LeaseKeeper
 from wsgate.admission.redis.pipeline import ScriptCaller
 from wsgate.admission.redis.pool import PoolSync
 from wsgate.admission.redis.sync import Change, ReplicaSync, SyncState
-from wsgate.config import redact_url
 
 __all__ = ["OnFailure", "RedisStore", "default_replica_id"]
 
@@ -94,7 +93,8 @@ class RedisStore:
     """Admission shared by every replica that uses the same Redis and namespace.
 
     Args:
-        url: ``redis://``, ``rediss://`` or ``unix://`` URL (a password may be in it).
+        url: ``redis://``, ``rediss://`` or ``unix://`` URL (a password may be in it),
+            or a Sentinel service or a Cluster (``connection.Target``).
         namespace: separates wsgate clusters sharing one Redis.
         replica_id: this process's name in the shared state; unique per process.
         lease_ttl: seconds a replica's slots outlive its last renewal.
@@ -107,7 +107,7 @@ class RedisStore:
 
     def __init__(
         self,
-        url: str,
+        url: Target,
         *,
         namespace: str = "default",
         replica_id: str | None = None,
@@ -368,7 +368,7 @@ class RedisStore:
         return {
             "kind": self.kind,
             "mode": self.mode,
-            "store": redact_url(self.url),
+            "store": describe_target(self.url),
             "namespace": self.namespace,
             "replica_id": self.replica_id,
             "on_failure": self.on_failure,
