@@ -75,9 +75,14 @@ def run(args: argparse.Namespace) -> int:
     routes: list[str] | None = args.route
     if args.config:
         config = load_config(args.config)
-        if config.state.store == "memory":
+        if not config.state.shared:
             raise ConfigError(
                 f"{args.config}: state is memory, so there is no shared state to show"
+            )
+        if config.state.sentinels is not None or config.state.cluster is not None:
+            raise ConfigError(
+                f"{args.config}: wsgate state reads one Redis by URL; give the current"
+                " master (or the Cluster node that holds the namespace) with --redis"
             )
         url, namespace = config.state.store, config.state.namespace
         routes = [route.name for route in config.route_list()]
