@@ -11,11 +11,14 @@ event loop's own server). Each accepted connection goes through, in order:
    connection and is counted by kind. A source not trusted sends no header (a
    header from it is refused by the HTTP layer, see
    :func:`~wsgate.edge.proxy_protocol.starts_like_proxy_header`).
-2. With ``tls``: the handshake, with the context current *now*, so a reload
-   applies to the next connection and never to a live one. Failures are
-   counted by reason.
+2. With ``tls``: the first bytes are peeked at. A connection that closes
+   before sending any is let go uncounted; one that does not begin with a TLS
+   handshake record is refused and counted (``plain_http`` gets a plain
+   ``400``, anything else ``not_tls`` is closed). Then the handshake, with the
+   context current *now*, so a reload applies to the next connection and never
+   to a live one; its failures are counted by reason.
 3. The connection's protocol, given the client's address (the PROXY header's,
-   or the peer's).
+   or the peer's) and whether it came with a header.
 
 A connection that closes before sending anything (a load balancer's TCP health
 check) is no error and is not counted.
@@ -40,12 +43,17 @@ from wsgate.edge.proxy_protocol import (
     ProxyHeaderReader,
 )
 from wsgate.edge.tls import ServingCertificate, handshake_failure_reason
+from wsgate.gateway.head import error_response
 
 __all__ = ["EdgeListener", "EdgeStats"]
 
 log = logging.getLogger("wsgate.edge")
 
 ACCEPT_BATCH = 128
+_TLS_HANDSHAKE_RECORD = 0x16
+_PLAIN_HTTP_ANSWER = error_response(
+    400, "bad_request", detail="plain HTTP sent to the TLS port", close=True
+)
 # After EMFILE the listening socket stays readable: wait this long before accepting again.
 ACCEPT_PAUSE = 0.1
 
@@ -75,7 +83,7 @@ class EdgeListener:
     def __init__(
         self,
         sock: socket.socket,
-        protocol_factory: Callable[[str], asyncio.Protocol],
+        protocol_factory: Callable[[str, bool], asyncio.Protocol],
         *,
         stats: EdgeStats,
         tls: ServingCertificate | None = None,
@@ -139,15 +147,16 @@ class EdgeListener:
     async def _set_up(self, conn: socket.socket, peer: str) -> None:
         assert self._loop is not None
         client = peer
+        proxied = peer in self.proxy_sources
         try:
-            if peer in self.proxy_sources:
+            if proxied:
                 header = await self._proxy_header(conn)
                 if header is None:
                     conn.close()
                     return
                 if header.source is not None:
-                    client = header.source[0]
-            await self._connect(conn, client)
+                    client = canonical_address(header.source[0])
+            await self._connect(conn, client, proxied)
         except asyncio.CancelledError:
             conn.close()
             raise
@@ -205,12 +214,49 @@ class EdgeListener:
         finally:
             loop.remove_reader(fd)
 
-    async def _connect(self, conn: socket.socket, client: str) -> None:
+    async def _begins_with_tls(self, conn: socket.socket) -> bool:
+        """Whether the first byte opens a TLS handshake (if not, refused and counted)."""
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                while True:
+                    await self._readable(conn)
+                    try:
+                        first = conn.recv(16, socket.MSG_PEEK)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    break
+        except TimeoutError:
+            self.stats.handshake_failures["timeout"] += 1
+            return False
+        except OSError:
+            return False  # reset before a byte came: nothing was refused
+        if not first:
+            return False  # connected and closed: a TCP health check or a port probe
+        if first[0] == _TLS_HANDSHAKE_RECORD:
+            return True
+        if first.split(b" ", 1)[0].isalpha():
+            self.stats.handshake_failures["plain_http"] += 1
+            with contextlib.suppress(OSError):
+                conn.send(_PLAIN_HTTP_ANSWER)
+                conn.shutdown(socket.SHUT_WR)
+                # Unread bytes at close make the kernel reset the connection, and a
+                # reset can discard the answer before the client reads it.
+                while conn.recv(65536):
+                    pass
+        else:
+            self.stats.handshake_failures["not_tls"] += 1
+        return False
+
+    async def _connect(self, conn: socket.socket, client: str, proxied: bool) -> None:
         assert self._loop is not None
         tls = self.tls
+        if tls is not None and not await self._begins_with_tls(conn):
+            with contextlib.suppress(OSError):
+                conn.close()
+            return
         try:
             await self._loop.connect_accepted_socket(
-                lambda: self.protocol_factory(client),
+                lambda: self.protocol_factory(client, proxied),
                 conn,
                 ssl=tls.context if tls is not None else None,
                 ssl_handshake_timeout=self.handshake_timeout if tls is not None else None,

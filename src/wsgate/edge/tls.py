@@ -245,16 +245,24 @@ class ServingCertificate:
         seen, _ = self._identities()
         if seen == self._seen and not self._racy:
             return False
-        return self.reload("files changed")
+        return self._reload("files changed", asked=False)
 
     def reload(self, why: str) -> bool:
-        """Read the files again; keep the old context (and say so once) if they fail."""
+        """Read the files again (an operator asked: ``why`` says how, e.g. SIGHUP).
+
+        Keeps the old context, and says so once, when the new files fail.
+        """
+        return self._reload(why, asked=True)
+
+    def _reload(self, why: str, *, asked: bool) -> bool:
         self._seen, self._racy = self._identities()
         try:
             files = _read_files(self.cert, self.key, self.client_ca)
         except TlsError as error:
             return self._refuse(why, error)
         if files == self._files:
+            if asked:  # found by check(), a touch is not worth a line
+                log.info("tls reload (%s): unchanged, serving %s", why, self.facts.describe())
             return False  # touched, not changed
         # Whatever these bytes give, they are not to be tried again until they change.
         self._files = files
