@@ -208,7 +208,7 @@ async def test_redis_stopped_with_on_failure_local(
     limits = Limits(connect_rate=RateConfig(per_second=0.01, burst=10))
     here = await make_replica(timeout=0.1, lease_ttl=3.0, on_failure="local", limits=limits)
     there = await make_replica(timeout=0.1, lease_ttl=3.0, on_failure="local", limits=limits)
-    await here.renew_now()
+    await here.refresh()
     assert here.live_replicas() == 2
     assert isinstance(await here.admit(pods(4, 4)), Admitted)
     assert isinstance(await there.admit(pods(4, 4)), Admitted)
@@ -231,7 +231,7 @@ async def test_redis_stopped_with_on_failure_local(
 
     redis_server.process.signal(signal.SIGCONT)
     await wait_until(lambda: here.mode == "ok", within=2.5)
-    await there.renew_now()
+    await there.refresh()
     total, held = shared_state(redis_server)
     assert total == truth(here, there) == {"pod-0": 3, "pod-1": 2, "wide": 2}
     assert held[here.replica_id] == here.local_counts()
@@ -250,7 +250,7 @@ async def test_redis_frozen_longer_than_the_lease_reaps_nobody(
     redis_server.process.signal(signal.SIGSTOP)
     await asyncio.sleep(ttl * 1.6)
     redis_server.process.signal(signal.SIGCONT)
-    await first.renew_now()
+    await first.refresh()
     # The first to come back must not take the second's slots for a dead replica's.
     total, held = shared_state(redis_server)
     assert second.replica_id in held and held[second.replica_id] == {"pod-0": 1}
@@ -296,7 +296,7 @@ async def test_lease_lost_while_alive_sheds_the_excess(
 
     # Its lease runs out (as if it could not renew for a whole TTL) and is reaped.
     Redis.from_url(redis_server.url).zadd(f"{key_prefix(NS)}:replicas", {lost.replica_id: 0})
-    await other.renew_now()
+    await other.refresh()
     assert shared_state(redis_server)[0] == {}
     for _ in range(2):
         assert isinstance(await other.admit(pods(2)), Admitted)
@@ -305,7 +305,7 @@ async def test_lease_lost_while_alive_sheds_the_excess(
     # what it still holds and learns it is 2 over the cap.
     refused = await lost.admit(pods(2))
     assert isinstance(refused, Rejected) and refused.reason is Reason.STATE_UNAVAILABLE
-    await lost.renew_now()
+    await lost.refresh()
     assert lost.mode == "ok"
     assert excess == [("pod-0", 2)]
     assert shared_state(redis_server)[0] == {"pod-0": 4}
@@ -351,7 +351,7 @@ async def test_admissions_given_up_on_do_not_take_effect_later(
 ) -> None:
     gave_up = await make_replica(timeout=0.1, lease_ttl=3.0)
     other = await make_replica(timeout=0.1, lease_ttl=3.0)
-    await gave_up.renew_now()  # a quick round trip: it knows Redis's clock
+    await gave_up.refresh()  # a quick round trip: it knows Redis's clock
     assert redis_server.process is not None
     redis_server.process.signal(signal.SIGSTOP)
     try:

@@ -220,7 +220,7 @@ class SharedAdmission(RuleBasedStateMachine):
 
     def renew(self, name: str) -> None:
         replica = self.alive[name]
-        self.run(replica.store.renew_now())
+        self.run(replica.store.refresh())
         assert replica.store.mode == "ok"
         # Expired leases are reaped by any renewal: nothing of them is left.
         assert not self.redis.zrangebyscore(f"{self.prefix}:replicas", 0, 0)

@@ -8,8 +8,9 @@ from redis.asyncio.connection import AbstractConnection
 
 from wsgate.admission import Candidate, Limits, Reason, Rejected
 from wsgate.admission.inspect import describe, render
+from wsgate.admission.local import LocalDecision
 from wsgate.admission.memory import take_tokens
-from wsgate.admission.redis import HiredisPackingConnection, LocalShare, key_prefix
+from wsgate.admission.redis import HiredisPackingConnection, key_prefix
 from wsgate.config import RateConfig
 
 
@@ -25,16 +26,16 @@ def test_all_keys_of_a_namespace_share_one_hash_tag() -> None:
     assert key_prefix("blue") == "{wsgate:blue}"
 
 
-# -- LocalShare ---------------------------------------------------------------------------
+# -- LocalDecision: local shares ---------------------------------------------------------
 
 
 def test_local_share_divides_each_cap_and_rounds_down() -> None:
-    share = LocalShare(Clock())
+    share = LocalDecision(Clock())
     candidates = [Candidate("a", 5), Candidate("b", 4), Candidate("c", 2)]
     held: dict[str, int] = {}
     picks = []
     for _ in range(8):
-        decision = share.admit(candidates, held, live=3, limits=Limits())
+        decision = share.admit(candidates, held, Limits(), live=3)
         if isinstance(decision, Rejected):
             picks.append(decision.reason)
             continue
@@ -45,49 +46,49 @@ def test_local_share_divides_each_cap_and_rounds_down() -> None:
 
 
 def test_local_share_counts_what_this_replica_already_holds() -> None:
-    share = LocalShare(Clock())
-    decision = share.admit([Candidate("a", 4)], {"a": 2}, live=2, limits=Limits())
+    share = LocalDecision(Clock())
+    decision = share.admit([Candidate("a", 4)], {"a": 2}, Limits(), live=2)
     assert isinstance(decision, Rejected) and decision.reason is Reason.NO_CAPACITY
-    assert share.admit([Candidate("a", 4)], {"a": 1}, live=2, limits=Limits()) == "a"
+    assert share.admit([Candidate("a", 4)], {"a": 1}, Limits(), live=2) == "a"
 
 
 def test_local_share_of_the_rate() -> None:
     clock = Clock()
-    share = LocalShare(clock)
+    share = LocalDecision(clock)
     limits = Limits(connect_rate=RateConfig(per_second=2, burst=10))
-    results = [share.admit([Candidate("a", 100)], {}, live=4, limits=limits) for _ in range(4)]
+    results = [share.admit([Candidate("a", 100)], {}, limits, live=4) for _ in range(4)]
     assert results[:2] == ["a", "a"]  # 10 // 4 = 2 tokens
     assert isinstance(results[2], Rejected) and results[2].reason is Reason.RATE_LIMITED
     assert results[2].retry_after == pytest.approx(2.0)  # refill at 2/4 per second
     clock.now += 2.0
-    assert share.admit([Candidate("a", 100)], {}, live=4, limits=limits) == "a"
+    assert share.admit([Candidate("a", 100)], {}, limits, live=4) == "a"
 
 
 def test_local_share_with_less_burst_than_replicas_admits_nothing() -> None:
-    share = LocalShare(Clock())
+    share = LocalDecision(Clock())
     limits = Limits(connect_rate=RateConfig(per_second=1, burst=2))
-    decision = share.admit([Candidate("a", 100)], {}, live=3, limits=limits)
+    decision = share.admit([Candidate("a", 100)], {}, limits, live=3)
     assert isinstance(decision, Rejected) and decision.reason is Reason.RATE_LIMITED
 
 
 def test_local_client_rate_applies_in_full_and_spares_the_shared_tokens() -> None:
-    share = LocalShare(Clock())
+    share = LocalDecision(Clock())
     limits = Limits(
         connect_rate=RateConfig(per_second=0.01, burst=4),
         client_connect_rate=RateConfig(per_second=0.01, burst=1),
     )
     pods = [Candidate("a", 100)]
-    assert share.admit(pods, {}, live=2, limits=limits, client_key="x") == "a"
-    refused = share.admit(pods, {}, live=2, limits=limits, client_key="x")
+    assert share.admit(pods, {}, limits, live=2, client_key="x") == "a"
+    refused = share.admit(pods, {}, limits, live=2, client_key="x")
     assert isinstance(refused, Rejected) and refused.reason is Reason.CLIENT_RATE_LIMITED
-    assert share.admit(pods, {}, live=2, limits=limits, client_key="y") == "a"
+    assert share.admit(pods, {}, limits, live=2, client_key="y") == "a"
 
 
 def test_local_share_keeps_the_choice_rule() -> None:
-    share = LocalShare(Clock())
+    share = LocalDecision(Clock())
     pods = [Candidate("a", 4), Candidate("b", 4)]
-    assert share.admit(pods, {"a": 1}, live=2, limits=Limits(), least_loaded=True) == "b"
-    assert share.admit(pods, {}, live=2, limits=Limits(), preferred="b") == "b"
+    assert share.admit(pods, {"a": 1}, Limits(), live=2, least_loaded=True) == "b"
+    assert share.admit(pods, {}, Limits(), live=2, preferred="b") == "b"
 
 
 # -- the shared close budget ------------------------------------------------------------------

@@ -143,7 +143,7 @@ def take_snapshot(gw: Gateway) -> Snapshot:
         mode=store.mode,
         live_replicas=store.live_replicas(),
         # Stores that talk to a server count failed calls; the embedded one has none.
-        store_errors_total=int(getattr(store, "errors_total", 0)),
+        store_errors_total=store.errors_total,
         tokens_available=store.tokens_available(),
         rate_per_second=rate.per_second if rate else None,
         rate_burst=rate.burst if rate else None,

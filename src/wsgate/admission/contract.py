@@ -137,10 +137,23 @@ class AdmissionStore(Protocol):
     """Where admission decisions are made; one decision is one atomic step."""
 
     kind: str  # "memory" or "redis"
+    #: Told (backend_id, count) when this replica holds ``count`` connections
+    #: too many on a backend (a shared store found it over its cap when it
+    #: re-registered): the gateway closes that many of its newest there.
+    on_excess: Callable[[str, int], None] | None
 
     @property
     def mode(self) -> str:
         """``ok``, or ``degraded`` while the shared state cannot be reached."""
+        ...
+
+    @property
+    def errors_total(self) -> int:
+        """Calls to the shared state that failed or timed out (0 for one process)."""
+        ...
+
+    async def refresh(self) -> None:
+        """Make the global counts as fresh as the store can (one round trip at most)."""
         ...
 
     async def start(self) -> None: ...

@@ -14,21 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
-from wsgate.admission.contract import (
-    Admitted,
-    Candidate,
-    Limits,
-    Reason,
-    Rejected,
-    Ticket,
-    choose_backend,
-)
-from wsgate.admission.rate import gcra, tokens_left
+from wsgate.admission.contract import Admitted, Candidate, Limits, Rejected, Ticket
+from wsgate.admission.local import LocalDecision
 
 __all__ = ["MemoryStore", "take_tokens"]
-
-# Per-client buckets idle this long are forgotten: they are full again anyway.
-_CLIENT_BUCKET_SWEEP = 60.0
 
 
 class MemoryStore:
@@ -38,14 +27,20 @@ class MemoryStore:
         self._limits = limits or Limits()
         self._clock = clock
         self._active: Counter[str] = Counter()
-        self._rate_tat: float | None = None
-        self._client_tat: dict[str, float] = {}
-        self._next_sweep = 0.0
+        self._decision = LocalDecision(clock)
         self._close_tat: float | None = None
+        self.on_excess: Callable[[str, int], None] | None = None  # never over: nothing to shed
 
     @property
     def mode(self) -> str:
         return "ok"
+
+    @property
+    def errors_total(self) -> int:
+        return 0
+
+    async def refresh(self) -> None:
+        return None  # the counts are this process's own: always fresh
 
     async def start(self) -> None:
         return None
@@ -77,29 +72,18 @@ class MemoryStore:
         preferred: str | None = None,
     ) -> Admitted | Rejected:
         """The decision itself, synchronous: usable from code that cannot await."""
-        limits = self._limits
-        if not candidates:
-            return Rejected(Reason.NO_HEALTHY_BACKEND, limits.no_capacity_retry_after)
-        backend = choose_backend(
-            candidates, self._active.__getitem__, least_loaded=least_loaded, preferred=preferred
+        decision = self._decision.admit(
+            candidates,
+            self._active,
+            self._limits,
+            client_key=client_key,
+            least_loaded=least_loaded,
+            preferred=preferred,
         )
-        if backend is None:
-            return Rejected(Reason.NO_CAPACITY, limits.no_capacity_retry_after)
-        now = self._clock()
-        if limits.connect_rate is not None:
-            rate = gcra(self._rate_tat, now, limits.connect_rate)
-            if not rate.allowed:
-                return Rejected(Reason.RATE_LIMITED, rate.retry_after)
-        if limits.client_connect_rate is not None and client_key is not None:
-            client = gcra(self._client_tat.get(client_key), now, limits.client_connect_rate)
-            if not client.allowed:
-                return Rejected(Reason.CLIENT_RATE_LIMITED, client.retry_after)
-            self._client_tat[client_key] = client.tat
-            self._sweep_clients(now)
-        if limits.connect_rate is not None:
-            self._rate_tat = rate.tat
-        self._active[backend] += 1
-        return Admitted(Ticket(backend))
+        if isinstance(decision, Rejected):
+            return decision
+        self._active[decision] += 1
+        return Admitted(Ticket(decision))
 
     async def release(self, ticket: Ticket) -> None:
         self.release_now(ticket)
@@ -112,12 +96,6 @@ class MemoryStore:
         if self._active[ticket.backend_id] <= 0:
             del self._active[ticket.backend_id]
 
-    def _sweep_clients(self, now: float) -> None:
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + _CLIENT_BUCKET_SWEEP
-        self._client_tat = {key: tat for key, tat in self._client_tat.items() if tat > now}
-
     def global_counts(self) -> Mapping[str, int]:
         # A read-only view, not a copy: policies read it on every admission.
         return MappingProxyType(self._active)
@@ -126,8 +104,7 @@ class MemoryStore:
         return MappingProxyType(self._active)
 
     def tokens_available(self) -> float | None:
-        rate = self._limits.connect_rate
-        return None if rate is None else tokens_left(self._rate_tat, self._clock(), rate)
+        return self._decision.tokens_available(self._limits)
 
     def live_replicas(self) -> int:
         return 1

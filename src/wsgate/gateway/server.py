@@ -128,11 +128,7 @@ class Gateway:
         self._spare_fds: list[int] = []
         self._request_prefix = os.urandom(6).hex()
         self._request_serials = itertools.count(1)
-        if self.store.kind == "redis":
-            from wsgate.admission.redis import RedisStore
-
-            if isinstance(self.store, RedisStore):
-                self.store.on_excess = self._close_excess
+        self.store.on_excess = self._close_excess
 
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -437,9 +433,7 @@ class Gateway:
             self._arrivals.observe(self.loop.time(), sum(counts.values()))
             return []
         # The plan must come from counts as fresh as the store can give.
-        refresh = getattr(self.store, "renew_now", None)
-        if refresh is not None:
-            await refresh()
+        await self.store.refresh()
         counts = self.store.global_counts()
         mine: dict[str, list[Session]] = {}
         closing: Counter[str] = Counter()

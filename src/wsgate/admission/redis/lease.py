@@ -1,0 +1,159 @@
+"""The replica's lease: renewed every ``lease_ttl / 3``, re-registered after any doubt."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from wsgate.admission.contract import Candidate
+from wsgate.admission.redis import script
+from wsgate.admission.redis.connection import StateUnavailable
+from wsgate.admission.redis.pipeline import ScriptCaller
+from wsgate.admission.redis.sync import Registration, ReplicaSync, SyncState
+
+__all__ = ["LeaseKeeper"]
+
+logger = logging.getLogger("wsgate.state")
+
+# Renewals (of lease_ttl/3 each) a backend's cap is remembered after it was
+# last among the candidates: long enough for an unhealthy spell, not forever.
+_CAPS_MEMORY_ROUNDS = 30
+
+
+class LeaseKeeper:
+    """Renews the lease and re-registers the truth; the caps it publishes come
+    from the candidates admissions saw. ``excess`` hears of backends a
+    re-registration found over their cap."""
+
+    def __init__(
+        self,
+        caller: ScriptCaller,
+        sync: ReplicaSync,
+        replica_id: str,
+        rates: script.RateArgs,
+        excess: Callable[[Mapping[str, int]], None],
+    ):
+        self.rates = rates
+        self._caller = caller
+        self._sync = sync
+        self._replica_id = replica_id
+        self._excess = excess
+        self._renew_every = sync.lease_ttl / 3
+        self.retry_every = min(self._renew_every, 1.0)
+        # backend -> (cap, renewal round it was last a candidate in)
+        self._caps: dict[str, tuple[int, int]] = {}
+        self._round = 0
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    def saw(self, candidates: Sequence[Candidate]) -> None:
+        caps, now_round = self._caps, self._round
+        for candidate in candidates:
+            caps[candidate.backend_id] = (candidate.cap, now_round)
+
+    def wake(self) -> None:
+        """Try again now (the sync was just lost)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="wsgate-lease")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def refresh(self) -> None:
+        """One renewal, or a re-registration when the replica is out of sync."""
+        async with self._lock:
+            sync = self._sync
+            if sync.state is SyncState.CLOSED or self._caller.client is None:
+                return
+            sync.check_lease(time.monotonic())
+            if sync.in_sync:
+                await self._renew()
+            if not sync.in_sync:
+                await self._register()
+
+    async def _run(self) -> None:
+        while self._sync.state is not SyncState.CLOSED:
+            delay = self._renew_every if self._sync.in_sync else self.retry_every
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            try:
+                await self.refresh()
+            except Exception:  # the lease must outlive any surprise
+                logger.exception("lease renewal failed unexpectedly")
+            self._wake.clear()
+
+    async def _renew(self) -> None:
+        sync, caller = self._sync, self._caller
+        sent = time.monotonic()
+        quiet = caller.in_flight == 0
+        started = caller.started
+        call = script.renew_call(
+            0, self._replica_id, sync.token, self._ttl_ms(), self.rates, self._caps_to_publish()
+        )
+        try:
+            raw = await caller.call(call)
+        except StateUnavailable as error:
+            sync.failed(str(error))
+            return
+        quiet = quiet and caller.in_flight == 0 and caller.started == started + 1
+        reply = script.decode_renew(raw)
+        self._log_reaped(reply)
+        sync.renewed(reply, sent, time.monotonic(), quiet=quiet)
+
+    async def _register(self) -> None:
+        """Send this replica's truth with a new token, until Redis has exactly it."""
+        sync = self._sync
+        for _attempt in range(3):
+            if not await self._caller.wait_idle():
+                return
+            truth = sync.truth()
+            token = secrets.token_hex(8)
+            sent = time.monotonic()
+            call = script.renew_call(
+                sync.deadline(sent),
+                self._replica_id,
+                sync.token,
+                self._ttl_ms(),
+                self.rates,
+                self._caps_to_publish(),
+                register=(token, truth),
+            )
+            try:
+                raw = await self._caller.call(call)
+            except StateUnavailable as error:
+                sync.failed(str(error))
+                return
+            reply = script.decode_renew(raw)
+            self._log_reaped(reply)
+            outcome = sync.registered(reply, token, truth, sent, time.monotonic())
+            if outcome is Registration.DONE:
+                self._excess(reply.excess)
+            if outcome is not Registration.AGAIN:
+                return
+
+    def _caps_to_publish(self) -> dict[str, int]:
+        # Backends that were no candidate for many renewals are gone: forget them.
+        self._round += 1
+        horizon = self._round - _CAPS_MEMORY_ROUNDS
+        self._caps = {b: seen for b, seen in self._caps.items() if seen[1] >= horizon}
+        return {backend: cap for backend, (cap, _) in self._caps.items()}
+
+    def _ttl_ms(self) -> int:
+        return max(1, round(self._sync.lease_ttl * 1000))
+
+    @staticmethod
+    def _log_reaped(reply: script.RenewReply) -> None:
+        if reply.reaped:
+            logger.info("lease expired for %s: their slots are free again", ", ".join(reply.reaped))

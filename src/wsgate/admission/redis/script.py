@@ -1,0 +1,257 @@
+"""The state script's calls: typed arguments in, typed replies out. No I/O.
+
+Each operation of ``state.lua`` takes a flat ARGV and answers a flat array;
+this module is the one place that knows their layout (the script's comments
+above each operation say the same). Everything else speaks in the named
+tuples below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
+from importlib import resources
+from typing import Any, NamedTuple
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from wsgate.admission.contract import Candidate, Limits
+from wsgate.config import RateConfig
+
+__all__ = [
+    "SCRIPT",
+    "SCRIPT_SHA",
+    "AdmitReply",
+    "AdmitStatus",
+    "Arg",
+    "RateArgs",
+    "ReleaseReply",
+    "RenewReply",
+    "RenewStatus",
+    "ScriptCall",
+    "admit_call",
+    "close_tokens_call",
+    "decode_admit",
+    "decode_release",
+    "decode_renew",
+    "evalsha",
+    "key_prefix",
+    "leave_call",
+    "rate_args",
+    "release_call",
+    "renew_call",
+    "run_script",
+]
+
+SCRIPT = resources.files("wsgate.admission.redis").joinpath("state.lua").read_text()
+SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+
+Arg = str | int | float
+#: One call of the script: its ARGV (operation, deadline, then the operation's own).
+ScriptCall = tuple[Arg, ...]
+
+
+def key_prefix(namespace: str) -> str:
+    """The hash tag every key of a namespace starts with (one Cluster slot)."""
+    return "{wsgate:" + namespace + "}"
+
+
+def replicas_key(namespace: str) -> str:
+    """The script's one declared key; it derives every other name from it."""
+    return key_prefix(namespace) + ":replicas"
+
+
+async def evalsha(client: aioredis.Redis, key: str, call: ScriptCall) -> Any:
+    """EVALSHA the state script, loading it once when Redis does not know it."""
+    try:
+        return await client.evalsha(SCRIPT_SHA, 1, key, *call)
+    except NoScriptError:
+        await client.script_load(SCRIPT)
+        return await client.evalsha(SCRIPT_SHA, 1, key, *call)
+
+
+async def run_script(client: aioredis.Redis, namespace: str, *call: Arg) -> Any:
+    """One call of the script in ``namespace`` (``wsgate state`` reads this way)."""
+    return await evalsha(client, replicas_key(namespace), call)
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+class RateArgs(NamedTuple):
+    """The connect-rate limits as the script takes them (0 0 for none)."""
+
+    per_second: str
+    burst: str
+    client_per_second: str
+    client_burst: str
+
+
+def _rate(rate: RateConfig | None) -> tuple[str, str]:
+    return ("0", "0") if rate is None else (repr(rate.per_second), str(rate.burst))
+
+
+def rate_args(limits: Limits) -> RateArgs:
+    return RateArgs(*_rate(limits.connect_rate), *_rate(limits.client_connect_rate))
+
+
+def admit_call(
+    deadline: int,
+    replica: str,
+    token: str,
+    candidates: Sequence[Candidate],
+    rates: RateArgs,
+    *,
+    client_key: str | None,
+    least_loaded: bool,
+    preferred: str | None,
+) -> ScriptCall:
+    call: list[Arg] = [
+        "admit",
+        deadline,
+        replica,
+        token,
+        "1" if least_loaded else "0",
+        preferred or "",
+        rates.per_second,
+        rates.burst,
+        client_key or "",
+        rates.client_per_second,
+        rates.client_burst,
+    ]
+    for candidate in candidates:
+        call.append(candidate.backend_id)
+        call.append(candidate.cap)
+    return tuple(call)
+
+
+def release_call(replica: str, token: str, backend: str) -> ScriptCall:
+    # A release is harmless when late: it carries no deadline.
+    return ("release", 0, replica, token, backend)
+
+
+def renew_call(
+    deadline: int,
+    replica: str,
+    token: str,
+    ttl_ms: int,
+    rates: RateArgs,
+    caps: Mapping[str, int],
+    *,
+    register: tuple[str, Mapping[str, int]] | None = None,
+) -> ScriptCall:
+    """A renewal; with ``register`` (new token, held truth), a re-registration."""
+    new_token, held = register if register is not None else ("", {})
+    call: list[Arg] = [
+        "renew",
+        deadline,
+        replica,
+        token,
+        ttl_ms,
+        "0" if register is None else "1",
+        new_token,
+    ]
+    call.append(len(held))
+    for backend, count in held.items():
+        call += [backend, count]
+    call.append(len(caps))
+    for backend, cap in caps.items():
+        call += [backend, cap]
+    call += rates
+    return tuple(call)
+
+
+def leave_call(replica: str, token: str) -> ScriptCall:
+    return ("leave", 0, replica, token)
+
+
+def close_tokens_call(per_second: float, burst: int, want: int) -> ScriptCall:
+    return ("close_tokens", 0, repr(per_second), burst, want)
+
+
+# -- replies ----------------------------------------------------------------------------------
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def pairs(flat: Sequence[Any]) -> dict[str, int]:
+    """A flat ``[field, count, ...]`` reply (HGETALL) as a dict."""
+    return {text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+class AdmitStatus(StrEnum):
+    OK = "ok"
+    NO_CAPACITY = "no_capacity"
+    RATE_LIMITED = "rate_limited"
+    CLIENT_RATE_LIMITED = "client_rate_limited"
+    STALE = "stale"  # token refused or lease expired: out of sync
+    LATE = "late"  # ran after its deadline: void
+
+
+class AdmitReply(NamedTuple):
+    status: AdmitStatus
+    backend: str  # the admitted backend ("" unless OK)
+    retry_after: float  # seconds, for the rate refusals
+    rate_offset: float  # seconds until the global bucket is full again
+    live_replicas: int
+    counts: list[int]  # every candidate's global count after the decision, in order
+
+
+def decode_admit(raw: Sequence[Any]) -> AdmitReply:
+    status = AdmitStatus(text(raw[0]))
+    if len(raw) == 1:
+        return AdmitReply(status, "", 0.0, 0.0, 1, [])
+    return AdmitReply(
+        status,
+        text(raw[1]),
+        float(raw[2]) / 1e6,
+        float(raw[3]) / 1e6,
+        int(raw[4]),
+        [int(count) for count in raw[5:]],
+    )
+
+
+class ReleaseReply(NamedTuple):
+    stale: bool
+    total: int  # the backend's global count after the release
+
+
+def decode_release(raw: Sequence[Any]) -> ReleaseReply:
+    return ReleaseReply(text(raw[0]) == "stale", int(raw[1]))
+
+
+class RenewStatus(StrEnum):
+    OK = "ok"
+    LOST = "lost"  # the session token is gone: register again
+    LATE = "late"  # a re-registration that ran after its deadline: void
+
+
+class RenewReply(NamedTuple):
+    status: RenewStatus
+    live_replicas: int
+    rate_offset: float  # seconds
+    totals: dict[str, int]  # every backend's global count (empty unless OK)
+    excess: dict[str, int]  # re-registration only: backends over their cap, by how much
+    reaped: list[str]  # replicas whose lease expired in this call
+    held: dict[str, int]  # what Redis holds for this replica
+    server_time: float  # Redis's clock, seconds
+
+
+def decode_renew(raw: Sequence[Any]) -> RenewReply:
+    status = RenewStatus(text(raw[0]))
+    if status is RenewStatus.LATE:
+        return RenewReply(status, 1, 0.0, {}, {}, [], {}, 0.0)
+    return RenewReply(
+        status,
+        max(1, int(raw[1])),
+        float(raw[2]) / 1e6,
+        pairs(raw[3]),
+        pairs(raw[4]),
+        [text(name) for name in raw[5]],
+        pairs(raw[6]),
+        float(raw[7]) / 1e6,
+    )
