@@ -148,6 +148,7 @@ def test_describe_turns_the_reply_into_plain_data() -> None:
         "live": 4,
         "capacity": None,
         "held": 4,
+        "clients": 0,
     }
 
 

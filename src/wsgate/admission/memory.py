@@ -27,6 +27,9 @@ class MemoryStore:
         self._limits = limits or Limits()
         self._clock = clock
         self._active: Counter[str] = Counter()
+        # Connections per client address under max_connections_per_client; a client
+        # whose last one ends is deleted, so the map holds connected clients only.
+        self._clients: Counter[str] = Counter()
         self._decision = LocalDecision(clock)
         self._close_tat: float | None = None
         self.on_excess: Callable[[str, int], None] | None = None  # never over: nothing to shed
@@ -77,13 +80,17 @@ class MemoryStore:
             self._active,
             self._limits,
             client_key=client_key,
+            clients=self._clients,
             least_loaded=least_loaded,
             preferred=preferred,
         )
         if isinstance(decision, Rejected):
             return decision
         self._active[decision] += 1
-        return Admitted(Ticket(decision))
+        counted = client_key if self._limits.max_connections_per_client is not None else None
+        if counted is not None:
+            self._clients[counted] += 1
+        return Admitted(Ticket(decision, client_key=counted))
 
     async def release(self, ticket: Ticket) -> None:
         self.release_now(ticket)
@@ -95,6 +102,11 @@ class MemoryStore:
         self._active[ticket.backend_id] -= 1
         if self._active[ticket.backend_id] <= 0:
             del self._active[ticket.backend_id]
+        client = ticket.client_key
+        if client is not None:
+            self._clients[client] -= 1
+            if self._clients[client] <= 0:
+                del self._clients[client]
 
     def global_counts(self) -> Mapping[str, int]:
         # A read-only view, not a copy: policies read it on every admission.
@@ -102,6 +114,9 @@ class MemoryStore:
 
     def local_counts(self) -> Mapping[str, int]:
         return MappingProxyType(self._active)
+
+    def clients_connected(self) -> int:
+        return len(self._clients)
 
     def tokens_available(self) -> float | None:
         return self._decision.tokens_available(self._limits)
@@ -125,6 +140,7 @@ class MemoryStore:
             "global": dict(self.global_counts()),
             "local": dict(self.local_counts()),
             "tokens": self.tokens_available(),
+            "clients_connected": self.clients_connected(),
         }
 
 

@@ -36,8 +36,11 @@ class LeaseKeeper:
         replica_id: str,
         rates: script.RateArgs,
         excess: Callable[[Mapping[str, int]], None],
+        *,
+        clients: Callable[[], Mapping[str, int]] = dict,
     ):
         self.rates = rates
+        self._clients = clients  # the truth per client, sent along with the held truth
         self._caller = caller
         self._sync = sync
         self._replica_id = replica_id
@@ -129,6 +132,7 @@ class LeaseKeeper:
                 self.rates,
                 self._caps_to_publish(),
                 register=(token, truth),
+                clients=self._clients(),
             )
             try:
                 raw = await self._caller.call(call)

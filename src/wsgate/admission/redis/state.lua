@@ -22,12 +22,19 @@ is derived from it):
   P:limits        HASH  connect-rate settings                 (renew; display only)
   P:rate          STR   GCRA TAT of the global connect rate, server us (admit)
   P:rate:ip:IP    STR   GCRA TAT of one client IP, expires when full (admit)
+  P:clients       HASH  client IP -> live connections, all replicas (admit/release/register/reap)
+  P:clients:R     HASH  client IP -> live connections held by R     (admit/release/register/reap)
   P:close         STR   GCRA TAT of the shared rebalance-close budget (close_tokens)
   P:clock         STR   server ms of the last renewal by anyone (renew)
 
 The invariant this script keeps, after every operation:
 
   total[b] == sum over registered replicas R of held:R[b]     (for every b)
+  clients[c] == sum over registered replicas R of clients:R[c] (for every client c)
+
+A client's field is deleted when its count reaches 0, so P:clients holds only
+the clients that have a connection: it never grows with clients gone. Only
+connections admitted under max_connections_per_client are counted there.
 
 and an admission increments total[b] only while total[b] < cap(b). So as long
 as every live connection is counted in the held hash of a registered replica,
@@ -89,9 +96,14 @@ local LIMITS = P .. ':limits'
 local RATE = P .. ':rate'
 local CLOSE = P .. ':close'
 local CLOCK = P .. ':clock'
+local CLIENTS = P .. ':clients'
 
 local function held_key(replica)
   return P .. ':held:' .. replica
+end
+
+local function clients_key(replica)
+  return CLIENTS .. ':' .. replica
 end
 
 local function now_us()
@@ -148,21 +160,26 @@ local function session_ok(replica, token)
   return redis.call('HGET', LEASE, replica) == token
 end
 
--- Forget a replica and give back every slot it held, in one step.
-local function drop_replica(replica)
-  local key = held_key(replica)
+-- Subtract what a replica holds in one of its hashes from the matching total.
+local function give_back(key, totals)
   local held = redis.call('HGETALL', key)
   for i = 1, #held, 2 do
-    add_to(TOTAL, held[i], -tonumber(held[i + 1]))
+    add_to(totals, held[i], -tonumber(held[i + 1]))
   end
   redis.call('DEL', key)
+end
+
+-- Forget a replica and give back every slot it held (and its clients' counts), in one step.
+local function drop_replica(replica)
+  give_back(held_key(replica), TOTAL)
+  give_back(clients_key(replica), CLIENTS)
   redis.call('HDEL', LEASE, replica)
   redis.call('HDEL', RENEWED, replica)
   redis.call('ZREM', REPLICAS, replica)
 end
 
 -- ARGV: op, deadline, replica, token, least_loaded, preferred, rate_ps, rate_burst,
---       client_key, client_ps, client_burst, then backend, cap pairs.
+--       client_key, client_ps, client_burst, client_cap, then backend, cap pairs.
 -- Reply: status, backend, retry_after_us, rate_offset_us, live_replicas,
 --        then the total of every candidate after the decision.
 local function admit()
@@ -179,10 +196,10 @@ local function admit()
   local least_loaded = ARGV[5] == '1'
   local preferred = ARGV[6]
   local ids, caps = {}, {}
-  local n = (#ARGV - 11) / 2
+  local n = (#ARGV - 12) / 2
   for i = 1, n do
-    ids[i] = ARGV[10 + 2 * i]
-    caps[i] = tonumber(ARGV[11 + 2 * i])
+    ids[i] = ARGV[11 + 2 * i]
+    caps[i] = tonumber(ARGV[12 + 2 * i])
   end
   local counts = redis.call('HMGET', TOTAL, unpack(ids))
   for i = 1, n do
@@ -228,6 +245,17 @@ local function admit()
     return reply('no_capacity', '', 0)
   end
 
+  -- max_connections_per_client (ARGV[12], 0 for none): a capacity too, checked
+  -- before any token is spent; counted in P:clients and P:clients:R on admission.
+  local client_cap = tonumber(ARGV[12])
+  local counted_client = nil
+  if ARGV[9] ~= '' and client_cap > 0 then
+    counted_client = ARGV[9]
+    if (tonumber(redis.call('HGET', CLIENTS, counted_client)) or 0) >= client_cap then
+      return reply('client_connection_limit', '', 0)
+    end
+  end
+
   -- Capacity first, then the rates; tokens are spent only when admitted.
   local rate_ps = tonumber(ARGV[7])
   local rate_tat
@@ -257,15 +285,25 @@ local function admit()
   end
   redis.call('HINCRBY', TOTAL, ids[best], 1)
   redis.call('HINCRBY', held_key(replica), ids[best], 1)
+  if counted_client then
+    redis.call('HINCRBY', CLIENTS, counted_client, 1)
+    redis.call('HINCRBY', clients_key(replica), counted_client, 1)
+  end
   counts[best] = counts[best] + 1
   return reply('ok', ids[best], 0)
 end
 
--- ARGV: op, deadline, replica, token, backend.  Reply: status, total of that backend.
+-- ARGV: op, deadline, replica, token, backend, client ('' when the slot counts for none).
+-- Reply: status, total of that backend.
 local function release()
   local replica, token, backend = ARGV[3], ARGV[4], ARGV[5]
   if not session_ok(replica, token) then
     return { 'stale', 0 }
+  end
+  local client = ARGV[6] or ''
+  if client ~= '' and (tonumber(redis.call('HGET', clients_key(replica), client)) or 0) > 0 then
+    add_to(clients_key(replica), client, -1)
+    add_to(CLIENTS, client, -1) -- deleted at 0: a client gone leaves no key behind
   end
   local key = held_key(replica)
   if (tonumber(redis.call('HGET', key, backend)) or 0) <= 0 then
@@ -277,7 +315,8 @@ end
 
 -- ARGV: op, deadline, replica, token, ttl_ms, resync, new_token,
 --       n_held, (backend, count) * n_held, n_caps, (backend, cap) * n_caps,
---       rate_ps, rate_burst, client_ps, client_burst.
+--       rate_ps, rate_burst, client_ps, client_burst,
+--       n_clients, (client, count) * n_clients (resync only: the clients' truth).
 -- Reply: status, live_replicas, rate_offset_us, {total flat}, {excess flat}, {reaped},
 --        {this replica's held, flat}, server time (us).
 local function renew()
@@ -329,6 +368,8 @@ local function renew()
   i = i + 2 * n_caps + 1
   redis.call('HSET', LIMITS, 'rate_per_second', ARGV[i], 'rate_burst', ARGV[i + 1],
     'client_per_second', ARGV[i + 2], 'client_burst', ARGV[i + 3])
+  i = i + 4
+  local n_clients = tonumber(ARGV[i]) or 0
 
   local excess = {}
   if resync then
@@ -349,6 +390,16 @@ local function renew()
           excess[#excess + 1] = backend
           excess[#excess + 1] = math.min(total - cap, count)
         end
+      end
+    end
+    -- The same for its clients' counts (never over a cap by more than it holds).
+    local ckey = clients_key(replica)
+    give_back(ckey, CLIENTS)
+    for j = 1, n_clients do
+      local client, count = ARGV[i + 2 * j - 1], tonumber(ARGV[i + 2 * j])
+      if count > 0 then
+        redis.call('HSET', ckey, client, count)
+        add_to(CLIENTS, client, count)
       end
     end
     redis.call('HSET', LEASE, replica, ARGV[7])
@@ -414,6 +465,7 @@ local function inspect()
     redis.call('HGETALL', LIMITS),
     rate_offset(now),
     held,
+    redis.call('HLEN', CLIENTS),
   }
 end
 
