@@ -294,7 +294,7 @@ def _start_wsgate(
     tls: _Certificate | None = None,
 ) -> Endpoint:
     try:
-        present = importlib.util.find_spec("wsgate.gateway.serve") is not None
+        present = importlib.util.find_spec("wsgate.app.serve") is not None
     except ModuleNotFoundError:
         present = False
     if not present:

@@ -55,8 +55,8 @@ class _Command(Protocol):
 
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("wsgate.gateway.serve", "run the gateway"),
-    "check": ("wsgate.gateway.check", "validate a config and print the effective one"),
+    "serve": ("wsgate.app.serve", "run the gateway"),
+    "check": ("wsgate.app.check", "validate a config and print the effective one"),
     "backend": ("wsgate.testbed.backend", "run the demo WebSocket/HTTP backend"),
     "load": ("wsgate.testbed.load", "drive many real clients against a gateway"),
     "demo": ("wsgate.testbed.demo", "run the whole system locally and check it"),

@@ -370,8 +370,6 @@ class _Recorder:
 
     def __init__(self, relay: Relay):
         self.relay_ = relay
-        self.gw = self  # the hand-over asks the gateway for spare descriptors
-        self.handoff: object = None
         self.link: Link | None = None
         self.finished: list[str] = []
 
@@ -381,9 +379,6 @@ class _Recorder:
     def finish(self, outcome: str) -> None:
         self.finished.append(outcome)
 
-    def spare_descriptor(self) -> bool:
-        return False  # far from the open-files limit here
-
 
 def test_handoff_waits_until_uvloop_has_written_what_it_holds() -> None:
     """Bytes uvloop still buffers for the client when the session starts go out first."""
@@ -391,7 +386,7 @@ def test_handoff_waits_until_uvloop_has_written_what_it_holds() -> None:
 
     import uvloop
 
-    from wsgate.gateway.proxy import _Handoff
+    from wsgate.gateway.handoff import Handoff
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
@@ -414,7 +409,8 @@ def test_handoff_waits_until_uvloop_has_written_what_it_holds() -> None:
             client_transport.write(before)  # far more than the kernel takes at once
             assert client_transport.get_write_buffer_size() > 0
             recorder = _Recorder(relay)
-            handoff = _Handoff(recorder, client_transport, backend_transport, b"rest")  # type: ignore[arg-type]
+            # No spare descriptors: far from the open-files limit here.
+            handoff = Handoff(recorder, client_transport, backend_transport, b"rest", lambda: False)
             handoff.hand_over_when_written()
             assert recorder.link is None  # still waiting for uvloop
             backend.sendall(b"after")

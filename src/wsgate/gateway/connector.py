@@ -1,23 +1,41 @@
-"""Connections to backends: opened with a timeout, pooled for keep-alive HTTP."""
+"""Connections to backends: opened with a timeout, pooled for keep-alive HTTP.
+
+The connector opens :class:`~wsgate.gateway.upstream.Upstream` connections and
+keeps the idle ones; it blames no one. A connect that fails raises
+:class:`ConnectFailed` (the caller records it against the backend) or, when
+the gateway's own limits stopped it, :class:`OutOfResources`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from wsgate.gateway.proxy import OutOfResources, Upstream
+from wsgate.gateway.upstream import Upstream
 from wsgate.upstreams.pool import Backend
 
-if TYPE_CHECKING:
-    from wsgate.gateway.server import Gateway
-
-__all__ = ["OWN_LIMITS", "Connector"]
+__all__ = ["OWN_LIMITS", "ConnectFailed", "Connector", "OutOfResources"]
 
 # Idle keep-alive connections kept per backend, and for how long.
 POOL_SIZE = 64
 POOL_IDLE = 30.0
+
+# Connect errors that are the gateway's own limits, not the backend's fault.
+OWN_LIMITS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class OutOfResources(Exception):
+    """The gateway has no descriptor (or memory) for one more backend connection."""
+
+
+class ConnectFailed(Exception):
+    """The backend did not take the connection (refused, unreachable, timed out)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Deadline:
@@ -34,21 +52,24 @@ class _Deadline:
         self.task.cancel()
 
 
-# Connect errors that are the gateway's own limits, not the backend's fault.
-OWN_LIMITS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
 class Connector:
-    def __init__(self, gateway: Gateway):
-        self.gw = gateway
+    """Opens backend connections within ``connect_timeout`` and keeps idle ones for reuse."""
+
+    def __init__(self, connect_timeout: float):
+        self.connect_timeout = connect_timeout  # a reload may change it
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._idle: dict[str, list[Upstream]] = {}
 
-    async def acquire(self, backend: Backend, *, pooled: bool) -> Upstream | None:
-        """A connection to ``backend`` (an idle pooled one for HTTP), or None when it fails.
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    async def acquire(self, backend: Backend, *, pooled: bool) -> Upstream:
+        """A connection to ``backend`` (an idle pooled one for HTTP).
 
         Raises:
+            ConnectFailed: the backend refused, could not be reached, or was too slow.
             OutOfResources: the gateway's own open-files limit (or memory) stopped
-                the connect; the backend is not blamed.
+                the connect; the backend is not to be blamed.
         """
         if pooled:
             idle = self._idle.get(backend.id)
@@ -56,8 +77,8 @@ class Connector:
                 upstream = idle.pop()
                 if not upstream.closed:
                     return upstream
-        gw = self.gw
-        loop = gw.loop
+        loop = self.loop
+        assert loop is not None, "Connector.start first"
         # What asyncio.timeout does, without its per-use objects and running-loop
         # lookups (each a getpid() system call on Python 3.11): this is paid once
         # per upgrade.
@@ -65,11 +86,11 @@ class Connector:
         assert task is not None
         cancelling = task.cancelling()
         deadline = _Deadline(task)
-        timer = loop.call_later(gw.config.timeouts.connect, deadline.expire)
+        timer = loop.call_later(self.connect_timeout, deadline.expire)
         error: OSError | None = None
         try:
             _, upstream = await loop.create_connection(
-                lambda: Upstream(gw, backend), backend.host, backend.port
+                lambda: Upstream(backend, self.forget), backend.host, backend.port
             )
         except asyncio.CancelledError:
             if not (deadline.expired and task.uncancel() <= cancelling):
@@ -79,14 +100,10 @@ class Connector:
             error = failure
         finally:
             timer.cancel()
-        if error is not None and error.errno in OWN_LIMITS:
-            raise OutOfResources(error) from None
         if error is not None:
-            backend.connect_failures_total += 1
-            gw.pool.record_failure(backend, f"connect failed: {error or 'timeout'}")
-            return None
-        # Success is recorded when the backend answers: a backend that accepts
-        # connections but refuses every upgrade must still be ejected.
+            if error.errno in OWN_LIMITS:
+                raise OutOfResources(error) from None
+            raise ConnectFailed(f"connect failed: {error or 'timeout'}") from None
         return upstream
 
     def give_back(self, upstream: Upstream) -> None:

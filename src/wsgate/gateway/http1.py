@@ -2,7 +2,7 @@
 
 :class:`RequestReader` and :class:`ResponseReader` take bytes and return events
 (``Head``, ``Body``, ``End``, ``Upgrade``), in the manner of h11: the protocols
-in :mod:`wsgate.gateway.proxy` only move bytes in and out. Problems a client can
+in :mod:`.downstream` and :mod:`.upstream` only move bytes in and out. Problems a client can
 cause raise :class:`BadMessage` carrying the status to answer with.
 """
 

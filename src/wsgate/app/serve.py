@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(str(error)) from None
     raise_open_files_limit()
     if args.workers > 1 and args.worker_index is None:
-        from wsgate.gateway.workers import supervise
+        from wsgate.app.workers import supervise
 
         return supervise(args.workers, args.argv)
 

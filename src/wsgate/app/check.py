@@ -12,9 +12,9 @@ import argparse
 
 import yaml
 
+from wsgate.app.serve import add_config_arguments, config_from_args
 from wsgate.config import Config, ConfigError
 from wsgate.edge.tls import TlsError, backend_context, server_context
-from wsgate.gateway.serve import add_config_arguments, config_from_args
 
 __all__ = ["add_arguments", "check_tls", "run"]
 

@@ -1,0 +1,45 @@
+"""Descriptors kept in reserve for hand-overs at the open-files limit.
+
+A session handed to the relay holds two descriptors more until uvloop closes
+its own on the next loop iteration. At the limit that would fail a session
+already answered ``101``; a spare makes room instead, and is taken back once
+uvloop's descriptors are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+__all__ = ["SPARE_DESCRIPTORS", "SpareDescriptors"]
+
+# Each session handed to the relay in one loop iteration may need two of them.
+SPARE_DESCRIPTORS = 16
+
+
+class SpareDescriptors:
+    def __init__(self, count: int = SPARE_DESCRIPTORS):
+        self.count = count
+        self._fds: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def take(self) -> bool:
+        """Close one spare so a descriptor can be opened; False when none is left."""
+        if not self._fds:
+            return False
+        os.close(self._fds.pop())
+        asyncio.get_running_loop().call_later(0.001, self.refill)
+        return True
+
+    def refill(self) -> None:
+        while len(self._fds) < self.count:
+            try:
+                self._fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return  # at the limit still: tried again at the next housekeeping round
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())

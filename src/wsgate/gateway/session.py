@@ -1,0 +1,229 @@
+"""Live WebSocket sessions: one slot each, their timers, their close.
+
+A :class:`Session` begins when its exchange's backend answers ``101``. It owns
+the exchange's committed :class:`~wsgate.gateway.reservation.Reservation` and
+releases it once, when it ends. Its bytes are relayed in C
+(:mod:`wsgate.gateway._relay`); Python keeps the slot, the timers and the
+decision to close. :class:`Sessions` holds the live ones and the relay that
+carries them, and is all a session is given of the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+
+from wsgate.gateway._relay import Link, Relay
+from wsgate.gateway.access_log import Record, RequestLog
+from wsgate.gateway.frames import CloseCode, close_frame, masked_close_frame
+from wsgate.gateway.handoff import Handoff, HandOver, hand_over
+from wsgate.gateway.outcomes import CloseReason, Outcome
+from wsgate.gateway.reservation import Reservation
+from wsgate.gateway.stats import Stats
+from wsgate.upstreams.pool import Backend
+
+__all__ = ["CLOSE_GRACE", "Session", "Sessions"]
+
+log = logging.getLogger("wsgate.session")
+
+# How long a gateway-initiated close waits for a frame boundary, then for the
+# peers to finish the closing handshake, before it cuts the connection.
+CLOSE_GRACE = 5.0
+
+
+class Sessions:
+    """The live sessions of one gateway and the relay thread that carries their bytes.
+
+    The relay starts with :meth:`start` (on the running loop) and ends with
+    :meth:`close`. While :meth:`close_all` is in force (a drain), a session
+    that opens is asked to close at once: it was admitted as the drain began.
+    """
+
+    def __init__(
+        self,
+        stats: Stats,
+        log: RequestLog,
+        spare: Callable[[], bool],
+        *,
+        hand_over: HandOver = hand_over,
+    ):
+        self.stats = stats
+        self.log = log
+        self.spare = spare  # frees a descriptor for a hand-over at the open-files limit
+        self.hand_over = hand_over
+        self.live: set[Session] = set()
+        self.relay: Relay | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.closing: tuple[int, CloseReason] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        # Established sessions are relayed in C; a session hears from it when it ends.
+        self.relay = relay = Relay(Session.finish, linger=CLOSE_GRACE)
+        loop.add_reader(relay.fileno(), relay.report)
+
+    def open(
+        self,
+        reservation: Reservation,
+        record: Record,
+        backend: Backend,
+        client_transport: asyncio.Transport,
+        backend_transport: asyncio.Transport,
+        rest: bytes,
+    ) -> Session:
+        """A session of both transports; ``rest`` is what the backend sent after its 101."""
+        reservation.commit()
+        session = Session(self, reservation, record, backend)
+        backend.connections.add(session)
+        self.live.add(session)
+        session.handoff = self.hand_over(
+            session, client_transport, backend_transport, rest, self.spare
+        )
+        if self.closing is not None:
+            session.close_gracefully(*self.closing)
+        return session
+
+    def close_all(self, code: int, reason: CloseReason) -> None:
+        """Close every session gracefully, and from now on each new one too."""
+        self.closing = (code, reason)
+        for session in list(self.live):
+            session.close_gracefully(code, reason)
+
+    def finish_all(self, outcome: str) -> None:
+        for session in list(self.live):
+            session.finish(outcome)
+
+    def close(self) -> None:
+        """Stop the relay (what it still owed slow peers had the stop's time to leave)."""
+        if self.relay is not None:
+            if self.loop is not None:
+                self.loop.remove_reader(self.relay.fileno())
+            self.relay.close()
+            self.relay = None
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(self.live)
+
+    def __bool__(self) -> bool:
+        return bool(self.live)
+
+
+class Session:
+    """A live WebSocket session: two sockets relayed in C, one slot held.
+
+    It keeps only what the close and the reports need: the HTTP machinery that
+    set it up (parsers, heads, the exchange) is left behind for the collector.
+    """
+
+    __slots__ = (
+        "backend", "close_timer", "closing_code", "closing_reason", "done",
+        "duration_factor", "handoff", "link", "record", "reservation", "sessions", "started",
+    )  # fmt: skip
+
+    def __init__(
+        self, sessions: Sessions, reservation: Reservation, record: Record, backend: Backend
+    ):
+        self.sessions = sessions
+        self.reservation = reservation
+        self.record = record
+        self.backend = backend
+        self.started = time.monotonic()
+        # max_connection_duration is stretched or shrunk by up to 10% per session, so
+        # sessions opened together do not all end together.
+        self.duration_factor = random.uniform(0.9, 1.1)
+        self.closing_code = 0
+        self.closing_reason = ""
+        self.close_timer: asyncio.TimerHandle | None = None
+        self.done = False
+        self.handoff: Handoff | None = None
+        self.link: Link | None = None
+
+    def relay(self, client_fd: int, backend_fd: int, rest: bytes) -> None:
+        """The sockets are ours alone now: the relay moves their bytes from here on."""
+        self.handoff = None
+        relay = self.sessions.relay
+        try:
+            if relay is None:
+                raise OSError("the relay is not running")
+            self.link = relay.add(client_fd, backend_fd, rest, self)
+        except OSError as error:
+            log.warning("relay refused a session: %s", error)
+            self.finish(Outcome.RELAY_FAILED)
+            return
+        if self.closing_code:  # asked for while uvloop was still writing
+            self._send_close()
+
+    @property
+    def bytes_in(self) -> int:
+        link = self.link
+        return self.record.bytes_in + (link.bytes_in if link is not None else 0)
+
+    @property
+    def bytes_out(self) -> int:
+        link = self.link
+        return self.record.bytes_out + (link.bytes_out if link is not None else 0)
+
+    @property
+    def age(self) -> float:
+        return time.monotonic() - self.started
+
+    def close_gracefully(self, code: int, reason: str) -> bool:
+        """Send the client a close frame at the next frame boundary; then wind down.
+
+        Returns False when the session is already closing or closed.
+        """
+        if self.done or self.closing_code:
+            return False
+        self.closing_code = code
+        self.closing_reason = reason
+        self.sessions.stats.closed_by_gateway[reason] += 1
+        if self.link is not None:
+            self._send_close()
+        loop = self.sessions.loop
+        assert loop is not None
+        self.close_timer = loop.call_later(CLOSE_GRACE, self.finish, f"closed_{reason}")
+        return True
+
+    def _send_close(self) -> None:
+        # The relay writes the client's close frame between two frames (unless the
+        # backend's own close is already passing), then tells the backend we are
+        # going away as a client would, and relays nothing more either way.
+        assert self.link is not None
+        self.link.close_gracefully(
+            close_frame(self.closing_code, self.closing_reason),
+            masked_close_frame(CloseCode.GOING_AWAY, "gateway closing"),
+        )
+
+    def finish(self, outcome: str) -> None:
+        """Close both sides and release the slot, exactly once.
+
+        The relay calls this too (``on_end``) when either side closes or fails.
+        """
+        if self.done:
+            return
+        self.done = True
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        if self.handoff is not None:
+            self.handoff.abort()
+            self.handoff = None
+        record = self.record
+        link = self.link
+        if link is not None:
+            link.finish()  # what is still waiting for a peer is flushed, then closed
+            record.bytes_in += link.bytes_in
+            record.bytes_out += link.bytes_out
+            self.link = None  # the link referred to us until it ended; now neither does
+        sessions = self.sessions
+        self.backend.connections.discard(self)
+        sessions.live.discard(self)
+        self.reservation.release()
+        sessions.log.finished(
+            record, f"closed_{self.closing_reason}" if self.closing_code else outcome
+        )
