@@ -49,7 +49,15 @@ __all__ = [
     "worker_pids",
 ]
 
-BASE_PATHS = ("direct", "wsgate-memory", "wsgate-redis", "haproxy", "nginx")
+BASE_PATHS = (
+    "direct",
+    "wsgate-memory",
+    "wsgate-redis",
+    "haproxy",
+    "nginx",
+    "wsgate-memory-tls",
+    "haproxy-tls",
+)
 TLS_PATHS = ("wsgate-memory-tls", "haproxy-tls")
 TLS_SUITE = "TLS_AES_256_GCM_SHA384"
 HAPROXY = "/usr/sbin/haproxy"

@@ -34,6 +34,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable
 
+from wsgate.config import parse_address
 from wsgate.edge.client_address import TrustedNetworks, canonical_address
 from wsgate.edge.proxy_protocol import (
     MAX_V2_SIZE,
@@ -50,6 +51,7 @@ __all__ = ["EdgeListener", "EdgeStats"]
 log = logging.getLogger("wsgate.edge")
 
 ACCEPT_BATCH = 128
+BACKLOG = 4096
 _TLS_HANDSHAKE_RECORD = 0x16
 _PLAIN_HTTP_ANSWER = error_response(
     400, "bad_request", detail="plain HTTP sent to the TLS port", close=True
@@ -78,20 +80,25 @@ class _ClosedEarly(Exception):
 
 
 class EdgeListener:
-    """Accepts on ``sock`` and sets up each connection as the module docstring says."""
+    """Accepts on ``address`` (or ``sock``, already bound) and sets up each connection
+    as the module docstring says. It has the face of the gateway's plain listener."""
 
     def __init__(
         self,
-        sock: socket.socket,
         protocol_factory: Callable[[str, bool], asyncio.Protocol],
+        address: str,
         *,
         stats: EdgeStats,
+        sock: socket.socket | None = None,
+        reuse_port: bool = False,
         tls: ServingCertificate | None = None,
         handshake_timeout: float = 10.0,
         proxy_sources: TrustedNetworks | None = None,
         proxy_timeout: float = 3.0,
     ):
+        self.address = address
         self.sock = sock
+        self.reuse_port = reuse_port
         self.protocol_factory = protocol_factory
         self.stats = stats
         self.tls = tls
@@ -103,26 +110,45 @@ class EdgeListener:
         self._accepting = False
 
     @property
-    def sockets(self) -> list[socket.socket]:
-        return [self.sock]
+    def addresses(self) -> list[tuple[str, int]]:
+        if self.sock is None or self.sock.fileno() < 0:
+            return []
+        return [self.sock.getsockname()[:2]]
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.sock is None:
+            self.sock = self._bind()
         self._loop = loop
         self.sock.setblocking(False)
         self._accepting = True
         loop.add_reader(self.sock.fileno(), self._accept_ready)
 
+    def _bind(self) -> socket.socket:
+        host, port = parse_address(self.address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
     def close(self) -> None:
         """Stop accepting; connections still being set up are closed."""
-        if self._loop is not None and self._accepting:
+        if self._loop is not None and self._accepting and self.sock is not None:
             self._accepting = False
             self._loop.remove_reader(self.sock.fileno())
-        self.sock.close()
+            self.sock.close()
         for task in list(self._setting_up):
             task.cancel()
 
     def _accept_ready(self) -> None:
-        assert self._loop is not None
+        assert self._loop is not None and self.sock is not None
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, address = self.sock.accept()
@@ -141,7 +167,7 @@ class EdgeListener:
             task.add_done_callback(self._setting_up.discard)
 
     def _resume_accepting(self) -> None:
-        if self._accepting and self._loop is not None:
+        if self._accepting and self._loop is not None and self.sock is not None:
             self._loop.add_reader(self.sock.fileno(), self._accept_ready)
 
     async def _set_up(self, conn: socket.socket, peer: str) -> None:

@@ -20,6 +20,7 @@ they change again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import ssl
@@ -31,12 +32,15 @@ from pathlib import Path
 
 from cryptography import x509
 
+from wsgate.config import BackendTlsConfig
+
 __all__ = [
     "ALPN",
     "CertificateFacts",
     "ServingCertificate",
     "TlsError",
     "backend_context",
+    "backend_tls",
     "certificate_facts",
     "handshake_failure_reason",
     "server_context",
@@ -172,6 +176,26 @@ def backend_context(verify: bool = True, ca: Path | None = None) -> ssl.SSLConte
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_backend_context(verify: bool, ca: Path | None) -> ssl.SSLContext:
+    return backend_context(verify, ca)
+
+
+def backend_tls(
+    spec: BackendTlsConfig | None, host: str
+) -> tuple[ssl.SSLContext | None, str | None]:
+    """The context and server name to connect to a backend with (None, None: plain TCP).
+
+    One context per (verify, ca) serves every backend that shares them.
+
+    Raises:
+        TlsError: ``spec.ca`` cannot be read or parsed.
+    """
+    if spec is None:
+        return None, None
+    return _cached_backend_context(spec.verify, spec.ca), spec.server_name or host
 
 
 def handshake_failure_reason(error: BaseException) -> str:
