@@ -32,15 +32,9 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import cast
 
-from bench.wire import (
-    HEAD_END,
-    HandshakeError,
-    masked_frame,
-    response_status,
-    upgrade_request,
-    websocket_accept,
-)
+from bench.wire import HEAD_END, HandshakeError, masked_frame, response_status
 from wsgate.runtime import raise_open_files_limit
+from wsgate.wire import accept_key, opening_request
 
 __all__ = [
     "DriverError",
@@ -55,8 +49,8 @@ __all__ = [
 
 # Linux: let connect() pick the port for the whole 4-tuple after bind(addr, 0).
 _IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
-_ACCEPT = websocket_accept(_KEY)
+_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+_ACCEPT = accept_key(_KEY).encode()
 _MAX_RESPONSE_HEAD = 16 * 1024
 
 
@@ -448,7 +442,7 @@ class _Worker:
                     ssl=_client_tls() if target.tls else None,
                     server_hostname="localhost" if target.tls else None,
                 )
-                transport.write(upgrade_request(target.host, target.port, _KEY))
+                transport.write(opening_request(f"{target.host}:{target.port}", "/", _KEY))
                 await ready
             return client
         except BaseException:

@@ -22,9 +22,10 @@ import sys
 from collections.abc import Sequence
 from typing import cast
 
-from bench.wire import HEAD_END, parse_request_head, upgrade_response
+from bench.wire import HEAD_END, parse_request_head
 from wsgate.config import parse_address
 from wsgate.runtime import raise_open_files_limit
+from wsgate.wire import upgrade_response
 
 __all__ = ["EchoProtocol", "main", "serve"]
 
@@ -72,7 +73,7 @@ class EchoProtocol(asyncio.Protocol):
         _, headers = parse_request_head(head)
         key = headers.get(b"sec-websocket-key")
         if headers.get(b"upgrade", b"").lower() == b"websocket" and key:
-            transport.write(upgrade_response(key))
+            transport.write(upgrade_response(key.decode("latin-1")))
             self.upgraded = True
         else:
             transport.write(_HEALTH_OK)

@@ -14,23 +14,14 @@ import time
 from collections.abc import Callable
 
 from wsgate.gateway.frames import FrameTracker
+from wsgate.wire import Opcode, encode_frame
 
 __all__ = ["main", "measure"]
 
 
-def frame(payload_size: int) -> bytes:
-    if payload_size < 126:
-        head = bytes((0x82, payload_size))
-    elif payload_size < 65536:
-        head = bytes((0x82, 126)) + payload_size.to_bytes(2, "big")
-    else:
-        head = bytes((0x82, 127)) + payload_size.to_bytes(8, "big")
-    return head + bytes(payload_size)
-
-
 def chunks_of(payload_size: int, read_size: int, total: int) -> tuple[list[bytes], int]:
     """About ``total`` bytes of frames cut into reads of ``read_size``; and the frame count."""
-    one = frame(payload_size)
+    one = encode_frame(Opcode.BINARY, bytes(payload_size), mask=False)
     count = max(1, total // len(one))
     stream = one * count
     return [stream[i : i + read_size] for i in range(0, len(stream), read_size)], count

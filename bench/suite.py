@@ -57,7 +57,7 @@ from bench.report import Report, Scaling, percentile
 from wsgate.runtime import raise_open_files_limit
 from wsgate.testbed.processes import ProcessGroup, RedisServer
 
-__all__ = ["FIGURES", "Plan", "main", "plan_from_args", "usage_error"]
+__all__ = ["FIGURES", "Plan", "machine", "main", "plan_from_args", "usage_error"]
 
 FIGURES = ("relay", "latency", "setup", "memory", "max-conns", "workers")
 # The paced latency window of each round, cut into this many turns per path.
@@ -817,7 +817,7 @@ class Bench:
         )
 
 
-def _machine() -> str:
+def machine() -> str:
     model = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -834,7 +834,7 @@ def _meta(plan: Plan, nofile: int, argv: Sequence[str]) -> dict[str, object]:
         "title": "smoke run" if plan.smoke else "latest run",
         "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join(["python", "-m", "bench", *argv]),
-        "machine": _machine(),
+        "machine": machine(),
         "python": platform.python_version(),
         "uvloop": importlib.metadata.version("uvloop"),
         "nofile": nofile,

@@ -21,6 +21,8 @@ PYTHON=${PYTHON:-python3}
 packages=()
 # The relay is a C extension: it needs a compiler and Python's headers.
 command -v cc >/dev/null || packages+=(gcc libc6-dev)
+# make sanitize builds it with gcc's AddressSanitizer and UndefinedBehaviorSanitizer.
+[ -e "$(gcc -print-file-name=libasan.so 2>/dev/null)" ] || packages+=(gcc)
 "$PYTHON" - <<'PY' || packages+=(python3-dev)
 import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
@@ -44,6 +46,10 @@ if [ "${#packages[@]}" -gt 0 ]; then
     echo "setup: cannot install ${packages[*]} (needs root and apt-get); what needs them will fail or skip" >&2
   fi
 fi
+
+# The manifest tests render deploy/ with kubectl's kustomize; kubectl is not in
+# Debian's packages (https://kubernetes.io/docs/tasks/tools/). Without it they skip.
+command -v kubectl >/dev/null || echo "setup: kubectl not found: the deploy/ manifest tests will skip" >&2
 
 stamp=.venv/.wsgate-installed
 # Reinstall (and so recompile the relay) when the package definition or the C source changes.

@@ -13,39 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn, Protocol, cast
 
-from wsgate.config import ConfigError, parse_duration
+from wsgate.args import UsageError
+from wsgate.config import ConfigError
 
-__all__ = ["UsageError", "count_arg", "duration_arg", "main", "positive_arg"]
-
-
-class UsageError(Exception):
-    """A bad flag or argument value, reported in one line with exit code 2."""
-
-
-# Argument types shared by the subcommands: argparse turns their errors into
-# one line naming the flag.
-def count_arg(text: str) -> int:
-    """A whole number of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def positive_arg(text: str) -> float:
-    """A number above 0."""
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def duration_arg(text: str) -> float:
-    """A duration as the config writes it (500ms, 5s, 2m) or a number of seconds."""
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+__all__ = ["build_parser", "main"]
 
 
 class _Command(Protocol):
@@ -100,8 +71,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Under ``python -m wsgate.cli`` this file runs as __main__; calling the imported
-    # module's main keeps one UsageError class, the one subcommands raise.
-    from wsgate.cli import main as imported_main
-
-    sys.exit(imported_main())
+    sys.exit(main())

@@ -25,6 +25,16 @@ from pydantic import (
     model_validator,
 )
 
+from wsgate.routing import (
+    DEFAULT_ROUTE,
+    RouteKey,
+    check_host,
+    check_path_prefix,
+    check_routes,
+    inherit_route_keys,
+)
+from wsgate.wire import CloseCode, check_close_code
+
 __all__ = [
     "AffinityConfig",
     "BackendSpec",
@@ -41,6 +51,8 @@ __all__ = [
     "QueueConfig",
     "RateConfig",
     "RebalanceConfig",
+    "RouteConfig",
+    "RouteMatch",
     "StateConfig",
     "TimeoutsConfig",
     "TlsConfig",
@@ -50,6 +62,8 @@ __all__ = [
     "parse_duration",
     "redact_url",
 ]
+
+Balance = Literal["round_robin", "least_conn", "p2c", "hash"]
 
 
 class ConfigError(Exception):
@@ -208,6 +222,37 @@ class FileDiscovery(_Model):
     refresh: Duration = 1.0
 
 
+def _discovery_shape(value: object) -> object:
+    # `dns: {...}` and `file: PATH` are written as one-key mappings.
+    if isinstance(value, dict):
+        try:
+            if set(value) == {"dns"}:
+                return DnsDiscovery.model_validate(value["dns"])
+            if set(value) == {"file"}:
+                spec = value["file"]
+                return FileDiscovery.model_validate(
+                    {"path": spec} if isinstance(spec, str) else spec
+                )
+        except ValidationError as error:
+            raise ValueError(f"{next(iter(value))}.{_describe(error)}") from None
+        raise ValueError("expected a list of backends, {dns: {...}} or {file: PATH}")
+    return value
+
+
+Backends = Annotated[
+    list[BackendEntry] | DnsDiscovery | FileDiscovery, BeforeValidator(_discovery_shape)
+]
+
+
+def _unique_backend_ids(backends: Backends) -> None:
+    if isinstance(backends, list):
+        seen: set[str] = set()
+        for spec in backends:
+            if spec.backend_id in seen:
+                raise ValueError(f"backend id {spec.backend_id!r} appears twice")
+            seen.add(spec.backend_id)
+
+
 class PassiveHealthConfig(_Model):
     consecutive_failures: int = Field(default=5, ge=1)
     ejection: Duration = 30.0
@@ -282,14 +327,12 @@ class RebalanceConfig(_Model):
     enabled: bool = False
     max_skew: float = Field(default=1, ge=0)
     rate: float = 2.0
-    close_code: int = 1012
+    close_code: int = int(CloseCode.SERVICE_RESTART)
     interval: Duration = 1.0
 
     @field_validator("close_code")
     @classmethod
     def _sendable(cls, value: int) -> int:
-        from wsgate.gateway.frames import check_close_code
-
         return check_close_code(value)
 
     @field_validator("rate", mode="before")
@@ -304,6 +347,51 @@ class RebalanceConfig(_Model):
         return value
 
 
+# -- routes: each with the pool keys of its own; see wsgate.routing -------------------------------
+class RouteMatch(_Model):
+    host: str | None = None
+    path_prefix: str = "/"
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        return None if value is None else check_host(value)
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        return check_path_prefix(value)
+
+    @property
+    def key(self) -> RouteKey:
+        return RouteKey(self.host, self.path_prefix)
+
+
+class RouteConfig(_Model):
+    """One route: what it matches and its own pool, policy, limits and checks."""
+
+    name: str
+    match: RouteMatch = RouteMatch()
+    backends: Backends = Field(default_factory=list)
+    balance: Balance = "least_conn"
+    affinity: AffinityConfig = AffinityConfig()
+    limits: LimitsConfig = LimitsConfig()
+    health: HealthConfig = HealthConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # The name goes into Redis keys, metric labels and URLs.
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+            raise ValueError(f"use up to 64 letters, digits, '.', '_' or '-', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _own_backend_ids(self) -> RouteConfig:
+        _unique_backend_ids(self.backends)
+        return self
+
+
 class Config(_Model):
     listen: Address = "127.0.0.1:8080"
     tls: TlsConfig | None = None
@@ -313,8 +401,8 @@ class Config(_Model):
     admin: Address | None = "127.0.0.1:9901"
     admin_token: str | None = None
     state: Annotated[StateConfig, BeforeValidator(_state_from_text)] = StateConfig()
-    backends: list[BackendEntry] | DnsDiscovery | FileDiscovery = Field(default_factory=list)
-    balance: Literal["round_robin", "least_conn", "p2c", "hash"] = "least_conn"
+    backends: Backends = Field(default_factory=list)
+    balance: Balance = "least_conn"
     affinity: AffinityConfig = AffinityConfig()
     limits: LimitsConfig = LimitsConfig()
     health: HealthConfig = HealthConfig()
@@ -328,33 +416,41 @@ class Config(_Model):
     access_log: bool = True
     replica_id: str | None = None
 
-    @field_validator("backends", mode="before")
+    routes: list[RouteConfig] = Field(default_factory=list)
+
+    @model_validator(mode="before")
     @classmethod
-    def _discovery_shape(cls, value: object) -> object:
-        # `dns: {...}` and `file: PATH` are written as one-key mappings.
-        if isinstance(value, dict):
-            try:
-                if set(value) == {"dns"}:
-                    return DnsDiscovery.model_validate(value["dns"])
-                if set(value) == {"file"}:
-                    spec = value["file"]
-                    return FileDiscovery.model_validate(
-                        {"path": spec} if isinstance(spec, str) else spec
-                    )
-            except ValidationError as error:
-                raise ValueError(f"{next(iter(value))}.{_describe(error)}") from None
-            raise ValueError("expected a list of backends, {dns: {...}} or {file: PATH}")
-        return value
+    def _routes_inherit(cls, data: object) -> object:
+        return inherit_route_keys(data)
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> Config:
-        if isinstance(self.backends, list):
-            seen: set[str] = set()
-            for spec in self.backends:
-                if spec.backend_id in seen:
-                    raise ValueError(f"backend id {spec.backend_id!r} appears twice")
-                seen.add(spec.backend_id)
+    def _valid_pools_and_routes(self) -> Config:
+        _unique_backend_ids(self.backends)
+        # Without routes, an empty pool is today's gateway waiting for its backends.
+        check_routes(
+            (r.name, r.match.key, bool(self.routes) and r.backends == []) for r in self.route_list()
+        )
         return self
+
+    @property
+    def has_default_route(self) -> bool:
+        """Whether the top-level keys form a route: always without ``routes``; with
+        them, when the top-level ``backends`` is set."""
+        return not self.routes or self.backends != []
+
+    def route_list(self) -> list[RouteConfig]:
+        """Every route, the default route (the top-level keys) first when there is one."""
+        if not self.has_default_route:
+            return list(self.routes)
+        default = RouteConfig(
+            name=DEFAULT_ROUTE,
+            backends=self.backends,
+            balance=self.balance,
+            affinity=self.affinity,
+            limits=self.limits,
+            health=self.health,
+        )
+        return [default, *self.routes]
 
     def public_dump(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets redacted."""

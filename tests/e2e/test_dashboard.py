@@ -36,7 +36,8 @@ READ_ROWS = """() => [...document.querySelectorAll("#backends tbody tr")].map((t
   const text = (name) => tr.querySelector(`[data-field="${name}"]`).textContent.trim();
   const number = (name) => Number(text(name).replace(/,/g, ""));
   return {
-    id: text("id"), address: text("address"), healthy: text("healthy") === "healthy",
+    route: text("route"), id: text("id"), address: text("address"),
+    healthy: text("healthy") === "healthy",
     active: number("active"), active_here: number("active_here"),
     max_connections: number("max_connections"), admitted_total: number("admitted_total"),
     rejected_total: number("rejected_total"),
@@ -166,6 +167,91 @@ async def test_dashboard_shows_clusters_and_follows_a_change(procs: ProcessGroup
             assert chart_drawn
             ARTIFACTS.mkdir(exist_ok=True)
             await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            assert problems == []
+        finally:
+            await browser.close()
+    await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+
+# What the page shows for each route, read from the visible text of its row.
+READ_ROUTES = """() => [...document.querySelectorAll("#routes tbody tr")].map((tr) => {
+  const cell = (name) => tr.querySelector(`[data-field="${name}"]`);
+  const number = (name) => Number(cell(name).textContent.trim().replace(/,/g, ""));
+  const count = tr.querySelector(".count").textContent.split("/").map((s) => Number(s.trim()));
+  return {
+    name: cell("name").textContent.trim(), host: cell("host").dataset.value || null,
+    path_prefix: cell("path_prefix").textContent.trim(), active: count[0], capacity: count[1],
+    backends: number("backends"), queued: number("queued"),
+    admitted_total: number("admitted_total"), rejected_total: number("rejected_total"),
+  };
+})"""
+ROUTE_FIELDS = ("name", "active", "capacity", "backends", "queued", "admitted_total",
+                "rejected_total")  # fmt: skip
+
+
+def clusters_routes(gateway: GatewayProcess) -> list[dict[str, Any]]:
+    routes = gateway.admin("/clusters", token=TOKEN)["routes"]
+    return [{**{k: r[k] for k in ROUTE_FIELDS}, **r["match"]} for r in routes]
+
+
+async def test_dashboard_shows_routes(procs: ProcessGroup) -> None:
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no Chromium binary found: install Debian's chromium or set WSGATE_CHROMIUM")
+    playwright_api = pytest.importorskip("playwright.async_api", reason="pip install playwright")
+
+    main = start_backends(procs, 2, prefix="main")
+    chat = start_backends(procs, 2, prefix="chat")
+    gateway = start_gateway(
+        procs, main, admin_token=TOKEN,
+        routes=[{
+            "name": "chat", "match": {"host": "chat.example.com", "path_prefix": "/ws"},
+            "backends": [{"address": b.address, "id": b.pod_id} for b in chat],
+            "limits": {"max_connections_per_backend": 1},
+        }],
+    )  # fmt: skip
+    wait_for_port("127.0.0.1", gateway.admin_port, process=gateway.process)
+    at_chat = {"host": "127.0.0.1", "port": gateway.port}
+    chat_url = f"ws://chat.example.com:{gateway.port}/ws/room"
+    sessions = [await connect(gateway.ws_url, open_timeout=5, ping_interval=None)]
+    sessions += [
+        await connect(chat_url, open_timeout=5, ping_interval=None, **at_chat) for _ in range(2)
+    ]
+    async with playwright_api.async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1440, "height": 1100})
+            problems: list[str] = []
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            await page.goto(f"{gateway.admin_url}/dashboard")
+            await page.fill("#token", TOKEN)
+            await page.click("button[type=submit]")
+            await page.wait_for_selector('#routes tr[data-route="chat"]', timeout=5000)
+
+            deadline = time.monotonic() + 3
+            while True:
+                expected = await asyncio.to_thread(clusters_routes, gateway)
+                shown = await page.evaluate(READ_ROUTES)
+                if shown == expected or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            assert shown == expected
+            assert [(r["name"], r["host"], r["path_prefix"]) for r in shown] == [
+                ("default", None, "/"), ("chat", "chat.example.com", "/ws"),
+            ]  # fmt: skip
+            # What the backends themselves count, route by route.
+            truth = {b.pod_id: b.stats()["active_connections"] for b in main + chat}
+            assert [r["active"] for r in shown] == [
+                truth["main-a"] + truth["main-b"], truth["chat-a"] + truth["chat-b"],
+            ]  # fmt: skip
+            assert shown[1]["active"] == shown[1]["capacity"] == 2
+            rows = await page.evaluate(READ_ROWS)
+            assert {(r["route"], r["id"]) for r in rows} == {
+                ("default", "main-a"), ("default", "main-b"),
+                ("chat", "chat-a"), ("chat", "chat-b"),
+            }  # fmt: skip
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "dashboard-routes.png"), full_page=True)
             assert problems == []
         finally:
             await browser.close()

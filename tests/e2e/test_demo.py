@@ -104,3 +104,23 @@ def test_replicas_must_be_positive() -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip() == "wsgate demo: error: --replicas must be at least 1"
+
+
+@pytest.mark.slow
+def test_the_storm_demo_recovers_within_the_caps(tmp_path: Path) -> None:
+    if find_redis_server() is None:
+        pytest.skip("redis-server is not installed")
+    plot = tmp_path / "storm.png"
+    done = run_demo(
+        "--storm", "--report-json", str(tmp_path / "storm.json"), "--plot", str(plot),
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "wsgate demo: passed (3 of 3 checks passed)" in done.stdout
+    report = json.loads((tmp_path / "storm.json").read_text())
+    storm = report["storm"]
+    assert storm["outcome"] == "recovered" and 0 < storm["dropped"] < 100
+    # Until the dead replica's lease lapsed its slots were full: the survivor said when to retry.
+    assert storm["rejected_by_status"].get("503", 0) > 0 and storm["retry_after_s"]
+    assert [s["open"] for s in report["timeline"]].count(100) > 1
+    assert plot.read_bytes()[:4] == b"\x89PNG"

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
 import struct
 import subprocess
+import termios
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -241,9 +246,10 @@ async def test_metrics_clusters_and_stats_equal_what_backends_and_clients_saw(
         seen = truth[pod]
         admitted_here = seen["total_connections"] + seen["http_requests"]
         assert set(row) == {
-            "id", "address", "healthy", "active", "active_here", "max_connections",
+            "route", "id", "address", "healthy", "active", "active_here", "max_connections",
             "admitted_total", "rejected_total",
         }  # fmt: skip
+        assert row["route"] == "default"
         assert row["address"] == next(b.address for b in backends if b.pod_id == pod)
         assert row["healthy"] is True
         assert row["active"] == row["active_here"] == seen["active_connections"]
@@ -251,16 +257,27 @@ async def test_metrics_clusters_and_stats_equal_what_backends_and_clients_saw(
         assert row["admitted_total"] == admitted_here
         # Every no_capacity answer found both backends full.
         assert row["rejected_total"] == 2
-        assert metric(samples, "wsgate_backend_active_connections", backend=pod) == row["active"]
         assert (
-            metric(samples, "wsgate_backend_global_active_connections", backend=pod)
+            metric(samples, "wsgate_backend_active_connections", route="default", backend=pod)
             == row["active"]
         )
-        assert metric(samples, "wsgate_backend_max_connections", backend=pod) == 1
-        assert metric(samples, "wsgate_backend_healthy", backend=pod) == 1
-        assert metric(samples, "wsgate_backend_admitted_total", backend=pod) == admitted_here
-        assert metric(samples, "wsgate_backend_rejected_total", backend=pod) == 2
-        assert metric(samples, "wsgate_backend_connect_failures_total", backend=pod) == 0
+        assert (
+            metric(
+                samples, "wsgate_backend_global_active_connections", route="default", backend=pod
+            )
+            == row["active"]
+        )
+        assert metric(samples, "wsgate_backend_max_connections", route="default", backend=pod) == 1
+        assert metric(samples, "wsgate_backend_healthy", route="default", backend=pod) == 1
+        assert (
+            metric(samples, "wsgate_backend_admitted_total", route="default", backend=pod)
+            == admitted_here
+        )
+        assert metric(samples, "wsgate_backend_rejected_total", route="default", backend=pod) == 2
+        assert (
+            metric(samples, "wsgate_backend_connect_failures_total", route="default", backend=pod)
+            == 0
+        )
         assert stats[f"backend.{pod}.active"] == str(row["active"])
         assert stats[f"backend.{pod}.admitted_total"] == str(admitted_here)
         assert stats[f"backend.{pod}.rejected_total"] == "2"
@@ -311,10 +328,20 @@ async def test_connect_failures_are_counted_per_backend(
     session = await must_open(gateway.port)  # tried dead first, then live
     await session.ask("hi")
     samples = metric_samples(await get_text(http, f"{gateway.admin_url}/metrics"))
-    assert metric(samples, "wsgate_backend_connect_failures_total", backend="dead") == 1
-    assert metric(samples, "wsgate_backend_connect_failures_total", backend="pod-a") == 0
-    assert metric(samples, "wsgate_backend_active_connections", backend="dead") == 0
-    assert metric(samples, "wsgate_backend_active_connections", backend="pod-a") == 1
+    assert (
+        metric(samples, "wsgate_backend_connect_failures_total", route="default", backend="dead")
+        == 1
+    )
+    assert (
+        metric(samples, "wsgate_backend_connect_failures_total", route="default", backend="pod-a")
+        == 0
+    )
+    assert (
+        metric(samples, "wsgate_backend_active_connections", route="default", backend="dead") == 0
+    )
+    assert (
+        metric(samples, "wsgate_backend_active_connections", route="default", backend="pod-a") == 1
+    )
     assert live.stats()["active_connections"] == 1
     await session.close()
 
@@ -473,8 +500,91 @@ def run_status_watch(admin_url: str, token: str) -> str:
                     "--interval", "0.2"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(1.5)
+    # Three refreshes, however long the command takes to start on a busy machine.
+    assert process.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 30
+    while len(lines) < 3 and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=10)
     assert process.returncode == 0, err
-    return out
+    return "".join(lines) + out
+
+
+def status_in_a_pipe(admin: str) -> str:
+    """``wsgate status`` with stdout a pipe and no COLUMNS: 80 columns, no colours."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    result = subprocess.run(
+        wsgate_argv("status", "--admin", admin), capture_output=True, text=True, timeout=20, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def status_in_a_terminal(admin: str, columns: int) -> str:
+    """``wsgate status`` on a pseudo-terminal ``columns`` wide, its colours taken out."""
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    with subprocess.Popen(
+        wsgate_argv("status", "--admin", admin),
+        stdout=child,
+        stderr=child,
+        env={**env, "TERM": "xterm-256color"},
+    ) as process:
+        os.close(child)
+        chunks = []
+        with contextlib.suppress(OSError):  # EIO: the terminal's other side closed
+            while chunk := os.read(main, 65536):
+                chunks.append(chunk)
+        os.close(main)
+        assert process.wait(timeout=20) == 0
+    text = b"".join(chunks).decode()
+    assert "\x1b[" in text  # a terminal gets colours
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r\n", "\n")
+
+
+@pytest.mark.slow
+async def test_status_reads_whole_at_80_columns_and_in_a_pipe(procs: ProcessGroup) -> None:
+    backends = start_backends(procs, 2, prefix="chat-7d9f8c6b5")
+    gateway = gateway_with_admin(procs, backends, limits={"max_connections_per_backend": 2})
+    sessions = [await must_open(gateway.port) for _ in range(3)]
+    try:
+        await check_status_at_80_columns(gateway, backends)
+    finally:
+        for session in sessions:
+            await session.close()
+
+
+async def check_status_at_80_columns(
+    gateway: GatewayProcess, backends: list[BackendProcess]
+) -> None:
+    seen = {b.pod_id: b.stats()["active_connections"] for b in backends}
+    assert sorted(seen.values()) == [1, 2]
+    admin = f"127.0.0.1:{gateway.admin_port}"
+    for shown in (
+        await asyncio.to_thread(status_in_a_pipe, admin),
+        await asyncio.to_thread(status_in_a_terminal, admin, 80),
+    ):
+        lines = shown.splitlines()
+        assert lines and all(len(line) <= 80 for line in lines), shown
+        assert "…" not in shown, shown
+        header = next(line for line in lines if line.startswith("┃"))
+        headers = [cell.strip() for cell in header.strip("┃").split("┃")]
+        assert headers[:2] == ["Backend", "Health"], shown
+        assert headers[2] in ("Connections vs cap", "Connections"), shown
+        assert {"Here", "Admitted", "Rejected"} <= set(headers), shown
+        rows = {
+            cells[0]: cells
+            for line in lines
+            if line.startswith("│")
+            and (cells := [c.strip() for c in line.strip("│").split("│")])[0] in seen
+        }
+        # What the backends counted themselves, each against its cap.
+        assert {pod: rows[pod][2].split()[-1] for pod in seen} == {
+            pod: f"{n}/2" for pod, n in seen.items()
+        }, shown

@@ -78,3 +78,39 @@ def test_port_in_use_is_a_clear_error(procs: ProcessGroup) -> None:
     )
     assert result.returncode == 2
     assert "cannot listen on" in result.stderr and "Traceback" not in result.stderr
+
+
+BAD_ROUTES = {
+    "duplicate names": (
+        "routes:\n"
+        "  - {name: chat, match: {path_prefix: /ws}, backends: [127.0.0.1:9001]}\n"
+        "  - {name: chat, match: {path_prefix: /api}, backends: [127.0.0.1:9002]}\n",
+        "invalid config: route name 'chat' appears twice",
+    ),
+    "same match": (
+        "backends: [127.0.0.1:9001]\nroutes:\n"
+        "  - {name: a, match: {host: Chat.example.com, path_prefix: /ws}}\n"
+        "  - {name: b, match: {host: chat.example.com, path_prefix: /ws}}\n",
+        "invalid config: routes 'a' and 'b' have the same match "
+        "(host chat.example.com, path_prefix /ws)",
+    ),
+    "empty pool": (
+        "routes:\n  - {name: chat, match: {path_prefix: /ws}, backends: []}\n",
+        "invalid config: route 'chat' has no backends",
+    ),
+    "bad prefix": (
+        "backends: [127.0.0.1:9001]\nroutes:\n  - {name: chat, match: {path_prefix: ws}}\n",
+        "invalid config: routes.0.match.path_prefix: a path prefix starts with '/', got 'ws'",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+@pytest.mark.parametrize("case", sorted(BAD_ROUTES))
+def test_bad_routes_are_one_line_and_exit_2(tmp_path: Path, command: str, case: str) -> None:
+    text, expected = BAD_ROUTES[case]
+    path = tmp_path / "wsgate.yaml"
+    path.write_text(text)
+    result = run(command, "-c", str(path), "--admin", "off")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"wsgate {command}: error: {expected}"]

@@ -28,7 +28,7 @@ def upgrade(
 BAD_REQUESTS = {
     "garbage": (b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n", 400),
     "bad_method_line": (b"GET\r\n\r\n", 400),
-    "bad_content_length": (b"POST / HTTP/1.1\r\nContent-Length: nope\r\n\r\n", 400),
+    "bad_content_length": (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n", 400),
     "head_too_large": (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n", 431),
     "no_key": (upgrade(key=None), 400),
     "short_key": (upgrade(key=b"c2hvcnQ="), 400),
@@ -36,7 +36,10 @@ BAD_REQUESTS = {
     "no_version": (upgrade(version=None), 400),
     "wrong_version": (upgrade(version=b"8"), 400),
     "post_upgrade": (upgrade(method=b"POST"), 400),
-    "other_upgrade": (b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n", 400),
+    "other_upgrade": (
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+        400,
+    ),
 }
 
 

@@ -126,8 +126,8 @@ async def test_backend_answering_5xx_on_upgrade_is_ejected_then_returns(
         assert [await attempt(gateway.ws_url) for _ in range(4)] == [101] * 4
         assert bad.stats()["refused"] == 2 and bad.stats()["total_connections"] == 1
         metrics = metric_lines(gateway, "bad-a")
-        assert 'wsgate_backend_ejected{backend="bad-a"} 1.0' in metrics
-        assert 'wsgate_backend_ejections_total{backend="bad-a"} 1.0' in metrics
+        assert 'wsgate_backend_ejected{backend="bad-a",route="default"} 1.0' in metrics
+        assert 'wsgate_backend_ejections_total{backend="bad-a",route="default"} 1.0' in metrics
     finally:
         await hog.close()
     await wait_until(lambda: bad.stats()["active_connections"] == 0)
@@ -158,5 +158,7 @@ async def test_backend_refusing_connections_is_ejected_then_returns(procs: Proce
     if time.monotonic() - ejected_at < 1.8:
         assert late.stats()["total_connections"] == 0
     await logged(gateway, "backend pod-late is back after its ejection", within=4)
+    # (On a slow machine the two attempts above may outlast the ejection and reach it.)
+    reached = late.stats()["total_connections"]
     assert [await attempt(gateway.ws_url) for _ in range(2)] == [101, 101]
-    assert late.stats()["total_connections"] == 1
+    assert late.stats()["total_connections"] == reached + 1  # in turn with the other

@@ -379,6 +379,13 @@ class _Recorder:
     def finish(self, outcome: str) -> None:
         self.finished.append(outcome)
 
+    # The spares (none here: far from the open-files limit).
+    def take(self) -> bool:
+        return False
+
+    def refill_soon(self) -> None:
+        pass  # none was taken
+
 
 def test_handoff_waits_until_uvloop_has_written_what_it_holds() -> None:
     """Bytes uvloop still buffers for the client when the session starts go out first."""
@@ -409,8 +416,7 @@ def test_handoff_waits_until_uvloop_has_written_what_it_holds() -> None:
             client_transport.write(before)  # far more than the kernel takes at once
             assert client_transport.get_write_buffer_size() > 0
             recorder = _Recorder(relay)
-            # No spare descriptors: far from the open-files limit here.
-            handoff = Handoff(recorder, client_transport, backend_transport, b"rest", lambda: False)
+            handoff = Handoff(recorder, client_transport, backend_transport, b"rest", recorder)
             handoff.hand_over_when_written()
             assert recorder.link is None  # still waiting for uvloop
             backend.sendall(b"after")
@@ -435,3 +441,34 @@ def test_handoff_waits_until_uvloop_has_written_what_it_holds() -> None:
             server.close()
 
     uvloop.run(scenario())
+
+
+def test_a_relay_nobody_closed_or_refers_to_is_collected_with_its_thread_and_sockets() -> None:
+    import gc
+
+    def threads_and_descriptors() -> tuple[int, int]:
+        return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))
+
+    class Owner:
+        link: Link | None = None
+
+    gc.collect()
+    before = threads_and_descriptors()
+    listener = socket.create_server(("127.0.0.1", 0))
+    far_ends = []
+    relay = Relay(lambda owner, outcome: None)
+    for _ in range(3):
+        client, client_inner = tcp_pair(listener)
+        backend, backend_inner = tcp_pair(listener)
+        far_ends += [client, backend]
+        owner = Owner()  # owner and link refer to each other, as a session and its link do
+        owner.link = relay.add(client_inner.detach(), backend_inner.detach(), b"", owner)
+    del relay, owner
+    gc.collect()
+    after = threads_and_descriptors()
+    for sock in far_ends:
+        sock.close()
+    listener.close()
+    # Only the test's own sockets are left: the relay's thread, its four descriptors
+    # and the six sockets it was given are gone.
+    assert after == (before[0], before[1] + 1 + len(far_ends))

@@ -13,90 +13,17 @@ import json
 import signal
 import time
 from collections import Counter
-from typing import Any
 
 import pytest
+from fleet import live, never_over, redis_total, replicas, spread_over, truth
 from gwtools import close_all, open_many, open_one, wait_until
 from lifecycle import close_seen
-from redis import Redis
 from websockets.asyncio.client import ClientConnection
 
-from wsgate.admission.redis import key_prefix
-from wsgate.testbed.processes import ProcessGroup, RedisServer, wait_for_port
-from wsgate.testbed.topology import (
-    BackendProcess,
-    GatewayProcess,
-    start_backends,
-    start_gateway,
-)
+from wsgate.testbed.processes import ProcessGroup, RedisServer
+from wsgate.testbed.topology import start_backends
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
-
-CLIENT_IPS = [f"127.0.0.{i}" for i in range(2, 10)]
-
-
-def replicas(
-    procs: ProcessGroup,
-    backends: list[BackendProcess],
-    count: int,
-    redis_server: RedisServer,
-    namespace: str,
-    **config: Any,
-) -> list[GatewayProcess]:
-    state = {
-        "store": redis_server.url,
-        "namespace": namespace,
-        "lease_ttl": "1500ms",
-        "timeout": "250ms",
-    } | config.pop("state", {})
-    started = [
-        start_gateway(procs, backends, name=f"{namespace}-{i}", state=state, **config)
-        for i in range(count)
-    ]
-    for gateway in started:
-        wait_for_port("127.0.0.1", gateway.admin_port, process=gateway.process)
-    return started
-
-
-def live(backends: list[BackendProcess]) -> list[int]:
-    return [b.stats()["active_connections"] for b in backends]
-
-
-def never_over(backends: list[BackendProcess], cap: int) -> None:
-    """The tripwire never fired and no backend ever held more than ``cap``."""
-    stats = [b.stats() for b in backends]
-    assert max(s["peak_connections"] for s in stats) <= cap, stats
-    assert sum(s["refused"] for s in stats) == 0, stats
-
-
-def redis_total(server: RedisServer, namespace: str) -> dict[str, int]:
-    client = Redis.from_url(server.url, decode_responses=True)
-    try:
-        return {k: int(v) for k, v in client.hgetall(f"{key_prefix(namespace)}:total").items()}
-    finally:
-        client.close()
-
-
-def truth(backends: list[BackendProcess]) -> dict[str, int]:
-    return {b.pod_id: n for b, n in zip(backends, live(backends), strict=True) if n}
-
-
-async def spread_over(gateways: list[GatewayProcess], count: int, **kw: Any) -> Any:
-    """``count`` connects at once, dealt round-robin over the gateways, from several IPs."""
-    shares = [count // len(gateways) + (i < count % len(gateways)) for i in range(len(gateways))]
-    results = await asyncio.gather(
-        *(
-            open_many(g.ws_url, n, local_ips=CLIENT_IPS, **kw)
-            for g, n in zip(gateways, shares, strict=True)
-        )
-    )
-    merged = results[0]
-    for other in results[1:]:
-        merged.open += other.open
-        merged.statuses += other.statuses
-        merged.retry_after += other.retry_after
-        merged.bodies += other.bodies
-    return merged
 
 
 async def test_four_replicas_hold_four_backends_to_exactly_two_each(

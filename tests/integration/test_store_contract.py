@@ -183,7 +183,8 @@ async def test_least_loaded_picks_the_lowest_share_of_cap(make_store: MakeStore)
     store = await make_store()
     candidates = [Candidate("small", 2), Candidate("big", 4)]
     decisions = await admit_many(store, 7, candidates, least_loaded=True)
-    assert backends_of(decisions) == ["small", "big", "big", "small", "big", "big", None]
+    # Equal shares go to the smallest id ("big" < "small").
+    assert backends_of(decisions) == ["big", "small", "big", "big", "small", "big", None]
 
 
 async def test_preferred_wins_while_it_has_room(make_store: MakeStore) -> None:

@@ -166,3 +166,53 @@ async def test_watch_json_prints_one_line_per_refresh_until_interrupted(
         code = await asyncio.wait_for(process.wait(), 10)
     assert all(line["totals"]["live"] == 3 for line in lines)
     assert code == 130
+
+
+async def test_routes_each_show_their_own_state(
+    redis_server: RedisServer, tmp_path: object
+) -> None:
+    """Each route's state lives in a namespace of its own (its own hash tag)."""
+    from pathlib import Path
+
+    from wsgate.routing import route_namespace
+
+    stores = {
+        route: RedisStore(
+            redis_server.url,
+            namespace=route_namespace("rt", route),
+            replica_id="gw-a",
+            lease_ttl=15.0,
+            timeout=2.0,
+        )
+        for route in ("default", "chat")
+    }
+    for store in stores.values():
+        await store.start()
+    try:
+        for pods, store in ((PODS, stores["default"]), (PODS[:1], stores["chat"])):
+            decision = await store.admit(pods, client_key="127.0.0.2")
+            assert isinstance(decision, Admitted)
+            await store.refresh()
+        code, out, err = await wsgate_state(
+            "--redis", redis_server.url, "--namespace", "rt", "--route", "default",
+            "--route", "chat", "--json",
+        )  # fmt: skip
+        assert code == 0, err
+        routes = json.loads(out)["routes"]
+        assert [(r["route"], r["namespace"]) for r in routes] == [
+            ("default", "rt"), ("chat", "rt:chat"),
+        ]  # fmt: skip
+        assert [r["totals"]["live"] for r in routes] == [1, 1]
+
+        config = Path(str(tmp_path)) / "wsgate.yaml"
+        config.write_text(
+            f"state: {{store: '{redis_server.url}', namespace: rt}}\n"
+            "backends: [10.0.0.1:8080]\n"
+            "routes: [{name: chat, match: {path_prefix: /chat}}]\n"
+        )
+        code, out, err = await wsgate_state("-c", str(config))
+        assert code == 0, err
+        assert "route default  namespace rt " in out and "route chat  namespace rt:chat " in out
+    finally:
+        for store in stores.values():
+            await store.close()

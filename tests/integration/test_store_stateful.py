@@ -173,7 +173,7 @@ class SharedAdmission(RuleBasedStateMachine):
             self.crashed.clear()
             self.suspect |= set(self.alive)
         elif kind == "failover loses a write":
-            # The new primary never saw this replica's last admission: both of
+            # The new primary never saw this replica's last admission: all of
             # that script's writes are gone (a script replicates as one unit).
             held = {name: self.redis.hgetall(f"{self.prefix}:held:{name}") for name in self.alive}
             holders = sorted(name for name, counts in held.items() if counts)
@@ -181,8 +181,13 @@ class SharedAdmission(RuleBasedStateMachine):
                 name = data.draw(st.sampled_from(holders))
                 backend = data.draw(st.sampled_from(sorted(held[name])))
                 for key in (f"{self.prefix}:held:{name}", f"{self.prefix}:total"):
-                    if self.redis.hincrby(key, backend, -1) <= 0:
+                    left = self.redis.hincrby(key, backend, -1)
+                    if left <= 0:
                         self.redis.hdel(key, backend)
+                cap = self.redis.hget(f"{self.prefix}:caps", backend)
+                if cap is not None:
+                    load = max(left, 0) / int(cap)
+                    self.redis.zadd(f"{self.prefix}:load", {backend: load}, xx=True)
                 self.drifted.add(name)
         else:
             self.redis.script_flush()
@@ -261,6 +266,10 @@ class SharedAdmission(RuleBasedStateMachine):
             if member in self.crashed:
                 assert counts == self.crashed[member]
         assert self.total() == dict(summed)
+        # Every backend some pool names is ranked by its share of cap, exactly.
+        total, caps = self.total(), self.redis.hgetall(f"{self.prefix}:caps")
+        for backend, load in self.redis.zrange(f"{self.prefix}:load", 0, -1, withscores=True):
+            assert load == total.get(backend, 0) / int(caps[backend])
 
     @invariant()
     def every_replica_knows_what_it_holds(self) -> None:

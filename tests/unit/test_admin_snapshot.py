@@ -12,6 +12,7 @@ from wsgate.admin.metrics import metric_families
 from wsgate.admin.snapshot import (
     BackendSnapshot,
     RateHistory,
+    RouteSnapshot,
     Snapshot,
     clusters_json,
     overview_json,
@@ -23,13 +24,25 @@ from wsgate.config import load_config
 
 def backend(backend_id: str, **changes: Any) -> BackendSnapshot:
     values: dict[str, Any] = {
-        "id": backend_id, "address": f"10.0.0.1:{len(backend_id)}", "healthy": True,
-        "ejected": False, "draining": False, "active": 2, "active_here": 1,
+        "route": "default", "id": backend_id, "address": f"10.0.0.1:{len(backend_id)}",
+        "healthy": True, "ejected": False, "draining": False, "active": 2, "active_here": 1,
         "max_connections": 2, "admitted_total": 7, "rejected_total": 3,
         "connect_failures_total": 1, "ejections_total": 0, "sessions_here": 1,
     }  # fmt: skip
     values.update(changes)
     return BackendSnapshot(**values)
+
+
+def route(name: str = "default", **changes: Any) -> RouteSnapshot:
+    rejected = {str(r): 0 for r in Reason}
+    rejected.update(rate_limited=4, no_capacity=3)
+    values: dict[str, Any] = {
+        "name": name, "host": None, "path_prefix": "/", "mode": "degraded", "queued": 0,
+        "admitted_total": 14, "rejected": rejected, "tokens_available": 2.5,
+        "rate_per_second": 1.0, "rate_burst": 10,
+    }  # fmt: skip
+    values.update(changes)
+    return RouteSnapshot(**values)
 
 
 def snapshot(**changes: Any) -> Snapshot:
@@ -43,6 +56,7 @@ def snapshot(**changes: Any) -> Snapshot:
         "bad_requests": {400: 2}, "closed_by_gateway": {"drain": 1}, "affinity_fallbacks": 0,
         "bytes_from_clients": 1234, "bytes_to_clients": 5678, "sessions_here": 2, "queued": 0,
         "backends": [backend("pod-a"), backend("pod-b", healthy=False, active=1, active_here=0)],
+        "routes": [route()],
     }  # fmt: skip
     values.update(changes)
     return Snapshot(**values)
@@ -86,14 +100,14 @@ def test_metric_values_come_from_the_snapshot() -> None:
     families = exposition(snapshot())
     assert sample(families, "wsgate_rejected", "wsgate_rejected_total", reason="rate_limited") == 4
     assert sample(families, "wsgate_rejected", "wsgate_rejected_total", reason="draining") == 0
-    assert (
-        sample(families, "wsgate_backend_healthy", "wsgate_backend_healthy", backend="pod-b") == 0
-    )
+    pod_b = {"route": "default", "backend": "pod-b"}
+    assert sample(families, "wsgate_backend_healthy", "wsgate_backend_healthy", **pod_b) == 0
     assert (
         sample(
             families,
             "wsgate_backend_global_active_connections",
             "wsgate_backend_global_active_connections",
+            route="default",
             backend="pod-a",
         )
         == 2
@@ -122,7 +136,7 @@ def test_clusters_has_exactly_the_documented_keys() -> None:
     assert data["replica"] == "gw-1"
     assert data["state"] == {"store": "redis", "mode": "degraded"}
     assert data["backends"][1] == {
-        "id": "pod-b", "address": "10.0.0.1:5", "healthy": False, "active": 1,
+        "route": "default", "id": "pod-b", "address": "10.0.0.1:5", "healthy": False, "active": 1,
         "active_here": 0, "max_connections": 2, "admitted_total": 7, "rejected_total": 3,
     }  # fmt: skip
 
@@ -187,3 +201,57 @@ def test_config_dump_redacts_redis_passwords_and_the_token() -> None:
         assert "pw-one" not in dump and "tok-two" not in dump
         assert "<redacted>" in config.public_dump()["state"]["store"]
         assert config.public_dump()["admin_token"] == "<redacted>"
+
+
+def two_routes() -> Snapshot:
+    return snapshot(
+        backends=[
+            backend("pod-a"),
+            backend("pod-a", route="chat", active=1, active_here=1, max_connections=1),
+            backend("pod-c", route="chat", active=0, active_here=0, max_connections=1),
+        ],
+        routes=[
+            route(),
+            route("chat", host="chat.example.com", path_prefix="/ws", queued=2,
+                  admitted_total=5, rejected={"no_capacity": 6}, tokens_available=None,
+                  rate_per_second=None, rate_burst=None),
+        ],
+    )  # fmt: skip
+
+
+def test_every_view_shows_each_route() -> None:
+    snap = two_routes()
+    clusters = clusters_json(snap)
+    assert [r["name"] for r in clusters["routes"]] == ["default", "chat"]
+    chat = clusters["routes"][1]
+    assert chat["match"] == {"host": "chat.example.com", "path_prefix": "/ws"}
+    assert (chat["active"], chat["capacity"], chat["queued"]) == (1, 2, 2)
+    assert (chat["admitted_total"], chat["rejected_total"]) == (5, 6)
+    assert [(b["route"], b["id"]) for b in clusters["backends"]] == [
+        ("default", "pod-a"), ("chat", "pod-a"), ("chat", "pod-c"),
+    ]  # fmt: skip
+    overview = overview_json(snap, [])
+    assert overview["routes"][1]["rejected"] == {"no_capacity": 6}
+    assert overview["routes"][1]["connect_rate"] is None
+    assert overview["routes"][0]["connect_rate"]["burst"] == 10
+
+    lines = dict(line.split(": ", 1) for line in stats_text(snap).splitlines())
+    assert lines["route.chat.host"] == "chat.example.com"
+    assert lines["route.chat.capacity"] == "2"
+    assert lines["route.chat.rejected.no_capacity"] == "6"
+    assert lines["route.chat.backend.pod-a.max_connections"] == "1"
+    assert lines["backend.pod-a.max_connections"] == "2"  # the default route's, as before
+
+    families = exposition(snap)
+    for labels, value in (({"route": "default", "backend": "pod-a"}, 2),
+                          ({"route": "chat", "backend": "pod-a"}, 1)):  # fmt: skip
+        assert sample(families, "wsgate_backend_max_connections",
+                      "wsgate_backend_max_connections", **labels) == value  # fmt: skip
+    assert sample(families, "wsgate_route_info", "wsgate_route_info",
+                  route="chat", host="chat.example.com", path_prefix="/ws") == 1  # fmt: skip
+    assert sample(families, "wsgate_route_max_connections", "wsgate_route_max_connections",
+                  route="chat") == 2  # fmt: skip
+    assert sample(families, "wsgate_route_rejected", "wsgate_route_rejected_total",
+                  route="chat", reason="no_capacity") == 6  # fmt: skip
+    assert sample(families, "wsgate_route_queued_connections",
+                  "wsgate_route_queued_connections", route="chat") == 2  # fmt: skip

@@ -8,7 +8,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from wsgate.admission import Candidate, Limits, Reason, Rejected
 from wsgate.admission.inspect import describe, render
-from wsgate.admission.local import LocalDecision
+from wsgate.admission.local import LocalDecision, share_choice
 from wsgate.admission.memory import take_tokens
 from wsgate.admission.redis import HiredisPackingConnection, key_prefix
 from wsgate.config import RateConfig
@@ -20,6 +20,24 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def decide(
+    share: LocalDecision,
+    candidates: list[Candidate],
+    held: dict[str, int],
+    limits: Limits,
+    *,
+    live: int,
+    client_key: str | None = None,
+    least_loaded: bool = False,
+    preferred: str | None = None,
+) -> str | Rejected:
+    """A degraded replica's whole decision: its share of the caps, then the rates."""
+    choice = share_choice(
+        candidates, held, live, least_loaded=least_loaded, preferred=preferred, first=(), exclude=()
+    )
+    return share.admit(choice, limits, live=live, client_key=client_key)
 
 
 def test_all_keys_of_a_namespace_share_one_hash_tag() -> None:
@@ -35,7 +53,7 @@ def test_local_share_divides_each_cap_and_rounds_down() -> None:
     held: dict[str, int] = {}
     picks = []
     for _ in range(8):
-        decision = share.admit(candidates, held, Limits(), live=3)
+        decision = decide(share, candidates, held, Limits(), live=3)
         if isinstance(decision, Rejected):
             picks.append(decision.reason)
             continue
@@ -47,27 +65,27 @@ def test_local_share_divides_each_cap_and_rounds_down() -> None:
 
 def test_local_share_counts_what_this_replica_already_holds() -> None:
     share = LocalDecision(Clock())
-    decision = share.admit([Candidate("a", 4)], {"a": 2}, Limits(), live=2)
+    decision = decide(share, [Candidate("a", 4)], {"a": 2}, Limits(), live=2)
     assert isinstance(decision, Rejected) and decision.reason is Reason.NO_CAPACITY
-    assert share.admit([Candidate("a", 4)], {"a": 1}, Limits(), live=2) == "a"
+    assert decide(share, [Candidate("a", 4)], {"a": 1}, Limits(), live=2) == "a"
 
 
 def test_local_share_of_the_rate() -> None:
     clock = Clock()
     share = LocalDecision(clock)
     limits = Limits(connect_rate=RateConfig(per_second=2, burst=10))
-    results = [share.admit([Candidate("a", 100)], {}, limits, live=4) for _ in range(4)]
+    results = [decide(share, [Candidate("a", 100)], {}, limits, live=4) for _ in range(4)]
     assert results[:2] == ["a", "a"]  # 10 // 4 = 2 tokens
     assert isinstance(results[2], Rejected) and results[2].reason is Reason.RATE_LIMITED
     assert results[2].retry_after == pytest.approx(2.0)  # refill at 2/4 per second
     clock.now += 2.0
-    assert share.admit([Candidate("a", 100)], {}, limits, live=4) == "a"
+    assert decide(share, [Candidate("a", 100)], {}, limits, live=4) == "a"
 
 
 def test_local_share_with_less_burst_than_replicas_admits_nothing() -> None:
     share = LocalDecision(Clock())
     limits = Limits(connect_rate=RateConfig(per_second=1, burst=2))
-    decision = share.admit([Candidate("a", 100)], {}, limits, live=3)
+    decision = decide(share, [Candidate("a", 100)], {}, limits, live=3)
     assert isinstance(decision, Rejected) and decision.reason is Reason.RATE_LIMITED
 
 
@@ -78,20 +96,30 @@ def test_local_client_rate_applies_in_full_and_spares_the_shared_tokens() -> Non
         client_connect_rate=RateConfig(per_second=0.01, burst=1),
     )
     pods = [Candidate("a", 100)]
-    assert share.admit(pods, {}, limits, live=2, client_key="x") == "a"
-    refused = share.admit(pods, {}, limits, live=2, client_key="x")
+    assert decide(share, pods, {}, limits, live=2, client_key="x") == "a"
+    refused = decide(share, pods, {}, limits, live=2, client_key="x")
     assert isinstance(refused, Rejected) and refused.reason is Reason.CLIENT_RATE_LIMITED
-    assert share.admit(pods, {}, limits, live=2, client_key="y") == "a"
+    assert decide(share, pods, {}, limits, live=2, client_key="y") == "a"
 
 
 def test_local_share_keeps_the_choice_rule() -> None:
     share = LocalDecision(Clock())
     pods = [Candidate("a", 4), Candidate("b", 4)]
-    assert share.admit(pods, {"a": 1}, Limits(), live=2, least_loaded=True) == "b"
-    assert share.admit(pods, {}, Limits(), live=2, preferred="b") == "b"
+    assert decide(share, pods, {"a": 1}, Limits(), live=2, least_loaded=True) == "b"
+    assert decide(share, pods, {}, Limits(), live=2, preferred="b") == "b"
 
 
 # -- the shared close budget ------------------------------------------------------------------
+
+
+def test_local_client_cap_refuses_a_full_client_before_spending_a_token() -> None:
+    clock = Clock()
+    share = LocalDecision(clock)
+    limits = Limits(max_connections_per_client=2, connect_rate=RateConfig(per_second=1, burst=1))
+    refused = share.admit("a", limits, client_key="10.0.0.1", clients={"10.0.0.1": 2})
+    assert isinstance(refused, Rejected) and refused.reason is Reason.CLIENT_CONNECTION_LIMIT
+    # Nothing was spent: another client still gets the one token there is.
+    assert share.admit("a", limits, client_key="10.0.0.2", clients={"10.0.0.1": 2}) == "a"
 
 
 def test_take_tokens_grants_the_burst_then_the_rate() -> None:

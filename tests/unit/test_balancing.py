@@ -10,43 +10,54 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wsgate.admission import Candidate, choose_backend
-from wsgate.balancing import PowerOfTwo, cookie_token, make_policy, rendezvous_order
+from wsgate.balancing import (
+    PowerOfTwo,
+    cookie_token,
+    make_policy,
+    rendezvous_order,
+    rendezvous_top,
+)
 
-FOUR = [Candidate(f"pod-{c}", 2) for c in "abcd"]
+FOUR = tuple(Candidate(f"pod-{c}", 2) for c in "abcd")
 
 
 def test_round_robin_rotates_the_first_choice() -> None:
     policy = make_policy("round_robin")
-    firsts = [policy.plan(FOUR).candidates[0].backend_id for _ in range(8)]
-    assert firsts == ["pod-a", "pod-b", "pod-c", "pod-d"] * 2
-    assert not policy.least_loaded
+    plans = [policy.plan(FOUR) for _ in range(8)]
+    assert [plan.first[0] for plan in plans] == ["pod-a", "pod-b", "pod-c", "pod-d"] * 2
+    # The next ones follow, then the store's least loaded.
+    assert plans[3].first == ("pod-d", "pod-a", "pod-b")
+    assert all(plan.least_loaded and plan.candidates is FOUR for plan in plans)
 
 
 def test_least_conn_leaves_the_choice_to_the_store() -> None:
     plan = make_policy("least_conn").plan(FOUR)
-    assert plan.least_loaded and plan.candidates == FOUR
+    assert plan.least_loaded and plan.candidates is FOUR and plan.first == ()
 
 
 def test_p2c_puts_the_less_loaded_of_two_first() -> None:
     load = {"pod-a": 2, "pod-b": 0, "pod-c": 1, "pod-d": 1}
     policy = PowerOfTwo(random.Random(7))
+    seen: set[str] = set()
     for _ in range(50):
-        order = policy.order(FOUR, None, load.__getitem__)
-        a, b = order[0], order[1]
-        assert load[a.backend_id] <= load[b.backend_id]
-        assert sorted(c.backend_id for c in order) == [c.backend_id for c in FOUR]
+        a, b = policy.plan(FOUR, load=load.__getitem__).first
+        assert a != b and load[a] <= load[b]
+        seen |= {a, b}
+    assert seen == {c.backend_id for c in FOUR}
 
 
 def test_hash_is_stable_per_key_and_spreads_keys() -> None:
     policy = make_policy("hash")
-    assert (
-        policy.plan(FOUR, key="10.0.0.1").candidates == policy.plan(FOUR, key="10.0.0.1").candidates
-    )
-    firsts = Counter(
-        policy.plan(FOUR, key=f"10.0.0.{i}").candidates[0].backend_id for i in range(400)
-    )
+    assert policy.plan(FOUR, key="10.0.0.1").first == policy.plan(FOUR, key="10.0.0.1").first
+    firsts = Counter(policy.plan(FOUR, key=f"10.0.0.{i}").first[0] for i in range(400))
     assert set(firsts) == {c.backend_id for c in FOUR}
     assert min(firsts.values()) > 50
+
+
+@given(st.text(min_size=1), st.sets(st.sampled_from([c.backend_id for c in FOUR])))
+def test_rendezvous_top_is_the_first_of_the_order_not_excluded(key: str, exclude: set[str]) -> None:
+    rest = [c.backend_id for c in rendezvous_order(FOUR, key) if c.backend_id not in exclude]
+    assert rendezvous_top(FOUR, key, exclude) == (rest[0] if rest else None)
 
 
 @given(st.text(min_size=1), st.integers(min_value=0, max_value=3))

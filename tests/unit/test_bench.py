@@ -9,28 +9,18 @@ from bench.driver import split
 from bench.proxies import parse_path_name
 from bench.report import Report, Scaling, percentile
 from bench.suite import build_parser, cpu_split, plan_from_args
-from bench.wire import (
-    HandshakeError,
-    masked_frame,
-    parse_request_head,
-    response_status,
-    upgrade_request,
-    upgrade_response,
-    websocket_accept,
-)
+from bench.wire import HandshakeError, masked_frame, parse_request_head, response_status
+
+from wsgate.wire import opening_request, upgrade_response
 
 
 class TestHandshake:
-    def test_accept_matches_the_rfc_6455_example(self) -> None:
-        # RFC 6455 section 1.3.
-        assert websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-
     def test_the_echo_answers_the_request_the_driver_sends(self) -> None:
-        request = upgrade_request("127.0.0.1", 9001, b"dGhlIHNhbXBsZSBub25jZQ==")
+        request = opening_request("127.0.0.1:9001", "/", "dGhlIHNhbXBsZSBub25jZQ==")
         line, headers = parse_request_head(request.split(b"\r\n\r\n")[0])
         assert line == b"GET / HTTP/1.1"
         assert headers[b"upgrade"] == b"websocket"
-        response = upgrade_response(headers[b"sec-websocket-key"])
+        response = upgrade_response(headers[b"sec-websocket-key"].decode())
         assert response_status(response.split(b"\r\n\r\n")[0]) == 101
         assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in response
 

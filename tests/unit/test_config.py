@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,39 @@ def test_public_dump_redacts_secrets() -> None:
     assert "hunter2" not in str(dump) and "tok" not in str(dump.get("admin_token"))
     assert redact_url("redis://u:p@h:1/0") == "redis://u:<redacted>@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
+
+
+_WITHOUT_THE_RELAY = """
+import importlib.abc, sys
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "wsgate.gateway._relay":
+            raise ImportError("the C extension is not built here")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+from wsgate.config import ConfigError, build_config
+config = build_config({"backends": ["127.0.0.1:9001"], "rebalance": {"close_code": 1013}})
+try:
+    build_config({"backends": ["127.0.0.1:9001"], "rebalance": {"close_code": 1006}})
+except ConfigError as error:
+    print("refused:", error)
+print("close code", config.rebalance.close_code)
+print("relay loaded:", any(name.startswith("wsgate.gateway") for name in sys.modules))
+"""
+
+
+def test_a_config_is_validated_without_the_compiled_relay() -> None:
+    # Checking a config (CI, an editor, another OS) must not need the C extension.
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_THE_RELAY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("refused:") and "1006 cannot be sent" in lines[0]
+    assert lines[1:] == ["close code 1013", "relay loaded: False"]

@@ -46,6 +46,7 @@ class ScriptedTransport(asyncio.Transport):
         self.closed = False
         self.aborted = False
         self.protocol: asyncio.BaseProtocol | None = None
+        self.slow_close = False  # the socket closes only when the test says (lose())
 
     def attach(self, protocol: asyncio.Protocol) -> None:
         self.protocol = protocol
@@ -94,9 +95,14 @@ class ScriptedTransport(asyncio.Transport):
     def _lose(self) -> None:
         if not self.closed:
             self.closed = True
-            protocol = self.protocol
-            assert protocol is not None
-            asyncio.get_running_loop().call_soon(protocol.connection_lost, None)
+            if not self.slow_close:
+                self.lose()
+
+    def lose(self) -> None:
+        """The socket is closed now: the protocol hears of it on the next loop iteration."""
+        protocol = self.protocol
+        assert protocol is not None
+        asyncio.get_running_loop().call_soon(protocol.connection_lost, None)
 
 
 class ScriptedConnector(Connector):
@@ -138,6 +144,16 @@ class HandOvers:
         return None
 
 
+class NoSpares:
+    """Far from the open-files limit: no spare is ever needed."""
+
+    def take(self) -> bool:
+        return False
+
+    def refill_soon(self) -> None:
+        pass
+
+
 class Rig:
     """One gateway's data plane on scripted transports, with the memory store."""
 
@@ -156,7 +172,7 @@ class Rig:
         self.admission.pool_changed()
         self.connector = connector
         self.hand_overs = HandOvers()
-        self.sessions = Sessions(self.stats, self.log, lambda: False, hand_over=self.hand_overs)
+        self.sessions = Sessions(self.stats, self.log, NoSpares(), hand_over=self.hand_overs)
         self.sessions.loop = asyncio.get_running_loop()
         connector.start(asyncio.get_running_loop())
         route = Route(self.pool, self.admission)
@@ -245,6 +261,23 @@ async def test_a_client_leaving_mid_connect_gives_the_slot_back() -> None:
     assert rig.held() == {}
     assert rig.connector.opened == []  # the connect never finished
     assert client.written == b""
+
+
+async def test_a_client_leaving_mid_request_frees_the_slot_once_the_backend_socket_closes() -> None:
+    rig = Rig(make_config(), ScriptedConnector())
+    down, client = rig.client()
+    down.data_received(GET)
+    await until(lambda: rig.connector.opened, "the backend was connected")
+    _, backend = rig.connector.opened[0]
+    backend.slow_close = True
+    client.close()
+    await until(lambda: down.task is None, "the exchange ended")
+    assert backend.aborted
+    assert rig.held() == {"b0": 1}  # the backend still counts the request it was sent
+    backend.lose()
+    await until(lambda: not rig.held(), "the slot was freed")
+    [line] = rig.log_lines()
+    assert line["outcome"] == "client_closed"
 
 
 # -- exchange and upstream -----------------------------------------------------------------

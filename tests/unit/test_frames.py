@@ -11,16 +11,10 @@ from hypothesis import strategies as st
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
-from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from wsgate.gateway.frames import (
-    CloseCode,
-    FrameTracker,
-    check_close_code,
-    close_frame,
-    masked_close_frame,
-)
+from wsgate.gateway.frames import FrameTracker
+from wsgate.wire import CloseCode, close_frame
 
 TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 
@@ -272,49 +266,8 @@ def test_boundaries_equal_the_reference_parser(data: st.DataObject, stream: byte
     check_chunks(stream, cuts)
 
 
-class TestCloseFrame:
-    """RFC 6455 5.5.1 and 7.4: the close frame the gateway injects."""
-
-    def test_bytes(self):
-        assert close_frame(1001) == b"\x88\x02\x03\xe9"
-        assert close_frame(CloseCode.SERVICE_RESTART, "rebalance") == b"\x88\x0b\x03\xf4rebalance"
-
-    @pytest.mark.parametrize("code", [1000, 1001, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4999])
-    def test_a_websocket_client_reads_it(self, code: int):
-        client = ClientProtocol(parse_uri("ws://127.0.0.1/"), state=State.OPEN)
-        client.receive_data(close_frame(code, "bye ✓"))
-        [frame] = client.events_received()
-        assert frame.opcode is Opcode.CLOSE
-        assert client.close_rcvd is not None
-        assert (client.close_rcvd.code, client.close_rcvd.reason) == (code, "bye ✓")
-
-    @pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535])
-    def test_codes_that_cannot_be_sent(self, code: int):
-        with pytest.raises(ValueError, match=f"close code {code} cannot be sent"):
-            close_frame(code)
-        with pytest.raises(ValueError):
-            check_close_code(code)
-
-    @pytest.mark.parametrize("code", [1000, 1001, 1012, 4000])
-    def test_masked_for_a_backend(self, code: int):
-        frame = masked_close_frame(code, "gateway closing")
-        assert frame[1] & 0x80  # RFC 6455 5.3: a client masks every frame
-        server = ServerProtocol(state=State.OPEN)
-        server.receive_data(frame)
-        [event] = server.events_received()
-        assert event.opcode is Opcode.CLOSE
-        assert server.close_rcvd is not None
-        assert (server.close_rcvd.code, server.close_rcvd.reason) == (code, "gateway closing")
-        assert masked_close_frame(1001, mask_key=bytes(4)) == b"\x88\x82\x00\x00\x00\x00\x03\xe9"
-        with pytest.raises(ValueError, match="4 bytes"):
-            masked_close_frame(1001, mask_key=b"abc")
-        with pytest.raises(ValueError, match="1005"):
-            masked_close_frame(1005)
-
-    def test_reason_fits_a_control_frame(self):
-        assert len(close_frame(1001, "x" * 123)) == 2 + 125
-        with pytest.raises(ValueError, match="at most 123"):
-            close_frame(1001, "é" * 62)
+class TestCloseBetweenFrames:
+    """RFC 6455 5.4: a close frame the gateway writes at a boundary the tracker found."""
 
     def test_injected_after_a_boundary_keeps_the_stream_parseable(self):
         stream = encode(TEXT, 10) + encode(BINARY, 300)

@@ -97,7 +97,10 @@ class TestForwardedHead:
         assert b"Keep-Alive" not in wire and b"TE:" not in wire and b"Accept: */*" in wire
 
     def test_forwarded_of_an_ipv6_client_over_tls(self) -> None:
-        raw = b"GET / HTTP/1.1\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Proto: http\r\n\r\n"
+        raw = (
+            b"GET / HTTP/1.1\r\nHost: h\r\nForwarded: for=6.6.6.6\r\n"
+            b"X-Forwarded-Proto: http\r\n\r\n"
+        )
         head = only_head(RequestReader().feed(raw))
         wire = render_request(head, client_ip="2001:db8::7", request_id="x", proto="https")
         lines = wire.split(b"\r\n")
@@ -106,7 +109,9 @@ class TestForwardedHead:
         assert b"6.6.6.6" not in wire and b"X-Forwarded-Proto: http\r" not in wire
 
     def test_spoofed_real_ip_is_replaced(self) -> None:
-        head = only_head(RequestReader().feed(b"GET / HTTP/1.1\r\nX-Real-IP: 6.6.6.6\r\n\r\n"))
+        head = only_head(
+            RequestReader().feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Real-IP: 6.6.6.6\r\n\r\n")
+        )
         wire = render_request(head, client_ip="1.2.3.4", request_id="x")
         assert b"6.6.6.6" not in wire and b"X-Real-IP: 1.2.3.4" in wire
 
@@ -114,8 +119,8 @@ class TestForwardedHead:
 class TestFraming:
     def test_pipelined_requests_with_chunked_body(self) -> None:
         raw = (
-            b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-            b"GET /b HTTP/1.1\r\n\r\n"
+            b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n"
         )
         events = RequestReader().feed(raw)
         kinds = [type(e).__name__ for e in events]
@@ -151,7 +156,7 @@ class TestFraming:
 
     def test_body_larger_than_the_head_limit_is_fine(self) -> None:
         body = b"z" * 50000
-        raw = b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        raw = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         events = read_all(
             RequestReader(16384), [raw[i : i + 4096] for i in range(0, len(raw), 4096)]
         )
@@ -175,7 +180,7 @@ class TestFraming:
         assert reader.idle
         reader.feed(b"GET / HT")
         assert not reader.idle
-        reader.feed(b"TP/1.1\r\n\r\n")
+        reader.feed(b"TP/1.1\r\nHost: h\r\n\r\n")
         assert reader.idle
 
 

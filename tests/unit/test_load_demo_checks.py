@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from wsgate.testbed.demo import DemoShape, evaluate, format_checks
+from wsgate.testbed.demo_checks import DemoShape, evaluate, format_checks
+from wsgate.testbed.demo_storm import StormTruth, evaluate_storm
 
 PODS = ("pod-a", "pod-b", "pod-c", "pod-d")
 
@@ -75,3 +76,35 @@ def test_each_check_can_fail(change: Any, failed: str) -> None:
     change(report, truth, active)
     names = failures(report, truth, active)
     assert len(names) == 1 and names[0].startswith(failed), names
+
+
+class TestStormChecks:
+    def report(self, dropped: int, lost: int, outcome: str = "recovered") -> dict[str, Any]:
+        return {
+            "connections": {"closed_by_server": {"1006": lost}},
+            "storm": {"outcome": outcome, "dropped": dropped, "recovery_s": 5.5},
+        }
+
+    def truth(self, **counts: int) -> StormTruth:
+        truth = StormTruth()
+        truth.killed_at = 1.0
+        truth.lowest_after_kill = counts.get("lowest", 50)
+        truth.held_after_kill = counts.get("held", 100)
+        return truth
+
+    def test_a_recovered_storm_within_caps_passes(self) -> None:
+        peaks = {"pod-a": {"peak_connections": 25, "refused": 0}}
+        checks = evaluate_storm(25, 100, self.report(50, 50), peaks, self.truth())
+        assert [ok for _, ok, _ in checks] == [True, True, True]
+
+    def test_each_check_can_fail(self) -> None:
+        over = {"pod-a": {"peak_connections": 26, "refused": 1}}
+        checks = evaluate_storm(25, 100, self.report(50, 50), over, self.truth())
+        assert [ok for _, ok, _ in checks] == [False, True, True]
+        peaks = {"pod-a": {"peak_connections": 25, "refused": 0}}
+        checks = evaluate_storm(25, 100, self.report(50, 50), peaks, self.truth(held=99))
+        assert [ok for _, ok, _ in checks] == [True, False, True]
+        checks = evaluate_storm(25, 100, self.report(50, 50, "timed out"), peaks, self.truth())
+        assert [ok for _, ok, _ in checks] == [True, True, False]
+        checks = evaluate_storm(25, 100, self.report(40, 50), peaks, self.truth())
+        assert [ok for _, ok, _ in checks][2] is False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wsgate.admission import Candidate, Reason, Rejected
+from wsgate.admission import Reason, Rejected
 from wsgate.admission.redis.script import (
     AdmitReply,
     AdmitStatus,
@@ -13,8 +13,6 @@ from wsgate.admission.redis.script import (
     decode_renew,
 )
 from wsgate.admission.redis.sync import Change, Registration, ReplicaSync, SyncState
-
-PODS = [Candidate("a", 2), Candidate("b", 2)]
 
 
 def machine() -> tuple[ReplicaSync, list[Change]]:
@@ -35,8 +33,8 @@ def renewal(
     return RenewReply(status, live, 0.0, totals or {}, excess or {}, [], held or {}, 1000.0)
 
 
-def ok_admit(backend: str, counts: list[int]) -> AdmitReply:
-    return AdmitReply(AdmitStatus.OK, backend, 0.0, 0.0, 2, counts)
+def ok_admit(backend: str, total: int) -> AdmitReply:
+    return AdmitReply(AdmitStatus.OK, backend, 0.0, 0.0, 2, total, "p:1")
 
 
 def registered(sync: ReplicaSync, **reply: object) -> Registration:
@@ -61,12 +59,12 @@ def test_registration_brings_it_in_sync_with_a_new_token_and_lease() -> None:
 def test_admission_counts_the_slot_and_learns_the_counts() -> None:
     sync, _ = machine()
     registered(sync)
-    decision = sync.admit_replied(ok_admit("b", [2, 1]), PODS, now=11.0, retry_after=5.0)
+    decision = sync.admit_replied(ok_admit("b", 1), now=11.0, retry_after=5.0)
     assert decision == "b"
     assert sync.held == {"b": 1}
-    assert sync.global_counts == {"a": 2, "b": 1}
+    assert sync.global_counts == {"b": 1}
     refused = sync.admit_replied(
-        AdmitReply(AdmitStatus.NO_CAPACITY, "", 0.0, 0.0, 2, [2, 2]), PODS, 11.0, 5.0
+        AdmitReply(AdmitStatus.NO_CAPACITY, "", 0.0, 0.0, 2, 0, "p:1"), 11.0, 5.0
     )
     assert refused == Rejected(Reason.NO_CAPACITY, 5.0)
     assert sync.held == {"b": 1}
@@ -75,7 +73,7 @@ def test_admission_counts_the_slot_and_learns_the_counts() -> None:
 def test_a_late_reply_voids_the_admission_and_ends_the_sync() -> None:
     sync, changes = machine()
     registered(sync)
-    assert sync.admit_replied(decode_admit([b"late"]), PODS, 11.0, 5.0) is None
+    assert sync.admit_replied(decode_admit([b"late"]), 11.0, 5.0) is None
     assert sync.state is SyncState.DEGRADED and sync.held == {}
     assert changes[-1] == Change(
         SyncState.IN_SYNC, SyncState.DEGRADED, "Redis answered after the deadline"
@@ -85,8 +83,8 @@ def test_a_late_reply_voids_the_admission_and_ends_the_sync() -> None:
 def test_a_stale_token_ends_the_sync_and_releases_stay_local() -> None:
     sync, changes = machine()
     registered(sync)
-    sync.admit_replied(ok_admit("a", [1, 0]), PODS, 11.0, 5.0)
-    assert sync.admit_replied(decode_admit([b"stale"]), PODS, 11.0, 5.0) is None
+    sync.admit_replied(ok_admit("a", 1), 11.0, 5.0)
+    assert sync.admit_replied(decode_admit([b"stale"]), 11.0, 5.0) is None
     assert changes[-1].new is SyncState.DEGRADED and changes[-1].reason == "lease lost"
     # Degraded: the release changes the truth only; nothing is to be sent.
     assert sync.released("a") is False
@@ -96,7 +94,7 @@ def test_a_stale_token_ends_the_sync_and_releases_stay_local() -> None:
 def test_a_stale_release_reply_ends_the_sync() -> None:
     sync, _ = machine()
     registered(sync)
-    sync.admit_replied(ok_admit("a", [1, 0]), PODS, 11.0, 5.0)
+    sync.admit_replied(ok_admit("a", 1), 11.0, 5.0)
     assert sync.released("a") is True
     sync.release_replied("a", ReleaseReply(stale=True, total=0))
     assert sync.state is SyncState.DEGRADED
@@ -123,7 +121,7 @@ def test_the_lease_expires_by_the_replicas_own_clock() -> None:
 def test_a_quiet_renewal_that_finds_writes_lost_ends_the_sync() -> None:
     sync, _ = machine()
     registered(sync)
-    sync.admit_replied(ok_admit("a", [1, 0]), PODS, 11.0, 5.0)
+    sync.admit_replied(ok_admit("a", 1), 11.0, 5.0)
     sync.renewed(renewal(held={"a": 1}), 12.0, 12.01, quiet=True)
     assert sync.in_sync and sync.lease_deadline == 12.0 + 14.9
     sync.renewed(renewal(held={}), 13.0, 13.01, quiet=False)  # others ran: no judgement
@@ -135,7 +133,7 @@ def test_a_quiet_renewal_that_finds_writes_lost_ends_the_sync() -> None:
 def test_redis_back_after_failures_registers_the_truth_and_reports_excess() -> None:
     sync, changes = machine()
     registered(sync)
-    sync.admit_replied(ok_admit("a", [1, 0]), PODS, 11.0, 5.0)
+    sync.admit_replied(ok_admit("a", 1), 11.0, 5.0)
     sync.failed("no answer within 100ms")
     sync.failed("Connection refused")
     assert sync.errors_total == 2
@@ -180,9 +178,9 @@ def test_a_late_registration_forgets_the_clock_and_stays_degraded() -> None:
 def test_an_abandoned_admission_gives_its_slot_back_only_when_granted() -> None:
     sync, _ = machine()
     registered(sync)
-    assert sync.abandoned(ok_admit("b", [0, 1])) == "b"
+    assert sync.abandoned(ok_admit("b", 1)) == "b"
     assert sync.held == {}  # its caller never counted it
-    assert sync.abandoned(AdmitReply(AdmitStatus.NO_CAPACITY, "", 0, 0, 2, [])) is None
+    assert sync.abandoned(AdmitReply(AdmitStatus.NO_CAPACITY, "", 0, 0, 2, 0, "p:1")) is None
     assert sync.abandoned(None) is None
     assert sync.state is SyncState.DEGRADED
 

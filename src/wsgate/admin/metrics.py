@@ -7,9 +7,10 @@ duration, admission latency) are observed by the gateway itself and live on
 the same registry, so ``generate_latest(gw.stats.registry)`` exposes everything.
 
 Names follow the Prometheus conventions: a ``wsgate_`` prefix, base units
-(``_seconds``, ``_bytes``), ``_total`` on counters. Per-backend series carry a
-``backend`` label; there is no replica label, because every replica is scraped
-on its own and Prometheus adds the ``instance``.
+(``_seconds``, ``_bytes``), ``_total`` on counters. Per-backend series carry
+``route`` and ``backend`` labels (one backend may serve several routes, each with
+its own cap), per-route series a ``route`` label; there is no replica label,
+because every replica is scraped on its own and Prometheus adds the ``instance``.
 """
 
 from __future__ import annotations
@@ -51,13 +52,15 @@ class GatewayCollector(Collector):
         gw = self.gateway
         families = metric_families(take_snapshot(gw))
         families += edge_families(gw.edge_stats, gw.serving_certificate)
-        if gw.config.limits.max_connections_per_client is not None:
+        # Each route counts its clients in its own store, against its own cap.
+        capped = [r for r in gw.routes if r.spec.limits.max_connections_per_client is not None]
+        if capped:
             families.append(
                 GaugeMetricFamily(
                     "wsgate_clients_connected",
                     "Client addresses holding connections through this replica, counted "
-                    "against limits.max_connections_per_client.",
-                    value=gw.store.clients_connected(),
+                    "against limits.max_connections_per_client (summed over the routes).",
+                    value=sum(r.store.clients_connected() for r in capped),
                 )
             )
         return iter(families)
@@ -167,10 +170,11 @@ def metric_families(snap: Snapshot) -> list[Metric]:
          "Times passive outlier detection ejected the backend.", CounterMetricFamily),
     ]  # fmt: skip
     for name, field, doc, kind in per_backend:
-        family = kind(name, doc, labels=["backend"])
+        family = kind(name, doc, labels=["route", "backend"])
         for b in snap.backends:
-            family.add_metric([b.id], float(getattr(b, field)))
+            family.add_metric([b.route, b.id], float(getattr(b, field)))
         families.append(family)
+    families += _route_families(snap)
 
     # The shared state.
     if snap.tokens_available is not None:
@@ -267,3 +271,52 @@ def edge_families(stats: EdgeStats, serving: ServingCertificate | None) -> list[
         )
     )
     return families
+
+
+def _route_families(snap: Snapshot) -> list[Metric]:
+    """Per route: its match, its connections against its capacity, queue, answers."""
+    info = GaugeMetricFamily(
+        "wsgate_route_info", "A route and what it matches (always 1; host '*' for any).",
+        labels=["route", "host", "path_prefix"],
+    )  # fmt: skip
+    active = GaugeMetricFamily(
+        "wsgate_route_active_connections",
+        "Live connections on the route's backends, all replicas (shared state).",
+        labels=["route"],
+    )
+    capacity = GaugeMetricFamily(
+        "wsgate_route_max_connections",
+        "The sum of the caps of the route's backends that are not draining.",
+        labels=["route"],
+    )
+    queued = GaugeMetricFamily(
+        "wsgate_route_queued_connections", "Connections waiting for a slot on the route.",
+        labels=["route"],
+    )  # fmt: skip
+    admitted = CounterMetricFamily(
+        "wsgate_route_admitted_total", "Connections and requests admitted on the route.",
+        labels=["route"],
+    )  # fmt: skip
+    rejected = CounterMetricFamily(
+        "wsgate_route_rejected_total", "Connections and requests the route refused, by reason.",
+        labels=["route", "reason"],
+    )  # fmt: skip
+    tokens = GaugeMetricFamily(
+        "wsgate_route_connect_rate_tokens_available",
+        "Tokens left in the route's connect-rate bucket (as last seen).",
+        labels=["route"],
+    )
+    for route in snap.routes:
+        backends = [b for b in snap.backends if b.route == route.name]
+        info.add_metric([route.name, route.host or "*", route.path_prefix], 1)
+        active.add_metric([route.name], sum(b.active for b in backends))
+        capacity.add_metric(
+            [route.name], sum(b.max_connections for b in backends if not b.draining)
+        )
+        queued.add_metric([route.name], route.queued)
+        admitted.add_metric([route.name], route.admitted_total)
+        for reason, count in route.rejected.items():
+            rejected.add_metric([route.name, reason], count)
+        if route.tokens_available is not None:
+            tokens.add_metric([route.name], route.tokens_available)
+    return [info, active, capacity, queued, admitted, rejected, tokens]

@@ -190,7 +190,8 @@ class AdminServer:
     # -- probes ---------------------------------------------------------------------------------
     async def ready(self, request: web.Request) -> web.Response:
         gateway = self.gateway
-        usable = gateway.store.mode == "ok" or gateway.config.state.on_failure == "local"
+        stores_ok = all(store.mode == "ok" for store in gateway.routes.stores)
+        usable = stores_ok or gateway.config.state.on_failure == "local"
         if gateway.ready and not gateway.draining and usable:
             return web.Response(text="ready\n")
         return web.Response(status=503, text="not ready\n")

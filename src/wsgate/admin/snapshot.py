@@ -21,13 +21,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from wsgate.admission import Reason
+from wsgate.routing import DEFAULT_ROUTE
 
 if TYPE_CHECKING:
+    from wsgate.admission import AdmissionStore
     from wsgate.gateway.server import Gateway
+    from wsgate.upstreams.pool import BackendPool
 
 __all__ = [
     "BackendSnapshot",
     "RateHistory",
+    "RouteSnapshot",
     "Snapshot",
     "clusters_json",
     "overview_json",
@@ -38,6 +42,7 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class BackendSnapshot:
+    route: str  # the route whose pool holds it (one backend may serve several routes)
     id: str
     address: str
     healthy: bool  # active checks pass and not ejected by passive outlier detection
@@ -51,6 +56,20 @@ class BackendSnapshot:
     connect_failures_total: int
     ejections_total: int
     sessions_here: int  # live WebSocket sessions relayed by this replica
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSnapshot:
+    name: str
+    host: str | None  # None: any host
+    path_prefix: str
+    mode: str  # its store's mode: "ok" or "degraded"
+    queued: int
+    admitted_total: int
+    rejected: dict[str, int]  # this route's rejections by reason
+    tokens_available: float | None
+    rate_per_second: float | None
+    rate_burst: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +97,7 @@ class Snapshot:
     sessions_here: int
     queued: int
     backends: list[BackendSnapshot]
+    routes: list[RouteSnapshot]
 
     @property
     def rejected_total(self) -> int:
@@ -98,41 +118,39 @@ class Snapshot:
 
 def take_snapshot(gw: Gateway) -> Snapshot:
     """Read the gateway now."""
-    store = gw.store
     stats = gw.stats
-    everywhere = store.global_counts()
-    here = store.local_counts()
-    default_cap = gw.pool.default_cap
-    now = time.monotonic()
-    backends = []
-    for backend in gw.pool:
-        ejected = now < backend.ejected_until
-        backends.append(
-            BackendSnapshot(
-                id=backend.id,
-                address=backend.address,
-                healthy=backend.healthy and not ejected,
-                ejected=ejected,
-                draining=backend.draining,
-                active=everywhere.get(backend.id, 0),
-                active_here=here.get(backend.id, 0),
-                max_connections=backend.cap(default_cap),
-                admitted_total=backend.admitted_total,
-                rejected_total=backend.rejected_total,
-                connect_failures_total=backend.connect_failures_total,
-                ejections_total=backend.ejections,
-                sessions_here=len(backend.connections),
+    backends: list[BackendSnapshot] = []
+    routes: list[RouteSnapshot] = []
+    for parts in gw.routes:
+        backends += _pool_snapshot(parts.name, parts.pool, parts.store)
+        route_rate = parts.spec.limits.connect_rate
+        routes.append(
+            RouteSnapshot(
+                name=parts.name,
+                host=parts.spec.match.host,
+                path_prefix=parts.spec.match.path_prefix,
+                mode=parts.store.mode,
+                queued=parts.admission.queued,
+                admitted_total=parts.route.admitted_total,
+                rejected={str(reason): n for reason, n in parts.route.rejected.items()},
+                tokens_available=parts.store.tokens_available(),
+                rate_per_second=route_rate.per_second if route_rate else None,
+                rate_burst=route_rate.burst if route_rate else None,
             )
         )
+    stores = gw.routes.stores
+    # The replica's state is the worst of its routes' stores.
+    mode = next((s.mode for s in stores if s.mode != "ok"), "ok")
+    store = gw.store
+    rejected = {str(reason): 0 for reason in Reason}
+    rejected.update((str(reason), count) for reason, count in stats.rejected.items())
+    rate = gw.config.limits.connect_rate
     # Finished connections are in the totals; live sessions add what they relayed so far.
     bytes_from_clients = stats.bytes_from_clients
     bytes_to_clients = stats.bytes_to_clients
     for session in list(gw.sessions):
         bytes_from_clients += session.bytes_in
         bytes_to_clients += session.bytes_out
-    rejected = {str(reason): 0 for reason in Reason}
-    rejected.update((str(reason), count) for reason, count in stats.rejected.items())
-    rate = gw.config.limits.connect_rate
     return Snapshot(
         replica=gw.replica_id,
         time=time.time(),
@@ -140,10 +158,10 @@ def take_snapshot(gw: Gateway) -> Snapshot:
         ready=gw.ready,
         draining=gw.draining,
         store=store.kind,
-        mode=store.mode,
+        mode=mode,
         live_replicas=store.live_replicas(),
         # Stores that talk to a server count failed calls; the embedded one has none.
-        store_errors_total=store.errors_total,
+        store_errors_total=sum(s.errors_total for s in stores),
         tokens_available=store.tokens_available(),
         rate_per_second=rate.per_second if rate else None,
         rate_burst=rate.burst if rate else None,
@@ -158,7 +176,36 @@ def take_snapshot(gw: Gateway) -> Snapshot:
         sessions_here=len(gw.sessions),
         queued=gw.queued,
         backends=backends,
+        routes=routes,
     )
+
+
+def _pool_snapshot(route: str, pool: BackendPool, store: AdmissionStore) -> list[BackendSnapshot]:
+    everywhere = store.global_counts()
+    here = store.local_counts()
+    now = time.monotonic()
+    backends = []
+    for backend in pool:
+        ejected = now < backend.ejected_until
+        backends.append(
+            BackendSnapshot(
+                route=route,
+                id=backend.id,
+                address=backend.address,
+                healthy=backend.healthy and not ejected,
+                ejected=ejected,
+                draining=backend.draining,
+                active=everywhere.get(backend.id, 0),
+                active_here=here.get(backend.id, 0),
+                max_connections=backend.cap(pool.default_cap),
+                admitted_total=backend.admitted_total,
+                rejected_total=backend.rejected_total,
+                connect_failures_total=backend.connect_failures_total,
+                ejections_total=backend.ejections,
+                sessions_here=len(backend.connections),
+            )
+        )
+    return backends
 
 
 def clusters_json(snap: Snapshot) -> dict[str, Any]:
@@ -166,8 +213,10 @@ def clusters_json(snap: Snapshot) -> dict[str, Any]:
     return {
         "replica": snap.replica,
         "state": {"store": snap.store, "mode": snap.mode},
+        "routes": [_route_json(snap, route) for route in snap.routes],
         "backends": [
             {
+                "route": b.route,
                 "id": b.id,
                 "address": b.address,
                 "healthy": b.healthy,
@@ -196,13 +245,7 @@ def overview_json(snap: Snapshot, history: list[dict[str, Any]]) -> dict[str, An
             "live_replicas": snap.live_replicas,
             "errors_total": snap.store_errors_total,
         },
-        "connect_rate": None
-        if snap.rate_per_second is None
-        else {
-            "per_second": snap.rate_per_second,
-            "burst": snap.rate_burst,
-            "tokens_available": _round(snap.tokens_available),
-        },
+        "connect_rate": _rate_json(snap.rate_per_second, snap.rate_burst, snap.tokens_available),
         "totals": {
             "accepted_total": snap.accepted_total,
             "admitted_total": snap.admitted_total,
@@ -219,8 +262,19 @@ def overview_json(snap: Snapshot, history: list[dict[str, Any]]) -> dict[str, An
             "bytes_from_clients": snap.bytes_from_clients,
             "bytes_to_clients": snap.bytes_to_clients,
         },
+        "routes": [
+            {
+                **_route_json(snap, route),
+                "rejected": route.rejected,
+                "connect_rate": _rate_json(
+                    route.rate_per_second, route.rate_burst, route.tokens_available
+                ),
+            }
+            for route in snap.routes
+        ],
         "backends": [
             {
+                "route": b.route,
                 "id": b.id,
                 "address": b.address,
                 "healthy": b.healthy,
@@ -237,6 +291,24 @@ def overview_json(snap: Snapshot, history: list[dict[str, Any]]) -> dict[str, An
             for b in snap.backends
         ],
         "history": {"interval": RateHistory.INTERVAL, "points": history},
+    }
+
+
+def _route_json(snap: Snapshot, route: RouteSnapshot) -> dict[str, Any]:
+    """A route's match and its totals, its backends' counts added up."""
+    backends = [b for b in snap.backends if b.route == route.name]
+    return {
+        "name": route.name,
+        "match": {"host": route.host, "path_prefix": route.path_prefix},
+        "mode": route.mode,
+        "active": sum(b.active for b in backends),
+        "active_here": sum(b.active_here for b in backends),
+        "capacity": sum(b.max_connections for b in backends if not b.draining),
+        "backends": len(backends),
+        "healthy_backends": sum(1 for b in backends if b.healthy and not b.draining),
+        "queued": route.queued,
+        "admitted_total": route.admitted_total,
+        "rejected_total": sum(route.rejected.values()),
     }
 
 
@@ -278,8 +350,24 @@ def stats_text(snap: Snapshot) -> str:
         ("bytes.from_clients", snap.bytes_from_clients),
         ("bytes.to_clients", snap.bytes_to_clients),
     ]
+    for route in snap.routes:
+        data = _route_json(snap, route)
+        prefix = f"route.{route.name}"
+        lines += [
+            (f"{prefix}.host", route.host or "*"),
+            (f"{prefix}.path_prefix", route.path_prefix),
+            (f"{prefix}.mode", route.mode),
+        ]
+        lines += [
+            (f"{prefix}.{key}", data[key])
+            for key in ("active", "active_here", "capacity", "queued", "admitted_total")
+        ]
+        lines += [(f"{prefix}.rejected.{reason}", n) for reason, n in route.rejected.items()]
     for b in snap.backends:
+        # The default route's backends keep the names they had before routes.
         prefix = f"backend.{b.id}"
+        if b.route != DEFAULT_ROUTE:
+            prefix = f"route.{b.route}.{prefix}"
         lines += [
             (f"{prefix}.address", b.address),
             (f"{prefix}.healthy", int(b.healthy)),
@@ -294,6 +382,15 @@ def stats_text(snap: Snapshot) -> str:
             (f"{prefix}.ejections_total", b.ejections_total),
         ]
     return "".join(f"{name}: {value}\n" for name, value in lines)
+
+
+def _rate_json(
+    per_second: float | None, burst: int | None, tokens: float | None
+) -> dict[str, Any] | None:
+    """A connect-rate bucket as the JSON views show it; None when there is no limit."""
+    if per_second is None:
+        return None
+    return {"per_second": per_second, "burst": burst, "tokens_available": _round(tokens)}
 
 
 def _round(value: float | None) -> float | None:

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,12 +29,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from wsgate.cli import UsageError
+from wsgate.admin.status_table import backend_table, packed
+from wsgate.args import UsageError
+from wsgate.routing import DEFAULT_ROUTE
 
 __all__ = ["AdminUnreachable", "add_arguments", "admin_url", "fetch_overview", "render", "run"]
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
-BAR_WIDTH = 24
 _REASON_STATUS = {
     "rate_limited": 429,
     "client_rate_limited": 429,
@@ -43,6 +45,7 @@ _REASON_STATUS = {
     "backend_unreachable": 502,
     "draining": 503,
     "overloaded": 503,
+    "no_route": 404,
 }
 
 
@@ -134,29 +137,6 @@ def _recent_rates(overview: dict[str, Any], seconds: float) -> tuple[float, dict
     return admitted, by_reason
 
 
-def _bar(active: int, here: int, cap: int, width: int) -> Text:
-    scale = max(cap, active, 1)
-    here = min(here, active)
-    cells_here = round(width * here / scale)
-    cells_all = round(width * active / scale)
-    over = active > cap
-    bar = Text()
-    bar.append("█" * cells_here, style="red" if over else "bright_green")
-    bar.append("█" * (cells_all - cells_here), style="red3" if over else "green4")
-    bar.append("░" * (width - cells_all), style="grey35")
-    count_style = "bold red" if over else "bold yellow" if active >= cap else "bold"
-    bar.append(f" {active}/{cap}", style=count_style)
-    return bar
-
-
-def _health(backend: dict[str, Any]) -> Text:
-    if backend.get("draining"):
-        return Text("draining", style="cyan")
-    if backend.get("ejected"):
-        return Text("ejected", style="yellow")
-    return Text("healthy", style="green") if backend["healthy"] else Text("unhealthy", style="red")
-
-
 def _uptime(seconds: float) -> str:
     s = int(seconds)
     days, hours, minutes = s // 86400, s % 86400 // 3600, s % 3600 // 60
@@ -167,12 +147,31 @@ def _uptime(seconds: float) -> str:
     return f"{minutes}m{s % 60}s" if minutes else f"{s}s"
 
 
+def _on_route(name: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda backend: bool(backend["route"] == name)
+
+
+def _route_line(route: dict[str, Any], width: int) -> Text:
+    """A route's heading: its name, what it matches, its totals."""
+    match = route["match"]
+    return packed(
+        [
+            Text.assemble(("route ", "dim"), (route["name"], "bold cyan")),
+            Text((match["host"] or "any host") + " " + match["path_prefix"]),
+            Text.assemble(("active ", "dim"), (f"{route['active']}/{route['capacity']}", "bold")),
+            Text.assemble(("queued ", "dim"), str(route["queued"])),
+            Text.assemble(("admitted ", "dim"), str(route["admitted_total"])),
+            Text.assemble(("rejected ", "dim"), str(route["rejected_total"])),
+        ],
+        width,
+        "  ",
+    )
+
+
 def render(
     overview: dict[str, Any], source: str, problem: str | None = None, width: int = 160
 ) -> RenderableType:
     """The whole picture as one rich renderable, for a terminal ``width`` columns wide."""
-    # The bars give way first when the terminal is narrow; the numbers stay.
-    bar_width = max(6, min(BAR_WIDTH, width - 106))
     state = overview["state"]
     totals = overview["totals"]
     mode_style = "bold green" if state["mode"] == "ok" else "bold red"
@@ -183,15 +182,20 @@ def render(
         if overview["ready"]
         else ("not ready", "red")
     )
-    head = Text.assemble(
-        ("wsgate ", "bold blue"),
-        ("replica ", "dim"), (overview["replica"], "bold"),
-        ("  store ", "dim"), state["store"], " ", (state["mode"], mode_style),
-        ("  live replicas ", "dim"), str(state["live_replicas"]),
-        ("  ", ""), readiness,
-        ("  up ", "dim"), _uptime(overview["uptime"]),
-        ("  " + source, "dim"),
-    )  # fmt: skip
+    head = packed(
+        [
+            Text.assemble(
+                ("wsgate ", "bold blue"), ("replica ", "dim"), (overview["replica"], "bold")
+            ),
+            Text.assemble(("store ", "dim"), state["store"], " ", (state["mode"], mode_style)),
+            Text.assemble(("live replicas ", "dim"), str(state["live_replicas"])),
+            Text.assemble(readiness),
+            Text.assemble(("up ", "dim"), _uptime(overview["uptime"])),
+            Text(source, style="dim"),
+        ],
+        width,
+        "  ",
+    )
     admitted_rate, rejected_rates = _recent_rates(overview, 60)
     rate = overview["connect_rate"]
     tokens = (
@@ -199,48 +203,41 @@ def render(
         if rate
         else "unlimited"
     )
-    summary = Text.assemble(
-        ("active ", "dim"), (f"{totals['active']}/{totals['capacity']}", "bold"),
-        (f" (here {totals['active_here']})", ""),
-        ("   admitted ", "dim"), str(totals["admitted_total"]), f" ({admitted_rate:.2f}/s)",
-        ("   rejected ", "dim"), str(totals["rejected_total"]),
-        f" ({sum(rejected_rates.values()):.2f}/s)",
-        ("   tokens ", "dim"), tokens,
-        ("   sessions here ", "dim"), str(totals["sessions_here"]),
-        ("   queued ", "dim"), str(totals["queued"]),
+    summary = packed(
+        [
+            Text.assemble(
+                ("active ", "dim"), (f"{totals['active']}/{totals['capacity']}", "bold"),
+                f" (here {totals['active_here']})",
+            ),
+            Text.assemble(
+                ("admitted ", "dim"), str(totals["admitted_total"]), f" ({admitted_rate:.2f}/s)"
+            ),
+            Text.assemble(
+                ("rejected ", "dim"), str(totals["rejected_total"]),
+                f" ({sum(rejected_rates.values()):.2f}/s)",
+            ),
+            Text.assemble(("tokens ", "dim"), tokens),
+            Text.assemble(("sessions here ", "dim"), str(totals["sessions_here"])),
+            Text.assemble(("queued ", "dim"), str(totals["queued"])),
+        ],
+        width,
     )  # fmt: skip
 
     backends = overview["backends"]
-    with_address = any(b["address"] != b["id"] for b in backends)
-    table = Table(header_style="bold")
-    table.add_column("Backend", style="bold", no_wrap=True)
-    if with_address:
-        table.add_column("Address", style="dim", no_wrap=True)
-    table.add_column("Health", no_wrap=True)
-    table.add_column("Connections vs cap", no_wrap=True)
-    for name in ("Active", "Here", "Cap", "Admitted", "Rejected", "Conn. fail"):
-        table.add_column(name, justify="right", no_wrap=True)
-    for b in backends:
-        cells: list[RenderableType] = [b["id"]]
-        if with_address:
-            cells.append(b["address"])
-        cells += [
-            _health(b),
-            _bar(b["active"], b["active_here"], b["max_connections"], bar_width),
-            str(b["active"]),
-            str(b["active_here"]),
-            str(b["max_connections"]),
-            str(b["admitted_total"]),
-            str(b["rejected_total"]),
-            str(b.get("connect_failures_total", 0)),
-        ]
-        table.add_row(*cells)
     legend = Text.assemble(
         ("█", "bright_green"), " this replica  ", ("█", "green4"), " other replicas  ",
         ("░", "grey35"), " free" if backends else " free   (no backends yet)",
     )  # fmt: skip
 
-    parts: list[RenderableType] = [head, summary, table, legend]
+    parts: list[RenderableType] = [head, summary]
+    routes = overview.get("routes") or []
+    if len(routes) > 1 or any(r["name"] != DEFAULT_ROUTE for r in routes):
+        for route in routes:
+            parts.append(_route_line(route, width))
+            parts.append(backend_table(backends, width, only=_on_route(route["name"])))
+    else:
+        parts.append(backend_table(backends, width))
+    parts.append(legend)
     rejected = {reason: n for reason, n in totals["rejected"].items() if n}
     if rejected:
         reasons = Table(header_style="bold")

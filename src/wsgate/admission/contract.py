@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
@@ -35,6 +35,7 @@ class Reason(StrEnum):
     BACKEND_UNREACHABLE = "backend_unreachable"
     DRAINING = "draining"
     OVERLOADED = "overloaded"  # the gateway itself is out of descriptors or memory
+    NO_ROUTE = "no_route"  # no route matches the request's host and path
 
 
 REJECT_STATUS: Mapping[Reason, int] = {
@@ -47,6 +48,7 @@ REJECT_STATUS: Mapping[Reason, int] = {
     Reason.BACKEND_UNREACHABLE: 502,
     Reason.DRAINING: 503,
     Reason.OVERLOADED: 503,
+    Reason.NO_ROUTE: 404,
 }
 
 
@@ -111,32 +113,36 @@ def choose_backend(
     *,
     least_loaded: bool,
     preferred: str | None = None,
+    first: Sequence[str] = (),
+    exclude: Collection[str] = (),
 ) -> str | None:
     """Pick the backend that takes the next connection, or None when all are full.
 
-    ``preferred`` (affinity) wins while it has room. Otherwise ``least_loaded``
-    takes the candidate with the lowest share of its cap (ties go to the earlier
-    candidate), and first-fit takes the first candidate with room. The Redis
-    script implements this same rule; keep them in step.
+    Only candidates not in ``exclude`` count. ``preferred`` (affinity) wins
+    while it has room, then the first of ``first`` (the policy's own pick,
+    in order) with room. Otherwise ``least_loaded`` takes the candidate with
+    the lowest share of its cap (ties go to the smallest id, so that every
+    store breaks them alike), and first-fit takes the first candidate with
+    room. The stores find the same backend without scanning the pool (the
+    memory store's ``PoolIndex``, the Redis script's load ranking); this is
+    the rule written plainly, which they are tested against.
     """
-    best: str | None = None
-    best_load = 2.0
-    for candidate in candidates:
-        used = active(candidate.backend_id)
-        if used >= candidate.cap:
-            continue
-        if candidate.backend_id == preferred:
-            return candidate.backend_id
-        if not least_loaded:
-            if preferred is None:
-                return candidate.backend_id
-            if best is None:
-                best = candidate.backend_id
-            continue
-        load = used / candidate.cap
-        if load < best_load:
-            best, best_load = candidate.backend_id, load
-    return best
+    caps = {c.backend_id: c.cap for c in candidates if c.backend_id not in exclude}
+    for backend in (preferred, *first):
+        if backend is not None and backend in caps and active(backend) < caps[backend]:
+            return backend
+    if not least_loaded:
+        for candidate in candidates:
+            backend = candidate.backend_id
+            if backend in caps and active(backend) < candidate.cap:
+                return backend
+        return None
+    best: tuple[float, str] | None = None
+    for backend, cap in caps.items():
+        used = active(backend)
+        if used < cap and (best is None or (used / cap, backend) < best):
+            best = (used / cap, backend)
+    return None if best is None else best[1]
 
 
 class AdmissionStore(Protocol):
@@ -177,7 +183,17 @@ class AdmissionStore(Protocol):
         client_key: str | None = None,
         least_loaded: bool = False,
         preferred: str | None = None,
-    ) -> Admitted | Rejected: ...
+        first: Sequence[str] = (),
+        exclude: Collection[str] = (),
+    ) -> Admitted | Rejected:
+        """Decide one connection by :func:`choose_backend`'s rule, then the rates.
+
+        ``candidates`` is the pool: pass the same sequence object while the
+        pool does not change. A store works out what changed only when it is
+        given another one, so an admission costs the same with 4 backends or
+        10,000 (a new sequence costs one pass over it).
+        """
+        ...
 
     async def release(self, ticket: Ticket) -> None:
         """Give the slot back; a second release of the same ticket does nothing."""

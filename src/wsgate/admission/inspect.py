@@ -24,7 +24,8 @@ from rich.table import Table
 from rich.text import Text
 
 from wsgate.admission.redis import connect, key_prefix, run_script
-from wsgate.config import ConfigError, parse_duration, redact_url
+from wsgate.config import ConfigError, load_config, parse_duration, redact_url
+from wsgate.routing import route_namespace
 from wsgate.runtime import run_async
 
 __all__ = ["add_arguments", "describe", "read_state", "render", "run"]
@@ -43,6 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"the Redis the gateways share (default: $WSGATE_REDIS or {DEFAULT_URL})",
     )
     parser.add_argument("--namespace", default="default", help="the gateways' state namespace")
+    parser.add_argument(
+        "--route",
+        action="append",
+        metavar="NAME",
+        help="show this route's state (repeatable; default: the route 'default')",
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="take the Redis, the namespace and every route from the gateways' config",
+    )
     parser.add_argument("--watch", action="store_true", help="refresh until interrupted")
     parser.add_argument(
         "--interval", default="1s", metavar="DURATION", help="refresh period with --watch (1s)"
@@ -53,12 +66,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# What to read: (the route's name, or None for a plain namespace; the namespace to read).
+Target = tuple[str | None, str]
+
+
 def run(args: argparse.Namespace) -> int:
     url, namespace = str(args.redis), str(args.namespace)
+    routes: list[str] | None = args.route
+    if args.config:
+        config = load_config(args.config)
+        if config.state.store == "memory":
+            raise ConfigError(
+                f"{args.config}: state is memory, so there is no shared state to show"
+            )
+        url, namespace = config.state.store, config.state.namespace
+        routes = [route.name for route in config.route_list()]
     if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"--redis: expected a redis://, rediss:// or unix:// URL, got {url!r}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", namespace):
         raise ConfigError("--namespace: use letters, digits, '.', '_' or '-' only")
+    for route in routes or []:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", route):
+            raise ConfigError(f"--route: {route!r} is not a route name")
+    targets: list[Target] = (
+        [(route, route_namespace(namespace, route)) for route in routes]
+        if routes
+        else [(None, namespace)]
+    )
     try:
         interval = parse_duration(args.interval)
         timeout = parse_duration(args.timeout)
@@ -67,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     return run_async(
         _show(
             url,
-            namespace,
+            targets,
             watch=bool(args.watch),
             as_json=bool(args.json),
             interval=max(0.1, interval),
@@ -77,38 +111,38 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _show(
-    url: str, namespace: str, *, watch: bool, as_json: bool, interval: float, patience: float
+    url: str, targets: list[Target], *, watch: bool, as_json: bool, interval: float, patience: float
 ) -> int:
     client = connect(url, patience)
     try:
-        state = await _read_or_explain(client, url, namespace, patience)
+        states = [await _read_or_explain(client, url, target, patience) for target in targets]
         if not watch:
-            _print(state, as_json)
+            _print(states, as_json)
             return 0
         if as_json:
             for _ in range(sys.maxsize):
-                _print(state, as_json=True)
+                _print(states, as_json=True)
                 sys.stdout.flush()
                 await asyncio.sleep(interval)
-                state = await _read_softly(client, url, namespace, patience)
+                states = [await _read_softly(client, url, t, patience) for t in targets]
             return 0
         from rich.live import Live
 
-        with Live(render(state), auto_refresh=False, console=Console()) as live:
+        with Live(_render_all(states), auto_refresh=False, console=Console()) as live:
             for _ in range(sys.maxsize):
                 await asyncio.sleep(interval)
-                state = await _read_softly(client, url, namespace, patience)
-                live.update(render(state), refresh=True)
+                states = [await _read_softly(client, url, t, patience) for t in targets]
+                live.update(_render_all(states), refresh=True)
         return 0
     finally:
         await client.aclose()
 
 
 async def _read_or_explain(
-    client: aioredis.Redis, url: str, namespace: str, patience: float
+    client: aioredis.Redis, url: str, target: Target, patience: float
 ) -> dict[str, Any]:
     try:
-        return await read_state(client, url, namespace, patience)
+        return await _read_target(client, url, target, patience)
     except (RedisError, OSError, TimeoutError) as error:
         reason = str(error) or type(error).__name__
         raise ConfigError(
@@ -118,20 +152,36 @@ async def _read_or_explain(
 
 
 async def _read_softly(
-    client: aioredis.Redis, url: str, namespace: str, patience: float
+    client: aioredis.Redis, url: str, target: Target, patience: float
 ) -> dict[str, Any]:
     """While watching, an unreachable Redis is shown, not fatal."""
     try:
-        return await read_state(client, url, namespace, patience)
+        return await _read_target(client, url, target, patience)
     except (RedisError, OSError, TimeoutError) as error:
-        return {"store": redact_url(url), "namespace": namespace, "error": str(error) or "timeout"}
+        route, namespace = target
+        state = {"store": redact_url(url), "namespace": namespace, "error": str(error) or "timeout"}
+        return state if route is None else {"route": route, **state}
 
 
-def _print(state: dict[str, Any], as_json: bool) -> None:
+async def _read_target(
+    client: aioredis.Redis, url: str, target: Target, patience: float
+) -> dict[str, Any]:
+    route, namespace = target
+    state = await read_state(client, url, namespace, patience)
+    return state if route is None else {"route": route, **state}
+
+
+def _render_all(states: list[dict[str, Any]]) -> RenderableType:
+    return Group(*(render(state) for state in states))
+
+
+def _print(states: list[dict[str, Any]], as_json: bool) -> None:
+    """One namespace as it always was; routes as ``{"routes": [...]}``, each naming its route."""
     if as_json:
-        print(json.dumps(state, sort_keys=True))
+        document = states[0] if "route" not in states[0] else {"routes": states}
+        print(json.dumps(document, sort_keys=True))
     else:
-        Console().print(render(state))
+        Console().print(_render_all(states))
 
 
 async def read_state(
@@ -248,8 +298,9 @@ def describe(
 
 def render(state: dict[str, Any]) -> RenderableType:
     """The rich view of :func:`describe`'s data."""
+    route = f"  route {state['route']}" if "route" in state else ""
     title = Text.assemble(
-        ("wsgate state", "bold"), f"  namespace {state['namespace']}  ·  {state['store']}"
+        ("wsgate state", "bold"), route, f"  namespace {state['namespace']}  ·  {state['store']}"
     )
     if "error" in state:
         return Group(title, Text(f"Redis unavailable: {state['error']}", style="bold red"))

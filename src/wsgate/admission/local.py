@@ -13,13 +13,13 @@ process are all it sees.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from wsgate.admission.contract import Candidate, Limits, Reason, Rejected, choose_backend
 from wsgate.admission.rate import gcra, tokens_left
 from wsgate.config import RateConfig
 
-__all__ = ["LocalDecision"]
+__all__ = ["LocalDecision", "share_choice"]
 
 # Per-client buckets idle this long are forgotten: they are full again anyway.
 _CLIENT_BUCKET_SWEEP = 60.0
@@ -34,10 +34,34 @@ def _rate_share(rate: RateConfig, live: int) -> RateConfig | None:
     return RateConfig(per_second=rate.per_second / live, burst=burst)
 
 
+def share_choice(
+    candidates: Sequence[Candidate],
+    held: Mapping[str, int],
+    live: int,
+    *,
+    least_loaded: bool,
+    preferred: str | None,
+    first: Sequence[str],
+    exclude: Collection[str],
+) -> str | None:
+    """The backend with room in this replica's share of every cap (one pass)."""
+    if live > 1:
+        candidates = [Candidate(c.backend_id, c.cap // live) for c in candidates]
+    return choose_backend(
+        candidates,
+        lambda b: held.get(b, 0),
+        least_loaded=least_loaded,
+        preferred=preferred,
+        first=first,
+        exclude=exclude,
+    )
+
+
 class LocalDecision:
-    """Capacity first (the backends', then the client's), then the global rate, then
-    the client's; tokens are spent only by an admission. The caller counts the
-    chosen backend (and the client, under a per-client cap) as held."""
+    """Capacity first (the caller's choice of backend, then the client's cap),
+    then the global rate, then the client's; tokens are spent only by an
+    admission. The caller counts the admitted backend (and the client, under a
+    per-client cap) as held."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
@@ -47,25 +71,16 @@ class LocalDecision:
 
     def admit(
         self,
-        candidates: Sequence[Candidate],
-        held: Mapping[str, int],
+        backend: str | None,
         limits: Limits,
         *,
         live: int = 1,
         client_key: str | None = None,
         clients: Mapping[str, int] | None = None,
-        least_loaded: bool = False,
-        preferred: str | None = None,
     ) -> str | Rejected:
-        """The backend to use, or why not. ``clients``: connections held per client."""
-        if not candidates:
-            return Rejected(Reason.NO_HEALTHY_BACKEND, limits.no_capacity_retry_after)
-        live = max(1, live)
-        if live > 1:
-            candidates = [Candidate(c.backend_id, c.cap // live) for c in candidates]
-        backend = choose_backend(
-            candidates, lambda b: held.get(b, 0), least_loaded=least_loaded, preferred=preferred
-        )
+        """``backend`` (the choice by capacity; None when all are full) once the
+        client's cap and the rates allow it, or why not. ``clients``:
+        connections held per client."""
         if backend is None:
             return Rejected(Reason.NO_CAPACITY, limits.no_capacity_retry_after)
         per_client = limits.max_connections_per_client
@@ -79,7 +94,7 @@ class LocalDecision:
         now = self._clock()
         rate_tat: float | None = None
         if limits.connect_rate is not None:
-            share = _rate_share(limits.connect_rate, live)
+            share = _rate_share(limits.connect_rate, max(1, live))
             if share is None:
                 return Rejected(Reason.RATE_LIMITED, limits.no_capacity_retry_after)
             rate = gcra(self._rate_tat, now, share)

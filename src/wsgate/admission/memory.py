@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
-from wsgate.admission.contract import Admitted, Candidate, Limits, Rejected, Ticket
+from wsgate.admission.contract import Admitted, Candidate, Limits, Reason, Rejected, Ticket
 from wsgate.admission.local import LocalDecision
+from wsgate.admission.pool_index import PoolIndex
 
 __all__ = ["MemoryStore", "take_tokens"]
 
@@ -31,6 +32,7 @@ class MemoryStore:
         # whose last one ends is deleted, so the map holds connected clients only.
         self._clients: Counter[str] = Counter()
         self._decision = LocalDecision(clock)
+        self._index = PoolIndex(self._active)
         self._close_tat: float | None = None
         self.on_excess: Callable[[str, int], None] | None = None  # never over: nothing to shed
 
@@ -61,9 +63,16 @@ class MemoryStore:
         client_key: str | None = None,
         least_loaded: bool = False,
         preferred: str | None = None,
+        first: Sequence[str] = (),
+        exclude: Collection[str] = (),
     ) -> Admitted | Rejected:
         return self.admit_now(
-            candidates, client_key=client_key, least_loaded=least_loaded, preferred=preferred
+            candidates,
+            client_key=client_key,
+            least_loaded=least_loaded,
+            preferred=preferred,
+            first=first,
+            exclude=exclude,
         )
 
     def admit_now(
@@ -73,21 +82,26 @@ class MemoryStore:
         client_key: str | None = None,
         least_loaded: bool = False,
         preferred: str | None = None,
+        first: Sequence[str] = (),
+        exclude: Collection[str] = (),
     ) -> Admitted | Rejected:
         """The decision itself, synchronous: usable from code that cannot await."""
+        limits = self._limits
+        if not candidates:
+            return Rejected(Reason.NO_HEALTHY_BACKEND, limits.no_capacity_retry_after)
+        index = self._index
+        index.offer(candidates)
+        choice = index.choose(
+            least_loaded=least_loaded, preferred=preferred, first=first, exclude=exclude
+        )
         decision = self._decision.admit(
-            candidates,
-            self._active,
-            self._limits,
-            client_key=client_key,
-            clients=self._clients,
-            least_loaded=least_loaded,
-            preferred=preferred,
+            choice, limits, client_key=client_key, clients=self._clients
         )
         if isinstance(decision, Rejected):
             return decision
         self._active[decision] += 1
-        counted = client_key if self._limits.max_connections_per_client is not None else None
+        index.changed(decision)
+        counted = client_key if limits.max_connections_per_client is not None else None
         if counted is not None:
             self._clients[counted] += 1
         return Admitted(Ticket(decision, client_key=counted))
@@ -99,9 +113,11 @@ class MemoryStore:
         if ticket.released:
             return
         ticket.released = True
-        self._active[ticket.backend_id] -= 1
-        if self._active[ticket.backend_id] <= 0:
-            del self._active[ticket.backend_id]
+        backend = ticket.backend_id
+        self._active[backend] -= 1
+        if self._active[backend] <= 0:
+            del self._active[backend]
+        self._index.changed(backend)
         client = ticket.client_key
         if client is not None:
             self._clients[client] -= 1

@@ -202,6 +202,7 @@ async def serve(
     try:
         await gateway.start()
     except OSError as error:
+        # Nothing to stop: the relay thread starts once the gateway listens.
         raise ConfigError(f"cannot listen on {config.listen}: {error.strerror}") from None
     admin = None
     if config.admin:

@@ -1,17 +1,23 @@
-"""Balancing policies: in which order to offer the healthy backends. No I/O here.
+"""Balancing policies: which backends to try first. No I/O here.
 
-A policy turns the healthy backends into an ordered list of candidates. The
-admission store then takes the first one with room (first fit), or, for
-``least_conn``, the least-loaded one by the global counts of all replicas, which
-only the store can see atomically. Affinity names one *preferred* backend that
-wins while it has room; when it is full the policy's order applies.
+The admission store holds the pool (the healthy backends with their caps) and
+decides: the affinity backend while it has room, then the policy's ``first``
+picks in order, then the least-loaded backend by the global counts of all
+replicas, which only the store can see atomically. A policy only names its
+few picks, in O(1) (the hash policy: one pass of hashing), so an admission
+costs the same whatever the pool's size:
+
+- ``least_conn``: no picks; the store's least loaded.
+- ``round_robin``: the next backends in this replica's rotation.
+- ``p2c``: two at random, the less loaded (by this replica's view) first.
+- ``hash``: the highest-random-weight backend for the client key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from wsgate.admission import Candidate
@@ -22,16 +28,18 @@ __all__ = [
     "cookie_token",
     "make_policy",
     "rendezvous_order",
+    "rendezvous_top",
 ]
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """What to ask the store: candidates in order, and how it should pick."""
+    """What to ask the store: the pool (unchanged), its picks, and how to fall back."""
 
-    candidates: list[Candidate]
+    candidates: Sequence[Candidate]
     least_loaded: bool
     preferred: str | None = None
+    first: tuple[str, ...] = ()
 
 
 def _score(key: str, backend_id: str) -> int:
@@ -44,21 +52,36 @@ def rendezvous_order(candidates: Sequence[Candidate], key: str) -> list[Candidat
     return sorted(candidates, key=lambda c: _score(key, c.backend_id), reverse=True)
 
 
+def rendezvous_top(
+    candidates: Sequence[Candidate], key: str, exclude: Collection[str] = ()
+) -> str | None:
+    """The first of :func:`rendezvous_order` not in ``exclude``, in one pass."""
+    best: tuple[int, str] | None = None
+    for candidate in candidates:
+        backend = candidate.backend_id
+        if backend in exclude:
+            continue
+        score = (_score(key, backend), backend)
+        if best is None or score > best:
+            best = score
+    return None if best is None else best[1]
+
+
 def cookie_token(backend_id: str) -> str:
     """The opaque affinity-cookie value naming a backend (not its address)."""
     return hashlib.blake2b(backend_id.encode(), digest_size=9).hexdigest()
 
 
 class Policy:
-    """Orders candidates for one connection. Subclasses set the order rule."""
+    """Picks for one connection. Subclasses set the pick rule."""
 
     name = "first_fit"
     least_loaded = False
 
-    def order(
+    def picks(
         self, candidates: Sequence[Candidate], key: str | None, load: Callable[[str], int]
-    ) -> list[Candidate]:
-        return list(candidates)
+    ) -> tuple[str, ...]:
+        return ()
 
     def plan(
         self,
@@ -68,23 +91,30 @@ class Policy:
         load: Callable[[str], int] = lambda _: 0,
         preferred: str | None = None,
     ) -> Plan:
-        return Plan(self.order(candidates, key, load), self.least_loaded, preferred)
+        return Plan(candidates, self.least_loaded, preferred, self.picks(candidates, key, load))
 
 
 class RoundRobin(Policy):
+    """The next backends of this replica's rotation; when they are full, the least loaded."""
+
     name = "round_robin"
+    least_loaded = True
+    tries = 3
 
     def __init__(self) -> None:
         self._next = 0
 
-    def order(
+    def picks(
         self, candidates: Sequence[Candidate], key: str | None, load: Callable[[str], int]
-    ) -> list[Candidate]:
-        if not candidates:
-            return []
-        start = self._next % len(candidates)
+    ) -> tuple[str, ...]:
+        count = len(candidates)
+        if not count:
+            return ()
+        start = self._next % count
         self._next = start + 1
-        return [*candidates[start:], *candidates[:start]]
+        return tuple(
+            candidates[(start + i) % count].backend_id for i in range(min(self.tries, count))
+        )
 
 
 class LeastConn(Policy):
@@ -96,32 +126,36 @@ class PowerOfTwo(Policy):
     """Two random candidates, the less loaded first (by this replica's view)."""
 
     name = "p2c"
+    least_loaded = True
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def order(
+    def picks(
         self, candidates: Sequence[Candidate], key: str | None, load: Callable[[str], int]
-    ) -> list[Candidate]:
+    ) -> tuple[str, ...]:
         if len(candidates) < 2:
-            return list(candidates)
+            return tuple(c.backend_id for c in candidates)
         first, second = self._rng.sample(range(len(candidates)), 2)
         a, b = candidates[first], candidates[second]
         if load(b.backend_id) / b.cap < load(a.backend_id) / a.cap:
             a, b = b, a
-        rest = [c for i, c in enumerate(candidates) if i not in (first, second)]
-        return [a, b, *rest]
+        return (a.backend_id, b.backend_id)
 
 
 class Hash(Policy):
     """Rendezvous hashing on the client key (its IP unless affinity names another)."""
 
     name = "hash"
+    least_loaded = True
 
-    def order(
+    def picks(
         self, candidates: Sequence[Candidate], key: str | None, load: Callable[[str], int]
-    ) -> list[Candidate]:
-        return rendezvous_order(candidates, key) if key is not None else list(candidates)
+    ) -> tuple[str, ...]:
+        if key is None:
+            return ()
+        top = rendezvous_top(candidates, key)
+        return () if top is None else (top,)
 
 
 _POLICIES: dict[str, Callable[[], Policy]] = {

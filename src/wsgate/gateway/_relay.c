@@ -19,19 +19,36 @@
  *   tracker (headers only, RFC 6455 section 5.2) so that a close frame asked
  *   for by the gateway is written between two frames, never inside one.
  * - The end: the first end of stream or error on either side ends the session
- *   and calls back into Python once. Bytes still waiting for a slow peer are
- *   flushed afterwards ("lingering") for at most `linger` seconds; a timerfd
- *   in the same epoll set cuts what is left.
+ *   and calls back into Python once (on_end). Bytes still waiting for a slow
+ *   peer are flushed afterwards ("lingering") for at most `linger` seconds; a
+ *   timerfd in the same epoll set cuts what is left, with a reset.
+ * - The backend's socket: when the relay closes it (at the end, after its
+ *   flush, or when the linger runs out) Python hears so once more
+ *   (on_backend_closed), after on_end if any. Until then the backend may still
+ *   count the session, so that is when the gateway frees its slot.
  *
- * Threads. The relay thread and Python's calls (add, close_gracefully, finish,
- * the counters) take one mutex; the relay thread never touches a Python object
- * or its reference count. It reports through an eventfd that the event loop
- * watches: report() then calls on_end(owner, outcome) for each ended session
- * and drops the relay's reference to the links it is done with. A link is let
- * go only when no batch of events can point at it any more: one the relay
- * thread closed, at the end of that batch (the next wait starts after the
- * close); one Python closed between two batches, after the next whole batch,
- * since that batch may have been fetched before the close.
+ * - Lingering links are on a list of their own: the once-a-second sweep that
+ *   cuts overdue flushes visits them and nothing else.
+ *
+ * Threads. The relay thread and Python's calls that change a link (add,
+ * close_gracefully, finish, report, close) take one mutex; the relay thread
+ * never touches a Python object or its reference count, and Python sets no
+ * exception and makes no call into Python while it holds the mutex. The
+ * counters Python reads (bytes, outcome, lingering, len) are atomic: reading
+ * them never waits for a batch. The relay reports through an eventfd that the
+ * event loop watches: report() then calls on_end(owner, outcome) for each ended
+ * session, on_backend_closed(owner) for each closed backend socket, and drops
+ * the relay's reference to the links it is done with. A link is let go only
+ * when no batch of events can point at it any more: one the relay thread
+ * closed, at the end of that batch (the next wait starts after the close); one
+ * Python closed between two batches, after the next whole batch, since that
+ * batch may have been fetched before the close.
+ *
+ * Lifetime. A relay holds a reference to each of its links and each link one
+ * to its relay and to its owner; both types take part in the collector, so a
+ * relay nobody closed and nobody refers to is found, stopped (its thread
+ * joined, its sockets closed) and freed with its links. Closing it is still
+ * the way to stop it at a known moment.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -50,6 +67,13 @@
 
 #define CLIENT 0
 #define BACKEND 1
+
+/* The counters Python reads (bytes, outcome, state, how many relay or linger)
+ * are written under the lock but read without it: written and read atomically,
+ * so a reader never waits for a batch to end. */
+#define LOAD(field) __atomic_load_n(&(field), __ATOMIC_RELAXED)
+#define STORE(field, value) __atomic_store_n(&(field), (value), __ATOMIC_RELAXED)
+#define ADD(field, value) __atomic_add_fetch(&(field), (value), __ATOMIC_RELAXED)
 #define OPCODE_CLOSE 0x8
 #define MAX_HEADER 14
 #define EVENTS_PER_RUN 256
@@ -302,8 +326,10 @@ typedef struct LinkObject {
     CloseFrames *close; /* set when the gateway closes: the frames wait for a boundary */
     struct timespec linger_since;
     struct LinkObject *prev, *next; /* the relay's list of links with open sockets */
+    struct LinkObject *linger_prev, *linger_next; /* its list of lingering links */
     struct LinkObject *next_ended;  /* on the relay's list of links to report */
     struct LinkObject *next_gone;   /* on one of its lists of links with no socket left */
+    struct LinkObject *next_backend_gone; /* on the relay's list of backend sockets closed */
     PyObject *owner; /* handed to on_end; Python's side only (touched with the GIL) */
 } LinkObject;
 
@@ -321,10 +347,13 @@ typedef struct RelayObject {
     size_t scratch_size;
     double linger;
     PyObject *on_end;
+    PyObject *on_backend_closed; /* or NULL */
     LinkObject *links; /* the relay holds a reference to each until it is freeable */
+    LinkObject *lingering_links; /* those of `links` that linger: what the sweep visits */
     Py_ssize_t count;  /* links relaying */
     Py_ssize_t lingering;
     LinkObject *ended;    /* to report */
+    LinkObject *backend_gone; /* backend socket closed: to report after `ended` */
     LinkObject *released; /* no socket left: closed by Python, or in the batch in progress */
     LinkObject *freeable; /* no batch can point at them any more */
 } RelayObject;
@@ -444,9 +473,18 @@ static void
 link_release(LinkObject *link)
 {
     RelayObject *relay = link->relay;
-    if (link->state == LINGERING && --relay->lingering == 0)
-        relay_arm_sweep(relay, 0);
-    link->state = CLOSED;
+    if (link->state == LINGERING) {
+        if (link->linger_prev)
+            link->linger_prev->linger_next = link->linger_next;
+        else
+            relay->lingering_links = link->linger_next;
+        if (link->linger_next)
+            link->linger_next->linger_prev = link->linger_prev;
+        link->linger_prev = link->linger_next = NULL;
+        if (ADD(relay->lingering, -1) == 0)
+            relay_arm_sweep(relay, 0);
+    }
+    STORE(link->state, CLOSED);
     if (link->prev)
         link->prev->next = link->next;
     else
@@ -465,8 +503,8 @@ link_end(LinkObject *link, int outcome, int report)
     if (link->state != RELAYING)
         return;
     RelayObject *relay = link->relay;
-    link->outcome = outcome;
-    relay->count--;
+    STORE(link->outcome, outcome);
+    ADD(relay->count, -1);
     int lingering = 0;
     for (int side = CLIENT; side <= BACKEND; side++) {
         End *end = &link->ends[side];
@@ -476,9 +514,14 @@ link_end(LinkObject *link, int outcome, int report)
             end_close(relay, end);
     }
     if (lingering) {
-        link->state = LINGERING;
+        STORE(link->state, LINGERING);
         clock_gettime(CLOCK_MONOTONIC, &link->linger_since);
-        if (relay->lingering++ == 0)
+        link->linger_prev = NULL;
+        link->linger_next = relay->lingering_links;
+        if (relay->lingering_links)
+            relay->lingering_links->linger_prev = link;
+        relay->lingering_links = link;
+        if (ADD(relay->lingering, 1) == 1)
             relay_arm_sweep(relay, 1);
         link_watch(link);
     }
@@ -494,15 +537,32 @@ link_end(LinkObject *link, int outcome, int report)
 static void
 end_close(RelayObject *relay, End *end)
 {
+    LinkObject *link = end->link;
     if (end->fd >= 0) {
         epoll_ctl(relay->epfd, EPOLL_CTL_DEL, end->fd, NULL);
         close(end->fd);
         end->fd = -1;
+        if (end->side == BACKEND) {
+            /* From now on the backend cannot count this session: Python may free its slot. */
+            link->next_backend_gone = relay->backend_gone;
+            relay->backend_gone = link;
+        }
     }
     out_free(&end->out);
-    LinkObject *link = end->link;
     if (link->state == LINGERING && link->ends[CLIENT].fd < 0 && link->ends[BACKEND].fd < 0)
         link_release(link);
+}
+
+/* Close a socket whose flush ran out of time: with a reset, so that its peer
+ * stops counting the connection now, not after reading what is left. */
+static void
+end_cut(RelayObject *relay, End *end)
+{
+    if (end->fd >= 0) {
+        struct linger now = {.l_onoff = 1, .l_linger = 0};
+        setsockopt(end->fd, SOL_SOCKET, SO_LINGER, &now, sizeof now);
+    }
+    end_close(relay, end);
 }
 
 /* Write what waits for this socket; -1 when the socket failed. */
@@ -572,7 +632,7 @@ link_inject(LinkObject *link)
 static void
 link_from_backend(LinkObject *link, const unsigned char *data, Py_ssize_t size)
 {
-    link->bytes_out += (unsigned long long)size;
+    ADD(link->bytes_out, (unsigned long long)size);
     Py_ssize_t boundary = tracker_feed(&link->tracker, data, size);
     End *client = &link->ends[CLIENT];
     if (link->close == NULL) {
@@ -605,7 +665,7 @@ link_readable(RelayObject *relay, End *end)
             link_from_backend(link, relay->scratch, size);
         }
         else {
-            link->bytes_in += (unsigned long long)size;
+            ADD(link->bytes_in, (unsigned long long)size);
             if (!link->injected)
                 end_send(&link->ends[BACKEND], relay->scratch, (size_t)size);
         }
@@ -652,16 +712,14 @@ relay_sweep(RelayObject *relay)
     drain_fd(relay->timerfd);
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
-    LinkObject *link = relay->links;
+    LinkObject *link = relay->lingering_links;
     while (link != NULL) {
-        LinkObject *next = link->next;
-        if (link->state == LINGERING) {
-            double waited = (double)(now.tv_sec - link->linger_since.tv_sec) +
-                            (double)(now.tv_nsec - link->linger_since.tv_nsec) / 1e9;
-            if (waited >= relay->linger) {
-                end_close(relay, &link->ends[CLIENT]);
-                end_close(relay, &link->ends[BACKEND]);
-            }
+        LinkObject *next = link->linger_next; /* the cut below takes it off the list */
+        double waited = (double)(now.tv_sec - link->linger_since.tv_sec) +
+                        (double)(now.tv_nsec - link->linger_since.tv_nsec) / 1e9;
+        if (waited >= relay->linger) {
+            end_cut(relay, &link->ends[CLIENT]);
+            end_cut(relay, &link->ends[BACKEND]);
         }
         link = next;
     }
@@ -708,28 +766,47 @@ relay_thread(void *arg)
         }
         relay->freeable = gone_append(gone_append(relay->freeable, retiring), relay->released);
         relay->released = NULL;
-        int report = relay->ended != NULL || relay->freeable != NULL;
+        int report = relay->ended != NULL || relay->backend_gone != NULL ||
+                     relay->freeable != NULL;
         pthread_mutex_unlock(&relay->lock);
         if (report)
             signal_fd(relay->reportfd);
     }
 }
 
-/* What report() does after taking the lists: call on_end, let go of links.
- * Runs on Python's thread with the GIL and without the lock. */
+/* What report() does after taking the lists: call on_end, then
+ * on_backend_closed, then let go of links. The lists are taken together, and a
+ * link's backend socket is closed no later than its end is recorded and before
+ * it can be freeable, so each link hears of its end first and of its backend
+ * socket after. Runs on Python's thread with the GIL and without the lock. */
 static void
-relay_deliver(RelayObject *relay, LinkObject *ended, LinkObject *freeable)
+relay_deliver(RelayObject *relay, LinkObject *ended, LinkObject *backend_gone,
+              LinkObject *freeable)
 {
     while (ended != NULL) {
         LinkObject *link = ended;
         ended = link->next_ended;
-        PyObject *owner = link->owner;
-        link->owner = NULL;
+        link->next_ended = NULL;
+        PyObject *owner = Py_XNewRef(link->owner); /* kept for on_backend_closed */
         if (owner != NULL && relay->on_end != NULL) {
             PyObject *result = PyObject_CallFunctionObjArgs(
                 relay->on_end, owner, outcome_strings[link->outcome], NULL);
             if (result == NULL)
                 PyErr_WriteUnraisable(relay->on_end);
+            Py_XDECREF(result);
+        }
+        Py_XDECREF(owner);
+    }
+    while (backend_gone != NULL) {
+        LinkObject *link = backend_gone;
+        backend_gone = link->next_backend_gone;
+        link->next_backend_gone = NULL;
+        PyObject *owner = link->owner; /* nothing more is said to it */
+        link->owner = NULL;
+        if (owner != NULL && relay->on_backend_closed != NULL) {
+            PyObject *result = PyObject_CallOneArg(relay->on_backend_closed, owner);
+            if (result == NULL)
+                PyErr_WriteUnraisable(relay->on_backend_closed);
             Py_XDECREF(result);
         }
         Py_XDECREF(owner);
@@ -745,9 +822,27 @@ relay_deliver(RelayObject *relay, LinkObject *ended, LinkObject *freeable)
 
 /* -- Link's Python face ----------------------------------------------------------------- */
 
+static int
+Link_traverse(LinkObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->owner);
+    Py_VISIT(self->relay);
+    return 0;
+}
+
+/* The owner only: the relay stays, since the link's fields are the relay's to
+ * change until it lets the link go (the relay's own clear does that). */
+static int
+Link_clear(LinkObject *self)
+{
+    Py_CLEAR(self->owner);
+    return 0;
+}
+
 static void
 Link_dealloc(LinkObject *self)
 {
+    PyObject_GC_UnTrack(self);
     for (int side = CLIENT; side <= BACKEND; side++)
         out_free(&self->ends[side].out);
     PyMem_RawFree(self->close);
@@ -797,7 +892,7 @@ Link_close_gracefully(LinkObject *self, PyObject *args)
         }
         link_watch(self);
     }
-    int report = relay->ended != NULL;
+    int report = relay->ended != NULL || relay->backend_gone != NULL;
     int kick = accepted && self->state == CLOSED; /* a failed send closed it: retire it */
     pthread_mutex_unlock(&relay->lock);
     PyMem_RawFree(frames); /* not taken: already closing or ended */
@@ -816,37 +911,31 @@ Link_finish(LinkObject *self, PyObject *unused)
     int was_relaying = self->state == RELAYING;
     link_end(self, OUTCOME_FINISHED, 0);
     int kick = was_relaying && self->state == CLOSED;
+    int report = relay->backend_gone != NULL;
     pthread_mutex_unlock(&relay->lock);
     if (kick)
         signal_fd(relay->kickfd); /* so that the relay thread retires it */
-    Py_CLEAR(self->owner);
+    if (report)
+        signal_fd(relay->reportfd); /* on_backend_closed, at once or after the flush */
     Py_RETURN_NONE;
 }
 
 static PyObject *
 Link_bytes_in(LinkObject *self, void *closure)
 {
-    pthread_mutex_lock(&self->relay->lock);
-    unsigned long long value = self->bytes_in;
-    pthread_mutex_unlock(&self->relay->lock);
-    return PyLong_FromUnsignedLongLong(value);
+    return PyLong_FromUnsignedLongLong(LOAD(self->bytes_in));
 }
 
 static PyObject *
 Link_bytes_out(LinkObject *self, void *closure)
 {
-    pthread_mutex_lock(&self->relay->lock);
-    unsigned long long value = self->bytes_out;
-    pthread_mutex_unlock(&self->relay->lock);
-    return PyLong_FromUnsignedLongLong(value);
+    return PyLong_FromUnsignedLongLong(LOAD(self->bytes_out));
 }
 
 static PyObject *
 Link_outcome(LinkObject *self, void *closure)
 {
-    pthread_mutex_lock(&self->relay->lock);
-    int outcome = self->outcome;
-    pthread_mutex_unlock(&self->relay->lock);
+    int outcome = LOAD(self->outcome);
     if (outcome == OUTCOME_NONE)
         Py_RETURN_NONE;
     return Py_NewRef(outcome_strings[outcome]);
@@ -855,10 +944,7 @@ Link_outcome(LinkObject *self, void *closure)
 static PyObject *
 Link_lingering(LinkObject *self, void *closure)
 {
-    pthread_mutex_lock(&self->relay->lock);
-    int lingering = self->state == LINGERING;
-    pthread_mutex_unlock(&self->relay->lock);
-    return PyBool_FromLong(lingering);
+    return PyBool_FromLong(LOAD(self->state) == LINGERING);
 }
 
 static PyMethodDef Link_methods[] = {
@@ -866,7 +952,8 @@ static PyMethodDef Link_methods[] = {
      "Write client_close at the next frame boundary, backend_close to the backend; "
      "False when already closing or ended."},
     {"finish", (PyCFunction)Link_finish, METH_NOARGS,
-     "End the session now (no on_end call); waiting bytes are still flushed."},
+     "End the session now (no on_end call); waiting bytes are still flushed, and "
+     "on_backend_closed follows once the backend's socket is closed."},
     {NULL},
 };
 
@@ -884,32 +971,53 @@ static PyTypeObject LinkType = {
     .tp_name = "wsgate.gateway._relay.Link",
     .tp_doc = "One session in a Relay: two sockets and what passed between them.",
     .tp_basicsize = sizeof(LinkObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_dealloc = (destructor)Link_dealloc,
+    .tp_traverse = (traverseproc)Link_traverse,
+    .tp_clear = (inquiry)Link_clear,
     .tp_methods = Link_methods,
     .tp_getset = Link_getset,
 };
 
 /* -- Relay's Python face ---------------------------------------------------------------- */
 
+static void relay_shut(RelayObject *self, int deliver);
+
+/* The relay holds one reference to each of its links until it lets it go, and
+ * each link one to the relay: the collector must see both, or a relay never
+ * closed would keep its thread and its links for ever. */
 static int
 Relay_traverse(RelayObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->on_end);
-    return 0;
+    Py_VISIT(self->on_backend_closed);
+    int failed = 0;
+    pthread_mutex_lock(&self->lock);
+    for (LinkObject *link = self->links; link != NULL && !failed; link = link->next)
+        failed = visit((PyObject *)link, arg);
+    LinkObject *lists[] = {self->released, self->freeable};
+    for (size_t i = 0; i < sizeof lists / sizeof lists[0]; i++)
+        for (LinkObject *link = lists[i]; link != NULL && !failed; link = link->next_gone)
+            failed = visit((PyObject *)link, arg);
+    pthread_mutex_unlock(&self->lock);
+    return failed;
 }
 
+/* An unreachable relay: stop it and let go of everything, calling no one. */
 static int
 Relay_clear(RelayObject *self)
 {
+    relay_shut(self, 0);
     Py_CLEAR(self->on_end);
+    Py_CLEAR(self->on_backend_closed);
     return 0;
 }
 
 /* Stop the thread, end every session without reporting it, close every
- * descriptor; report what had ended before and let go of every link. */
+ * descriptor; report what had ended before (when `deliver`) and let go of
+ * every link. */
 static void
-relay_shut(RelayObject *self)
+relay_shut(RelayObject *self, int deliver)
 {
     if (self->thread_started) {
         pthread_mutex_lock(&self->lock);
@@ -926,8 +1034,8 @@ relay_shut(RelayObject *self)
         LinkObject *link = self->links;
         link_end(link, OUTCOME_FINISHED, 0);
         if (link->state == LINGERING) {
-            end_close(self, &link->ends[CLIENT]);
-            end_close(self, &link->ends[BACKEND]);
+            end_cut(self, &link->ends[CLIENT]);
+            end_cut(self, &link->ends[BACKEND]);
         }
     }
     int *fds[] = {&self->epfd, &self->timerfd, &self->kickfd, &self->reportfd};
@@ -937,18 +1045,21 @@ relay_shut(RelayObject *self)
             *fds[i] = -1;
         }
     }
-    LinkObject *ended = self->ended;
+    LinkObject *ended = self->ended, *backend_gone = self->backend_gone;
     LinkObject *gone = gone_append(self->freeable, self->released);
-    self->ended = self->freeable = self->released = NULL;
+    self->ended = self->backend_gone = self->freeable = self->released = NULL;
     pthread_mutex_unlock(&self->lock);
-    relay_deliver(self, ended, gone);
+    if (deliver)
+        relay_deliver(self, ended, backend_gone, gone);
+    else
+        relay_deliver(self, NULL, NULL, gone);
 }
 
 static void
 Relay_dealloc(RelayObject *self)
 {
     PyObject_GC_UnTrack(self);
-    relay_shut(self);
+    relay_shut(self, 1);
     Relay_clear(self);
     PyMem_RawFree(self->scratch);
     pthread_mutex_destroy(&self->lock);
@@ -958,15 +1069,16 @@ Relay_dealloc(RelayObject *self)
 static PyObject *
 Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"on_end", "read_size", "linger", NULL};
-    PyObject *on_end;
+    static char *kwlist[] = {"on_end", "on_backend_closed", "read_size", "linger", NULL};
+    PyObject *on_end, *on_backend_closed = Py_None;
     Py_ssize_t read_size = 256 * 1024;
     double linger = 5.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$nd:Relay", kwlist, &on_end, &read_size,
-                                     &linger))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$Ond:Relay", kwlist, &on_end,
+                                     &on_backend_closed, &read_size, &linger))
         return NULL;
-    if (!PyCallable_Check(on_end)) {
-        PyErr_SetString(PyExc_TypeError, "on_end must be callable");
+    if (!PyCallable_Check(on_end) ||
+        (on_backend_closed != Py_None && !PyCallable_Check(on_backend_closed))) {
+        PyErr_SetString(PyExc_TypeError, "on_end and on_backend_closed must be callable");
         return NULL;
     }
     if (read_size < 1024 || linger < 0) {
@@ -986,6 +1098,7 @@ Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     self->scratch_size = (size_t)read_size;
     self->on_end = Py_NewRef(on_end);
+    self->on_backend_closed = on_backend_closed == Py_None ? NULL : Py_NewRef(on_backend_closed);
     self->epfd = epoll_create1(EPOLL_CLOEXEC);
     self->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     self->kickfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -1033,7 +1146,7 @@ Relay_add(RelayObject *self, PyObject *args)
     if (self->epfd < 0)
         PyErr_SetString(PyExc_ValueError, "the relay is closed");
     else
-        link = PyObject_New(LinkObject, &LinkType);
+        link = PyObject_GC_New(LinkObject, &LinkType);
     if (link == NULL) {
         PyBuffer_Release(&rest);
         close(client_fd);
@@ -1049,6 +1162,7 @@ Relay_add(RelayObject *self, PyObject *args)
     link->close = NULL;
     link->owner = Py_NewRef(owner);
     link->prev = link->next = link->next_ended = link->next_gone = NULL;
+    link->linger_prev = link->linger_next = link->next_backend_gone = NULL;
     int fds[2] = {client_fd, backend_fd};
     for (int side = CLIENT; side <= BACKEND; side++) {
         End *end = &link->ends[side];
@@ -1058,31 +1172,30 @@ Relay_add(RelayObject *self, PyObject *args)
         end->interest = 0;
         memset(&end->out, 0, sizeof end->out);
     }
+    PyObject_GC_Track(link);
     Py_INCREF(link); /* the relay's, until the link is freeable */
     pthread_mutex_lock(&self->lock);
     link->next = self->links;
     if (self->links)
         self->links->prev = link;
     self->links = link;
-    self->count++;
-    int registered = 1;
+    ADD(self->count, 1);
+    int registered = 1, failure = 0;
     for (int side = CLIENT; side <= BACKEND && registered; side++) {
         End *end = &link->ends[side];
         struct epoll_event event = {.events = EPOLLIN, .data.ptr = end};
         if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, end->fd, &event) == 0)
             end->interest = EPOLLIN;
         else
-            registered = 0;
+            registered = 0, failure = errno;
     }
-    if (!registered) {
-        PyErr_SetFromErrno(PyExc_OSError);
+    if (!registered)
         link_end(link, OUTCOME_FINISHED, 0);
-    }
     else if (rest.len) {
         link_from_backend(link, rest.buf, rest.len);
         link_watch(link);
     }
-    int report = self->ended != NULL;
+    int report = self->ended != NULL || self->backend_gone != NULL;
     int kick = link->state == CLOSED;
     pthread_mutex_unlock(&self->lock);
     PyBuffer_Release(&rest);
@@ -1091,6 +1204,9 @@ Relay_add(RelayObject *self, PyObject *args)
     if (kick)
         signal_fd(self->kickfd);
     if (!registered) {
+        /* Set only now: no Python call is made while the relay thread may wait. */
+        errno = failure;
+        PyErr_SetFromErrno(PyExc_OSError);
         Py_CLEAR(link->owner);
         Py_DECREF(link);
         return NULL;
@@ -1104,36 +1220,31 @@ Relay_report(RelayObject *self, PyObject *unused)
     pthread_mutex_lock(&self->lock);
     if (self->reportfd >= 0)
         drain_fd(self->reportfd);
-    LinkObject *ended = self->ended, *freeable = self->freeable;
-    self->ended = self->freeable = NULL;
+    LinkObject *ended = self->ended, *backend_gone = self->backend_gone;
+    LinkObject *freeable = self->freeable;
+    self->ended = self->backend_gone = self->freeable = NULL;
     pthread_mutex_unlock(&self->lock);
-    relay_deliver(self, ended, freeable);
+    relay_deliver(self, ended, backend_gone, freeable);
     Py_RETURN_NONE;
 }
 
 static PyObject *
 Relay_close(RelayObject *self, PyObject *unused)
 {
-    relay_shut(self);
+    relay_shut(self, 1);
     Py_RETURN_NONE;
 }
 
 static Py_ssize_t
 Relay_len(RelayObject *self)
 {
-    pthread_mutex_lock(&self->lock);
-    Py_ssize_t count = self->count;
-    pthread_mutex_unlock(&self->lock);
-    return count;
+    return LOAD(self->count);
 }
 
 static PyObject *
 Relay_lingering(RelayObject *self, void *closure)
 {
-    pthread_mutex_lock(&self->lock);
-    Py_ssize_t lingering = self->lingering;
-    pthread_mutex_unlock(&self->lock);
-    return PyLong_FromSsize_t(lingering);
+    return PyLong_FromSsize_t(LOAD(self->lingering));
 }
 
 static PyMethodDef Relay_methods[] = {
@@ -1142,7 +1253,8 @@ static PyMethodDef Relay_methods[] = {
     {"add", (PyCFunction)Relay_add, METH_VARARGS,
      "add(client_fd, backend_fd, rest, owner) -> Link. Takes the two sockets (closed "
      "by the relay from now on, even on error); rest goes to the client first, as if "
-     "the backend had just sent it; owner is passed to on_end(owner, outcome)."},
+     "the backend had just sent it; owner is passed to on_end(owner, outcome) and "
+     "to on_backend_closed(owner)."},
     {"report", (PyCFunction)Relay_report, METH_NOARGS,
      "Call on_end for the sessions that ended; let go of the links the relay is done with."},
     {"close", (PyCFunction)Relay_close, METH_NOARGS,
@@ -1163,7 +1275,8 @@ static PySequenceMethods Relay_as_sequence = {
 static PyTypeObject RelayType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "wsgate.gateway._relay.Relay",
-    .tp_doc = "Relay(on_end, *, read_size=262144, linger=5.0): established sessions, "
+    .tp_doc = "Relay(on_end, *, on_backend_closed=None, read_size=262144, linger=5.0): "
+              "established sessions, "
               "relayed in C by a thread of their own.",
     .tp_basicsize = sizeof(RelayObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,

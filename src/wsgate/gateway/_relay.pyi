@@ -37,6 +37,7 @@ class Relay:
         self,
         on_end: Callable[[Any, str], object],
         *,
+        on_backend_closed: Callable[[Any], object] | None = None,
         read_size: int = 262144,
         linger: float = 5.0,
     ) -> None: ...

@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Sequence
 
 from wsgate.admission import AdmissionStore, Admitted, Candidate, Reason, Rejected, Ticket
-from wsgate.balancing import Policy, cookie_token, rendezvous_order
-from wsgate.config import Config
+from wsgate.balancing import Policy, cookie_token, rendezvous_top
+from wsgate.config import RouteConfig
 from wsgate.gateway.head import Header, RequestHead
 from wsgate.gateway.reservation import Reservation
 from wsgate.gateway.stats import Stats
@@ -36,13 +37,13 @@ class Admission:
 
     def __init__(
         self,
-        config: Config,
+        config: RouteConfig,
         store: AdmissionStore,
         pool: BackendPool,
         policy: Policy,
         stats: Stats,
     ):
-        self.config = config  # a reload replaces it (and the policy)
+        self.config = config  # the route's keys; a reload replaces them (and the policy)
         self.store = store
         self.pool = pool
         self.policy = policy
@@ -101,14 +102,22 @@ class Admission:
         return [(b"Set-Cookie", cookie.encode())]
 
     def _affinity(
-        self, head: RequestHead, client_ip: str, candidates: list[Candidate]
+        self,
+        head: RequestHead,
+        client_ip: str,
+        candidates: Sequence[Candidate],
+        exclude: set[str],
     ) -> tuple[str | None, str]:
         """(the affine backend, the hash key) of this request under the affinity setting."""
         affinity = self.config.affinity
         if affinity.by == "cookie":
             token = head.cookie(affinity.cookie)
             backend_id = self._cookie_ids.get(token) if token else None
-            known = any(c.backend_id == backend_id for c in candidates)
+            known = (
+                backend_id is not None
+                and backend_id not in exclude
+                and self.pool.is_candidate(backend_id)
+            )
             return (backend_id if known else None), client_ip
         key = client_ip
         if affinity.by == "header":
@@ -119,7 +128,7 @@ class Admission:
         elif affinity.by != "ip":
             return None, client_ip
         # Rendezvous over the healthy backends: stable per key, little churn on change.
-        return (rendezvous_order(candidates, key)[0].backend_id if candidates else None), key
+        return rendezvous_top(candidates, key, exclude), key
 
     def _global_load(self, backend_id: str) -> int:
         return self.store.global_counts().get(backend_id, 0)
@@ -127,10 +136,12 @@ class Admission:
     async def _decide(
         self, head: RequestHead, client_ip: str, exclude: set[str]
     ) -> tuple[Decision, str | None]:
+        # The pool's own tuple, unchanged until the pool changes: the store then
+        # knows it already, and the excluded backends travel by name.
         candidates = self.pool.candidates()
-        if exclude:
-            candidates = [c for c in candidates if c.backend_id not in exclude]
-        preferred, key = self._affinity(head, client_ip, candidates)
+        if exclude and sum(map(self.pool.is_candidate, exclude)) >= len(candidates):
+            candidates = ()  # every healthy backend was tried: none is left
+        preferred, key = self._affinity(head, client_ip, candidates, exclude)
         plan = self.policy.plan(candidates, key=key, load=self._global_load, preferred=preferred)
         started = time.perf_counter()
         decision = await self.store.admit(
@@ -138,6 +149,8 @@ class Admission:
             client_key=client_ip,
             least_loaded=plan.least_loaded,
             preferred=plan.preferred,
+            first=plan.first,
+            exclude=exclude,
         )
         self.stats.admission_latency.observe(time.perf_counter() - started)
         if isinstance(decision, Admitted):

@@ -3,7 +3,7 @@
 A session handed to the relay holds two descriptors more until uvloop closes
 its own on the next loop iteration. At the limit that would fail a session
 already answered ``101``; a spare makes room instead, and is taken back once
-uvloop's descriptors are closed.
+uvloop's descriptors are closed (:meth:`SpareDescriptors.refill_soon`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,19 @@ class SpareDescriptors:
         if not self._fds:
             return False
         os.close(self._fds.pop())
-        asyncio.get_running_loop().call_later(0.001, self.refill)
         return True
+
+    def refill_soon(self) -> None:
+        """After a hand-over has aborted its transports: take back the spares it used.
+
+        ``abort()`` closes a transport's socket in a callback it schedules with
+        ``call_soon``, so one scheduled after it runs once the socket is closed.
+        (A timer would not do: when the loop is slow, a timer due in 1 ms fires
+        before the ready callbacks, the descriptors are still open, the spares are
+        not taken back, and the hand-overs that follow find none.)
+        """
+        if len(self._fds) < self.count:
+            asyncio.get_running_loop().call_soon(self.refill)
 
     def refill(self) -> None:
         while len(self._fds) < self.count:

@@ -30,8 +30,8 @@ log = logging.getLogger("wsgate.downstream")
 PIPELINE_LIMIT = 16
 
 
-def request_problem(head: RequestHead) -> str | None:
-    """Why a request is refused before admission (400), or None."""
+def upgrade_problem(head: RequestHead) -> str | None:
+    """Why an upgrade is refused before admission (400), or None."""
     if head.upgrade and head.is_websocket:
         return websocket_problem(head)
     if head.upgrade:
@@ -178,7 +178,7 @@ class Downstream(Client):
     async def _exchange(self, request: Request) -> bool:
         """Forward one request; return whether the client connection stays open."""
         head = request.head
-        problem = request_problem(head)
+        problem = upgrade_problem(head)
         if problem is not None:
             self.answer_bad_request(400, problem)
             return False

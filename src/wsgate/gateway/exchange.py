@@ -6,7 +6,9 @@ next candidate when one cannot be reached), writes the request, and rewrites
 the response the backend's :class:`~wsgate.gateway.upstream.Upstream` reports
 to it (as a :class:`~wsgate.gateway.upstream.ResponseSink`). Its
 :class:`~wsgate.gateway.reservation.Reservation` is released when the
-exchange ends, however it ends, unless a ``101`` committed it to a session.
+exchange ends, however it ends, unless it was committed: to a session by a
+``101``, or to an upstream connection cut short, which releases it once its
+socket is closed (until then the backend still counts the request).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 
 from wsgate.admission import Reason, Rejected
 from wsgate.gateway.access_log import Record
+from wsgate.gateway.admit import Admission
 from wsgate.gateway.connector import ConnectFailed, OutOfResources
 from wsgate.gateway.flow import Endpoint
 from wsgate.gateway.head import (
@@ -87,7 +90,7 @@ class Exchange:
     )  # fmt: skip
 
     def __init__(
-        self, plane: Plane, route: Route, client: Client, request: Request, client_ip: str
+        self, plane: Plane, route: Route | None, client: Client, request: Request, client_ip: str
     ):
         self.plane = plane
         self.route = route
@@ -116,6 +119,11 @@ class Exchange:
         if plane.draining:
             self._reject(Rejected(Reason.DRAINING, 1.0), close=True)
             return False
+        if route is None:
+            # No backend is asked and no slot or token spent: a 404 without Retry-After.
+            close = not (keep_alive and request.ended)
+            self._reject(Rejected(Reason.NO_ROUTE, 0.0), close=close)
+            return not close
         tried: set[str] = set()
         while len(tried) < plane.config.connect_attempts:
             decision, preferred = await route.admission.admit(head, self.client_ip, exclude=tried)
@@ -166,6 +174,8 @@ class Exchange:
         )  # fmt: skip
         backend.admitted_total += 1
         plane.stats.admitted_total += 1
+        assert self.route is not None
+        self.route.admitted_total += 1
         self.finished = finished = plane.loop.create_future()
         client.peer, upstream.peer = upstream, client  # flow control, both ways
         upstream.begin(self, head_request=head.method == b"HEAD", upgrade=head.upgrade)
@@ -190,8 +200,10 @@ class Exchange:
         try:
             ending = await finished
         except asyncio.CancelledError:
-            # The client went away mid-exchange.
+            # The client went away mid-exchange: the backend counts the request until
+            # the connection to it is closed.
             upstream.abandon()
+            upstream.release_when_closed(reservation)
             plane.log.finished(record, Outcome.CLIENT_CLOSED)
             raise
         finally:
@@ -201,8 +213,12 @@ class Exchange:
     def _after(self, ending: Ending) -> bool:
         """Account for the response's end; whether the client connection stays open."""
         plane, route = self.plane, self.route
-        backend, upstream, record = self.backend, self.upstream, self.record
+        assert route is not None  # an admitted exchange has its route
+        backend, upstream, record, reservation = (
+            self.backend, self.upstream, self.record, self.reservation,
+        )  # fmt: skip
         assert backend is not None and upstream is not None and record is not None
+        assert reservation is not None
         head = self.request.head
         if ending is Ending.UPGRADED:
             route.pool.record_success(backend)
@@ -217,7 +233,9 @@ class Exchange:
             plane.log.finished(record, Outcome.OK if record.status < 500 else Outcome.BACKEND_ERROR)
             if head.upgrade:
                 upstream.abandon()  # a refused upgrade leaves the connection in no known state
+                upstream.release_when_closed(reservation)
             else:
+                # The backend has answered in full: the slot is free as the block ends.
                 plane.connector.give_back(upstream)
             return keep and not plane.draining
         # The backend failed before or during the response.
@@ -228,12 +246,16 @@ class Exchange:
                 error_response(502, Reason.BACKEND_UNREACHABLE, retry_after=1.0, close=True)
             )
             record.status = 502
+        upstream.abandon()
+        upstream.release_when_closed(reservation)
         plane.log.finished(record, ending)
         return False
 
     def _reject(self, decision: Rejected, *, close: bool) -> None:
         plane = self.plane
         plane.stats.rejected[decision.reason] += 1
+        if self.route is not None:
+            self.route.rejected[decision.reason] += 1
         retry = decision.retry_after if decision.retry_after > 0 else None
         self.client.write(
             error_response(decision.status, decision.reason, retry_after=retry, close=close)
@@ -243,6 +265,11 @@ class Exchange:
             outcome=decision.reason, request_id=self.request_id,
             duration=time.monotonic() - self.started,
         )  # fmt: skip
+
+    @property
+    def _admission(self) -> Admission:
+        assert self.route is not None  # an admitted exchange has its route
+        return self.route.admission
 
     # -- the request body, as the downstream receives it ----------------------------------
     def request_body(self, data: bytes) -> None:
@@ -267,7 +294,7 @@ class Exchange:
         )
         self.chunked_out = chunked
         keep = request.keep_alive and not request.upgrade and not self.plane.draining
-        extra = self.route.admission.cookie_headers(self.backend.id, request)
+        extra = self._admission.cookie_headers(self.backend.id, request)
         self.client.write(render_response(head, keep_alive=keep, chunked=chunked, extra=extra))
 
     def response_body(self, data: bytes) -> None:
@@ -291,7 +318,7 @@ class Exchange:
         )  # fmt: skip
         assert backend is not None and upstream is not None and upstream.transport is not None
         assert record is not None and reservation is not None
-        extra = self.route.admission.cookie_headers(backend.id, self.request.head)
+        extra = self._admission.cookie_headers(backend.id, self.request.head)
         self.client.write(render_response(head, keep_alive=False, chunked=False, extra=extra))
         self._finish(Ending.UPGRADED)
         client_transport = self.client.upgrade()

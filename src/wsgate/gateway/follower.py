@@ -13,11 +13,11 @@ import logging
 from collections.abc import Callable, Iterable
 
 from wsgate.config import BackendSpec, ConfigError, DnsDiscovery, FileDiscovery
-from wsgate.gateway.frames import CloseCode
 from wsgate.gateway.outcomes import CloseReason
 from wsgate.upstreams.discovery import BackendSource, source_for
 from wsgate.upstreams.health import HealthChecker
 from wsgate.upstreams.pool import BackendPool
+from wsgate.wire import CloseCode
 
 __all__ = ["BackendFollower", "discovery_source"]
 

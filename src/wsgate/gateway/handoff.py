@@ -17,7 +17,7 @@ from typing import Protocol
 
 from wsgate.gateway.outcomes import Outcome
 
-__all__ = ["HandOver", "Handoff", "Receiver", "hand_over"]
+__all__ = ["HandOver", "Handoff", "Receiver", "Spares", "hand_over"]
 
 
 class Receiver(Protocol):
@@ -28,6 +28,18 @@ class Receiver(Protocol):
     def finish(self, outcome: str) -> None: ...
 
 
+class Spares(Protocol):
+    """Descriptors kept for hand-overs at the open-files limit (:mod:`.descriptors`)."""
+
+    def take(self) -> bool:
+        """Free one so a descriptor can be opened; False when none is left."""
+        ...
+
+    def refill_soon(self) -> None:
+        """Take back those used, once the aborted transports' sockets are closed."""
+        ...
+
+
 class Handoff(asyncio.Protocol):
     """A new session's two transports, until uvloop has written what it holds for them.
 
@@ -35,7 +47,7 @@ class Handoff(asyncio.Protocol):
     last byte has left; the sockets then go to the receiver.
     """
 
-    __slots__ = ("backend_transport", "client_transport", "receiver", "rest", "spare")
+    __slots__ = ("backend_transport", "client_transport", "receiver", "rest", "spares")
 
     def __init__(
         self,
@@ -43,13 +55,13 @@ class Handoff(asyncio.Protocol):
         client_transport: asyncio.Transport,
         backend_transport: asyncio.Transport,
         rest: bytes,
-        spare: Callable[[], bool],
+        spares: Spares,
     ):
         self.receiver: Receiver | None = receiver
         self.client_transport = client_transport
         self.backend_transport = backend_transport
         self.rest = rest
-        self.spare = spare
+        self.spares = spares
         for transport in (client_transport, backend_transport):
             transport.set_protocol(self)
             transport.pause_reading()  # the relay reads from here on
@@ -63,7 +75,7 @@ class Handoff(asyncio.Protocol):
         ):
             return
         self.receiver = None
-        _hand_over(receiver, self.client_transport, self.backend_transport, self.rest, self.spare)
+        _hand_over(receiver, self.client_transport, self.backend_transport, self.rest, self.spares)
 
     def abort(self) -> None:
         """Give both transports up (the session ended before the hand-over); once."""
@@ -83,7 +95,7 @@ class Handoff(asyncio.Protocol):
 
 # How a new session's sockets reach the relay: hand_over, or a test's stand-in.
 HandOver = Callable[
-    [Receiver, asyncio.Transport, asyncio.Transport, bytes, Callable[[], bool]], "Handoff | None"
+    [Receiver, asyncio.Transport, asyncio.Transport, bytes, Spares], "Handoff | None"
 ]
 
 
@@ -92,16 +104,16 @@ def hand_over(
     client_transport: asyncio.Transport,
     backend_transport: asyncio.Transport,
     rest: bytes,
-    spare: Callable[[], bool],
+    spares: Spares,
 ) -> Handoff | None:
     """Give ``receiver`` both sockets now, or a :class:`Handoff` that will once written.
 
-    ``spare`` frees a descriptor kept for this moment, when duplicating one
-    hits the open-files limit (see :class:`~wsgate.gateway.descriptors.SpareDescriptors`).
+    ``spares`` free a descriptor kept for this moment when duplicating one hits
+    the open-files limit (see :class:`~wsgate.gateway.descriptors.SpareDescriptors`).
     """
     if client_transport.get_write_buffer_size() or backend_transport.get_write_buffer_size():
-        return Handoff(receiver, client_transport, backend_transport, rest, spare)
-    _hand_over(receiver, client_transport, backend_transport, rest, spare)
+        return Handoff(receiver, client_transport, backend_transport, rest, spares)
+    _hand_over(receiver, client_transport, backend_transport, rest, spares)
     return None
 
 
@@ -110,38 +122,41 @@ def _hand_over(
     client_transport: asyncio.Transport,
     backend_transport: asyncio.Transport,
     rest: bytes,
-    spare: Callable[[], bool],
+    spares: Spares,
 ) -> None:
     """Give the receiver a descriptor of each socket, then let the transports go.
 
     Aborting a transport closes only its own descriptor (libuv takes it out of
     its epoll set first): the sockets stay open through the duplicates. uvloop
     closes its descriptors one loop iteration later, so for that moment the
-    session holds two more.
+    session holds two more; the spares used for them come back after that.
     """
     try:
-        client_fd = _duplicate(client_transport, spare)
+        client_fd = _duplicate(client_transport, spares)
     except OSError:
         _abort(client_transport, backend_transport)
+        spares.refill_soon()
         receiver.finish(Outcome.CLIENT_ERROR)
         return
     try:
-        backend_fd = _duplicate(backend_transport, spare)
+        backend_fd = _duplicate(backend_transport, spares)
     except OSError:
         os.close(client_fd)
         _abort(client_transport, backend_transport)
+        spares.refill_soon()
         receiver.finish(Outcome.BACKEND_ERROR)
         return
     _abort(client_transport, backend_transport)
+    spares.refill_soon()
     receiver.relay(client_fd, backend_fd, rest)
 
 
-def _duplicate(transport: asyncio.Transport, spare: Callable[[], bool]) -> int:
+def _duplicate(transport: asyncio.Transport, spares: Spares) -> int:
     fd = transport.get_extra_info("socket").fileno()
     try:
         return os.dup(fd)
     except OSError as error:
-        if error.errno != errno.EMFILE or not spare():
+        if error.errno != errno.EMFILE or not spares.take():
             raise
         return os.dup(fd)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -22,6 +23,7 @@ __all__ = [
     "error_response",
     "render_request",
     "render_response",
+    "request_problem",
     "retry_after_seconds",
     "websocket_problem",
 ]
@@ -106,23 +108,54 @@ def cookie_value(cookie_headers: Iterable[bytes], name: str) -> str | None:
     return None
 
 
+# RFC 9110 7.2: Host = uri-host [ ":" port ], uri-host an IP-literal or a reg-name
+# (RFC 3986 3.2.2); empty when the target has no authority.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]*)?\Z")
+
+
+def request_problem(head: RequestHead) -> str | None:
+    """Why this request must be answered 400 before anything else (RFC 9112 3.2), or None.
+
+    Only HTTP/1.0 and HTTP/1.1 are spoken: llhttp reads a request-line without a
+    version as HTTP/0.9, which RFC 9112's grammar has no room for. An HTTP/1.1
+    request needs exactly one ``Host``, and a valid one; an HTTP/1.0 request may
+    have none. A ``Transfer-Encoding`` must end in ``chunked``.
+    """
+    if head.version not in ("1.0", "1.1"):
+        return "only HTTP/1.0 and HTTP/1.1 requests are served"
+    codings = b",".join(head.values(b"transfer-encoding")).split(b",")
+    if codings != [b""] and codings[-1].strip(b" \t").lower() != b"chunked":
+        # llhttp lets this through on an upgrade; the RFC says 400 (RFC 9112 6.1).
+        return "Transfer-Encoding must end in chunked"
+    hosts = head.values(b"host")
+    if len(hosts) > 1:
+        return "more than one Host header"
+    if not hosts:
+        return "missing Host header" if head.version != "1.0" else None
+    if not _HOST.match(hosts[0]):
+        return "invalid Host header"
+    return None
+
+
 def websocket_problem(head: RequestHead) -> str | None:
     """Why this upgrade request is not a valid WebSocket handshake (RFC 6455 4.2.1), or None."""
     if head.method != b"GET":
         return "a WebSocket handshake must use GET"
     if head.version != "1.1":
         return "a WebSocket handshake needs HTTP/1.1"
-    key = head.get(b"sec-websocket-key")
-    if key is None:
+    # Each of these appears once in a request (RFC 6455 11.3.1, 11.3.5).
+    keys = head.values(b"sec-websocket-key")
+    if not keys:
         return "missing Sec-WebSocket-Key"
+    if len(keys) > 1:
+        return "more than one Sec-WebSocket-Key"
     try:
-        if len(base64.b64decode(key.strip(), validate=True)) != 16:
+        if len(base64.b64decode(keys[0], validate=True)) != 16:
             return "Sec-WebSocket-Key must be 16 bytes in base64"
     except (binascii.Error, ValueError):
         return "Sec-WebSocket-Key is not base64"
-    version = head.get(b"sec-websocket-version")
-    if version is None or version.strip() != b"13":
-        return "Sec-WebSocket-Version must be 13"
+    if head.values(b"sec-websocket-version") != [b"13"]:
+        return "Sec-WebSocket-Version must be 13, once"
     return None
 
 

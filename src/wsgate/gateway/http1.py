@@ -13,7 +13,7 @@ from typing import Any
 
 import httptools
 
-from wsgate.gateway.head import RequestHead, ResponseHead
+from wsgate.gateway.head import RequestHead, ResponseHead, request_problem
 
 __all__ = [
     "BadMessage",
@@ -141,6 +141,9 @@ class RequestReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self._head is not None
+        # llhttp drops the whitespace before a value; the field's value has none after
+        # either (RFC 9112 5), and a backend must not be given a choice there.
+        value = value.rstrip(b" \t")
         self._head.headers.append((name, value))
         self._head_size += len(name) + len(value) + 4
 
@@ -160,6 +163,9 @@ class RequestReader:
             head.chunked, head.content_length = _framing(head)
         except ValueError:
             raise BadMessage(400, "invalid Content-Length") from None
+        problem = request_problem(head)
+        if problem is not None:
+            raise BadMessage(400, problem)
         self._in_head = False
         self._head_bytes = 0
         self._events.append(Head(head))

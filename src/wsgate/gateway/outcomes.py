@@ -61,3 +61,4 @@ class CloseReason(StrEnum):
     REBALANCE = "rebalance"
     MAX_DURATION = "max_duration"
     EXCESS = "excess"
+    ROUTE_REMOVED = "route_removed"

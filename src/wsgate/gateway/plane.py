@@ -11,6 +11,7 @@ and writes only ``config`` (on reload) and ``draining``; the data plane reads.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,10 +29,14 @@ __all__ = ["ClientAddress", "Plane", "Route"]
 
 @dataclass(eq=False, slots=True)
 class Route:
-    """Where a request goes: a pool of backends and the admission that guards it."""
+    """Where a request goes: a pool of backends and the admission that guards it,
+    and what this replica answered on it (the data plane counts)."""
 
     pool: BackendPool
     admission: Admission
+    name: str = "default"
+    admitted_total: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)  # by reason
 
 
 class ClientAddress:
@@ -60,6 +65,6 @@ class Plane:
     log: RequestLog
     connector: Connector
     sessions: Sessions
-    route_for: Callable[[RequestHead], Route]
+    route_for: Callable[[RequestHead], Route | None]  # None: no route matches (404)
     client_address: ClientAddress = field(default_factory=ClientAddress)
     draining: bool = False

@@ -15,15 +15,15 @@ import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Iterable
 
 from wsgate.admission import AdmissionStore
 from wsgate.config import Config
-from wsgate.gateway.frames import CloseCode
 from wsgate.gateway.outcomes import CloseReason
-from wsgate.gateway.session import Session, Sessions
-from wsgate.gateway.store import refresh_counts
+from wsgate.gateway.session import Session
 from wsgate.upstreams.pool import BackendPool
 from wsgate.upstreams.rebalance import ArrivalEstimate, local_share, plan_moves, spread
+from wsgate.wire import CloseCode
 
 __all__ = ["RECONNECT_WINDOW", "Rebalancer"]
 
@@ -35,12 +35,12 @@ RECONNECT_WINDOW = 10.0
 
 class Rebalancer:
     def __init__(
-        self, config: Config, store: AdmissionStore, pool: BackendPool, sessions: Sessions
+        self, config: Config, store: AdmissionStore, pool: BackendPool, sessions: Iterable[Session]
     ):
         self.config = config  # a reload replaces it
         self.store = store
         self.pool = pool
-        self.sessions = sessions
+        self.sessions = sessions  # the live sessions on this pool's backends
         self.draining = False
         self._arrivals = ArrivalEstimate(RECONNECT_WINDOW)
 
@@ -104,7 +104,7 @@ class Rebalancer:
             self._arrivals.observe(now(), sum(counts.values()))
             return []
         # The plan must come from counts as fresh as the store can give.
-        await refresh_counts(self.store)
+        await self.store.refresh()
         counts = self.store.global_counts()
         mine: dict[str, list[Session]] = {}
         closing: Counter[str] = Counter()

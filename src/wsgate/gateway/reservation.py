@@ -4,9 +4,10 @@ The store hands out a :class:`~wsgate.admission.Ticket` per admitted
 connection. A :class:`Reservation` wraps it for the data plane: used as a
 context manager by the exchange, it releases the slot when the block ends,
 however it ends (rejected by the backend, a failed connect, the client
-leaving, an error, the end of an HTTP response), unless it was *committed*.
-A committed reservation belongs to a session, which releases it once, when
-the backend's side of the session is closed.
+leaving, an error, the end of an HTTP response), unless it was *committed*. A committed
+reservation belongs to an owner that releases it once, when the gateway's
+socket toward the backend is closed: a session (the relay says when), or an
+upstream connection cut short mid-request.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Reservation:
         return self.ticket.backend_id
 
     def commit(self) -> None:
-        """Hand the slot to a longer-lived owner (a session), which must release it."""
+        """Hand the slot to an owner (a session, a closing upstream), which releases it."""
         self.committed = True
 
     def release(self) -> None:

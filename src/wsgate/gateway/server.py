@@ -6,11 +6,10 @@ no part holds the gateway:
 - the data plane (:class:`~.plane.Plane`: downstream → exchange → upstream →
   session → relay), reached through the :class:`~.listener.Listener`, or with
   TLS or PROXY protocol through the :class:`~wsgate.edge.listener.EdgeListener`;
-- :class:`~.admit.Admission` (policy, affinity, store, queue, cookie) for the
-  one :class:`~.plane.Route` there is;
-- the :class:`~.follower.BackendFollower` (static list or discovery), the
-  health checks, the :class:`~.rebalancer.Rebalancer`, the
-  :class:`~.descriptors.SpareDescriptors`, the :class:`~.access_log.RequestLog`.
+- the :class:`~.routes.Routes`: the table that gives each request its route,
+  and per route its pool, health checks, backend follower, admission (policy,
+  affinity, queue, cookie), store and rebalancer;
+- the :class:`~.descriptors.SpareDescriptors`, the :class:`~.access_log.RequestLog`.
 
 The gateway itself starts and stops them, drains, keeps house once a second,
 and applies a reloaded config to each. Everything runs on one event loop.
@@ -28,29 +27,22 @@ from collections.abc import Coroutine
 from typing import Any
 
 from wsgate.admission import AdmissionStore
-from wsgate.balancing import make_policy
 from wsgate.config import Config, ConfigError
 from wsgate.edge.client_address import ClientResolver, TrustedNetworks
 from wsgate.edge.downstream import EdgeDownstream, TrustedClientAddress
 from wsgate.edge.listener import EdgeListener, EdgeStats
 from wsgate.edge.tls import ServingCertificate, TlsError
 from wsgate.gateway.access_log import RequestLog
-from wsgate.gateway.admit import Admission
 from wsgate.gateway.connector import Connector
 from wsgate.gateway.descriptors import SpareDescriptors
 from wsgate.gateway.downstream import Downstream
-from wsgate.gateway.follower import BackendFollower, discovery_source
-from wsgate.gateway.frames import CloseCode
-from wsgate.gateway.head import RequestHead
 from wsgate.gateway.listener import Listener
 from wsgate.gateway.outcomes import CloseReason, Outcome
-from wsgate.gateway.plane import Plane, Route
-from wsgate.gateway.rebalancer import Rebalancer
+from wsgate.gateway.plane import Plane
+from wsgate.gateway.routes import RoutePlan, Routes
 from wsgate.gateway.session import Session, Sessions
 from wsgate.gateway.stats import Stats
-from wsgate.gateway.store import limits_of, open_store, watch_excess
-from wsgate.upstreams.health import HealthChecker
-from wsgate.upstreams.pool import BackendPool
+from wsgate.wire import CloseCode
 
 __all__ = ["RESTART_KEYS", "Gateway"]
 
@@ -96,21 +88,14 @@ class Gateway:
     ):
         self.config = config
         self.replica_id = replica_id or config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.store = store or open_store(config, self.replica_id)
         self.stats = Stats()
         self.log = RequestLog(self.replica_id, self.stats, enabled=config.access_log)
-        self.pool = BackendPool(config.limits.max_connections_per_backend, config.health.passive)
-        self.pool.set_default_tls(config.backend_tls)
-        self.health = HealthChecker(self.pool, config.health)
-        self.admission = Admission(
-            config, self.store, self.pool, make_policy(config.balance), self.stats
-        )
-        self.route = Route(self.pool, self.admission)
         self.spares = SpareDescriptors()
-        self.sessions = Sessions(self.stats, self.log, self.spares.take)
+        self.sessions = Sessions(self.stats, self.log, self.spares)
         self.connector = Connector(config.timeouts.connect)
-        self.follower = BackendFollower(self.pool, self.health, self.connector.drop_idle)
-        self.rebalancer = Rebalancer(config, self.store, self.pool, self.sessions)
+        self.routes = Routes(
+            config, self.replica_id, self.stats, self.connector.drop_idle, store=store
+        )
         self.downstreams: set[Downstream] = set()
         self.edge_stats = EdgeStats()
         self.serving_certificate = serving_certificate(config)
@@ -126,37 +111,34 @@ class Gateway:
         self.stopped = asyncio.Event()
         self._drain_cut = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
-        watch_excess(self.store, self.rebalancer.close_excess)
 
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.stopped = asyncio.Event()
         self._drain_cut = asyncio.Event()
-        backends = self.config.backends
-        # A discovery source that cannot even be built is a config mistake: say so first.
-        source = None if isinstance(backends, list) else discovery_source(backends)
-        await self.store.start()
-        if isinstance(backends, list):
-            self.pool.update(backends, initial=True)
-            self.health.sync()
-        elif source is not None:
-            await self.follower.follow(source, initial=True, wait=DISCOVERY_START_WAIT)
+        await self.routes.start()
         self.connector.start(loop)
         self.plane = Plane(
-            loop, self.config, self.stats, self.log, self.connector, self.sessions,
-            self._route_for, client_address=client_address(self.config),
-        )  # fmt: skip
+            loop,
+            self.config,
+            self.stats,
+            self.log,
+            self.connector,
+            self.sessions,
+            self.routes.route_for,
+            client_address=client_address(self.config),
+        )
         await self.listener.start(loop)
         # The relay thread starts once there is somewhere for its sessions to come from.
         self.sessions.start(loop)
         self.spares.refill()
         self.spawn(self._housekeeping(), "housekeeping")
-        self.spawn(self.rebalancer.run(), "rebalance")
         self.ready = True
+        backends = sum(len(parts.pool) for parts in self.routes)
         log.info(
-            "gateway %s listening on %s with %d backends, store %s",
-            self.replica_id, self.config.listen, len(self.pool), self.store.kind,
+            "gateway %s listening on %s with %d routes and %d backends, store %s",
+            self.replica_id, self.config.listen, len(self.routes), backends, self.store.kind,
         )  # fmt: skip
 
     def _accept(self) -> Downstream:
@@ -186,8 +168,10 @@ class Gateway:
             self.plane, self.downstreams, client, stats=self.edge_stats, refuse_proxy_header=refuse
         )
 
-    def _route_for(self, head: RequestHead) -> Route:
-        return self.route
+    @property
+    def store(self) -> AdmissionStore:
+        """The first route's store: what the replica's state (mode, replicas) is read from."""
+        return next(iter(self.routes)).store
 
     @property
     def listening(self) -> list[tuple[str, int]]:
@@ -196,7 +180,7 @@ class Gateway:
     @property
     def queued(self) -> int:
         """Connections waiting in the admission queue for a slot."""
-        return self.admission.queued
+        return self.routes.queued
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine, name=name)
@@ -208,7 +192,8 @@ class Gateway:
         """Stop taking connections and close the live ones gently, within drain_timeout."""
         if self.draining:
             return
-        self.draining = self.admission.draining = self.rebalancer.draining = True
+        self.draining = True
+        self.routes.drain()
         if self.plane is not None:
             self.plane.draining = True
         log.info("draining %d sessions", len(self.sessions))
@@ -250,8 +235,6 @@ class Gateway:
         for down in list(self.downstreams):
             down.close()
         self.connector.close()
-        await self.health.close()
-        self.follower.stop()
         for task in list(self._background):
             task.cancel()
         for task in list(self._background):
@@ -260,9 +243,10 @@ class Gateway:
         # Let transports finish closing, and so release their slots, before the store
         # closes (for Redis, the releases leave before the store's own goodbye).
         await asyncio.sleep(0)
-        await self.store.close()
-        # Close frames still on their way to slow clients had the stop's time to leave.
+        # The relay's sockets still flushing are cut: each slot is released as its
+        # backend socket closes, and before the store says goodbye.
         self.sessions.close()
+        await self.routes.stop()
         self.spares.close()
         self.log.flush()
         self.stopped.set()
@@ -276,11 +260,7 @@ class Gateway:
                 self.serving_certificate.check()  # a stat per file: a rotated pair is seen
             idle_timeout = self.config.timeouts.idle  # read each round: a reload may change it
             self.connector.expire_idle()
-            known = len(self.pool)
-            self.pool.forget_drained()
-            if len(self.pool) != known:
-                self.health.sync()  # stop checking backends that have drained and left
-            self.pool.end_ejections()
+            self.routes.keep_house()
             if idle_timeout:
                 now_bytes = {s: s.bytes_in + s.bytes_out for s in self.sessions}
                 for session, total in now_bytes.items():
@@ -308,14 +288,10 @@ class Gateway:
             )  # fmt: skip
             new = new.model_copy(update={key: getattr(old, key) for key in fixed})
         changed = [key for key in type(new).model_fields if getattr(new, key) != getattr(old, key)]
-        source = None
-        if new.backends != old.backends and not isinstance(new.backends, list):
-            source = discovery_source(new.backends)
-        admission = self.admission
-        policy = make_policy(new.balance) if new.balance != old.balance else admission.policy
-        new, serving = self._reload_edge(old, new, why)
+        new, serving = self._reload_edge(old, new, why)  # raises before anything changes
+        plan = self.routes.plan(new)  # so does this
 
-        self.config = admission.config = self.rebalancer.config = new
+        self.config = new
         if self.plane is not None:
             self.plane.config = new
             self.plane.client_address = client_address(new)
@@ -324,24 +300,9 @@ class Gateway:
             self.listener.tls = serving
             proxy = new.proxy_protocol
             self.listener.proxy_sources = TrustedNetworks(proxy.trusted if proxy else ())
-        admission.policy = policy
-        self.store.configure(limits_of(new))
-        self.pool.default_cap = new.limits.max_connections_per_backend
-        self.pool.passive = new.health.passive
-        self.pool.set_default_tls(new.backend_tls)
-        self.health.config = new.health
         self.connector.connect_timeout = new.timeouts.connect
         self.log.enabled = new.access_log
-        if new.backends != old.backends:
-            if source is not None:
-                self.spawn(self.follower.follow(source, initial=False), "discovery-start")
-            else:
-                self.follower.stop()
-                assert isinstance(new.backends, list)
-                self.follower.apply(new.backends)
-        self.health.sync()
-        admission.pool_changed()
-        log.info("config reloaded: %s", ", ".join(changed) if changed else "nothing changed")
+        self.spawn(self._apply_routes(plan, changed), "reload-routes")
         return changed
 
     def _reload_edge(
@@ -370,3 +331,13 @@ class Gateway:
         elif serving is not None:
             serving.reload(why)
         return new, serving
+
+    async def _apply_routes(self, plan: RoutePlan, changed: list[str]) -> None:
+        """The routes' part of a reload: new routes take requests once started."""
+        try:
+            for line in await self.routes.apply(plan):
+                log.info("config reload: %s", line)
+        except Exception:
+            log.exception("config reload: applying the routes failed")
+            return
+        log.info("config reloaded: %s", ", ".join(changed) if changed else "nothing changed")

@@ -17,17 +17,17 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from wsgate.gateway._relay import Link, Relay
 from wsgate.gateway.access_log import Record, RequestLog
-from wsgate.gateway.frames import CloseCode, close_frame, masked_close_frame
-from wsgate.gateway.handoff import Handoff, HandOver, hand_over
+from wsgate.gateway.handoff import Handoff, HandOver, Spares, hand_over
 from wsgate.gateway.outcomes import CloseReason, Outcome
 from wsgate.gateway.reservation import Reservation
 from wsgate.gateway.stats import Stats
 from wsgate.gateway.transport_link import TransportLink
 from wsgate.upstreams.pool import Backend
+from wsgate.wire import CloseCode, close_frame, masked_close_frame
 
 __all__ = ["CLOSE_GRACE", "Session", "Sessions"]
 
@@ -50,13 +50,13 @@ class Sessions:
         self,
         stats: Stats,
         log: RequestLog,
-        spare: Callable[[], bool],
+        spares: Spares,
         *,
         hand_over: HandOver = hand_over,
     ):
         self.stats = stats
         self.log = log
-        self.spare = spare  # frees a descriptor for a hand-over at the open-files limit
+        self.spares = spares  # for hand-overs at the open-files limit
         self.hand_over = hand_over
         self.live: set[Session] = set()
         self.relay: Relay | None = None
@@ -66,7 +66,9 @@ class Sessions:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         # Established sessions are relayed in C; a session hears from it when it ends.
-        self.relay = relay = Relay(Session.finish, linger=CLOSE_GRACE)
+        self.relay = relay = Relay(
+            Session.finish, on_backend_closed=Session.backend_closed, linger=CLOSE_GRACE
+        )
         loop.add_reader(relay.fileno(), relay.report)
 
     def open(
@@ -84,12 +86,19 @@ class Sessions:
         backend.connections.add(session)
         self.live.add(session)
         if _is_tls(client_transport) or _is_tls(backend_transport):
+            # The C relay reads and writes plain sockets: TLS is relayed on the loop.
             session.link = TransportLink(
-                client_transport, backend_transport, rest, session, _end, linger=CLOSE_GRACE
+                client_transport,
+                backend_transport,
+                rest,
+                session,
+                _end,
+                on_backend_closed=_backend_closed,
+                linger=CLOSE_GRACE,
             )
         else:
             session.handoff = self.hand_over(
-                session, client_transport, backend_transport, rest, self.spare
+                session, client_transport, backend_transport, rest, self.spares
             )
         if self.closing is not None:
             session.close_gracefully(*self.closing)
@@ -210,9 +219,12 @@ class Session:
         )
 
     def finish(self, outcome: str) -> None:
-        """Close both sides and release the slot, exactly once.
+        """Close both sides, exactly once; the slot is released when the backend's is closed.
 
         The relay calls this too (``on_end``) when either side closes or fails.
+        Bytes still owed to the backend are flushed for up to the relay's linger,
+        and until its socket is closed the backend still counts the session: the
+        relay says when (``on_backend_closed``, :meth:`backend_closed`).
         """
         if self.done:
             return
@@ -228,14 +240,19 @@ class Session:
             link.finish()  # what is still waiting for a peer is flushed, then closed
             record.bytes_in += link.bytes_in
             record.bytes_out += link.bytes_out
-            self.link = None  # the link referred to us until it ended; now neither does
+            self.link = None  # the link refers to us until its backend socket is closed
+        else:
+            self.reservation.release()  # never relayed: the transports' sockets are closed
         sessions = self.sessions
         self.backend.connections.discard(self)
         sessions.live.discard(self)
-        self.reservation.release()
         sessions.log.finished(
             record, f"closed_{self.closing_reason}" if self.closing_code else outcome
         )
+
+    def backend_closed(self) -> None:
+        """The relay closed the socket toward the backend: its slot is free now."""
+        self.reservation.release()
 
 
 def _is_tls(transport: asyncio.Transport) -> bool:
@@ -245,3 +262,8 @@ def _is_tls(transport: asyncio.Transport) -> bool:
 def _end(session: object, outcome: str) -> None:
     assert isinstance(session, Session)
     session.finish(outcome)
+
+
+def _backend_closed(session: object) -> None:
+    assert isinstance(session, Session)
+    session.backend_closed()

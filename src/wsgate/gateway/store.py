@@ -1,23 +1,28 @@
-"""The admission store the config names, and what the gateway asks of it beyond admitting.
+"""The admission store the config names: embedded memory, or Redis shared by replicas.
 
-:func:`open_store` builds the embedded memory store or the Redis store shared
-by replicas. :func:`watch_excess` and :func:`refresh_counts` are the two
-things the gateway needs that only the Redis store does today; they are the
-only place that tells the stores apart.
+The rest of the gateway sees only the contract
+(:class:`~wsgate.admission.AdmissionStore`); this is the one place that
+knows which stores there are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 from wsgate.admission import AdmissionStore, Limits
 from wsgate.admission.memory import MemoryStore
-from wsgate.config import Config
+from wsgate.config import Config, LimitsConfig
 
-__all__ = ["limits_of", "open_store", "refresh_counts", "watch_excess"]
+__all__ = ["limits_of", "open_store"]
 
 
-def limits_of(config: Config) -> Limits:
+class _HasLimits(Protocol):
+    @property
+    def limits(self) -> LimitsConfig: ...
+
+
+def limits_of(config: _HasLimits) -> Limits:
+    """What a store enforces, from the ``limits`` of the config or of a route."""
     limits = config.limits
     return Limits(
         connect_rate=limits.connect_rate,
@@ -27,37 +32,30 @@ def limits_of(config: Config) -> Limits:
     )
 
 
-def open_store(config: Config, replica_id: str) -> AdmissionStore:
-    """The store the config names: embedded memory, or Redis shared by replicas."""
+def open_store(
+    config: Config,
+    replica_id: str,
+    *,
+    limits: _HasLimits | None = None,
+    namespace: str | None = None,
+) -> AdmissionStore:
+    """The store the config names: embedded memory, or Redis shared by replicas.
+
+    A route's store enforces the route's ``limits`` and keeps its state under
+    the route's ``namespace`` (see :func:`wsgate.routing.route_namespace`).
+    """
     state = config.state
+    enforced = limits_of(limits or config)
     if state.store == "memory":
-        return MemoryStore(limits_of(config))
+        return MemoryStore(enforced)
     from wsgate.admission.redis import RedisStore
 
     return RedisStore(
         state.store,
-        namespace=state.namespace,
+        namespace=namespace or state.namespace,
         replica_id=replica_id,
         lease_ttl=state.lease_ttl,
         timeout=state.timeout,
         on_failure=state.on_failure,
-        limits=limits_of(config),
+        limits=enforced,
     )
-
-
-def watch_excess(store: AdmissionStore, on_excess: Callable[[str, int], None]) -> None:
-    """Be told ``(backend_id, count)`` when the shared state finds this replica over a cap.
-
-    Only a shared store can find that (after it re-registered this replica's
-    slots); the memory store never does.
-    """
-    if store.kind == "redis":
-        from wsgate.admission.redis import RedisStore
-
-        if isinstance(store, RedisStore):
-            store.on_excess = on_excess
-
-
-async def refresh_counts(store: AdmissionStore) -> None:
-    """Make ``store.global_counts()`` as fresh as the store can (one round trip for Redis)."""
-    await store.refresh()

@@ -15,6 +15,8 @@ session that owns it does not care which one it has:
 - The end: the first end of stream or error on either side ends the session and
   calls ``on_end(owner, outcome)`` once. :meth:`finish` stops reading, lets each
   transport flush what it holds, and aborts what is left after ``linger`` seconds.
+- The backend's socket: once its transport is closed, ``on_backend_closed(owner)``
+  is called, as the C relay does; the session frees its slot then.
 """
 
 from __future__ import annotations
@@ -22,12 +24,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from wsgate.gateway.flow import HIGH_WATER, LOW_WATER
 from wsgate.gateway.frames import FrameTracker
 
 __all__ = ["TransportLink"]
-
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
 
 
 class _Side(asyncio.Protocol):
@@ -62,8 +62,9 @@ class TransportLink:
     """One session's two transports, relayed on the event loop."""
 
     __slots__ = (
-        "_backend", "_client", "_close", "_injected", "_linger", "_linger_timer", "_on_end",
-        "_open", "_owner", "_tracker", "bytes_in", "bytes_out", "ending", "outcome",
+        "_backend", "_backend_owner", "_client", "_close", "_injected", "_linger",
+        "_linger_timer", "_on_backend_closed", "_on_end", "_open", "_owner", "_tracker",
+        "bytes_in", "bytes_out", "ending", "outcome",
     )  # fmt: skip
 
     def __init__(
@@ -74,12 +75,15 @@ class TransportLink:
         owner: object,
         on_end: Callable[[object, str], object],
         *,
+        on_backend_closed: Callable[[object], object] | None = None,
         linger: float = 5.0,
     ):
         self._client = client
         self._backend = backend
         self._owner: object | None = owner
         self._on_end = on_end
+        self._backend_owner: object | None = owner
+        self._on_backend_closed = on_backend_closed
         self._linger = linger
         self._linger_timer: asyncio.TimerHandle | None = None
         self._tracker = FrameTracker()
@@ -155,6 +159,11 @@ class TransportLink:
 
     def lost(self, client: bool, exc: Exception | None) -> None:
         self._open -= 1
+        if not client:
+            owner, self._backend_owner = self._backend_owner, None
+            if owner is not None and self._on_backend_closed is not None:
+                # Called as the transport closes its socket (uvloop closes it on return).
+                self._on_backend_closed(owner)
         if self._open == 0 and self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None

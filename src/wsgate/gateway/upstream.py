@@ -18,6 +18,7 @@ from wsgate.gateway.flow import Endpoint
 from wsgate.gateway.head import ResponseHead
 from wsgate.gateway.http1 import BadMessage, Body, End, Head, ResponseReader, Upgrade
 from wsgate.gateway.outcomes import Ending
+from wsgate.gateway.reservation import Reservation
 from wsgate.upstreams.pool import Backend
 
 __all__ = ["ResponseSink", "Upstream"]
@@ -50,6 +51,8 @@ class Upstream(Endpoint):
         self.reader = ResponseReader()
         self.sink: ResponseSink | None = None
         self.idle_since = 0.0
+        self.lost = False  # the socket is closed (connection_lost has come)
+        self._release_on_lost: Reservation | None = None
         self._upgrading = False
         self._status = 0  # of the response in progress
         self._upgrade_head: ResponseHead | None = None
@@ -111,7 +114,12 @@ class Upstream(Endpoint):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost = True  # uvloop closes the socket as this returns
         self._forget(self)
+        reservation = self._release_on_lost
+        if reservation is not None:
+            self._release_on_lost = None
+            reservation.release()
         if self.sink is None:
             return
         for event in self.reader.feed_eof():
@@ -121,6 +129,17 @@ class Upstream(Endpoint):
         self._end(Ending.BACKEND_CLOSED if self._status else Ending.BACKEND_FAILED)
 
     # -- used by the exchange and the connector ----------------------------------------
+    def release_when_closed(self, reservation: Reservation) -> None:
+        """Take ``reservation`` over: released once this connection is closed (at once if it is).
+
+        Until then the backend still counts the request it was sent.
+        """
+        reservation.commit()
+        if self.lost or self.transport is None:
+            reservation.release()
+        else:
+            self._release_on_lost = reservation
+
     def abandon(self) -> None:
         """Close without reuse (the exchange was cut short)."""
         super().abandon()

@@ -33,20 +33,26 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 
-from wsgate.cli import count_arg, duration_arg
+from wsgate.args import UsageError, count_arg, duration_arg
 from wsgate.runtime import raise_open_files_limit, run_async, setup_logging
+from wsgate.wire import CloseCode, check_close_code
 
 __all__ = ["BackendCounts", "BackendIdentity", "add_arguments", "build_app", "run", "serve"]
 
 log = logging.getLogger("wsgate.backend")
 
-# Close codes an endpoint may put on the wire (RFC 6455 7.4.1 and the IANA registry).
-_SENDABLE_CLOSE_CODES = frozenset(
-    {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
-)
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def _sendable(code: int) -> bool:
+    """Whether a client's close code may be echoed (a few must never be on the wire)."""
+    try:
+        check_close_code(code)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -184,11 +190,7 @@ async def _websocket(request: web.Request, state: _State) -> web.StreamResponse:
                 counts.messages += 1
                 await ws.send_bytes(message.data)
             elif message.type is WSMsgType.CLOSE:
-                code = (
-                    message.data
-                    if message.data in _SENDABLE_CLOSE_CODES or 3000 <= message.data < 5000
-                    else 1000
-                )
+                code = message.data if _sendable(message.data) else CloseCode.NORMAL_CLOSURE
                 await ws.close(code=code, message=(message.extra or "").encode())
                 break
             elif message.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
@@ -288,7 +290,7 @@ def build_app(
 
     async def close_sessions(request: web.Request) -> web.Response:
         try:
-            code = int(request.query.get("code", WSCloseCode.GOING_AWAY))
+            code = int(request.query.get("code", CloseCode.GOING_AWAY))
             count = int(request.query.get("count", len(state.sessions)))
         except ValueError:
             return _json({"error": "code and count must be integers"}, status=400)
@@ -311,7 +313,7 @@ def build_app(
     async def close_all_sessions(app: web.Application) -> None:
         await asyncio.gather(
             *(
-                ws.close(code=WSCloseCode.GOING_AWAY, message=b"backend stopping")
+                ws.close(code=CloseCode.GOING_AWAY, message=b"backend stopping")
                 for ws in list(state.sessions)
             ),
             return_exceptions=True,
@@ -404,8 +406,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsgate.cli import UsageError
-
     if args.slow_max < args.slow_min:
         raise UsageError(f"--slow-max ({args.slow_max}) is below --slow-min ({args.slow_min})")
     setup_logging(args.log_level)

@@ -16,6 +16,7 @@ backends' own counts are the truth the checks compare with:
 
 The run exits non-zero when a check fails. ``--replicas N`` puts N gateways on
 one private redis-server; ``--keep`` leaves everything up to explore.
+``--storm`` runs a reconnect storm instead (:mod:`wsgate.testbed.demo_storm`).
 """
 
 from __future__ import annotations
@@ -29,16 +30,24 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from wsgate.cli import duration_arg, positive_arg
+from wsgate.args import UsageError, duration_arg, positive_arg
 from wsgate.runtime import raise_open_files_limit, run_async, setup_logging
-from wsgate.testbed.load import LoadPlan, run_load
-from wsgate.testbed.load_plan import Interval, parse_target
+from wsgate.testbed.demo_checks import (
+    CLIENTS,
+    CONNECTIONS,
+    Check,
+    DemoShape,
+    evaluate,
+    format_checks,
+)
+from wsgate.testbed.demo_storm import STORM_SHAPE_ARGS, evaluate_storm, storm_scenario
+from wsgate.testbed.load import run_load
+from wsgate.testbed.load_plan import Interval, LoadPlan, parse_target
 from wsgate.testbed.processes import (
     ProcessGroup,
     RedisServer,
@@ -49,135 +58,12 @@ from wsgate.testbed.processes import (
 from wsgate.testbed.report import format_report, write_csv, write_plot
 from wsgate.testbed.topology import BackendProcess, GatewayProcess, start_backends
 
-__all__ = ["Check", "DemoShape", "add_arguments", "evaluate", "run"]
+__all__ = ["add_arguments", "run"]
 
-_CLIENTS = 10
-_CONNECTIONS = 5
 _CONNECT_INTERVAL = 10.0
 _MESSAGE_INTERVAL = Interval(10.0, 20.0)
 _ADMIN_PORT = 9901
-_GATEWAY_REASONS = frozenset({"rate_limited", "client_rate_limited", "no_capacity"})
 _LISTEN_PORT = 8080
-
-
-@dataclass(frozen=True)
-class DemoShape:
-    """What the demo builds, and so what it must observe."""
-
-    backends: int = 4
-    cap: int = 2
-    tripwire: int = 2
-    clients: int = _CLIENTS
-    connections: int = _CONNECTIONS
-
-    @property
-    def capacity(self) -> int:
-        return self.backends * self.cap
-
-    @property
-    def wanted(self) -> int:
-        return self.clients * self.connections
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-
-def evaluate(
-    shape: DemoShape,
-    report: dict[str, Any],
-    truth: dict[str, dict[str, Any]],
-    active_after: dict[str, int] | None = None,
-) -> list[Check]:
-    """The demo's checks: the load's report against the backends' own counts (pure)."""
-    connections = report["connections"]
-    peaks = {pod: stats["peak_connections"] for pod, stats in truth.items()}
-    refused = {pod: stats["refused"] for pod, stats in truth.items() if stats["refused"]}
-    checks = [
-        Check(
-            f"no backend ever above its cap of {shape.cap}",
-            max(peaks.values(), default=0) <= shape.cap and not refused,
-            f"peaks {peaks}"
-            + (f"; tripwires fired: {refused} sessions refused by backends" if refused else ""),
-        )
-    ]
-    expected = min(shape.capacity, shape.wanted)
-    spread = (
-        all(peak == shape.cap for peak in peaks.values())
-        if shape.wanted >= shape.capacity
-        else True
-    )
-    checks.append(
-        Check(
-            f"exactly {expected} sessions held at once, {shape.cap} on every backend",
-            connections["peak_open"] == expected and sum(peaks.values()) == expected and spread,
-            f"load saw a peak of {connections['peak_open']} open; backends' peaks {peaks}",
-        )
-    )
-    refusals = sum(connections["rejected"].values())
-    odd_statuses = {s: n for s, n in connections["rejected"].items() if s not in ("429", "503")}
-    # Refusals must come from the gateway's admission, not from a backend's tripwire.
-    odd_reasons = {
-        reason: n
-        for reason, n in connections["rejected_by_reason"].items()
-        if reason not in _GATEWAY_REASONS
-    }
-    expected_refusals = connections["attempted"] - connections["established"]
-    checks.append(
-        Check(
-            "everything else refused by the gateway with 429/503, nothing failed",
-            refusals == expected_refusals
-            and not odd_statuses
-            and not odd_reasons
-            and not connections["failed"]
-            and (refusals > 0 or shape.wanted <= shape.capacity),
-            f"{refusals} refused {connections['rejected']} of {connections['attempted']} attempts"
-            + (f"; not by the gateway: {odd_reasons}" if odd_reasons else "")
-            + (f"; failed {connections['failed']}" if connections["failed"] else ""),
-        )
-    )
-    counted = {
-        pod: stats["total_connections"]
-        for pod, stats in truth.items()
-        if stats["total_connections"]
-    }
-    checks.append(
-        Check(
-            "the load's sessions per backend equal the backends' own counts",
-            report["by_backend"] == counted and sum(counted.values()) == connections["established"],
-            f"load {report['by_backend']}; backends {counted}",
-        )
-    )
-    messages = report["messages"]
-    answered = sum(stats["messages"] for stats in truth.values())
-    checks.append(
-        Check(
-            "every message answered",
-            messages["sent"] == messages["received"] == answered and messages["sent"] > 0,
-            f"{messages['sent']} sent, {messages['received']} answered, backends saw {answered}",
-        )
-    )
-    if active_after is not None:
-        held = {key: n for key, n in active_after.items() if n}
-        checks.append(
-            Check(
-                "every slot free once the clients left",
-                not held,
-                f"still held: {held}" if held else "0 held at the backends and the gateways",
-            )
-        )
-    return checks
-
-
-def format_checks(checks: list[Check]) -> str:
-    lines = ["checks:"]
-    for check in checks:
-        mark = "PASS" if check.ok else "FAIL"
-        lines.append(f"  [{mark}] {check.name}: {check.detail}")
-    return "\n".join(lines)
 
 
 def _port(preferred: int) -> int:
@@ -232,9 +118,7 @@ def _start_gateway(group: ProcessGroup, name: str, config: dict[str, Any]) -> Ga
 def build(
     group: ProcessGroup, args: argparse.Namespace, shape: DemoShape
 ) -> tuple[list[BackendProcess], list[GatewayProcess]]:
-    from wsgate.cli import UsageError
-
-    state: str = "memory"
+    state: str | dict[str, str] = "memory"
     if args.replicas > 1:
         if find_redis_server() is None:
             raise UsageError(
@@ -242,6 +126,8 @@ def build(
                 "found on PATH; install it (./scripts/setup.sh) or run with --replicas 1"
             )
         state = RedisServer(group).start().url
+        if shape.lease_ttl is not None:
+            state = {"store": state, "lease_ttl": shape.lease_ttl}
     backends = start_backends(group, shape.backends, tripwire=shape.tripwire)
     gateways = []
     for index in range(args.replicas):
@@ -254,7 +140,7 @@ def build(
             "balance": "least_conn",
             "limits": {
                 "max_connections_per_backend": args.gateway_cap or shape.cap,
-                "connect_rate": {"per_second": 1, "burst": 10},
+                "connect_rate": {"per_second": shape.connect_rate, "burst": 10},
             },
             "health": {"path": "/health", "interval": "1s", "timeout": "500ms"},
         }
@@ -271,12 +157,12 @@ def plan_for(args: argparse.Namespace, gateways: list[GatewayProcess]) -> LoadPl
     scale = 1.0 / args.speed
     return LoadPlan(
         targets=[parse_target(gateway.ws_url, http=False) for gateway in gateways],
-        clients=_CLIENTS,
-        connections=_CONNECTIONS,
+        clients=CLIENTS,
+        connections=CONNECTIONS,
         connect_interval=_CONNECT_INTERVAL * scale,
         message_interval=_MESSAGE_INTERVAL.scaled(scale),
         duration=args.duration * scale,
-        source_ips=[f"127.0.0.{n}" for n in range(2, 2 + _CLIENTS)],
+        source_ips=[f"127.0.0.{n}" for n in range(2, 2 + CLIENTS)],
         backoff_base=0.5,
         backoff_max=5.0,
         seed=args.seed,
@@ -325,7 +211,9 @@ async def _wait_for_interrupt() -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
-    shape = DemoShape()
+    shape = DemoShape(**STORM_SHAPE_ARGS) if args.storm else DemoShape()
+    if args.storm:
+        args.replicas = max(2, args.replicas)
     log_dir = Path(args.log_dir) if args.log_dir else None
     with ProcessGroup(log_dir) as group:
         print(
@@ -340,7 +228,11 @@ def demo(args: argparse.Namespace) -> int:
             tail = "\n".join(output.splitlines()[-15:])
             print(f"wsgate demo: error: {head}" + (f"\n{tail}" if tail else ""), file=sys.stderr)
             return 1
-        report, interrupted = run_async(_scenario(args, backends, gateways))
+        if args.storm:
+            report, storm_truth = run_async(storm_scenario(args, backends, gateways, shape.wanted))
+            interrupted = False
+        else:
+            report, interrupted = run_async(_scenario(args, backends, gateways))
         signal.signal(signal.SIGTERM, _raise_interrupt)  # the loop put the default back
         print(format_report(report), flush=True)
         if args.report_json:
@@ -352,15 +244,12 @@ def demo(args: argparse.Namespace) -> int:
         if interrupted:
             print("wsgate demo: interrupted; stopping everything (no checks)", flush=True)
             return 130
-        active = _settle(backends)
-        deadline = time.monotonic() + 3
-        held = _gateway_active(gateways)
-        while any(held.values()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-            held = _gateway_active(gateways)
-        active.update(held)
-        truth = {backend.pod_id: backend.stats() for backend in backends}
-        checks = evaluate(shape, report, truth, active)
+        if args.storm:
+            truth = {backend.pod_id: backend.stats() for backend in backends}
+            outcome = evaluate_storm(shape.cap, shape.wanted, report, truth, storm_truth)
+            checks = [Check(*check) for check in outcome]
+        else:
+            checks = _checks(shape, report, backends, gateways)
         print(format_checks(checks), flush=True)
         failed = [check for check in checks if not check.ok]
         print(
@@ -376,6 +265,23 @@ def demo(args: argparse.Namespace) -> int:
             )
             run_async(_wait_for_interrupt())
         return 1 if failed else 0
+
+
+def _checks(
+    shape: DemoShape,
+    report: dict[str, Any],
+    backends: list[BackendProcess],
+    gateways: list[GatewayProcess],
+) -> list[Check]:
+    active = _settle(backends)
+    deadline = time.monotonic() + 3
+    held = _gateway_active(gateways)
+    while any(held.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        held = _gateway_active(gateways)
+    active.update(held)
+    truth = {backend.pod_id: backend.stats() for backend in backends}
+    return evaluate(shape, report, truth, active)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -405,6 +311,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="gateways sharing a private redis-server",
     )
     parser.add_argument(
+        "--storm",
+        action="store_true",
+        help="a reconnect storm instead: 100 sessions on 2 replicas, one SIGKILLed "
+        "(see wsgate.testbed.demo_storm)",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="leave everything running after the report"
     )
     parser.add_argument("--view", choices=["auto", "live", "plain", "none"], default="auto")
@@ -421,8 +333,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsgate.cli import UsageError
-
     if args.replicas < 1:
         raise UsageError("--replicas must be at least 1")
     setup_logging(args.log_level)

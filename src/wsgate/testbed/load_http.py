@@ -13,21 +13,18 @@ import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
 
 import aiohttp
 
 from wsgate.testbed.load_plan import (
     ConnectPacer,
+    LoadPlan,
     answer_pod,
     parse_retry_after,
     refusal_reason,
     retry_delay,
 )
 from wsgate.testbed.report import LoadStats
-
-if TYPE_CHECKING:
-    from wsgate.testbed.load import LoadPlan
 
 __all__ = ["HttpLoad"]
 
@@ -147,13 +144,14 @@ class HttpLoad:
                 if await self._pause(plan.think.draw(self.rng)):
                     return
                 continue
+            wait = parse_retry_after(retry_after)
             if status in _REFUSALS:
-                stats.refused(status, refusal_reason(body))
+                stats.refused(status, refusal_reason(body), wait)
             else:
                 stats.failed[str(status)] += 1
             delay = retry_delay(
                 attempt,
-                parse_retry_after(retry_after),
+                wait,
                 self.rng,
                 base=plan.backoff_base,
                 cap=plan.backoff_max,

@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any
 
-from wsgate.testbed.load import LoadPlan, WebSocketLoad, _health_server
-from wsgate.testbed.load_plan import answer_pod
+from wsgate.testbed.health import serve_health
+from wsgate.testbed.load_plan import LoadPlan, answer_pod
+from wsgate.testbed.load_ws import WebSocketLoad
 from wsgate.testbed.report import LoadStats, build_report
 
 __all__ = ["Command", "interactive", "parse_command"]
@@ -139,7 +140,7 @@ async def interactive(
     stats = LoadStats(mode="websocket", target=0)
     load = WebSocketLoad(plan, stats)
     started = time.monotonic()
-    cleanup_health = await _health_server(*health) if health else None
+    cleanup_health = await serve_health(*health) if health else None
     lines = _stdin_lines(asyncio.get_running_loop(), stdin)
     prompt = stdin.isatty()
     stopping = asyncio.ensure_future(stop.wait())

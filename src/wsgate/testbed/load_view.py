@@ -11,19 +11,16 @@ import asyncio
 import contextlib
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from wsgate.testbed.load_plan import LoadPlan
 from wsgate.testbed.report import LoadStats, latency_summary
 
-if TYPE_CHECKING:
-    from wsgate.testbed.load import LoadPlan
-
-__all__ = ["live_table", "progress_line", "watch"]
+__all__ = ["live_table", "progress_line", "sample_interval", "watch"]
 
 
 def _counts(mapping: dict[str, int]) -> str:
@@ -82,6 +79,14 @@ def live_table(
     return Group(header, *(Text(line) for line in banner), overview, backends)
 
 
+def sample_interval(plan: LoadPlan) -> float:
+    """Seconds between timeline samples: about 60 a run, finer through a storm."""
+    if plan.storm is not None:
+        return 0.1
+    length = plan.stages.duration if plan.stages is not None else plan.duration
+    return 1.0 if length is None or length > 60 else max(0.1, length / 60)
+
+
 async def watch(
     stats: LoadStats,
     plan: LoadPlan,
@@ -96,9 +101,7 @@ async def watch(
     if view == "auto":
         view = "live" if sys.stdout.isatty() else "plain"
     banner = banner or []
-    sample_every = (
-        1.0 if plan.duration is None or plan.duration > 60 else max(0.1, plan.duration / 60)
-    )
+    sample_every = sample_interval(plan)
     refresh_every = min(sample_every, 0.25) if view == "live" else sample_every
     title = f"wsgate load -> {', '.join(plan.urls)}"
     last_rate = (time.monotonic(), stats.received)

@@ -24,8 +24,10 @@ __all__ = [
     "Process",
     "ProcessGroup",
     "RedisServer",
+    "find_pids",
     "find_redis_server",
     "free_port",
+    "process_alive",
     "wait_for_port",
     "wsgate_argv",
 ]
@@ -55,6 +57,39 @@ def wait_for_port(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
             time.sleep(0.05)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (killed, not yet reaped by its parent) does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the command name, which is in parentheses and may hold spaces.
+    return stat.rpartition(")")[2].split()[:1] not in (["Z"], ["X"])
+
+
+def find_pids(spec: str) -> list[int]:
+    """The processes ``spec`` names: a pid, or text found in their command lines.
+
+    The caller itself, and any ``wsgate load --storm-wait`` (which names it too),
+    are left out.
+    """
+    if spec.isdigit():
+        return [int(spec)] if process_alive(int(spec)) else []
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            words = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if (
+                spec in " ".join(words)
+                and "--storm-wait" not in words
+                and process_alive(int(entry.name))
+            ):
+                found.append(int(entry.name))
+    return sorted(found)
 
 
 def wsgate_argv(*args: str) -> list[str]:

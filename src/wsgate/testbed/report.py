@@ -18,6 +18,8 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from wsgate.testbed.thresholds import format_verdicts
+
 __all__ = [
     "LoadStats",
     "Sample",
@@ -57,6 +59,7 @@ class Sample:
     """The run at one instant, for the live view, the CSV and the plot."""
 
     t: float
+    target: int
     open: int
     open_by_backend: dict[str, int]
     attempted: int
@@ -90,6 +93,9 @@ class LoadStats:
     rejected_reasons: Counter[str] = field(default_factory=Counter)
     failed: Counter[str] = field(default_factory=Counter)
     closed_by_server: Counter[str] = field(default_factory=Counter)
+    # pod -> close code -> sessions the server closed (1006: the connection was lost).
+    closed_by_backend: dict[str, Counter[str]] = field(default_factory=dict)
+    retry_after: Counter[str] = field(default_factory=Counter)  # seconds -> refusals
     by_backend: Counter[str] = field(default_factory=Counter)
     open_by_backend: Counter[str] = field(default_factory=Counter)
     connect_latency: HdrHistogram = field(default_factory=new_histogram)
@@ -109,21 +115,25 @@ class LoadStats:
         self.open_by_backend[pod] += 1
 
     def closed(self, pod: str | None, code: int | None) -> None:
-        """A session ended; ``code`` is set when the server closed it."""
+        """A session ended; ``code`` is set when the server closed it (or the connection broke)."""
         self.open -= 1
         if pod is not None:
             self.open_by_backend[pod] -= 1
         if code is not None:
             self.closed_by_server[str(code)] += 1
+            self.closed_by_backend.setdefault(pod or "unknown", Counter())[str(code)] += 1
 
-    def refused(self, status: int, reason: str | None) -> None:
+    def refused(self, status: int, reason: str | None, retry_after: float | None = None) -> None:
         self.rejected[str(status)] += 1
         if reason:
             self.rejected_reasons[reason] += 1
+        if retry_after is not None:
+            self.retry_after[f"{retry_after:g}"] += 1
 
     def sample(self, t: float) -> Sample:
         snapshot = Sample(
             t=round(t, 3),
+            target=self.target,
             open=self.open,
             open_by_backend={pod: n for pod, n in sorted(self.open_by_backend.items()) if n},
             attempted=self.attempted,
@@ -158,6 +168,11 @@ def build_report(stats: LoadStats, *, elapsed: float, urls: list[str]) -> dict[s
             "failed": dict(sorted(stats.failed.items())),
             "reconnects": stats.reconnects,
             "closed_by_server": dict(sorted(stats.closed_by_server.items())),
+            "closed_by_backend": {
+                pod: dict(sorted(codes.items()))
+                for pod, codes in sorted(stats.closed_by_backend.items())
+            },
+            "retry_after_s": dict(sorted(stats.retry_after.items(), key=lambda i: float(i[0]))),
             "open_at_end": stats.open,
             "peak_open": stats.peak_open,
         },
@@ -175,6 +190,7 @@ def build_report(stats: LoadStats, *, elapsed: float, urls: list[str]) -> dict[s
         "timeline": [
             {
                 "t": s.t,
+                "target": s.target,
                 "open": s.open,
                 "open_by_backend": s.open_by_backend,
                 "attempted": s.attempted,
@@ -220,12 +236,28 @@ def format_report(report: dict[str, Any]) -> str:
         ),
         f"  failed: {counts(connections['failed'])}; reconnects: {connections['reconnects']}; "
         f"closed by server: {counts(connections['closed_by_server'])}",
+        *(
+            f"    closed by {pod}: {counts(codes)}"
+            for pod, codes in connections["closed_by_backend"].items()
+        ),
         f"  by backend: {counts(report['by_backend'])}",
         f"  {answered}: {messages['sent']} sent, {messages['received']} received, "
         f"{messages['unanswered']} unanswered ({messages['per_second']}/s)",
         f"  connect latency: {percentiles(latency['connect'])}",
         f"  round trip: {percentiles(latency['rtt'])}",
     ]
+    storm = report.get("storm")
+    if storm is not None:
+        recovery = storm["recovery_s"]
+        lines.append(
+            f"  storm ({storm['trigger']}): {storm['outcome']}; {storm['dropped']} of "
+            f"{storm['sessions']} sessions lost"
+            + (f", all back in {recovery:.2f} s" if recovery is not None else "")
+            + f"; {storm['attempts']} attempts, rejected: {counts(storm['rejected_by_status'])}"
+            + f", Retry-After: {counts(storm['retry_after_s'])}"
+        )
+    if "thresholds" in report:
+        lines.append(format_verdicts(report["thresholds"]))
     return "\n".join(lines)
 
 
@@ -280,9 +312,21 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
             step="post",
             alpha=0.8,
         )
-        top.legend(loc="upper left", fontsize="small", ncol=4)
     else:
         top.step(times, [s["open"] for s in timeline], where="post", color="black")
+    if "stages" in report:
+        targets = [s.get("target", 0) for s in timeline]
+        top.plot(times, targets, color="black", linestyle="--", linewidth=1, label="target")
+    if pods or "stages" in report:
+        top.legend(loc="upper left", fontsize="small", ncol=4)
+    storm = report.get("storm")
+    if storm is not None:
+        # The loss and the moment every session was back: the storm's recovery time.
+        for key, label in (("dropped_at_s", "lost"), ("recovered_at_s", "all back")):
+            if storm[key] is not None:
+                for axis in (top, bottom):
+                    axis.axvline(storm[key], color="red", linestyle=":", linewidth=1)
+                top.annotate(label, (storm[key], 0), textcoords="offset points", xytext=(3, 3))
     top.set_ylabel("open " + ("requests" if report["mode"] == "http" else "connections"))
     statuses = sorted({status for s in timeline for status in s["rejected_by_status"]})
     for status in statuses:
@@ -292,7 +336,10 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         bottom.legend(loc="upper left", fontsize="small", title="status")
     bottom.set_ylabel("rejections / s")
     bottom.set_xlabel("seconds since start")
-    figure.suptitle(f"wsgate load against {', '.join(report['urls'])}", fontsize="medium")
+    title = f"wsgate load against {', '.join(report['urls'])}"
+    if storm is not None and storm["recovery_s"] is not None:
+        title += f": {storm['dropped']} sessions lost, all back in {storm['recovery_s']:.2f} s"
+    figure.suptitle(title, fontsize="medium")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

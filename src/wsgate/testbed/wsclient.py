@@ -5,89 +5,35 @@ messages a second from one Python process, so the client is built the way the
 gateway is: an :class:`asyncio.Protocol` over a transport, with no stream
 objects, no task per message and no per-frame objects on the hot path.
 
-The pure part (:func:`opening_request`, :func:`parse_response_head`,
-:func:`encode_frame`, :class:`FrameReader`) knows nothing of sockets and is
-tested on bytes. It follows RFC 6455 as a client needs it: frames it sends are
-masked (section 5.3); frames it receives are unmasked when a peer masks them
-anyway (a byte-echo server sends the client's own frames back); fragmented
-messages are reassembled (section 5.4); pings are answered (section 5.5.2) and
-the peer's close code is echoed (section 5.5.1).
+The bytes are built and read by :mod:`wsgate.wire` and
+:func:`parse_response_head`, which know nothing of sockets and are tested on
+bytes. The protocol follows RFC 6455 as a client needs it: frames it sends are
+masked (section 5.3); fragmented messages are reassembled (section 5.4); pings
+are answered (section 5.5.2) and the peer's close code is echoed (section 5.5.1).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import os
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import cast
 
-__all__ = [
-    "CloseInfo",
-    "FrameReader",
-    "Opcode",
-    "ProtocolError",
-    "ResponseHead",
-    "WebSocketClient",
-    "accept_key",
-    "encode_frame",
-    "opening_request",
-    "parse_response_head",
-]
+from wsgate.wire import (
+    CloseCode,
+    FrameReader,
+    Opcode,
+    ProtocolError,
+    accept_key,
+    close_payload,
+    encode_frame,
+    parse_close_payload,
+)
 
-try:
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover - the C speedups ship in websockets' wheels
+__all__ = ["CloseInfo", "ResponseHead", "WebSocketClient", "parse_response_head"]
 
-    def apply_mask(data: bytes | bytearray | memoryview[int], mask: bytes | bytearray) -> bytes:
-        length = len(data)
-        repeated = (mask * (length // 4 + 1))[:length]
-        return (int.from_bytes(data, "big") ^ int.from_bytes(repeated, "big")).to_bytes(
-            length, "big"
-        )
-
-
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _MAX_HEAD = 16 * 1024
-_NO_STATUS = 1005
-_ABNORMAL = 1006
-
-
-class Opcode(IntEnum):
-    CONTINUATION = 0x0
-    TEXT = 0x1
-    BINARY = 0x2
-    CLOSE = 0x8
-    PING = 0x9
-    PONG = 0xA
-
-
-class ProtocolError(Exception):
-    """The peer broke RFC 6455; the session is closed with 1002."""
-
-
-def accept_key(key: str) -> str:
-    """The ``Sec-WebSocket-Accept`` a server must answer for ``key`` (section 4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
-
-
-def opening_request(host: str, path: str, key: str, headers: dict[str, str] | None = None) -> bytes:
-    """The client's opening handshake (section 4.1)."""
-    lines = [
-        f"GET {path} HTTP/1.1",
-        f"Host: {host}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-    ]
-    lines.extend(f"{name}: {value}" for name, value in (headers or {}).items())
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 @dataclass
@@ -139,170 +85,6 @@ def parse_response_head(buffer: bytes | bytearray) -> tuple[ResponseHead, int] |
     return ResponseHead(
         int(parts[1]), parts[2] if len(parts) > 2 else "", headers, cookies
     ), end + 4
-
-
-def encode_frame(opcode: int, payload: bytes, *, mask: bool = True, fin: bool = True) -> bytes:
-    """One frame; a client masks every frame it sends (section 5.3)."""
-    length = len(payload)
-    first = (0x80 if fin else 0) | opcode
-    mask_bit = 0x80 if mask else 0
-    if length < 126:
-        head = bytes((first, mask_bit | length))
-    elif length < 65536:
-        head = struct.pack("!BBH", first, mask_bit | 126, length)
-    else:
-        head = struct.pack("!BBQ", first, mask_bit | 127, length)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + apply_mask(payload, key)
-
-
-def close_payload(code: int, reason: str = "") -> bytes:
-    if code == _NO_STATUS:
-        return b""
-    return struct.pack("!H", code) + reason.encode()
-
-
-def parse_close_payload(payload: bytes) -> tuple[int, str]:
-    if not payload:
-        return _NO_STATUS, ""
-    if len(payload) == 1:
-        raise ProtocolError("close frame with a 1-byte payload")
-    return struct.unpack("!H", payload[:2])[0], payload[2:].decode(errors="replace")
-
-
-class FrameReader:
-    """Turns received bytes into messages and control frames, without copying more than once.
-
-    :meth:`feed` returns ``(opcode, payload)`` pairs: TEXT or BINARY for whole
-    (reassembled) messages, and CLOSE, PING or PONG for control frames.
-    """
-
-    __slots__ = (
-        "_fragments",
-        "_fragments_opcode",
-        "_frame",
-        "_got",
-        "_head",
-        "_parts",
-        "max_message",
-    )
-
-    def __init__(self, max_message: int = 64 * 1024 * 1024) -> None:
-        self.max_message = max_message
-        self._head = b""
-        # (fin, opcode, mask key or b"", payload length) of the frame being read.
-        self._frame: tuple[bool, int, bytes, int] | None = None
-        self._parts: list[bytes] = []
-        self._got = 0
-        self._fragments: list[bytes] = []
-        self._fragments_opcode = 0
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        events: list[tuple[int, bytes]] = []
-        if self._head:
-            data = self._head + data
-            self._head = b""
-        offset = 0
-        size = len(data)
-        while offset < size:
-            frame = self._frame
-            if frame is None:
-                header = self._parse_header(data, offset)
-                if header is None:
-                    self._head = data[offset:]
-                    break
-                frame, offset = header
-                self._frame = frame
-                if frame[3] == 0:
-                    self._frame = None
-                    self._complete(frame, b"", events)
-                    continue
-            length = frame[3]
-            if not self._parts and size - offset >= length:
-                payload = data[offset : offset + length]
-                offset += length
-            else:
-                take = min(length - self._got, size - offset)
-                self._parts.append(data[offset : offset + take])
-                self._got += take
-                offset += take
-                if self._got < length:
-                    break
-                payload = b"".join(self._parts)
-                self._parts = []
-                self._got = 0
-            self._frame = None
-            self._complete(frame, payload, events)
-        if self._frame is None and not self._head and offset < size:
-            self._head = data[offset:]
-        return events
-
-    def _parse_header(
-        self, data: bytes, offset: int
-    ) -> tuple[tuple[bool, int, bytes, int], int] | None:
-        available = len(data) - offset
-        if available < 2:
-            return None
-        first, second = data[offset], data[offset + 1]
-        if first & 0x70:
-            raise ProtocolError("reserved bits set without a negotiated extension")
-        opcode = first & 0x0F
-        length = second & 0x7F
-        position = offset + 2
-        if length == 126:
-            if available < 4:
-                return None
-            length = int.from_bytes(data[position : position + 2], "big")
-            position += 2
-        elif length == 127:
-            if available < 10:
-                return None
-            length = int.from_bytes(data[position : position + 8], "big")
-            position += 8
-        mask = b""
-        if second & 0x80:
-            if len(data) < position + 4:
-                return None
-            mask = data[position : position + 4]
-            position += 4
-        if opcode >= 0x8:
-            if length > 125 or not first & 0x80:
-                raise ProtocolError("control frames are short and never fragmented")
-        elif opcode not in (0x0, 0x1, 0x2):
-            raise ProtocolError(f"unknown opcode {opcode}")
-        if length > self.max_message:
-            raise ProtocolError(f"frame of {length} bytes is over the limit")
-        return (bool(first & 0x80), opcode, mask, length), position
-
-    def _complete(
-        self, frame: tuple[bool, int, bytes, int], payload: bytes, events: list[tuple[int, bytes]]
-    ) -> None:
-        fin, opcode, mask, _ = frame
-        if mask:
-            payload = apply_mask(payload, mask)
-        if opcode >= 0x8:
-            events.append((opcode, payload))
-            return
-        if opcode == Opcode.CONTINUATION:
-            if not self._fragments_opcode:
-                raise ProtocolError("continuation frame without a message to continue")
-            self._fragments.append(payload)
-            if sum(map(len, self._fragments)) > self.max_message:
-                raise ProtocolError("message over the limit")
-            if fin:
-                events.append((self._fragments_opcode, b"".join(self._fragments)))
-                self._fragments = []
-                self._fragments_opcode = 0
-            return
-        if self._fragments_opcode:
-            raise ProtocolError("new message before the previous one ended")
-        if fin:
-            events.append((opcode, payload))
-        else:
-            self._fragments_opcode = opcode
-            self._fragments = [payload]
 
 
 @dataclass(frozen=True)
@@ -360,7 +142,7 @@ class WebSocketClient(asyncio.Protocol):
             try:
                 events = self._reader.feed(data)
             except ProtocolError as error:
-                self._fail(1002, str(error))
+                self._fail(CloseCode.PROTOCOL_ERROR, str(error))
                 return
             for opcode, payload in events:
                 if opcode <= 0x2:
@@ -433,13 +215,16 @@ class WebSocketClient(asyncio.Protocol):
             try:
                 code, reason = parse_close_payload(payload)
             except ProtocolError as error:
-                self._fail(1002, str(error))
+                self._fail(CloseCode.PROTOCOL_ERROR, str(error))
                 return
             by_server = self._close_sent is None
             if by_server:
                 # Echo the server's code (section 5.5.1), then let it close TCP.
-                echoed = code if code != _NO_STATUS else _NO_STATUS
-                transport.write(encode_frame(Opcode.CLOSE, close_payload(echoed, "")))
+                try:
+                    echoed = close_payload(code)
+                except ValueError:  # a code no endpoint may send: answer with none
+                    echoed = b""
+                transport.write(encode_frame(Opcode.CLOSE, echoed))
                 self._close_sent = (code, reason)
                 self._arm_close_timer()
             self._finish(CloseInfo(code, reason, by_server))
@@ -455,7 +240,7 @@ class WebSocketClient(asyncio.Protocol):
     def send_text(self, text: str | bytes) -> bool:
         return self.send(Opcode.TEXT, text.encode() if isinstance(text, str) else text)
 
-    def close(self, code: int = 1000, reason: str = "") -> None:
+    def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Start the closing handshake (the server answers, then closes TCP)."""
         if self.transport is None or self.closed.done():
             return
@@ -502,4 +287,6 @@ class WebSocketClient(asyncio.Protocol):
         if self._close_sent is not None and self._open:
             code, reason = self._close_sent
             self._finish(CloseInfo(code, reason, by_server=False))
-        self._finish(CloseInfo(_ABNORMAL, str(exc or "connection lost"), by_server=True))
+        self._finish(
+            CloseInfo(CloseCode.ABNORMAL_CLOSURE, str(exc or "connection lost"), by_server=True)
+        )

@@ -1,4 +1,5 @@
-"""Active health checks: GET ``health.path`` on every backend, every ``interval``."""
+"""Active health checks: GET ``health.path`` on every backend, every ``interval``,
+spread over the interval."""
 
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class HealthChecker:
             self._tasks.clear()
             for backend in self.pool:
                 backend.healthy = True
+            self.pool.changed()
             return
         present = {backend.id: backend for backend in self.pool}
         for backend_id, task in list(self._tasks.items()):
@@ -69,8 +71,11 @@ class HealthChecker:
                 )
 
     async def _check_forever(self, backend: Backend) -> None:
-        # Spread the first checks so many backends are not probed in lockstep.
-        await asyncio.sleep(random.uniform(0, min(self.config.interval, 0.2)))
+        # Spread the checks over the whole interval, so a thousand backends make a
+        # steady trickle of probes rather than a burst every interval. A backend
+        # waiting for its first passing check (one discovery added) goes soon.
+        spread = self.config.interval if backend.healthy else min(self.config.interval, 0.2)
+        await asyncio.sleep(random.uniform(0, spread))
         while True:
             config = self.config
             ok = await probe(backend, config.path, config.timeout)
@@ -84,12 +89,14 @@ class HealthChecker:
             backend.check_successes += 1
             if not backend.healthy and backend.check_successes >= config.healthy_threshold:
                 backend.healthy = True
+                self.pool.changed()
                 log.info("backend %s is healthy", backend.id)
         else:
             backend.check_successes = 0
             backend.check_failures += 1
             if backend.healthy and backend.check_failures >= config.unhealthy_threshold:
                 backend.healthy = False
+                self.pool.changed()
                 log.warning(
                     "backend %s is unhealthy after %d failed checks",
                     backend.id,

@@ -89,13 +89,31 @@ class BackendPool:
         passive: PassiveHealthConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.default_cap = default_cap
+        self._default_cap = default_cap
         self.passive = passive
         self.default_tls: BackendTlsConfig | None = None  # backend_tls; a reload may change it
         self._clock = clock
         self._backends: dict[str, Backend] = {}
         self._ejected: set[str] = set()  # ids whose ejection has not been seen to end
         self.on_change: list[Callable[[], None]] = []
+        # The candidates, made again only after a change (the store sees the same
+        # sequence until then, so it never compares pools on the admission path).
+        self._candidates: tuple[Candidate, ...] | None = None
+        self._candidate_ids: frozenset[str] = frozenset()
+        self._candidates_until = 0.0  # the next end of an ejection among them
+
+    @property
+    def default_cap(self) -> int:
+        return self._default_cap
+
+    @default_cap.setter
+    def default_cap(self, cap: int) -> None:
+        self._default_cap = cap
+        self.changed()
+
+    def changed(self) -> None:
+        """A backend's health, drain, ejection or cap changed: make the candidates again."""
+        self._candidates = None
 
     def __iter__(self) -> Iterator[Backend]:
         return iter(list(self._backends.values()))
@@ -106,16 +124,30 @@ class BackendPool:
     def get(self, backend_id: str) -> Backend | None:
         return self._backends.get(backend_id)
 
-    def candidates(self) -> list[Candidate]:
-        """The backends that may take new connections, in configured order."""
+    def candidates(self) -> tuple[Candidate, ...]:
+        """The backends that may take new connections, in configured order.
+
+        The same tuple until something changes (see :meth:`changed`) or an
+        ejection ends.
+        """
         now = self._clock()
-        default = self.default_cap
-        return [
-            Candidate(b.id, b.cap(default)) for b in self._backends.values() if b.available(now)
-        ]
+        if self._candidates is None or now >= self._candidates_until:
+            default = self._default_cap
+            self._candidates = tuple(
+                Candidate(b.id, b.cap(default)) for b in self._backends.values() if b.available(now)
+            )
+            self._candidate_ids = frozenset(c.backend_id for c in self._candidates)
+            ends = [b.ejected_until for b in self._backends.values() if b.ejected_until > now]
+            self._candidates_until = min(ends, default=float("inf"))
+        return self._candidates
+
+    def is_candidate(self, backend_id: str) -> bool:
+        """Whether the backend may take new connections now."""
+        self.candidates()
+        return backend_id in self._candidate_ids
 
     def caps(self) -> dict[str, int]:
-        return {b.id: b.cap(self.default_cap) for b in self._backends.values()}
+        return {b.id: b.cap(self._default_cap) for b in self._backends.values()}
 
     def update(
         self, specs: Iterable[BackendSpec], *, initial: bool = False
@@ -149,6 +181,7 @@ class BackendPool:
                 backend.draining = True
                 removed.append(backend)
         self.forget_drained()
+        self.changed()  # caps and addresses may have changed too
         if added or removed:
             for callback in self.on_change:
                 callback()
@@ -164,6 +197,7 @@ class BackendPool:
         for backend_id, backend in list(self._backends.items()):
             if backend.draining and not backend.connections:
                 del self._backends[backend_id]
+                self.changed()
 
     # Passive outlier detection
     def record_success(self, backend: Backend) -> None:
@@ -182,6 +216,7 @@ class BackendPool:
             max(passive.ejection, MAX_EJECTION),
         )
         backend.ejected_until = self._clock() + duration
+        self.changed()
         backend.consecutive_failures = 0
         self._ejected.add(backend.id)
         log.warning(

@@ -7,9 +7,8 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
-from wsgate.admission.contract import Candidate
 from wsgate.admission.redis import script
 from wsgate.admission.redis.connection import StateUnavailable
 from wsgate.admission.redis.pipeline import ScriptCaller
@@ -19,15 +18,11 @@ __all__ = ["LeaseKeeper"]
 
 logger = logging.getLogger("wsgate.state")
 
-# Renewals (of lease_ttl/3 each) a backend's cap is remembered after it was
-# last among the candidates: long enough for an unhealthy spell, not forever.
-_CAPS_MEMORY_ROUNDS = 30
-
 
 class LeaseKeeper:
-    """Renews the lease and re-registers the truth; the caps it publishes come
-    from the candidates admissions saw. ``excess`` hears of backends a
-    re-registration found over their cap."""
+    """Renews the lease and re-registers the truth. A re-registration carries
+    the caps of the backends it holds slots of (``caps_for``), by which Redis
+    judges the excess; ``excess`` hears of backends found over their cap."""
 
     def __init__(
         self,
@@ -35,6 +30,7 @@ class LeaseKeeper:
         sync: ReplicaSync,
         replica_id: str,
         rates: script.RateArgs,
+        caps_for: Callable[[Mapping[str, int]], Mapping[str, int]],
         excess: Callable[[Mapping[str, int]], None],
         *,
         clients: Callable[[], Mapping[str, int]] = dict,
@@ -44,20 +40,13 @@ class LeaseKeeper:
         self._caller = caller
         self._sync = sync
         self._replica_id = replica_id
+        self._caps_for = caps_for
         self._excess = excess
         self._renew_every = sync.lease_ttl / 3
         self.retry_every = min(self._renew_every, 1.0)
-        # backend -> (cap, renewal round it was last a candidate in)
-        self._caps: dict[str, tuple[int, int]] = {}
-        self._round = 0
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-
-    def saw(self, candidates: Sequence[Candidate]) -> None:
-        caps, now_round = self._caps, self._round
-        for candidate in candidates:
-            caps[candidate.backend_id] = (candidate.cap, now_round)
 
     def wake(self) -> None:
         """Try again now (the sync was just lost)."""
@@ -102,9 +91,7 @@ class LeaseKeeper:
         sent = time.monotonic()
         quiet = caller.in_flight == 0
         started = caller.started
-        call = script.renew_call(
-            0, self._replica_id, sync.token, self._ttl_ms(), self.rates, self._caps_to_publish()
-        )
+        call = script.renew_call(0, self._replica_id, sync.token, self._ttl_ms(), self.rates, {})
         try:
             raw = await caller.call(call)
         except StateUnavailable as error:
@@ -130,7 +117,7 @@ class LeaseKeeper:
                 sync.token,
                 self._ttl_ms(),
                 self.rates,
-                self._caps_to_publish(),
+                self._caps_for(truth),
                 register=(token, truth),
                 clients=self._clients(),
             )
@@ -146,13 +133,6 @@ class LeaseKeeper:
                 self._excess(reply.excess)
             if outcome is not Registration.AGAIN:
                 return
-
-    def _caps_to_publish(self) -> dict[str, int]:
-        # Backends that were no candidate for many renewals are gone: forget them.
-        self._round += 1
-        horizon = self._round - _CAPS_MEMORY_ROUNDS
-        self._caps = {b: seen for b, seen in self._caps.items() if seen[1] >= horizon}
-        return {backend: cap for backend, (cap, _) in self._caps.items()}
 
     def _ttl_ms(self) -> int:
         return max(1, round(self._sync.lease_ttl * 1000))

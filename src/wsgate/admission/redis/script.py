@@ -9,7 +9,7 @@ tuples below.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from enum import StrEnum
 from importlib import resources
 from typing import Any, NamedTuple
@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from wsgate.admission.contract import Candidate, Limits
+from wsgate.admission.contract import Limits
 from wsgate.config import RateConfig
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "AdmitReply",
     "AdmitStatus",
     "Arg",
+    "PoolUpdate",
     "RateArgs",
     "ReleaseReply",
     "RenewReply",
@@ -97,16 +98,28 @@ def rate_args(limits: Limits) -> RateArgs:
     return RateArgs(*_rate(limits.connect_rate), *_rate(limits.client_connect_rate))
 
 
+class PoolUpdate(NamedTuple):
+    """What changed in a replica's pool since ``base``, the version Redis last
+    acknowledged: (backend, cap, position) entries, cap 0 for one that left.
+    With ``reset`` the entries are the whole pool."""
+
+    base: str
+    version: str
+    reset: bool
+    entries: Sequence[tuple[str, int, int]]
+
+
 def admit_call(
     deadline: int,
     replica: str,
     token: str,
-    candidates: Sequence[Candidate],
+    pool: PoolUpdate,
     rates: RateArgs,
     *,
     client_key: str | None,
     least_loaded: bool,
-    preferred: str | None,
+    first: Sequence[str],
+    exclude: Collection[str],
     client_cap: int | None = None,
 ) -> ScriptCall:
     call: list[Arg] = [
@@ -115,17 +128,23 @@ def admit_call(
         replica,
         token,
         "1" if least_loaded else "0",
-        preferred or "",
         rates.per_second,
         rates.burst,
         client_key or "",
         rates.client_per_second,
         rates.client_burst,
         client_cap or 0,
+        pool.base,
+        pool.version,
+        "1" if pool.reset else "0",
+        len(pool.entries),
     ]
-    for candidate in candidates:
-        call.append(candidate.backend_id)
-        call.append(candidate.cap)
+    for backend, cap, position in pool.entries:
+        call += (backend, cap, position)
+    call.append(len(first))
+    call += first
+    call.append(len(exclude))
+    call += exclude
     return tuple(call)
 
 
@@ -200,6 +219,7 @@ class AdmitStatus(StrEnum):
     CLIENT_CONNECTION_LIMIT = "client_connection_limit"
     STALE = "stale"  # token refused or lease expired: out of sync
     LATE = "late"  # ran after its deadline: void
+    POOL = "pool"  # Redis holds another version of the pool: send it whole
 
 
 class AdmitReply(NamedTuple):
@@ -208,20 +228,24 @@ class AdmitReply(NamedTuple):
     retry_after: float  # seconds, for the rate refusals
     rate_offset: float  # seconds until the global bucket is full again
     live_replicas: int
-    counts: list[int]  # every candidate's global count after the decision, in order
+    total: int  # the admitted backend's global count after the decision
+    pool_version: str  # the version of this replica's pool Redis holds now
 
 
 def decode_admit(raw: Sequence[Any]) -> AdmitReply:
     status = AdmitStatus(text(raw[0]))
     if len(raw) == 1:
-        return AdmitReply(status, "", 0.0, 0.0, 1, [])
+        return AdmitReply(status, "", 0.0, 0.0, 1, 0, "")
+    if status is AdmitStatus.POOL:
+        return AdmitReply(status, "", 0.0, 0.0, 1, 0, text(raw[1]))
     return AdmitReply(
         status,
         text(raw[1]),
         float(raw[2]) / 1e6,
         float(raw[3]) / 1e6,
         int(raw[4]),
-        [int(count) for count in raw[5:]],
+        int(raw[5]),
+        text(raw[6]),
     )
 
 

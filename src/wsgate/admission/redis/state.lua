@@ -18,7 +18,12 @@ is derived from it):
   P:renewed       HASH  replica -> last renewal, server ms    (renew/reap)
   P:held:R        HASH  backend -> live slots held by R       (admit/release/register/reap)
   P:total         HASH  backend -> live slots, all replicas   (admit/release/register/reap)
-  P:caps          HASH  backend -> cap the replicas enforce   (renew; display only)
+  P:caps          HASH  backend -> cap of the last pool naming it (pool updates)
+  P:pool:R        HASH  backend -> cap, R's eligible backends  (pool updates by R, reap)
+  P:order:R       ZSET  backend -> position in R's pool order  (pool updates by R, reap)
+  P:pver:R        STR   version of R's pool held here          (pool updates by R, reap)
+  P:members       HASH  backend -> how many replicas' pools name it (pool updates, reap)
+  P:load          ZSET  backend -> total/cap, every member     (whenever total changes)
   P:limits        HASH  connect-rate settings                 (renew; display only)
   P:rate          STR   GCRA TAT of the global connect rate, server us (admit)
   P:rate:ip:IP    STR   GCRA TAT of one client IP, expires when full (admit)
@@ -32,19 +37,25 @@ The invariant this script keeps, after every operation:
   total[b] == sum over registered replicas R of held:R[b]     (for every b)
   clients[c] == sum over registered replicas R of clients:R[c] (for every client c)
 
-A client's field is deleted when its count reaches 0, so P:clients holds only
-the clients that have a connection: it never grows with clients gone. Only
-connections admitted under max_connections_per_client are counted there.
-
-and an admission increments total[b] only while total[b] < cap(b). So as long
+and an admission increments total[b] only while total[b] < cap(b). Alongside,
+load[b] == total[b] / caps[b] for every backend some replica's pool names, so
+the least loaded backend with room is the first of P:load below 1, found
+without reading the pool. So as long
 as every live connection is counted in the held hash of a registered replica,
 no backend gets more connections than its cap. "Registered" means: present in
 P:replicas and P:lease.
 
+A client's field is deleted when its count reaches 0, so P:clients holds only
+the clients that have a connection: it never grows with clients gone. Only
+connections admitted under max_connections_per_client are counted there, and
+an admission increments clients[c] only while clients[c] < that cap.
+
 Who may change what:
   admit    increments total[b] and held:R[b] together, and spends the rate
            tokens, only for the caller's own R and only with R's current
-           session token and an unexpired lease.
+           session token and an unexpired lease. It carries R's pool version
+           and what changed since the version R last saw acknowledged; a
+           version this script does not hold asks R for its whole pool.
   release  decrements both together, only with R's current token, never below 0.
   register (renew with resync=1) sets held:R to the replica's own local truth
            (the connections it really has open), moves total by the
@@ -92,6 +103,8 @@ local LEASE = P .. ':lease'
 local RENEWED = P .. ':renewed'
 local TOTAL = P .. ':total'
 local CAPS = P .. ':caps'
+local MEMBERS = P .. ':members'
+local LOAD = P .. ':load'
 local LIMITS = P .. ':limits'
 local RATE = P .. ':rate'
 local CLOSE = P .. ':close'
@@ -156,32 +169,99 @@ local function add_to(hash, field, delta)
   return value
 end
 
+-- Change total[b] and keep load[b] in step (only for backends some pool names).
+local function add_total(backend, delta)
+  local total = add_to(TOTAL, backend, delta)
+  local cap = tonumber(redis.call('HGET', CAPS, backend))
+  if cap and cap > 0 then
+    redis.call('ZADD', LOAD, 'XX', math.max(total, 0) / cap, backend)
+  end
+  if total <= 0 and redis.call('HEXISTS', MEMBERS, backend) == 0 then
+    redis.call('HDEL', CAPS, backend)
+  end
+  return total
+end
+
+local function pool_keys(replica)
+  return P .. ':pool:' .. replica, P .. ':order:' .. replica, P .. ':pver:' .. replica
+end
+
+local function leave_pool(backend)
+  if redis.call('HINCRBY', MEMBERS, backend, -1) <= 0 then
+    redis.call('HDEL', MEMBERS, backend)
+    redis.call('ZREM', LOAD, backend)
+    if redis.call('HEXISTS', TOTAL, backend) == 0 then
+      redis.call('HDEL', CAPS, backend)
+    end
+  end
+end
+
+local function drop_pool(replica)
+  local pool, order, version = pool_keys(replica)
+  local names = redis.call('HKEYS', pool)
+  for _, backend in ipairs(names) do
+    leave_pool(backend)
+  end
+  redis.call('DEL', pool, order, version)
+end
+
+-- One entry of a pool update: cap 0 takes the backend out of R's pool.
+local function set_member(pool, order, backend, cap, position)
+  local known = redis.call('HEXISTS', pool, backend) == 1
+  if cap <= 0 then
+    if known then
+      redis.call('HDEL', pool, backend)
+      redis.call('ZREM', order, backend)
+      leave_pool(backend)
+    end
+    return
+  end
+  if not known then
+    redis.call('HINCRBY', MEMBERS, backend, 1)
+  end
+  redis.call('HSET', pool, backend, cap)
+  redis.call('ZADD', order, position, backend)
+  redis.call('HSET', CAPS, backend, cap)
+  local total = tonumber(redis.call('HGET', TOTAL, backend)) or 0
+  redis.call('ZADD', LOAD, total / cap, backend)
+end
+
 local function session_ok(replica, token)
   return redis.call('HGET', LEASE, replica) == token
 end
 
--- Subtract what a replica holds in one of its hashes from the matching total.
-local function give_back(key, totals)
+-- Subtract what a replica holds in one of its hashes from the matching totals
+-- (``add(field, delta)``) and delete the hash.
+local function give_back(key, add)
   local held = redis.call('HGETALL', key)
   for i = 1, #held, 2 do
-    add_to(totals, held[i], -tonumber(held[i + 1]))
+    add(held[i], -tonumber(held[i + 1]))
   end
   redis.call('DEL', key)
 end
 
+local function add_client(client, delta)
+  return add_to(CLIENTS, client, delta)
+end
+
 -- Forget a replica and give back every slot it held (and its clients' counts), in one step.
 local function drop_replica(replica)
-  give_back(held_key(replica), TOTAL)
-  give_back(clients_key(replica), CLIENTS)
+  give_back(held_key(replica), add_total)
+  give_back(clients_key(replica), add_client)
+  drop_pool(replica)
   redis.call('HDEL', LEASE, replica)
   redis.call('HDEL', RENEWED, replica)
   redis.call('ZREM', REPLICAS, replica)
 end
 
--- ARGV: op, deadline, replica, token, least_loaded, preferred, rate_ps, rate_burst,
---       client_key, client_ps, client_burst, client_cap, then backend, cap pairs.
+-- ARGV: op, deadline, replica, token, least_loaded, rate_ps, rate_burst,
+--       client_key, client_ps, client_burst, client_cap (0 for none),
+--       pool_base, pool_version, pool_reset, n_pool, (backend, cap, position) * n_pool,
+--       n_first, backend * n_first, n_exclude, backend * n_exclude.
 -- Reply: status, backend, retry_after_us, rate_offset_us, live_replicas,
---        then the total of every candidate after the decision.
+--        the chosen backend's total after the decision, the pool version held here.
+-- Status 'pool': this script holds another version of R's pool than the update
+-- starts from; R sends its whole pool (pool_reset 1) with its next admission.
 local function admit()
   local replica, token = ARGV[3], ARGV[4]
   local now = now_us()
@@ -193,86 +273,120 @@ local function admit()
     return { 'stale' }
   end
 
-  local least_loaded = ARGV[5] == '1'
-  local preferred = ARGV[6]
-  local ids, caps = {}, {}
-  local n = (#ARGV - 12) / 2
-  for i = 1, n do
-    ids[i] = ARGV[11 + 2 * i]
-    caps[i] = tonumber(ARGV[12 + 2 * i])
+  local pool, order, version_key = pool_keys(replica)
+  local held_version = redis.call('GET', version_key) or ''
+  local version = ARGV[13]
+  local n_pool = tonumber(ARGV[15])
+  local i = 16
+  if held_version ~= version then
+    local reset = ARGV[14] == '1'
+    if not reset and held_version ~= ARGV[12] then
+      return { 'pool', held_version }
+    end
+    if reset then
+      drop_pool(replica)
+    end
+    for j = 0, n_pool - 1 do
+      set_member(pool, order, ARGV[i + 3 * j], tonumber(ARGV[i + 3 * j + 1]), tonumber(ARGV[i + 3 * j + 2]))
+    end
+    redis.call('SET', version_key, version)
   end
-  local counts = redis.call('HMGET', TOTAL, unpack(ids))
-  for i = 1, n do
-    counts[i] = tonumber(counts[i]) or 0
+  i = i + 3 * n_pool
+  local n_first = tonumber(ARGV[i])
+  local first = {}
+  for j = 1, n_first do
+    first[j] = ARGV[i + j]
+  end
+  i = i + n_first + 1
+  local excluded = {}
+  for j = 1, tonumber(ARGV[i]) do
+    excluded[ARGV[i + j]] = true
   end
 
-  -- The same rule as contract.choose_backend; keep them in step.
-  local best, best_load = nil, 2.0
-  for i = 1, n do
-    local used = counts[i]
-    if used < caps[i] then
-      if ids[i] == preferred then
-        best = i
-        break
-      end
-      if not least_loaded then
-        if preferred == '' then
-          best = i
-          break
-        end
-        if not best then
-          best = i
-        end
-      else
-        local load = used / caps[i]
-        if load < best_load then
-          best, best_load = i, load
-        end
-      end
+  -- The same rule as contract.choose_backend; keep them in step. Each test is
+  -- O(1) or O(log n); scans go only as far as the first backend with room.
+  local function room(backend)
+    if excluded[backend] then
+      return false
     end
+    local cap = tonumber(redis.call('HGET', pool, backend))
+    if not cap then
+      return false
+    end
+    return (tonumber(redis.call('HGET', TOTAL, backend)) or 0) < cap
+  end
+  local best
+  for j = 1, n_first do
+    if room(first[j]) then
+      best = first[j]
+      break
+    end
+  end
+  -- The first backend with room, page by page, as far as it takes.
+  local function first_with_room(page_of)
+    local page, offset = 16, 0
+    while true do
+      local ids = page_of(offset, page)
+      for _, backend in ipairs(ids) do
+        if room(backend) then
+          return backend
+        end
+      end
+      if #ids < page then
+        return nil
+      end
+      offset = offset + page
+    end
+  end
+  if not best and ARGV[5] == '1' then
+    -- Least loaded by share of cap, ties to the smallest id (P:load's own order).
+    best = first_with_room(function(offset, page)
+      return redis.call('ZRANGEBYSCORE', LOAD, '-inf', '(1', 'LIMIT', offset, page)
+    end)
+  elseif not best then
+    -- First fit in R's pool order.
+    best = first_with_room(function(offset, page)
+      return redis.call('ZRANGE', order, offset, offset + page - 1)
+    end)
   end
 
   local live = redis.call('ZCARD', REPLICAS)
-  local function reply(status, backend, wait)
-    local out = { status, backend, num(wait), rate_offset(now), live }
-    for i = 1, n do
-      out[5 + i] = counts[i]
-    end
-    return out
+  local function reply(status, backend, wait, total)
+    return { status, backend, num(wait), rate_offset(now), live, total, version }
   end
 
   if not best then
-    return reply('no_capacity', '', 0)
+    return reply('no_capacity', '', 0, 0)
   end
 
-  -- max_connections_per_client (ARGV[12], 0 for none): a capacity too, checked
+  -- max_connections_per_client (ARGV[11], 0 for none): a capacity too, checked
   -- before any token is spent; counted in P:clients and P:clients:R on admission.
-  local client_cap = tonumber(ARGV[12])
+  local client_cap = tonumber(ARGV[11])
   local counted_client = nil
-  if ARGV[9] ~= '' and client_cap > 0 then
-    counted_client = ARGV[9]
+  if ARGV[8] ~= '' and client_cap > 0 then
+    counted_client = ARGV[8]
     if (tonumber(redis.call('HGET', CLIENTS, counted_client)) or 0) >= client_cap then
-      return reply('client_connection_limit', '', 0)
+      return reply('client_connection_limit', '', 0, 0)
     end
   end
 
   -- Capacity first, then the rates; tokens are spent only when admitted.
-  local rate_ps = tonumber(ARGV[7])
+  local rate_ps = tonumber(ARGV[6])
   local rate_tat
   if rate_ps > 0 then
-    local ok, tat, wait = gcra(tonumber(redis.call('GET', RATE)), now, rate_ps, tonumber(ARGV[8]))
+    local ok, tat, wait = gcra(tonumber(redis.call('GET', RATE)), now, rate_ps, tonumber(ARGV[7]))
     if not ok then
-      return reply('rate_limited', '', wait)
+      return reply('rate_limited', '', wait, 0)
     end
     rate_tat = tat
   end
   local client_key, client_tat
-  local client_ps = tonumber(ARGV[10])
-  if ARGV[9] ~= '' and client_ps > 0 then
-    client_key = P .. ':rate:ip:' .. ARGV[9]
-    local ok, tat, wait = gcra(tonumber(redis.call('GET', client_key)), now, client_ps, tonumber(ARGV[11]))
+  local client_ps = tonumber(ARGV[9])
+  if ARGV[8] ~= '' and client_ps > 0 then
+    client_key = P .. ':rate:ip:' .. ARGV[8]
+    local ok, tat, wait = gcra(tonumber(redis.call('GET', client_key)), now, client_ps, tonumber(ARGV[10]))
     if not ok then
-      return reply('client_rate_limited', '', wait)
+      return reply('client_rate_limited', '', wait, 0)
     end
     client_tat = tat
   end
@@ -283,14 +397,12 @@ local function admit()
   if client_tat then
     store_tat(client_key, client_tat, now)
   end
-  redis.call('HINCRBY', TOTAL, ids[best], 1)
-  redis.call('HINCRBY', held_key(replica), ids[best], 1)
+  redis.call('HINCRBY', held_key(replica), best, 1)
   if counted_client then
-    redis.call('HINCRBY', CLIENTS, counted_client, 1)
-    redis.call('HINCRBY', clients_key(replica), counted_client, 1)
+    add_client(counted_client, 1)
+    add_to(clients_key(replica), counted_client, 1)
   end
-  counts[best] = counts[best] + 1
-  return reply('ok', ids[best], 0)
+  return reply('ok', best, 0, add_total(best, 1))
 end
 
 -- ARGV: op, deadline, replica, token, backend, client ('' when the slot counts for none).
@@ -310,13 +422,15 @@ local function release()
     return { 'ok', tonumber(redis.call('HGET', TOTAL, backend)) or 0 }
   end
   add_to(key, backend, -1)
-  return { 'ok', math.max(add_to(TOTAL, backend, -1), 0) }
+  return { 'ok', math.max(add_total(backend, -1), 0) }
 end
 
 -- ARGV: op, deadline, replica, token, ttl_ms, resync, new_token,
 --       n_held, (backend, count) * n_held, n_caps, (backend, cap) * n_caps,
 --       rate_ps, rate_burst, client_ps, client_burst,
 --       n_clients, (client, count) * n_clients (resync only: the clients' truth).
+-- The caps are sent with a resync, for the backends in it: the excess is
+-- judged by them (the pools may not be here yet, after Redis lost its data).
 -- Reply: status, live_replicas, rate_offset_us, {total flat}, {excess flat}, {reaped},
 --        {this replica's held, flat}, server time (us).
 local function renew()
@@ -354,16 +468,7 @@ local function renew()
   local n_caps = tonumber(ARGV[i])
   local caps = {}
   for j = 1, n_caps do
-    local backend, cap = ARGV[i + 2 * j - 1], ARGV[i + 2 * j]
-    caps[backend] = tonumber(cap)
-    redis.call('HSET', CAPS, backend, cap)
-  end
-  -- Caps nobody renews any more and nobody holds slots of are stale: drop them.
-  local known = redis.call('HKEYS', CAPS)
-  for _, backend in ipairs(known) do
-    if not caps[backend] and redis.call('HEXISTS', TOTAL, backend) == 0 then
-      redis.call('HDEL', CAPS, backend)
-    end
+    caps[ARGV[i + 2 * j - 1]] = tonumber(ARGV[i + 2 * j])
   end
   i = i + 2 * n_caps + 1
   redis.call('HSET', LIMITS, 'rate_per_second', ARGV[i], 'rate_burst', ARGV[i + 1],
@@ -377,15 +482,18 @@ local function renew()
     local key = held_key(replica)
     local old = redis.call('HGETALL', key)
     for j = 1, #old, 2 do
-      add_to(TOTAL, old[j], -tonumber(old[j + 1]))
+      add_total(old[j], -tonumber(old[j + 1]))
     end
     redis.call('DEL', key)
     for _, entry in ipairs(held) do
       local backend, count = entry[1], entry[2]
       if count > 0 then
         redis.call('HSET', key, backend, count)
-        local total = add_to(TOTAL, backend, count)
         local cap = caps[backend]
+        if cap then
+          redis.call('HSETNX', CAPS, backend, cap)
+        end
+        local total = add_total(backend, count)
         if cap and total > cap then
           excess[#excess + 1] = backend
           excess[#excess + 1] = math.min(total - cap, count)
@@ -394,7 +502,7 @@ local function renew()
     end
     -- The same for its clients' counts (never over a cap by more than it holds).
     local ckey = clients_key(replica)
-    give_back(ckey, CLIENTS)
+    give_back(ckey, add_client)
     for j = 1, n_clients do
       local client, count = ARGV[i + 2 * j - 1], tonumber(ARGV[i + 2 * j])
       if count > 0 then

@@ -65,15 +65,17 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Literal
 
 from wsgate.admission.contract import Admitted, Candidate, Limits, Reason, Rejected, Ticket
-from wsgate.admission.local import LocalDecision
+from wsgate.admission.local import LocalDecision, share_choice
 from wsgate.admission.redis import script
 from wsgate.admission.redis.connection import StateUnavailable, connect
 from wsgate.admission.redis.lease import LeaseKeeper
 from wsgate.admission.redis.pipeline import ScriptCaller
+from wsgate.admission.redis.pool import PoolSync
 from wsgate.admission.redis.sync import Change, ReplicaSync, SyncState
 from wsgate.config import redact_url
 
@@ -139,10 +141,12 @@ class RedisStore:
             self._sync,
             self.replica_id,
             script.rate_args(self._limits),
+            self._caps_for,
             self._report_excess,
             clients=lambda: dict(self._clients),
         )
         self._local = LocalDecision()
+        self._pool = PoolSync()
         self._background: set[asyncio.Task[None]] = set()
 
     # -- life cycle -------------------------------------------------------------
@@ -204,25 +208,32 @@ class RedisStore:
         client_key: str | None = None,
         least_loaded: bool = False,
         preferred: str | None = None,
+        first: Sequence[str] = (),
+        exclude: Collection[str] = (),
     ) -> Admitted | Rejected:
         limits = self._limits
         if not candidates:
             return Rejected(Reason.NO_HEALTHY_BACKEND, limits.no_capacity_retry_after)
-        self._lease.saw(candidates)
+        self._pool.offer(candidates)
         sync = self._sync
         sync.check_lease(time.monotonic())
         client_cap = limits.max_connections_per_client
         counted = client_key if client_cap is not None else None
-        if sync.in_sync:
+        tried_first = (preferred, *first) if preferred is not None else first
+        # A second attempt only when Redis asked for the whole pool.
+        for _attempt in range(2):
+            if not sync.in_sync:
+                break
             call = script.admit_call(
                 sync.deadline(time.monotonic()),
                 self.replica_id,
                 sync.token,
-                candidates,
+                self._pool.update(),
                 self._lease.rates,
                 client_key=client_key,
                 least_loaded=least_loaded,
-                preferred=preferred,
+                first=tried_first,
+                exclude=exclude,
                 client_cap=client_cap,
             )
             try:
@@ -231,52 +242,43 @@ class RedisStore:
                 )
             except StateUnavailable as error:
                 sync.failed(str(error))
-            else:
-                # No await from here on: the reply and ``held`` change together.
-                decision = sync.admit_replied(
-                    script.decode_admit(raw),
-                    candidates,
-                    time.monotonic(),
-                    limits.no_capacity_retry_after,
-                )
-                if isinstance(decision, str):
-                    return self._admitted(decision, counted)
-                if decision is not None:
-                    return decision
-        return self._admit_degraded(
-            candidates, client_key=client_key, least_loaded=least_loaded, preferred=preferred
+                break
+            # No await from here on: the reply and ``held`` change together.
+            reply = script.decode_admit(raw)
+            if reply.status is script.AdmitStatus.POOL:
+                self._pool.resend()
+                continue
+            self._pool.acknowledged(reply.pool_version)
+            decision = sync.admit_replied(reply, time.monotonic(), limits.no_capacity_retry_after)
+            if isinstance(decision, str):
+                return self._admitted(decision, counted)
+            if decision is not None:
+                return decision
+            break
+        if self.on_failure == "closed":
+            return Rejected(Reason.STATE_UNAVAILABLE, max(1.0, math.ceil(self._lease.retry_every)))
+        # Degraded (on_failure: local): this replica's share, on its own counts.
+        choice = share_choice(
+            candidates,
+            sync.held,
+            sync.live,
+            least_loaded=least_loaded,
+            preferred=preferred,
+            first=first,
+            exclude=exclude,
         )
+        decision = self._local.admit(
+            choice, limits, live=sync.live, client_key=client_key, clients=self._clients
+        )
+        if isinstance(decision, Rejected):
+            return decision
+        sync.admitted_locally(decision)
+        return self._admitted(decision, counted)
 
     def _admitted(self, backend: str, client: str | None) -> Admitted:
         if client is not None:
             self._clients[client] += 1
         return Admitted(Ticket(backend, client_key=client))
-
-    def _admit_degraded(
-        self,
-        candidates: Sequence[Candidate],
-        *,
-        client_key: str | None,
-        least_loaded: bool,
-        preferred: str | None,
-    ) -> Admitted | Rejected:
-        if self.on_failure == "closed":
-            return Rejected(Reason.STATE_UNAVAILABLE, max(1.0, math.ceil(self._lease.retry_every)))
-        decision = self._local.admit(
-            candidates,
-            self._sync.held,
-            self._limits,
-            live=self._sync.live,
-            client_key=client_key,
-            clients=self._clients,
-            least_loaded=least_loaded,
-            preferred=preferred,
-        )
-        if isinstance(decision, Rejected):
-            return decision
-        self._sync.admitted_locally(decision)
-        counted = client_key if self._limits.max_connections_per_client is not None else None
-        return self._admitted(decision, counted)
 
     async def release(self, ticket: Ticket) -> None:
         """Release and wait until Redis has it (or the sync is lost)."""
@@ -365,7 +367,9 @@ class RedisStore:
     # -- what the replica knows -------------------------------------------------
 
     def global_counts(self) -> Mapping[str, int]:
-        return {b: count for b, count in self._sync.global_counts.items() if count > 0}
+        # A read-only view, not a copy (policies read it on every admission); the
+        # sync keeps only backends with connections in it.
+        return MappingProxyType(self._sync.global_counts)
 
     def local_counts(self) -> Mapping[str, int]:
         return dict(self._sync.held)
@@ -408,6 +412,11 @@ class RedisStore:
     async def refresh(self) -> None:
         """One renewal (fresh global counts), or a re-registration when out of sync."""
         await self._lease.refresh()
+
+    def _caps_for(self, held: Mapping[str, int]) -> dict[str, int]:
+        self._pool.forget_caps(set(held))
+        caps = self._pool.caps
+        return {backend: caps[backend] for backend in held if backend in caps}
 
     def _report_excess(self, excess: Mapping[str, int]) -> None:
         for backend, count in excess.items():

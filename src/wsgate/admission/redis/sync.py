@@ -19,11 +19,11 @@ holding other counts for this replica than its truth.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import NamedTuple
 
-from wsgate.admission.contract import Candidate, Reason, Rejected
+from wsgate.admission.contract import Reason, Rejected
 from wsgate.admission.redis.script import (
     AdmitReply,
     AdmitStatus,
@@ -130,9 +130,12 @@ class ReplicaSync:
     # -- admission --------------------------------------------------------------------------
 
     def admit_replied(
-        self, reply: AdmitReply, candidates: Sequence[Candidate], now: float, retry_after: float
+        self, reply: AdmitReply, now: float, retry_after: float
     ) -> str | Rejected | None:
-        """The admitted backend (counted as held), a refusal, or None: out of sync."""
+        """The admitted backend (counted as held), a refusal, or None: out of sync.
+
+        (A ``pool`` reply is the store's to handle: it sends its pool and asks again.)
+        """
         if reply.status is AdmitStatus.LATE:
             self.lose("Redis answered after the deadline")
             return None
@@ -142,11 +145,9 @@ class ReplicaSync:
         self.live = reply.live_replicas
         self.rate_offset = reply.rate_offset
         self.rate_seen = now
-        counts = self.global_counts
-        for candidate, count in zip(candidates, reply.counts, strict=False):
-            counts[candidate.backend_id] = count
         if reply.status is AdmitStatus.OK:
             self.held[reply.backend] += 1
+            self._learn(reply.backend, reply.total)
             return reply.backend
         if reply.status is AdmitStatus.RATE_LIMITED:
             return Rejected(Reason.RATE_LIMITED, reply.retry_after)
@@ -178,14 +179,21 @@ class ReplicaSync:
         if held[backend] <= 0:
             del held[backend]
         if backend in self.global_counts:
-            self.global_counts[backend] = max(0, self.global_counts[backend] - 1)
+            self._learn(backend, self.global_counts[backend] - 1)
         return self.in_sync
 
     def release_replied(self, backend: str, reply: ReleaseReply) -> None:
         if reply.stale:
             self.lose("lease lost")
         else:
-            self.global_counts[backend] = reply.total
+            self._learn(backend, reply.total)
+
+    def _learn(self, backend: str, total: int) -> None:
+        # Only backends with connections are kept: the map is shown as it is.
+        if total > 0:
+            self.global_counts[backend] = total
+        else:
+            self.global_counts.pop(backend, None)
 
     # -- leases -----------------------------------------------------------------------------
 
