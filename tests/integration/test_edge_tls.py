@@ -16,6 +16,7 @@ import pytest
 from edgetools import client_context, metric, peer_serial, secret_volume, swap_secret
 from gwtools import close_all, open_many, open_one, pod_of, wait_until
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import InvalidStatus
 
 from wsgate.testbed.certs import TestCA
 from wsgate.testbed.processes import ProcessGroup
@@ -138,3 +139,34 @@ async def test_files_rewritten_in_place_and_sighup(procs: ProcessGroup) -> None:
     await wait_until(lambda: "tls reload (SIGHUP): unchanged" in gateway.process.output())
     assert await new_serial(gateway, ca) == second.serial
     assert metric(gateway, "wsgate_tls_reloads_total") == 1
+
+
+async def test_a_tls_session_gives_its_slot_back_once_it_ends(procs: ProcessGroup) -> None:
+    """Sessions relayed on the event loop free their slot when the backend's socket is
+    closed: at a cap of one, session after session gets in; the backend never holds two."""
+    ca = TestCA()
+    pair = ca.issue(procs.log_dir / "tls")
+    [backend] = start_backends(procs, 1)
+    gateway = start_gateway(
+        procs,
+        [backend],
+        tls={"cert": str(pair.cert), "key": str(pair.key)},
+        limits={"max_connections_per_backend": 1},
+    )
+    for _ in range(3):
+        ws = await open_one(wss_url(gateway), ssl=client_context(ca))
+        await ws.close()
+        await wait_until(lambda: backend.stats()["active_connections"] == 0, within=10)
+        # The slot comes back a moment after the backend saw the close: retry briefly.
+        for _attempt in range(50):
+            try:
+                ws = await open_one(wss_url(gateway), ssl=client_context(ca))
+            except InvalidStatus:  # 503 while the release is on its way
+                await asyncio.sleep(0.1)
+            else:
+                await ws.close()
+                break
+        else:
+            pytest.fail("the slot of a finished TLS session never came back")
+    stats = backend.stats()
+    assert stats["peak_connections"] == 1, stats
