@@ -105,3 +105,36 @@ async def test_http_requests_in_flight_count_too(procs: ProcessGroup) -> None:
         async with http.get(f"{gateway.http_url}/hello") as answer:
             assert answer.status == 200
     assert backends[0].stats()["peak_http_in_flight"] == PER_CLIENT
+
+
+async def test_a_route_inherits_the_cap_and_counts_its_clients_on_its_own(
+    procs: ProcessGroup,
+) -> None:
+    main = start_backends(procs, 1, prefix="main")
+    chat = start_backends(procs, 1, prefix="chat")
+    chat_route = {
+        "name": "chat",
+        "match": {"path_prefix": "/chat"},
+        "backends": [{"address": b.address, "id": b.pod_id} for b in chat],
+    }
+    gateway = start_gateway(
+        procs,
+        main,
+        limits={"max_connections_per_backend": 50, "max_connections_per_client": 1},
+        routes=[chat_route],
+    )
+    url = f"ws://127.0.0.1:{gateway.port}"
+    held = []
+    for path in ("/", "/chat"):
+        one = await open_many(f"{url}{path}", 1, local_ips=["127.0.0.2"])
+        assert one.statuses == Counter({101: 1}), path
+        held += one.open
+        refused = await open_many(f"{url}{path}", 1, local_ips=["127.0.0.2"])
+        assert refused.statuses == Counter({429: 1}), path
+        assert refused.bodies[0]["error"] == "client_connection_limit"
+    # What the backends hold: the client's one session on each route, no more.
+    assert [b.stats()["active_connections"] for b in (*main, *chat)] == [1, 1]
+    assert metric(gateway, "wsgate_clients_connected") == 2
+    await close_all(held)
+    await wait_until(lambda: all(b.stats()["active_connections"] == 0 for b in (*main, *chat)))
+    await wait_until(lambda: metric(gateway, "wsgate_clients_connected") == 0)
