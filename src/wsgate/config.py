@@ -177,16 +177,15 @@ class LimitsConfig(_Model):
 class BackendTlsConfig(_Model):
     """TLS toward a backend: verified against the system's CAs (or ``ca``) by default."""
 
+    enabled: bool = True  # ``tls: false`` on a backend turns backend_tls off for it
     verify: bool = True
     ca: Path | None = None
     server_name: str | None = None  # the name to verify and send as SNI; the host otherwise
 
 
 def _backend_tls(value: object) -> object:
-    if value is True:
-        return {}
-    if value is False:
-        return None
+    if isinstance(value, bool):
+        return {"enabled": value}
     return value
 
 

@@ -295,6 +295,8 @@ def describe(
             "live": sum(totals.values()),
             "capacity": sum(known_caps) if len(known_caps) == len(backends) else None,
             "held": sum(r["slots"] for r in replicas),
+            # Client addresses holding connections under max_connections_per_client.
+            "clients": int(_text(raw[8])) if len(raw) > 8 else 0,
         },
     }
 
@@ -311,7 +313,7 @@ def render(state: dict[str, Any]) -> RenderableType:
     capacity = "?" if totals["capacity"] is None else str(totals["capacity"])
     summary = Text(
         f"{totals['replicas']} replicas  ·  {totals['live']}/{capacity} slots in use  ·  "
-        f"{totals['backends']} backends"
+        f"{totals['backends']} backends  ·  {totals['clients']} clients counted"
     )
 
     replicas = Table(title="replicas", title_justify="left", expand=False)

@@ -163,7 +163,7 @@ def worker_config(config: Config, index: int) -> Config:
 def reload_gateway(gateway: Gateway, load: Callable[[], Config], why: str) -> bool:
     """Load the config again and apply it; on any mistake keep the running one."""
     try:
-        gateway.reload(load())
+        gateway.reload(load(), why)
     except ConfigError as error:
         log.error("config reload (%s) refused, the running config stays: %s", why, error)
         return False

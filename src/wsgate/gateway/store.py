@@ -27,6 +27,7 @@ def limits_of(config: _HasLimits) -> Limits:
     return Limits(
         connect_rate=limits.connect_rate,
         client_connect_rate=limits.client_connect_rate,
+        max_connections_per_client=limits.max_connections_per_client,
         no_capacity_retry_after=limits.retry_after,
     )
 

@@ -120,6 +120,7 @@ def admit_call(
     least_loaded: bool,
     first: Sequence[str],
     exclude: Collection[str],
+    client_cap: int | None = None,
 ) -> ScriptCall:
     call: list[Arg] = [
         "admit",
@@ -132,6 +133,7 @@ def admit_call(
         client_key or "",
         rates.client_per_second,
         rates.client_burst,
+        client_cap or 0,
         pool.base,
         pool.version,
         "1" if pool.reset else "0",
@@ -146,9 +148,10 @@ def admit_call(
     return tuple(call)
 
 
-def release_call(replica: str, token: str, backend: str) -> ScriptCall:
+def release_call(replica: str, token: str, backend: str, client: str | None = None) -> ScriptCall:
+    """``client``: the client the slot counted for (max_connections_per_client), if any."""
     # A release is harmless when late: it carries no deadline.
-    return ("release", 0, replica, token, backend)
+    return ("release", 0, replica, token, backend, client or "")
 
 
 def renew_call(
@@ -160,8 +163,10 @@ def renew_call(
     caps: Mapping[str, int],
     *,
     register: tuple[str, Mapping[str, int]] | None = None,
+    clients: Mapping[str, int] | None = None,
 ) -> ScriptCall:
-    """A renewal; with ``register`` (new token, held truth), a re-registration."""
+    """A renewal; with ``register`` (new token, held truth), a re-registration, which
+    also sends ``clients``, the connections held per client (max_connections_per_client)."""
     new_token, held = register if register is not None else ("", {})
     call: list[Arg] = [
         "renew",
@@ -179,6 +184,10 @@ def renew_call(
     for backend, cap in caps.items():
         call += [backend, cap]
     call += rates
+    if register is not None and clients:
+        call.append(len(clients))
+        for client, count in clients.items():
+            call += [client, count]
     return tuple(call)
 
 
@@ -207,6 +216,7 @@ class AdmitStatus(StrEnum):
     NO_CAPACITY = "no_capacity"
     RATE_LIMITED = "rate_limited"
     CLIENT_RATE_LIMITED = "client_rate_limited"
+    CLIENT_CONNECTION_LIMIT = "client_connection_limit"
     STALE = "stale"  # token refused or lease expired: out of sync
     LATE = "late"  # ran after its deadline: void
     POOL = "pool"  # Redis holds another version of the pool: send it whole

@@ -64,6 +64,7 @@ import os
 import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal
@@ -132,6 +133,9 @@ class RedisStore:
         lease_margin = min(max(timeout, 0.05), lease_ttl / 3)
         self._sync = ReplicaSync(lease_ttl, lease_margin, timeout, self._changed)
         self._caller = ScriptCaller(script.replicas_key(namespace), timeout)
+        # Connections this replica holds per client under max_connections_per_client:
+        # its truth for P:clients:R, sent on re-registration as ``held`` is.
+        self._clients: Counter[str] = Counter()
         self._lease = LeaseKeeper(
             self._caller,
             self._sync,
@@ -139,6 +143,7 @@ class RedisStore:
             script.rate_args(self._limits),
             self._caps_for,
             self._report_excess,
+            clients=lambda: dict(self._clients),
         )
         self._local = LocalDecision()
         self._pool = PoolSync()
@@ -212,6 +217,8 @@ class RedisStore:
         self._pool.offer(candidates)
         sync = self._sync
         sync.check_lease(time.monotonic())
+        client_cap = limits.max_connections_per_client
+        counted = client_key if client_cap is not None else None
         tried_first = (preferred, *first) if preferred is not None else first
         # A second attempt only when Redis asked for the whole pool.
         for _attempt in range(2):
@@ -227,9 +234,12 @@ class RedisStore:
                 least_loaded=least_loaded,
                 first=tried_first,
                 exclude=exclude,
+                client_cap=client_cap,
             )
             try:
-                raw = await self._caller.call(call, abandoned=self._undo_admission)
+                raw = await self._caller.call(
+                    call, abandoned=functools.partial(self._undo_admission, counted)
+                )
             except StateUnavailable as error:
                 sync.failed(str(error))
                 break
@@ -241,7 +251,7 @@ class RedisStore:
             self._pool.acknowledged(reply.pool_version)
             decision = sync.admit_replied(reply, time.monotonic(), limits.no_capacity_retry_after)
             if isinstance(decision, str):
-                return Admitted(Ticket(decision))
+                return self._admitted(decision, counted)
             if decision is not None:
                 return decision
             break
@@ -257,11 +267,18 @@ class RedisStore:
             first=first,
             exclude=exclude,
         )
-        decision = self._local.admit(choice, limits, live=sync.live, client_key=client_key)
+        decision = self._local.admit(
+            choice, limits, live=sync.live, client_key=client_key, clients=self._clients
+        )
         if isinstance(decision, Rejected):
             return decision
         sync.admitted_locally(decision)
-        return Admitted(Ticket(decision))
+        return self._admitted(decision, counted)
+
+    def _admitted(self, backend: str, client: str | None) -> Admitted:
+        if client is not None:
+            self._clients[client] += 1
+        return Admitted(Ticket(backend, client_key=client))
 
     async def release(self, ticket: Ticket) -> None:
         """Release and wait until Redis has it (or the sync is lost)."""
@@ -284,10 +301,16 @@ class RedisStore:
         if ticket.released:
             return None
         ticket.released = True
-        backend = ticket.backend_id
+        backend, client = ticket.backend_id, ticket.client_key
+        if client is not None:
+            self._clients[client] -= 1
+            if self._clients[client] <= 0:
+                del self._clients[client]
         if not self._sync.released(backend):
             return None  # re-registration will carry the new truth
-        reply = self._caller.send(script.release_call(self.replica_id, self._sync.token, backend))
+        reply = self._caller.send(
+            script.release_call(self.replica_id, self._sync.token, backend, client)
+        )
         if reply is not None:
             reply.add_done_callback(functools.partial(self._released, backend))
         return reply
@@ -300,17 +323,17 @@ class RedisStore:
         else:
             self._sync.release_replied(backend, script.decode_release(reply.result()))
 
-    def _undo_admission(self, reply: asyncio.Future[Any]) -> None:
+    def _undo_admission(self, client: str | None, reply: asyncio.Future[Any]) -> None:
         """The caller of ``admit`` was cancelled: give back what Redis reserved for it."""
         failed = reply.cancelled() or reply.exception() is not None
         backend = self._sync.abandoned(None if failed else script.decode_admit(reply.result()))
         if backend is not None:
-            self._spawn(self._give_back(backend))
+            self._spawn(self._give_back(backend, client))
 
-    async def _give_back(self, backend: str) -> None:
+    async def _give_back(self, backend: str, client: str | None) -> None:
         try:
             raw = await self._caller.call(
-                script.release_call(self.replica_id, self._sync.token, backend)
+                script.release_call(self.replica_id, self._sync.token, backend, client)
             )
         except StateUnavailable as error:
             self._sync.failed(str(error))
@@ -351,6 +374,9 @@ class RedisStore:
     def local_counts(self) -> Mapping[str, int]:
         return dict(self._sync.held)
 
+    def clients_connected(self) -> int:
+        return len(self._clients)
+
     def tokens_available(self) -> float | None:
         rate = self._limits.connect_rate
         if rate is None:
@@ -378,6 +404,7 @@ class RedisStore:
             "global": dict(self.global_counts()),
             "local": dict(self.local_counts()),
             "tokens": self.tokens_available(),
+            "clients_connected": self.clients_connected(),
         }
 
     # -- leases -----------------------------------------------------------------
