@@ -481,6 +481,10 @@ class Config(_Model):
     def public_dump(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets redacted."""
         data = self.model_dump(mode="json")
+        data["backends"] = _backends_dump(self.backends, data["backends"])
+        for route, dumped in zip(self.routes or [], data.get("routes") or [], strict=True):
+            if route.backends is not None:
+                dumped["backends"] = _backends_dump(route.backends, dumped["backends"])
         data["state"]["store"] = redact_url(self.state.store)
         for secret in ("password", "sentinel_password"):
             if data["state"][secret] is not None:
@@ -488,6 +492,15 @@ class Config(_Model):
         if self.admin_token:
             data["admin_token"] = "<redacted>"
         return data
+
+
+def _backends_dump(backends: object, dumped: Any) -> Any:
+    """Discovery written back as the one-key mapping it is read from, so the dump reloads."""
+    if isinstance(backends, DnsDiscovery):
+        return {"dns": dumped}
+    if isinstance(backends, FileDiscovery):
+        return {"file": dumped}
+    return dumped
 
 
 def redact_url(url: str) -> str:

@@ -193,3 +193,20 @@ def test_a_config_is_validated_without_the_compiled_relay() -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("refused:") and "1006 cannot be sent" in lines[0]
     assert lines[1:] == ["close code 1013", "relay loaded: False"]
+
+
+def test_the_effective_config_of_discovered_pools_reads_back_the_same() -> None:
+    # `wsgate check` prints public_dump(); discovery must come back as `dns:` / `file:`.
+    config = build_config(
+        {
+            "backends": {"dns": {"name": "pods.example.internal", "port": 8080}},
+            "routes": [
+                {"name": "chat", "match": {"path_prefix": "/chat"}, "backends": {"file": "p.txt"}}
+            ],
+        }
+    )
+    again = build_config(config.public_dump())
+    assert isinstance(again.backends, DnsDiscovery)
+    assert again.backends == config.backends
+    assert isinstance(again.routes[0].backends, FileDiscovery)
+    assert again.public_dump() == config.public_dump()
