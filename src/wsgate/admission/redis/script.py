@@ -37,6 +37,7 @@ __all__ = [
     "decode_admit",
     "decode_release",
     "decode_renew",
+    "delayed",
     "evalsha",
     "key_prefix",
     "leave_call",
@@ -52,6 +53,19 @@ SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 Arg = str | int | float
 #: One call of the script: its ARGV (operation, deadline, then the operation's own).
 ScriptCall = tuple[Arg, ...]
+
+
+def delayed(call: ScriptCall, waited: float) -> ScriptCall:
+    """``call`` as it leaves after waiting ``waited`` seconds in this replica's queue.
+
+    A deadline counts from when the call leaves, like the caller's clock: a call
+    that waited behind the batch in flight has had no chance to reach Redis yet.
+    A call without a deadline (0: harmless when late) is left as it is.
+    """
+    deadline = call[1]
+    if not isinstance(deadline, int) or deadline <= 0 or waited <= 0:
+        return call
+    return (call[0], deadline + round(waited * 1e6), *call[2:])
 
 
 def key_prefix(namespace: str) -> str:
