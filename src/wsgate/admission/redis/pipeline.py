@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -16,7 +16,48 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from wsgate.admission.redis.connection import StateUnavailable, describe_failure
 from wsgate.admission.redis.script import SCRIPT, SCRIPT_SHA, ScriptCall, delayed, evalsha
 
-__all__ = ["ScriptCaller", "ScriptPipeline"]
+__all__ = ["PatientTimer", "ScriptCaller", "ScriptPipeline"]
+
+_T = TypeVar("_T")
+
+# A timer that fires later than this was kept waiting by this process's own loop.
+_LATE = 0.010
+# However busy the loop, a timeout is given at most this many times its length.
+_MOST_STRETCH = 10
+
+
+class PatientTimer:
+    """A timeout that does not count the time this process's own event loop was busy.
+
+    When the loop spends 50 ms on one iteration (a burst of accepts), a reply
+    can sit read but unprocessed in a callback queued behind the expired timer,
+    and libuv runs due timers before the rest. A timer that fires late shows
+    exactly that, so it waits again for as long as it was kept waiting; the
+    timeout holds when it fires on time (then Redis, not this process, is slow)
+    or once it has waited ``_MOST_STRETCH`` times its length in all. Redis's own
+    deadline on admissions still voids what arrives there too late.
+    """
+
+    __slots__ = ("_due", "_expire", "_handle", "_last", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, expire: Callable[[], None]):
+        self._loop = loop
+        self._expire = expire
+        self._due = loop.time() + timeout
+        self._last = self._due + timeout * (_MOST_STRETCH - 1)
+        self._handle = loop.call_at(self._due, self._fire)
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        late = now - self._due
+        if late > _LATE and now < self._last:
+            self._due = min(now + late, self._last)
+            self._handle = self._loop.call_at(self._due, self._fire)
+            return
+        self._expire()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -32,7 +73,6 @@ class _Queued:
     call: ScriptCall
     reply: asyncio.Future[Any]
     submitted: float
-    on_sent: Callable[[], None] | None
 
 
 class ScriptPipeline:
@@ -50,23 +90,16 @@ class ScriptPipeline:
         self._queue: list[_Queued] = []
         self._sender: asyncio.Task[None] | None = None
 
-    def submit(
-        self,
-        client: aioredis.Redis,
-        call: ScriptCall,
-        *,
-        on_sent: Callable[[], None] | None = None,
-    ) -> asyncio.Future[Any]:
+    def submit(self, client: aioredis.Redis, call: ScriptCall) -> asyncio.Future[Any]:
         """The raw reply of one script call, or StateUnavailable.
 
-        ``on_sent`` runs as the call leaves: a caller's clock starts there, not
-        while it waits behind the batch in flight (that batch is bounded by
-        ``timeout`` of its own).
+        It settles within two timeouts: the batch in flight is bounded by one,
+        then the call's own batch by another.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         future.add_done_callback(_consume)
-        self._queue.append(_Queued(call, future, loop.time(), on_sent))
+        self._queue.append(_Queued(call, future, loop.time()))
         if self._sender is None or self._sender.done():
             self._sender = loop.create_task(self._send_all(client))
         return future
@@ -88,25 +121,47 @@ class ScriptPipeline:
     async def _send(self, client: aioredis.Redis, batch: list[_Queued]) -> None:
         now = asyncio.get_running_loop().time()
         calls = [delayed(queued.call, now - queued.submitted) for queued in batch]
-        for queued in batch:
-            if queued.on_sent is not None:
-                queued.on_sent()
         try:
-            async with asyncio.timeout(self._timeout):
-                if len(calls) == 1:
-                    results: list[Any] = [await evalsha(client, self._key, calls[0])]
-                else:
-                    results = await self._many(client, calls)
+            if len(calls) == 1:
+                results: list[Any] = [await self._bounded(evalsha(client, self._key, calls[0]))]
+            else:
+                results = await self._bounded(self._many(client, calls))
         except (TimeoutError, RedisError, RedisClusterException, OSError) as error:
             results = [error] * len(batch)
         for queued, result in zip(batch, results, strict=True):
             future = queued.reply
             if future.done():
                 continue
-            if isinstance(result, BaseException):
+            if isinstance(result, TimeoutError):
+                future.set_exception(
+                    StateUnavailable(f"no answer within {self._timeout * 1000:g}ms")
+                )
+            elif isinstance(result, BaseException):
                 future.set_exception(StateUnavailable(describe_failure(result)))
             else:
                 future.set_result(result)
+
+    async def _bounded(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """``work``, or TimeoutError after ``timeout`` (of a :class:`PatientTimer`)."""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(work)
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = PatientTimer(loop, self._timeout, expire)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if expired and (current is None or not current.cancelling()):
+                raise TimeoutError from None
+            raise
+        finally:
+            timer.cancel()
 
     async def _many(self, client: aioredis.Redis, calls: list[ScriptCall]) -> list[Any]:
         results = await self._pipelined(client, calls)
@@ -140,11 +195,6 @@ def _pass_on(waiter: asyncio.Future[Any], reply: asyncio.Future[Any]) -> None:
         waiter.set_exception(error)
     else:
         waiter.set_result(reply.result())
-
-
-def _expire(waiter: asyncio.Future[Any]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
 
 
 class ScriptCaller:
@@ -192,33 +242,21 @@ class ScriptCaller:
         if client is None:
             raise StateUnavailable("not connected")
         self._started()
-        # The caller waits on a future of its own, so that its cancellation or its
-        # timeout leaves the reply to the pipeline (what asyncio.shield and
-        # asyncio.timeout would do, for one future and one timer: this runs once
-        # per admission). Its clock starts as the call leaves: time spent queued
-        # behind the batch in flight says nothing about Redis (and that batch's
-        # own bound covers a stalled Redis).
+        # The caller waits on a future of its own, so that its cancellation leaves
+        # the reply to the pipeline (what asyncio.shield would do, for one future:
+        # this runs once per admission). No timer of its own: the batches bound
+        # the wait (see submit), with one PatientTimer for all of a batch's calls.
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
-        timer: asyncio.TimerHandle | None = None
-
-        def start_clock() -> None:
-            nonlocal timer
-            timer = loop.call_later(self.timeout, _expire, waiter)
-
-        reply = self._pipeline.submit(client, call, on_sent=start_clock)
+        reply = self._pipeline.submit(client, call)
         reply.add_done_callback(functools.partial(_pass_on, waiter))
         try:
             return await waiter
-        except TimeoutError:
-            raise StateUnavailable(f"no answer within {self.timeout * 1000:g}ms") from None
         except asyncio.CancelledError:
             if abandoned is not None:
                 reply.add_done_callback(abandoned)
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
             self._settled()
 
     async def wait_idle(self) -> bool:
