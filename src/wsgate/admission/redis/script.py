@@ -160,8 +160,13 @@ def renew_call(
     caps: Mapping[str, int],
     *,
     register: tuple[str, Mapping[str, int]] | None = None,
+    epoch: str = "",
 ) -> ScriptCall:
-    """A renewal; with ``register`` (new token, held truth), a re-registration."""
+    """A renewal; with ``register`` (new token, held truth), a re-registration.
+
+    ``epoch`` is the one this replica last saw ("" if none): another one in
+    Redis means it lost its data since.
+    """
     new_token, held = register if register is not None else ("", {})
     call: list[Arg] = [
         "renew",
@@ -179,6 +184,7 @@ def renew_call(
     for backend, cap in caps.items():
         call += [backend, cap]
     call += rates
+    call.append(epoch)
     return tuple(call)
 
 
@@ -263,12 +269,14 @@ class RenewReply(NamedTuple):
     reaped: list[str]  # replicas whose lease expired in this call
     held: dict[str, int]  # what Redis holds for this replica
     server_time: float  # Redis's clock, seconds
+    epoch: str  # when Redis's data set began ("" if not told)
+    settling: float  # seconds left of the wait after a loss of data (0 if none)
 
 
 def decode_renew(raw: Sequence[Any]) -> RenewReply:
     status = RenewStatus(text(raw[0]))
     if status is RenewStatus.LATE:
-        return RenewReply(status, 1, 0.0, {}, {}, [], {}, 0.0)
+        return RenewReply(status, 1, 0.0, {}, {}, [], {}, 0.0, "", 0.0)
     return RenewReply(
         status,
         max(1, int(raw[1])),
@@ -278,4 +286,6 @@ def decode_renew(raw: Sequence[Any]) -> RenewReply:
         [text(name) for name in raw[5]],
         pairs(raw[6]),
         float(raw[7]) / 1e6,
+        text(raw[8]),
+        int(raw[9]) / 1000,
     )
