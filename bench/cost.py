@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from bench.driver import DriverPool
 from bench.proxies import (
     BASE_PATHS,
+    TLS_PATHS,
     Endpoint,
     Unavailable,
     parse_path_name,
@@ -85,7 +86,8 @@ def _paths(text: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", choices=("setup", "relay"), default="setup")
-    parser.add_argument("--paths", default=",".join(BASE_PATHS[1:]), help="comma-separated")
+    plain = [p for p in BASE_PATHS[1:] if p not in TLS_PATHS]
+    parser.add_argument("--paths", default=",".join(plain), help="comma-separated")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.5)
     parser.add_argument("--conns", type=int, default=50, help="connections (relay)")

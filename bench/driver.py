@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import socket
+import ssl
 import time
 import traceback
 from array import array
@@ -61,9 +62,31 @@ class DriverError(Exception):
 class Target:
     host: str
     port: int
+    tls: bool = False  # wss://: the client speaks TLS (the bench's own certificate)
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
+
+
+_CLIENT_TLS: ssl.SSLContext | None = None
+
+
+def _client_tls() -> ssl.SSLContext:
+    """The drivers' TLS context: one per process, shared by its clients.
+
+    It does not verify: the certificate is the bench's own, every proxy serves
+    the same one, and a verification would cost the load side, not the proxy.
+    Session resumption is off (a new context per process and no tickets kept),
+    so every set-up is a full handshake.
+    """
+    global _CLIENT_TLS
+    if _CLIENT_TLS is None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(["http/1.1"])
+        _CLIENT_TLS = context
+    return _CLIENT_TLS
 
 
 def default_sources(count: int = 16) -> tuple[str, ...]:
@@ -414,7 +437,10 @@ class _Worker:
                 await loop.sock_connect(sock, (target.host, target.port))
                 ready: asyncio.Future[None] = loop.create_future()
                 transport, client = await loop.create_connection(
-                    lambda: _Client(ready, target.port), sock=sock
+                    lambda: _Client(ready, target.port),
+                    sock=sock,
+                    ssl=_client_tls() if target.tls else None,
+                    server_hostname="localhost" if target.tls else None,
                 )
                 transport.write(opening_request(f"{target.host}:{target.port}", "/", _KEY))
                 await ready

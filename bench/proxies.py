@@ -9,6 +9,9 @@ whose binary is missing is skipped with one line that says so.
 - ``wsgate-memory`` / ``wsgate-redis``: ``wsgate serve`` with the embedded
   store or a private redis-server; ``wsgate-redis-wN`` runs ``--workers N``.
 - ``haproxy``: ``nbthread 1``, ``mode http``; it switches to a tunnel on 101.
+- ``haproxy-tls`` / ``wsgate-memory-tls``: the same, terminating TLS with one
+  certificate (ECDSA P-256, made for the run) and one cipher suite
+  (TLS 1.3, ``TLS_AES_256_GCM_SHA384``, what OpenSSL picks for both by default).
 - ``nginx``: one process (``master_process off``), ``proxy_http_version 1.1``
   and the ``Upgrade``/``Connection`` headers passed on.
 """
@@ -34,6 +37,7 @@ from wsgate.testbed.topology import free_port_run
 
 __all__ = [
     "BASE_PATHS",
+    "TLS_PATHS",
     "Endpoint",
     "Unavailable",
     "parse_path_name",
@@ -45,7 +49,17 @@ __all__ = [
     "worker_pids",
 ]
 
-BASE_PATHS = ("direct", "wsgate-memory", "wsgate-redis", "haproxy", "nginx")
+BASE_PATHS = (
+    "direct",
+    "wsgate-memory",
+    "wsgate-redis",
+    "haproxy",
+    "nginx",
+    "wsgate-memory-tls",
+    "haproxy-tls",
+)
+TLS_PATHS = ("wsgate-memory-tls", "haproxy-tls")
+TLS_SUITE = "TLS_AES_256_GCM_SHA384"
 HAPROXY = "/usr/sbin/haproxy"
 NGINX = "/usr/sbin/nginx"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -69,7 +83,7 @@ class Endpoint:
 
 def parse_path_name(name: str) -> tuple[str, int]:
     """The kind of a path name and its wsgate worker count (1 for the others)."""
-    if name in ("direct", "haproxy", "nginx"):
+    if name in ("direct", "haproxy", "nginx", *TLS_PATHS):
         return name, 1
     match = _WSGATE_PATH.match(name)
     if match is None:
@@ -114,11 +128,34 @@ def start_path(
     kind, workers = parse_path_name(name)
     if kind == "direct":
         return Endpoint(name, echo, None, "echo backend alone")
-    if kind == "haproxy":
-        return _start_haproxy(name, group, echo, nofile, proxy_buffer)
+    if kind in ("haproxy", "haproxy-tls"):
+        tls = _bench_certificate(group) if kind == "haproxy-tls" else None
+        return _start_haproxy(name, group, echo, nofile, proxy_buffer, tls)
+    if kind == "wsgate-memory-tls":
+        tls = _bench_certificate(group)
+        return _start_wsgate(name, group, echo, False, workers, redis, tls)
     if kind == "nginx":
         return _start_nginx(name, group, echo, nofile, proxy_buffer)
     return _start_wsgate(name, group, echo, kind == "wsgate-redis", workers, redis)
+
+
+@dataclass(frozen=True)
+class _Certificate:
+    cert: Path
+    key: Path
+    combined: Path  # certificate then key, as HAProxy's crt takes them
+
+
+def _bench_certificate(group: ProcessGroup) -> _Certificate:
+    """The run's one serving certificate, made on first use in the run's directory."""
+    directory = group.log_dir / "tls"
+    combined = directory / "bench.pem"
+    if not combined.exists():
+        from wsgate.testbed.certs import TestCA
+
+        pair = TestCA("wsgate bench CA").issue(directory, "bench")
+        combined.write_bytes(pair.cert.read_bytes() + pair.key.read_bytes())
+    return _Certificate(directory / "bench.crt", directory / "bench.key", combined)
 
 
 def _bench_env() -> dict[str, str]:
@@ -138,7 +175,12 @@ def _version(argv: list[str]) -> str:
 
 
 def _start_haproxy(
-    name: str, group: ProcessGroup, echo: Target, nofile: int, buffer: int | None
+    name: str,
+    group: ProcessGroup,
+    echo: Target,
+    nofile: int,
+    buffer: int | None,
+    tls: _Certificate | None = None,
 ) -> Endpoint:
     binary = HAPROXY if os.access(HAPROXY, os.X_OK) else shutil.which("haproxy")
     if binary is None:
@@ -148,11 +190,14 @@ def _start_haproxy(
     port = free_port()
     # No global maxconn: HAProxy derives it from the open-files limit it inherits
     # (half of it, as each proxied connection holds two sockets).
+    ssl = f" ssl crt {tls.combined} alpn http/1.1" if tls else ""
     config = f"""\
 global
     nbthread 1
     ulimit-n {nofile}
 {f"    tune.bufsize {buffer}" if buffer else ""}
+    ssl-default-bind-ciphersuites {TLS_SUITE}
+    ssl-default-bind-options ssl-min-ver TLSv1.2
 
 defaults
     mode http
@@ -166,7 +211,7 @@ defaults
     timeout server-fin 5s
 
 frontend bench
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port}{ssl}
     maxconn {nofile}
     default_backend echo
 
@@ -178,7 +223,8 @@ backend echo
     argv = [binary, "-db", "-f", str(path)]
     process = group.start(name, argv, port=("127.0.0.1", port))
     version = _version([binary, "-v"])
-    return Endpoint(name, Target("127.0.0.1", port), process.pid, version, argv)
+    target = Target("127.0.0.1", port, tls=tls is not None)
+    return Endpoint(name, target, process.pid, version, argv)
 
 
 def _start_nginx(
@@ -253,6 +299,7 @@ def _start_wsgate(
     with_redis: bool,
     workers: int,
     redis: list[RedisServer],
+    tls: _Certificate | None = None,
 ) -> Endpoint:
     try:
         present = importlib.util.find_spec("wsgate.app.serve") is not None
@@ -282,9 +329,14 @@ def _start_wsgate(
         argv += ["--state", redis[0].url]
     if workers > 1:
         argv += ["--workers", str(workers)]
+    if tls is not None:
+        config = group.log_dir / f"{name}.yaml"
+        config.write_text(f"tls: {{cert: {tls.cert}, key: {tls.key}}}\n")
+        argv += ["-c", str(config)]
     process = group.start(name, argv, port=("127.0.0.1", port), env=_bench_env())
     _wait_ready(f"http://127.0.0.1:{admin}/ready", timeout=15.0)
-    return Endpoint(name, Target("127.0.0.1", port), process.pid, _wsgate_version(), argv)
+    target = Target("127.0.0.1", port, tls=tls is not None)
+    return Endpoint(name, target, process.pid, _wsgate_version(), argv)
 
 
 def _wsgate_version() -> str:

@@ -14,10 +14,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Figure", "Report", "Scaling", "percentile", "summary"]
+__all__ = ["Figure", "Report", "Scaling", "baseline_of", "percentile", "summary"]
 
 BASELINE = "haproxy"
 DIRECT = "direct"
+
+
+def baseline_of(path: str) -> str:
+    """What ``path`` is compared with: HAProxy doing the same work (with TLS or without)."""
+    tls_baseline = f"{BASELINE}-tls"
+    if path.endswith("-tls") and path != tls_baseline:
+        return tls_baseline
+    return BASELINE
 
 
 def percentile(ordered: Sequence[int] | Sequence[float], fraction: float) -> float:
@@ -155,8 +163,9 @@ class Report:
                     self.add(key, path, value - direct[round_index], round_index)
 
     def ratio(self, key: str, path: str) -> float | None:
+        """``path``'s median over HAProxy's; a TLS path's over HAProxy's with TLS."""
         figure = self.figures[key]
-        value, baseline = figure.median(path), figure.median(BASELINE)
+        value, baseline = figure.median(path), figure.median(baseline_of(path))
         if value is None or baseline is None or baseline <= 0:
             return None
         return value / baseline
@@ -234,7 +243,8 @@ class Report:
                 "",
                 "## Ratios against HAProxy, same run",
                 "",
-                "Path median / HAProxy median. ↑: higher is better, ↓: lower is better.",
+                "Path median / HAProxy median (a -tls path's / haproxy-tls's, when it ran). "
+                "↑: higher is better, ↓: lower is better.",
                 "",
                 "| figure | " + " | ".join(others) + " |",
                 "|---|" + "---:|" * len(others),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything wsgate's commands need on a fresh Debian machine, idempotently:
 # the virtualenv with the package and its dev tools, and the system binaries the
-# tests and demo use (redis-server, haproxy, chromium; nginx and perf with --bench).
+# tests and demo use (redis-server, redis-sentinel, haproxy, chromium; nginx and perf with --bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +28,7 @@ import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
 PY
 command -v redis-server >/dev/null || packages+=(redis-server)
+command -v redis-sentinel >/dev/null || packages+=(redis-sentinel)
 # The edge tests put a real HAProxy in front of the gateway (PROXY protocol, X-Forwarded-For).
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || packages+=(haproxy)
 if [ "$want_browser" = 1 ]; then

@@ -177,16 +177,15 @@ class LimitsConfig(_Model):
 class BackendTlsConfig(_Model):
     """TLS toward a backend: verified against the system's CAs (or ``ca``) by default."""
 
+    enabled: bool = True  # ``tls: false`` on a backend turns backend_tls off for it
     verify: bool = True
     ca: Path | None = None
     server_name: str | None = None  # the name to verify and send as SNI; the host otherwise
 
 
 def _backend_tls(value: object) -> object:
-    if value is True:
-        return {}
-    if value is False:
-        return None
+    if isinstance(value, bool):
+        return {"enabled": value}
     return value
 
 
@@ -287,6 +286,32 @@ class StateConfig(_Model):
     lease_ttl: Duration = 15.0
     timeout: Duration = 0.1
     on_failure: Literal["closed", "local"] = "closed"
+    # Instead of a URL in ``store``: a master found through Sentinel, or a Cluster.
+    sentinels: list[Address] | None = Field(default=None, min_length=1)
+    service: str | None = None
+    sentinel_password: str | None = None
+    cluster: list[Address] | None = Field(default=None, min_length=1)
+    password: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind_of_redis(self) -> StateConfig:
+        if self.sentinels is not None and self.cluster is not None:
+            raise ValueError("use sentinels or cluster, not both")
+        named = self.sentinels is not None or self.cluster is not None
+        if named and self.store != "memory":
+            raise ValueError("use a store URL or sentinels/cluster, not both")
+        if self.sentinels is not None and not self.service:
+            raise ValueError("sentinels need service: the master's name in Sentinel")
+        if self.sentinels is None and (self.service or self.sentinel_password):
+            raise ValueError("service and sentinel_password need sentinels")
+        if self.password is not None and not named:
+            raise ValueError("password goes with sentinels or cluster (a URL carries its own)")
+        return self
+
+    @property
+    def shared(self) -> bool:
+        """Whether admission state is in Redis (shared by replicas) rather than memory."""
+        return self.store != "memory" or self.sentinels is not None or self.cluster is not None
 
     @field_validator("store")
     @classmethod
@@ -456,10 +481,26 @@ class Config(_Model):
     def public_dump(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets redacted."""
         data = self.model_dump(mode="json")
+        data["backends"] = _backends_dump(self.backends, data["backends"])
+        for route, dumped in zip(self.routes or [], data.get("routes") or [], strict=True):
+            if route.backends is not None:
+                dumped["backends"] = _backends_dump(route.backends, dumped["backends"])
         data["state"]["store"] = redact_url(self.state.store)
+        for secret in ("password", "sentinel_password"):
+            if data["state"][secret] is not None:
+                data["state"][secret] = "<redacted>"
         if self.admin_token:
             data["admin_token"] = "<redacted>"
         return data
+
+
+def _backends_dump(backends: object, dumped: Any) -> Any:
+    """Discovery written back as the one-key mapping it is read from, so the dump reloads."""
+    if isinstance(backends, DnsDiscovery):
+        return {"dns": dumped}
+    if isinstance(backends, FileDiscovery):
+        return {"file": dumped}
+    return dumped
 
 
 def redact_url(url: str) -> str:

@@ -45,10 +45,14 @@ def test_smoke_run_measures_every_path_and_writes_sane_results(tmp_path: Path) -
     data = json.loads((out / "latest.json").read_text())
     markdown = (out / "latest.md").read_text()
     status = data["paths"]
-    assert set(status) == {"direct", "wsgate-memory", "wsgate-redis", "haproxy", "nginx"}
+    assert set(status) == {
+        "direct", "wsgate-memory", "wsgate-redis", "haproxy", "nginx",
+        "wsgate-memory-tls", "haproxy-tls",
+    }  # fmt: skip
     assert not [path for path, text in status.items() if text.startswith("FAILED")], status
     # Only a missing binary may skip a path, and it says so.
-    must_run = ["direct", "wsgate-memory"] + (["wsgate-redis"] if find_redis_server() else [])
+    must_run = ["direct", "wsgate-memory", "wsgate-memory-tls"]
+    must_run += ["wsgate-redis"] if find_redis_server() else []
     for path in must_run:
         assert status[path].startswith("ok"), status[path]
     for path, text in status.items():

@@ -36,6 +36,10 @@ CASES: list[tuple[str, bytes, Outcome]] = [
     # No version: llhttp reads HTTP/0.9, which the gateway forwarded (found live).
     ("no_version", b"POST /echoHTTP/1.1\r\nHost: a\r\n\r\n", REFUSE),
     ("http2_request_line", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", REFUSE),
+    # RFC 9112 2.2: empty lines may precede the request line; a bare CR may not
+    # (llhttp skips any run of CR and LF there; this was served before).
+    ("empty_lines_first", b"\r\n\r\n" + _GET + b"\r\n", HTTP),
+    ("bare_cr_first", b"\r\r\n" + _GET + b"\r\n", REFUSE),
     # RFC 6455 11.3.1, 11.3.5: key and version once (the first one was taken before).
     (
         "two_keys",

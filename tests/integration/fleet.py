@@ -7,6 +7,7 @@ from typing import Any
 
 from gwtools import Outcomes, open_many
 from redis import Redis
+from redis.cluster import RedisCluster
 
 from wsgate.admission.redis import key_prefix
 from wsgate.testbed.processes import ProcessGroup, RedisServer, wait_for_port
@@ -65,12 +66,15 @@ def never_over(backends: list[BackendProcess], cap: int) -> None:
     assert sum(s["refused"] for s in stats) == 0, stats
 
 
-def redis_total(server: RedisServer, namespace: str) -> dict[str, int]:
-    client = Redis.from_url(server.url, decode_responses=True)
+def redis_total(server: RedisServer | RedisCluster, namespace: str) -> dict[str, int]:
+    """The namespace's per-backend totals as Redis holds them (one server or a Cluster)."""
+    client = server if isinstance(server, RedisCluster) else Redis.from_url(server.url)
     try:
-        return {k: int(v) for k, v in client.hgetall(f"{key_prefix(namespace)}:total").items()}
+        raw = client.hgetall(f"{key_prefix(namespace)}:total")
+        return {k.decode(): int(v) for k, v in raw.items()}
     finally:
-        client.close()
+        if client is not server:
+            client.close()
 
 
 def truth(backends: list[BackendProcess]) -> dict[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from wsgate.gateway.access_log import FLUSH_INTERVAL
 from wsgate.testbed.topology import BackendProcess, GatewayProcess
 
 __all__ = [
+    "Churn",
     "Outcomes",
     "access_log_written",
     "assert_capacity_free",
@@ -130,3 +132,58 @@ async def raw_request(
         return status, headers, body
     finally:
         writer.close()
+
+
+@dataclass
+class Churn:
+    """Clients that keep connecting, holding a moment and leaving, over several gateways.
+
+    Bounded in time and in attempts; ``holding`` pauses the leaving so the set of
+    live sessions stands still (to compare counts), ``stop`` ends it.
+    """
+
+    urls: list[str]
+    clients: int = 12
+    hold: float = 0.2
+    statuses: Counter[int] = field(default_factory=Counter)
+    admitted_at: list[float] = field(default_factory=list)  # monotonic time of each 101
+    holding: bool = False
+    stopped: bool = False
+    _held: list[ClientConnection] = field(default_factory=list)
+
+    async def run(self, within: float, attempts: int = 20_000) -> None:
+        deadline = time.monotonic() + within
+        budget = [attempts]
+
+        async def client(index: int) -> None:
+            url = self.urls[index % len(self.urls)]
+            ip = f"127.0.0.{2 + index % 8}"
+            while not self.stopped and time.monotonic() < deadline and budget[0] > 0:
+                if self.holding:
+                    await asyncio.sleep(0.05)
+                    continue
+                budget[0] -= 1
+                try:
+                    ws = await open_one(url, ip)
+                except InvalidStatus as rejected:
+                    self.statuses[rejected.response.status_code] += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                except OSError:
+                    self.statuses[0] += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                self.statuses[101] += 1
+                self.admitted_at.append(time.monotonic())
+                self._held.append(ws)
+                await asyncio.sleep(self.hold)
+                # Polled, not an Event: the deadline bounds this wait too.
+                while self.holding and not self.stopped and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+                self._held.remove(ws)
+                await ws.close()
+
+        try:
+            await asyncio.gather(*(client(i) for i in range(self.clients)))
+        finally:
+            await close_all(self._held)

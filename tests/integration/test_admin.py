@@ -427,7 +427,7 @@ async def test_config_dump_hides_the_redis_password_and_the_token(
     assert dump["state"]["store"].startswith("redis://:<redacted>@127.0.0.1:")
     assert dump["state"]["namespace"] == "admin-test"
     assert dump["backends"] == [
-        {"address": backends[0].address, "id": "pod-a", "max_connections": None}
+        {"address": backends[0].address, "id": "pod-a", "max_connections": None, "tls": None}
     ]
     # The password did work: the gateway reached Redis with it.
     clusters = json.loads(await get_text(http, f"{gateway.admin_url}/clusters", token))

@@ -97,7 +97,9 @@ async def test_json_shows_replicas_counts_caps_and_rate(
     assert state["rate"]["per_second"] == 1 and state["rate"]["burst"] == 10
     assert 7 <= state["rate"]["tokens"] <= 7 + refilled  # 3 spent just before
     assert state["client_rate"]["buckets"] == 3
-    assert state["totals"] == {"replicas": 2, "backends": 2, "live": 3, "capacity": 4, "held": 3}
+    assert state["totals"] == {
+        "replicas": 2, "backends": 2, "live": 3, "capacity": 4, "held": 3, "clients": 0,
+    }  # fmt: skip
 
 
 async def test_table_shows_the_same(

@@ -112,6 +112,16 @@ def test_local_share_keeps_the_choice_rule() -> None:
 # -- the shared close budget ------------------------------------------------------------------
 
 
+def test_local_client_cap_refuses_a_full_client_before_spending_a_token() -> None:
+    clock = Clock()
+    share = LocalDecision(clock)
+    limits = Limits(max_connections_per_client=2, connect_rate=RateConfig(per_second=1, burst=1))
+    refused = share.admit("a", limits, client_key="10.0.0.1", clients={"10.0.0.1": 2})
+    assert isinstance(refused, Rejected) and refused.reason is Reason.CLIENT_CONNECTION_LIMIT
+    # Nothing was spent: another client still gets the one token there is.
+    assert share.admit("a", limits, client_key="10.0.0.2", clients={"10.0.0.1": 2}) == "a"
+
+
 def test_take_tokens_grants_the_burst_then_the_rate() -> None:
     granted, tat = take_tokens(None, 10.0, per_second=2, burst=2, want=5)
     assert granted == 2
@@ -166,6 +176,7 @@ def test_describe_turns_the_reply_into_plain_data() -> None:
         "live": 4,
         "capacity": None,
         "held": 4,
+        "clients": 0,
     }
 
 

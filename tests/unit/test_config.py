@@ -85,6 +85,20 @@ def test_state_shorthand_and_long_form() -> None:
     assert long.state.lease_ttl == 15 and long.state.on_failure == "local"
 
 
+def test_state_on_sentinel_or_cluster() -> None:
+    sentinel = build_config(
+        {"state": {"sentinels": ["s1:26379", "s2:26379"], "service": "main", "password": "pw"}}
+    ).state
+    assert sentinel.shared and sentinel.sentinels == ["s1:26379", "s2:26379"]
+    cluster = build_config({"state": {"cluster": ["c1:7000"], "namespace": "x"}})
+    assert cluster.state.shared and cluster.state.cluster == ["c1:7000"]
+    assert not build_config({}).state.shared
+    dumped = build_config(
+        {"state": {"sentinels": ["s:1"], "service": "m", "sentinel_password": "pw"}}
+    ).public_dump()["state"]
+    assert dumped["sentinel_password"] == "<redacted>" and "pw" not in str(dumped)
+
+
 def test_discovery_forms() -> None:
     dns = build_config({"backends": {"dns": {"name": "svc.local", "port": 8081, "refresh": "5s"}}})
     assert isinstance(dns.backends, DnsDiscovery)
@@ -104,6 +118,13 @@ def test_discovery_forms() -> None:
         ({"backends": {"dns": {"name": "x"}}}, "dns.port: Field required"),
         ({"rebalance": {"close_code": 1005}}, "cannot be sent"),
         ({"balance": "random"}, "balance"),
+        ({"state": {"sentinels": ["s:1"], "service": "m", "cluster": ["c:1"]}}, "not both"),
+        ({"state": {"sentinels": ["s:1"]}}, "sentinels need service"),
+        ({"state": {"store": "redis://h/0", "cluster": ["c:1"]}}, "a store URL or sentinels"),
+        ({"state": {"service": "m"}}, "service and sentinel_password need sentinels"),
+        ({"state": {"store": "redis://h/0", "password": "x"}}, "password goes with"),
+        ({"state": {"cluster": ["nope"]}}, "state.cluster.0: expected host:port"),
+        ({"state": {"sentinels": []}}, "state.sentinels"),
     ],
 )
 def test_errors_name_the_key_in_one_line(data: dict[str, object], message: str) -> None:
@@ -172,3 +193,20 @@ def test_a_config_is_validated_without_the_compiled_relay() -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("refused:") and "1006 cannot be sent" in lines[0]
     assert lines[1:] == ["close code 1013", "relay loaded: False"]
+
+
+def test_the_effective_config_of_discovered_pools_reads_back_the_same() -> None:
+    # `wsgate check` prints public_dump(); discovery must come back as `dns:` / `file:`.
+    config = build_config(
+        {
+            "backends": {"dns": {"name": "pods.example.internal", "port": 8080}},
+            "routes": [
+                {"name": "chat", "match": {"path_prefix": "/chat"}, "backends": {"file": "p.txt"}}
+            ],
+        }
+    )
+    again = build_config(config.public_dump())
+    assert isinstance(again.backends, DnsDiscovery)
+    assert again.backends == config.backends
+    assert isinstance(again.routes[0].backends, FileDiscovery)
+    assert again.public_dump() == config.public_dump()

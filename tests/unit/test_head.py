@@ -238,3 +238,21 @@ def test_cookie_value_finds_the_named_cookie() -> None:
     assert cookie_value(headers, "wsgate_backend") == "tok"
     assert cookie_value(headers, "c") == "3"
     assert cookie_value(headers, "missing") is None
+
+
+class TestLineEndsBeforeTheRequestLine:
+    """RFC 9112 section 2.2: empty lines may come first; a bare CR is invalid."""
+
+    def test_empty_lines_are_skipped_even_split_across_reads(self) -> None:
+        reader = RequestReader()
+        assert reader.feed(b"\r\n\r") == []
+        events = reader.feed(b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert [type(e).__name__ for e in events] == ["Head", "End"]
+
+    def test_a_bare_cr_is_refused_even_split_across_reads(self) -> None:
+        for reads in ([b"\r\rGET / HTTP/1.1\r\nHost: a\r\n\r\n"], [b"\r", b"GET / HTTP/1.1\r\n"]):
+            reader = RequestReader()
+            with pytest.raises(BadMessage) as refused:
+                for data in reads:
+                    reader.feed(data)
+            assert refused.value.status == 400

@@ -25,9 +25,18 @@ from prometheus_client.registry import Collector
 from wsgate.admin.snapshot import Snapshot, take_snapshot
 
 if TYPE_CHECKING:
+    from wsgate.edge.listener import EdgeStats
+    from wsgate.edge.tls import ServingCertificate
     from wsgate.gateway.server import Gateway
 
-__all__ = ["CONTENT_TYPE", "STORE_MODES", "GatewayCollector", "metric_families", "render"]
+__all__ = [
+    "CONTENT_TYPE",
+    "STORE_MODES",
+    "GatewayCollector",
+    "edge_families",
+    "metric_families",
+    "render",
+]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 STORE_MODES = ("ok", "degraded")
@@ -40,7 +49,21 @@ class GatewayCollector(Collector):
         self.gateway = gateway
 
     def collect(self) -> Iterator[Metric]:
-        return iter(metric_families(take_snapshot(self.gateway)))
+        gw = self.gateway
+        families = metric_families(take_snapshot(gw))
+        families += edge_families(gw.edge_stats, gw.serving_certificate)
+        # Each route counts its clients in its own store, against its own cap.
+        capped = [r for r in gw.routes if r.spec.limits.max_connections_per_client is not None]
+        if capped:
+            families.append(
+                GaugeMetricFamily(
+                    "wsgate_clients_connected",
+                    "Client addresses holding connections through this replica, counted "
+                    "against limits.max_connections_per_client (summed over the routes).",
+                    value=sum(r.store.clients_connected() for r in capped),
+                )
+            )
+        return iter(families)
 
 
 def render(gateway: Gateway) -> bytes:
@@ -178,6 +201,74 @@ def metric_families(snap: Snapshot) -> list[Metric]:
         "wsgate_live_replicas",
         "Gateway replicas holding a live lease in the shared state (1 for memory).",
         snap.live_replicas,
+    )
+    return families
+
+
+def edge_families(stats: EdgeStats, serving: ServingCertificate | None) -> list[Metric]:
+    """TLS handshakes and certificate, PROXY protocol headers (see docs/edge.md)."""
+    families: list[Metric] = []
+    families.append(
+        CounterMetricFamily(
+            "wsgate_proxy_protocol_headers_total",
+            "PROXY protocol headers accepted from trusted sources (LOCAL ones included).",
+            value=stats.proxy_headers_total,
+        )
+    )
+    errors = CounterMetricFamily(
+        "wsgate_proxy_protocol_errors_total",
+        "Connections refused for their PROXY header: malformed, too_long, not_proxy "
+        "(a trusted source sent none), timeout, untrusted (a source not trusted sent one).",
+        labels=["kind"],
+    )
+    for kind, count in sorted(stats.proxy_errors.items()):
+        errors.add_metric([kind], count)
+    families.append(errors)
+    if serving is None:
+        return families
+    families.append(
+        CounterMetricFamily(
+            "wsgate_tls_handshakes_total",
+            "TLS handshakes completed on the listener.",
+            value=stats.handshakes_total,
+        )
+    )
+    failures = CounterMetricFamily(
+        "wsgate_tls_handshake_failures_total",
+        "TLS handshakes that failed on the listener, by reason.",
+        labels=["reason"],
+    )
+    for reason, count in sorted(stats.handshake_failures.items()):
+        failures.add_metric([reason], count)
+    families.append(failures)
+    facts = serving.facts
+    families.append(
+        GaugeMetricFamily(
+            "wsgate_tls_certificate_expiry_seconds",
+            "When the serving certificate expires (unix time).",
+            value=facts.not_after,
+        )
+    )
+    info = GaugeMetricFamily(
+        "wsgate_tls_certificate_info",
+        "The serving certificate (always 1).",
+        labels=["subject", "issuer", "serial"],
+    )
+    info.add_metric([facts.subject, facts.issuer, f"{facts.serial:x}"], 1)
+    families.append(info)
+    families.append(
+        CounterMetricFamily(
+            "wsgate_tls_reloads_total",
+            "New certificate pairs taken into use (SIGHUP or the files changed).",
+            value=serving.reloads_total,
+        )
+    )
+    families.append(
+        CounterMetricFamily(
+            "wsgate_tls_reload_failures_total",
+            "New certificate pairs refused (unreadable, not parsable, key not matching).",
+            value=serving.reload_failures_total,
+        )
     )
     return families
 

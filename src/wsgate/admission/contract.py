@@ -28,6 +28,7 @@ class Reason(StrEnum):
 
     RATE_LIMITED = "rate_limited"
     CLIENT_RATE_LIMITED = "client_rate_limited"
+    CLIENT_CONNECTION_LIMIT = "client_connection_limit"  # max_connections_per_client
     NO_CAPACITY = "no_capacity"
     NO_HEALTHY_BACKEND = "no_healthy_backend"
     STATE_UNAVAILABLE = "state_unavailable"
@@ -40,6 +41,7 @@ class Reason(StrEnum):
 REJECT_STATUS: Mapping[Reason, int] = {
     Reason.RATE_LIMITED: 429,
     Reason.CLIENT_RATE_LIMITED: 429,
+    Reason.CLIENT_CONNECTION_LIMIT: 429,
     Reason.NO_CAPACITY: 503,
     Reason.NO_HEALTHY_BACKEND: 503,
     Reason.STATE_UNAVAILABLE: 503,
@@ -71,6 +73,9 @@ class Ticket:
     backend_id: str
     serial: int = field(default_factory=lambda: next(_serials))
     released: bool = False
+    # The client whose connection count this slot adds to (max_connections_per_client
+    # was on when it was admitted); None when it counts for no client.
+    client_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,7 @@ class Limits:
 
     connect_rate: RateConfig | None = None
     client_connect_rate: RateConfig | None = None
+    max_connections_per_client: int | None = None
     no_capacity_retry_after: float = 5.0
 
 
@@ -203,6 +209,11 @@ class AdmissionStore(Protocol):
 
     def local_counts(self) -> Mapping[str, int]:
         """Live connections per backend held by this replica."""
+        ...
+
+    def clients_connected(self) -> int:
+        """Client addresses with a connection counted against max_connections_per_client,
+        through this replica (0 while the cap is off)."""
         ...
 
     def tokens_available(self) -> float | None:

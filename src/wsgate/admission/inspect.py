@@ -75,9 +75,14 @@ def run(args: argparse.Namespace) -> int:
     routes: list[str] | None = args.route
     if args.config:
         config = load_config(args.config)
-        if config.state.store == "memory":
+        if not config.state.shared:
             raise ConfigError(
                 f"{args.config}: state is memory, so there is no shared state to show"
+            )
+        if config.state.sentinels is not None or config.state.cluster is not None:
+            raise ConfigError(
+                f"{args.config}: wsgate state reads one Redis by URL; give the current"
+                " master (or the Cluster node that holds the namespace) with --redis"
             )
         url, namespace = config.state.store, config.state.namespace
         routes = [route.name for route in config.route_list()]
@@ -290,6 +295,8 @@ def describe(
             "live": sum(totals.values()),
             "capacity": sum(known_caps) if len(known_caps) == len(backends) else None,
             "held": sum(r["slots"] for r in replicas),
+            # Client addresses holding connections under max_connections_per_client.
+            "clients": int(_text(raw[8])) if len(raw) > 8 else 0,
         },
     }
 
@@ -306,7 +313,7 @@ def render(state: dict[str, Any]) -> RenderableType:
     capacity = "?" if totals["capacity"] is None else str(totals["capacity"])
     summary = Text(
         f"{totals['replicas']} replicas  ·  {totals['live']}/{capacity} slots in use  ·  "
-        f"{totals['backends']} backends"
+        f"{totals['backends']} backends  ·  {totals['clients']} clients counted"
     )
 
     replicas = Table(title="replicas", title_justify="left", expand=False)

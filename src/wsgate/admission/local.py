@@ -6,7 +6,8 @@ everything shared, ``cap // live`` of each cap and ``1/live`` of the connect
 rate (``burst // live`` tokens), measured on its own held counts, so the
 replicas together stay within the limits as long as ``live`` is not an
 undercount. With ``live == 1`` the share is the whole. The per-client rate
-applies in full: a client's connections through this process are all it sees.
+and the per-client cap apply in full: a client's connections through this
+process are all it sees.
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ def share_choice(
 
 
 class LocalDecision:
-    """Capacity first (the caller's choice), then the global rate, then the
-    client's; tokens are spent only by an admission. The caller counts the
-    admitted backend as held."""
+    """Capacity first (the caller's choice of backend, then the client's cap),
+    then the global rate, then the client's; tokens are spent only by an
+    admission. The caller counts the admitted backend (and the client, under a
+    per-client cap) as held."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
@@ -74,11 +76,21 @@ class LocalDecision:
         *,
         live: int = 1,
         client_key: str | None = None,
+        clients: Mapping[str, int] | None = None,
     ) -> str | Rejected:
         """``backend`` (the choice by capacity; None when all are full) once the
-        rates allow it, or why not."""
+        client's cap and the rates allow it, or why not. ``clients``:
+        connections held per client."""
         if backend is None:
             return Rejected(Reason.NO_CAPACITY, limits.no_capacity_retry_after)
+        per_client = limits.max_connections_per_client
+        if (
+            per_client is not None
+            and client_key is not None
+            and clients is not None
+            and clients.get(client_key, 0) >= per_client
+        ):
+            return Rejected(Reason.CLIENT_CONNECTION_LIMIT, limits.no_capacity_retry_after)
         now = self._clock()
         rate_tat: float | None = None
         if limits.connect_rate is not None:

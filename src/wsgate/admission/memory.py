@@ -28,6 +28,9 @@ class MemoryStore:
         self._limits = limits or Limits()
         self._clock = clock
         self._active: Counter[str] = Counter()
+        # Connections per client address under max_connections_per_client; a client
+        # whose last one ends is deleted, so the map holds connected clients only.
+        self._clients: Counter[str] = Counter()
         self._decision = LocalDecision(clock)
         self._index = PoolIndex(self._active)
         self._close_tat: float | None = None
@@ -91,12 +94,17 @@ class MemoryStore:
         choice = index.choose(
             least_loaded=least_loaded, preferred=preferred, first=first, exclude=exclude
         )
-        decision = self._decision.admit(choice, limits, client_key=client_key)
+        decision = self._decision.admit(
+            choice, limits, client_key=client_key, clients=self._clients
+        )
         if isinstance(decision, Rejected):
             return decision
         self._active[decision] += 1
         index.changed(decision)
-        return Admitted(Ticket(decision))
+        counted = client_key if limits.max_connections_per_client is not None else None
+        if counted is not None:
+            self._clients[counted] += 1
+        return Admitted(Ticket(decision, client_key=counted))
 
     async def release(self, ticket: Ticket) -> None:
         self.release_now(ticket)
@@ -110,6 +118,11 @@ class MemoryStore:
         if self._active[backend] <= 0:
             del self._active[backend]
         self._index.changed(backend)
+        client = ticket.client_key
+        if client is not None:
+            self._clients[client] -= 1
+            if self._clients[client] <= 0:
+                del self._clients[client]
 
     def global_counts(self) -> Mapping[str, int]:
         # A read-only view, not a copy: policies read it on every admission.
@@ -117,6 +130,9 @@ class MemoryStore:
 
     def local_counts(self) -> Mapping[str, int]:
         return MappingProxyType(self._active)
+
+    def clients_connected(self) -> int:
+        return len(self._clients)
 
     def tokens_available(self) -> float | None:
         return self._decision.tokens_available(self._limits)
@@ -140,6 +156,7 @@ class MemoryStore:
             "global": dict(self.global_counts()),
             "local": dict(self.local_counts()),
             "tokens": self.tokens_available(),
+            "clients_connected": self.clients_connected(),
         }
 
 

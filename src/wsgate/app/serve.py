@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--watch-config needs a config file (-c FILE)")
     if args.workers < 1:
         raise ConfigError("--workers must be at least 1")
-    if args.workers > 1 and config.state.store == "memory":
+    if args.workers > 1 and not config.state.shared:
         raise ConfigError(
             "--workers > 1 needs a shared state (state: redis://...): with the memory "
             "store each worker would enforce the caps on its own"
@@ -163,7 +163,7 @@ def worker_config(config: Config, index: int) -> Config:
 def reload_gateway(gateway: Gateway, load: Callable[[], Config], why: str) -> bool:
     """Load the config again and apply it; on any mistake keep the running one."""
     try:
-        gateway.reload(load())
+        gateway.reload(load(), why)
     except ConfigError as error:
         log.error("config reload (%s) refused, the running config stays: %s", why, error)
         return False

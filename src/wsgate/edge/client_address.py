@@ -20,9 +20,11 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from enum import StrEnum
+from typing import Protocol
 
 __all__ = [
     "MAX_HOPS",
+    "ClientResolver",
     "ForwardingHeader",
     "TrustedNetworks",
     "canonical_address",
@@ -137,3 +139,28 @@ def resolve_client(
         if address not in trusted:
             return nearest
     return nearest
+
+
+class _Headers(Protocol):
+    def values(self, name: bytes) -> list[bytes]: ...
+
+
+class ClientResolver:
+    """What a client connection is given to name its client: the peer and a request head in,
+    the client's address out. With no trusted proxies it answers the peer at once."""
+
+    __slots__ = ("_name", "header", "trusted")
+
+    def __init__(
+        self,
+        trusted_proxies: Iterable[str] = (),
+        header: ForwardingHeader | str = ForwardingHeader.X_FORWARDED_FOR,
+    ):
+        self.trusted = TrustedNetworks(trusted_proxies)
+        self.header = ForwardingHeader(header)
+        self._name = self.header.value.encode()
+
+    def __call__(self, peer: str, head: _Headers) -> str:
+        if not self.trusted or peer not in self.trusted:
+            return peer
+        return resolve_client(peer, head.values(self._name), self.trusted, self.header)

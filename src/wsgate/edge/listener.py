@@ -11,11 +11,14 @@ event loop's own server). Each accepted connection goes through, in order:
    connection and is counted by kind. A source not trusted sends no header (a
    header from it is refused by the HTTP layer, see
    :func:`~wsgate.edge.proxy_protocol.starts_like_proxy_header`).
-2. With ``tls``: the handshake, with the context current *now*, so a reload
-   applies to the next connection and never to a live one. Failures are
-   counted by reason.
+2. With ``tls``: the first bytes are peeked at. A connection that closes
+   before sending any is let go uncounted; one that does not begin with a TLS
+   handshake record is refused and counted (``plain_http`` gets a plain
+   ``400``, anything else ``not_tls`` is closed). Then the handshake, with the
+   context current *now*, so a reload applies to the next connection and never
+   to a live one; its failures are counted by reason.
 3. The connection's protocol, given the client's address (the PROXY header's,
-   or the peer's).
+   or the peer's) and whether it came with a header.
 
 A connection that closes before sending anything (a load balancer's TCP health
 check) is no error and is not counted.
@@ -31,6 +34,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable
 
+from wsgate.config import parse_address
 from wsgate.edge.client_address import TrustedNetworks, canonical_address
 from wsgate.edge.proxy_protocol import (
     MAX_V2_SIZE,
@@ -40,12 +44,18 @@ from wsgate.edge.proxy_protocol import (
     ProxyHeaderReader,
 )
 from wsgate.edge.tls import ServingCertificate, handshake_failure_reason
+from wsgate.gateway.head import error_response
 
 __all__ = ["EdgeListener", "EdgeStats"]
 
 log = logging.getLogger("wsgate.edge")
 
 ACCEPT_BATCH = 128
+BACKLOG = 4096
+_TLS_HANDSHAKE_RECORD = 0x16
+_PLAIN_HTTP_ANSWER = error_response(
+    400, "bad_request", detail="plain HTTP sent to the TLS port", close=True
+)
 # After EMFILE the listening socket stays readable: wait this long before accepting again.
 ACCEPT_PAUSE = 0.1
 
@@ -70,20 +80,25 @@ class _ClosedEarly(Exception):
 
 
 class EdgeListener:
-    """Accepts on ``sock`` and sets up each connection as the module docstring says."""
+    """Accepts on ``address`` (or ``sock``, already bound) and sets up each connection
+    as the module docstring says. It has the face of the gateway's plain listener."""
 
     def __init__(
         self,
-        sock: socket.socket,
-        protocol_factory: Callable[[str], asyncio.Protocol],
+        protocol_factory: Callable[[str, bool], asyncio.Protocol],
+        address: str,
         *,
         stats: EdgeStats,
+        sock: socket.socket | None = None,
+        reuse_port: bool = False,
         tls: ServingCertificate | None = None,
         handshake_timeout: float = 10.0,
         proxy_sources: TrustedNetworks | None = None,
         proxy_timeout: float = 3.0,
     ):
+        self.address = address
         self.sock = sock
+        self.reuse_port = reuse_port
         self.protocol_factory = protocol_factory
         self.stats = stats
         self.tls = tls
@@ -95,26 +110,45 @@ class EdgeListener:
         self._accepting = False
 
     @property
-    def sockets(self) -> list[socket.socket]:
-        return [self.sock]
+    def addresses(self) -> list[tuple[str, int]]:
+        if self.sock is None or self.sock.fileno() < 0:
+            return []
+        return [self.sock.getsockname()[:2]]
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.sock is None:
+            self.sock = self._bind()
         self._loop = loop
         self.sock.setblocking(False)
         self._accepting = True
         loop.add_reader(self.sock.fileno(), self._accept_ready)
 
+    def _bind(self) -> socket.socket:
+        host, port = parse_address(self.address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
     def close(self) -> None:
         """Stop accepting; connections still being set up are closed."""
-        if self._loop is not None and self._accepting:
+        if self._loop is not None and self._accepting and self.sock is not None:
             self._accepting = False
             self._loop.remove_reader(self.sock.fileno())
-        self.sock.close()
+            self.sock.close()
         for task in list(self._setting_up):
             task.cancel()
 
     def _accept_ready(self) -> None:
-        assert self._loop is not None
+        assert self._loop is not None and self.sock is not None
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, address = self.sock.accept()
@@ -133,21 +167,22 @@ class EdgeListener:
             task.add_done_callback(self._setting_up.discard)
 
     def _resume_accepting(self) -> None:
-        if self._accepting and self._loop is not None:
+        if self._accepting and self._loop is not None and self.sock is not None:
             self._loop.add_reader(self.sock.fileno(), self._accept_ready)
 
     async def _set_up(self, conn: socket.socket, peer: str) -> None:
         assert self._loop is not None
         client = peer
+        proxied = peer in self.proxy_sources
         try:
-            if peer in self.proxy_sources:
+            if proxied:
                 header = await self._proxy_header(conn)
                 if header is None:
                     conn.close()
                     return
                 if header.source is not None:
-                    client = header.source[0]
-            await self._connect(conn, client)
+                    client = canonical_address(header.source[0])
+            await self._connect(conn, client, proxied)
         except asyncio.CancelledError:
             conn.close()
             raise
@@ -205,12 +240,49 @@ class EdgeListener:
         finally:
             loop.remove_reader(fd)
 
-    async def _connect(self, conn: socket.socket, client: str) -> None:
+    async def _begins_with_tls(self, conn: socket.socket) -> bool:
+        """Whether the first byte opens a TLS handshake (if not, refused and counted)."""
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                while True:
+                    await self._readable(conn)
+                    try:
+                        first = conn.recv(16, socket.MSG_PEEK)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    break
+        except TimeoutError:
+            self.stats.handshake_failures["timeout"] += 1
+            return False
+        except OSError:
+            return False  # reset before a byte came: nothing was refused
+        if not first:
+            return False  # connected and closed: a TCP health check or a port probe
+        if first[0] == _TLS_HANDSHAKE_RECORD:
+            return True
+        if first.split(b" ", 1)[0].isalpha():
+            self.stats.handshake_failures["plain_http"] += 1
+            with contextlib.suppress(OSError):
+                conn.send(_PLAIN_HTTP_ANSWER)
+                conn.shutdown(socket.SHUT_WR)
+                # Unread bytes at close make the kernel reset the connection, and a
+                # reset can discard the answer before the client reads it.
+                while conn.recv(65536):
+                    pass
+        else:
+            self.stats.handshake_failures["not_tls"] += 1
+        return False
+
+    async def _connect(self, conn: socket.socket, client: str, proxied: bool) -> None:
         assert self._loop is not None
         tls = self.tls
+        if tls is not None and not await self._begins_with_tls(conn):
+            with contextlib.suppress(OSError):
+                conn.close()
+            return
         try:
             await self._loop.connect_accepted_socket(
-                lambda: self.protocol_factory(client),
+                lambda: self.protocol_factory(client, proxied),
                 conn,
                 ssl=tls.context if tls is not None else None,
                 ssl_handshake_timeout=self.handshake_timeout if tls is not None else None,

@@ -20,6 +20,7 @@ they change again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import ssl
@@ -31,12 +32,15 @@ from pathlib import Path
 
 from cryptography import x509
 
+from wsgate.config import BackendTlsConfig
+
 __all__ = [
     "ALPN",
     "CertificateFacts",
     "ServingCertificate",
     "TlsError",
     "backend_context",
+    "backend_tls",
     "certificate_facts",
     "handshake_failure_reason",
     "server_context",
@@ -174,6 +178,26 @@ def backend_context(verify: bool = True, ca: Path | None = None) -> ssl.SSLConte
     return context
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_backend_context(verify: bool, ca: Path | None) -> ssl.SSLContext:
+    return backend_context(verify, ca)
+
+
+def backend_tls(
+    spec: BackendTlsConfig | None, host: str
+) -> tuple[ssl.SSLContext | None, str | None]:
+    """The context and server name to connect to a backend with (None, None: plain TCP).
+
+    One context per (verify, ca) serves every backend that shares them.
+
+    Raises:
+        TlsError: ``spec.ca`` cannot be read or parsed.
+    """
+    if spec is None:
+        return None, None
+    return _cached_backend_context(spec.verify, spec.ca), spec.server_name or host
+
+
 def handshake_failure_reason(error: BaseException) -> str:
     """A short metric label for why a server handshake failed."""
     if isinstance(error, TimeoutError):
@@ -245,16 +269,24 @@ class ServingCertificate:
         seen, _ = self._identities()
         if seen == self._seen and not self._racy:
             return False
-        return self.reload("files changed")
+        return self._reload("files changed", asked=False)
 
     def reload(self, why: str) -> bool:
-        """Read the files again; keep the old context (and say so once) if they fail."""
+        """Read the files again (an operator asked: ``why`` says how, e.g. SIGHUP).
+
+        Keeps the old context, and says so once, when the new files fail.
+        """
+        return self._reload(why, asked=True)
+
+    def _reload(self, why: str, *, asked: bool) -> bool:
         self._seen, self._racy = self._identities()
         try:
             files = _read_files(self.cert, self.key, self.client_ca)
         except TlsError as error:
             return self._refuse(why, error)
         if files == self._files:
+            if asked:  # found by check(), a touch is not worth a line
+                log.info("tls reload (%s): unchanged, serving %s", why, self.facts.describe())
             return False  # touched, not changed
         # Whatever these bytes give, they are not to be tried again until they change.
         self._files = files

@@ -13,6 +13,7 @@ import errno
 import time
 from typing import Any
 
+from wsgate.edge.tls import TlsError, backend_tls
 from wsgate.gateway.upstream import Upstream
 from wsgate.upstreams.pool import Backend
 
@@ -89,8 +90,17 @@ class Connector:
         timer = loop.call_later(self.connect_timeout, deadline.expire)
         error: OSError | None = None
         try:
+            context, server_name = backend_tls(backend.tls, backend.host)
+        except TlsError as failure:
+            timer.cancel()
+            raise ConnectFailed(str(failure)) from None
+        try:
             _, upstream = await loop.create_connection(
-                lambda: Upstream(backend, self.forget), backend.host, backend.port
+                lambda: Upstream(backend, self.forget),
+                backend.host,
+                backend.port,
+                ssl=context,
+                server_hostname=server_name,
             )
         except asyncio.CancelledError:
             if not (deadline.expired and task.uncancel() <= cancelling):

@@ -40,6 +40,8 @@ __all__ = ["Client", "Exchange", "Request"]
 class Client(Endpoint):
     """The client's connection as an exchange sees it: an endpoint that can be upgraded."""
 
+    proto = "http"  # what the backend is told the client speaks (X-Forwarded-Proto)
+
     def upgrade(self) -> asyncio.Transport:
         """Give the connection up to a session; its transport, from now on the session's."""
         raise NotImplementedError
@@ -177,7 +179,9 @@ class Exchange:
         self.finished = finished = plane.loop.create_future()
         client.peer, upstream.peer = upstream, client  # flow control, both ways
         upstream.begin(self, head_request=head.method == b"HEAD", upgrade=head.upgrade)
-        wire = render_request(head, client_ip=self.client_ip, request_id=self.request_id)
+        wire = render_request(
+            head, client_ip=self.client_ip, request_id=self.request_id, proto=client.proto
+        )
         if head.upgrade:
             upstream.write(wire + request.rest)
             record.bytes_in += len(request.rest)

@@ -93,12 +93,15 @@ class RequestReader:
         self._in_head = False
         self._head_bytes = 0
         self._head_size = 0  # of the head being parsed, counted as its headers arrive
+        self._cr_before_request = False  # a CR ended the last read, before any request line
         self.upgraded = False
 
     def feed(self, data: bytes) -> list[Event]:
         """Parse ``data``; return the events it completed."""
         if self.upgraded:
             raise RuntimeError("the connection was upgraded; its bytes are not HTTP")
+        if self._head is None and self._bare_cr_before_request(data):
+            raise BadMessage(400, "malformed request: a bare CR before the request line")
         events = self._events = []
         if self._in_head or self._head is None:
             self._head_bytes += len(data)
@@ -119,6 +122,24 @@ class RequestReader:
         if self._in_head and self._head_bytes > self.max_head_size:
             raise BadMessage(431, "request head too large")
         return events
+
+    def _bare_cr_before_request(self, data: bytes) -> bool:
+        """Whether the line ends before a request line hold a CR without its LF.
+
+        RFC 9112 section 2.2 lets a server ignore empty lines (CRLF) before a
+        request line, and llhttp skips any run of CR and LF there; a bare CR is
+        invalid wherever it stands. A CRLF split across reads is still a CRLF.
+        """
+        cr = self._cr_before_request
+        for byte in data:
+            if cr and byte != 0x0A:
+                return True
+            if byte not in (0x0D, 0x0A):
+                self._cr_before_request = False
+                return False
+            cr = byte == 0x0D
+        self._cr_before_request = cr
+        return False
 
     def detach(self) -> None:
         """Drop the parser (it refers back to this reader): the connection is upgraded."""

@@ -77,6 +77,7 @@ class RouteParts:
         self.spec = spec
         self.store = store
         self.pool = BackendPool(spec.limits.max_connections_per_backend, spec.health.passive)
+        self.pool.set_default_tls(config.backend_tls)
         self.health = HealthChecker(self.pool, spec.health)
         self.admission = Admission(spec, store, self.pool, make_policy(spec.balance), stats)
         self.follower = BackendFollower(self.pool, self.health, drop_idle)
@@ -122,6 +123,7 @@ class RouteParts:
         self.store.configure(limits_of(spec))
         self.pool.default_cap = spec.limits.max_connections_per_backend
         self.pool.passive = spec.health.passive
+        self.pool.set_default_tls(config.backend_tls)
         self.health.config = spec.health
         if spec.backends != old.backends and isinstance(spec.backends, list):
             self.follower.stop()

@@ -4,7 +4,8 @@
 no part holds the gateway:
 
 - the data plane (:class:`~.plane.Plane`: downstream → exchange → upstream →
-  session → relay), reached through the :class:`~.listener.Listener`;
+  session → relay), reached through the :class:`~.listener.Listener`, or with
+  TLS or PROXY protocol through the :class:`~wsgate.edge.listener.EdgeListener`;
 - the :class:`~.routes.Routes`: the table that gives each request its route,
   and per route its pool, health checks, backend follower, admission (policy,
   affinity, queue, cookie), store and rebalancer;
@@ -26,7 +27,11 @@ from collections.abc import Coroutine
 from typing import Any
 
 from wsgate.admission import AdmissionStore
-from wsgate.config import Config
+from wsgate.config import Config, ConfigError
+from wsgate.edge.client_address import ClientResolver, TrustedNetworks
+from wsgate.edge.downstream import EdgeDownstream, TrustedClientAddress
+from wsgate.edge.listener import EdgeListener, EdgeStats
+from wsgate.edge.tls import ServingCertificate, TlsError
 from wsgate.gateway.access_log import RequestLog
 from wsgate.gateway.connector import Connector
 from wsgate.gateway.descriptors import SpareDescriptors
@@ -48,6 +53,25 @@ HOUSEKEEPING_INTERVAL = 1.0
 DISCOVERY_START_WAIT = 5.0
 # Keys a running gateway cannot change: a reload keeps their running values.
 RESTART_KEYS = ("listen", "admin", "admin_token", "state", "replica_id")
+
+
+def serving_certificate(config: Config) -> ServingCertificate | None:
+    """The listener's TLS pair, read now.
+
+    Raises:
+        ConfigError: the pair cannot be used.
+    """
+    tls = config.tls
+    if tls is None:
+        return None
+    try:
+        return ServingCertificate(tls.cert, tls.key, tls.client_ca, tls.min_version)
+    except TlsError as error:
+        raise ConfigError(f"tls: {error}") from None
+
+
+def client_address(config: Config) -> TrustedClientAddress:
+    return TrustedClientAddress(ClientResolver(config.trusted_proxies, config.forwarded_header))
 
 
 class Gateway:
@@ -73,7 +97,13 @@ class Gateway:
             config, self.replica_id, self.stats, self.connector.drop_idle, store=store
         )
         self.downstreams: set[Downstream] = set()
-        self.listener = Listener(self._accept, config.listen, sock=sock, reuse_port=reuse_port)
+        self.edge_stats = EdgeStats()
+        self.serving_certificate = serving_certificate(config)
+        self.listener: Listener | EdgeListener
+        if config.tls is not None or config.proxy_protocol is not None:
+            self.listener = self._edge_listener(sock, reuse_port)
+        else:
+            self.listener = Listener(self._accept, config.listen, sock=sock, reuse_port=reuse_port)
         self.plane: Plane | None = None  # made by start, on the running loop
         self.draining = False
         self.ready = False
@@ -97,6 +127,7 @@ class Gateway:
             self.connector,
             self.sessions,
             self.routes.route_for,
+            client_address=client_address(self.config),
         )
         await self.listener.start(loop)
         # The relay thread starts once there is somewhere for its sessions to come from.
@@ -113,6 +144,29 @@ class Gateway:
     def _accept(self) -> Downstream:
         assert self.plane is not None
         return Downstream(self.plane, self.downstreams)
+
+    def _edge_listener(self, sock: socket.socket | None, reuse_port: bool) -> EdgeListener:
+        config = self.config
+        proxy, tls = config.proxy_protocol, config.tls
+        return EdgeListener(
+            self._accept_at_edge,
+            config.listen,
+            stats=self.edge_stats,
+            sock=sock,
+            reuse_port=reuse_port,
+            tls=self.serving_certificate,
+            handshake_timeout=tls.handshake_timeout if tls is not None else 10.0,
+            proxy_sources=TrustedNetworks(proxy.trusted if proxy is not None else ()),
+            proxy_timeout=proxy.timeout if proxy is not None else 3.0,
+        )
+
+    def _accept_at_edge(self, client: str, proxied: bool) -> Downstream:
+        assert self.plane is not None
+        # Only a source trusted to send a PROXY header may: from any other it is refused.
+        refuse = self.config.proxy_protocol is not None and not proxied
+        return EdgeDownstream(
+            self.plane, self.downstreams, client, stats=self.edge_stats, refuse_proxy_header=refuse
+        )
 
     @property
     def store(self) -> AdmissionStore:
@@ -202,6 +256,8 @@ class Gateway:
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             self.spares.refill()
+            if self.serving_certificate is not None:
+                self.serving_certificate.check()  # a stat per file: a rotated pair is seen
             idle_timeout = self.config.timeouts.idle  # read each round: a reload may change it
             self.connector.expire_idle()
             self.routes.keep_house()
@@ -213,11 +269,12 @@ class Gateway:
                 last_bytes = now_bytes
 
     # -- hot reload ---------------------------------------------------------------------------
-    def reload(self, new: Config) -> list[str]:
+    def reload(self, new: Config, why: str = "config reload") -> list[str]:
         """Apply ``new`` to the running gateway without dropping a live connection.
 
         Keys in :data:`RESTART_KEYS` keep their running values (logged). Limits and
-        caps apply to new connections only. Returns the top-level keys applied.
+        caps apply to new connections only. The TLS pair is read again (``why``
+        says who asked). Returns the top-level keys applied.
 
         Raises:
             ConfigError: ``new`` cannot be applied (nothing was changed).
@@ -231,15 +288,49 @@ class Gateway:
             )  # fmt: skip
             new = new.model_copy(update={key: getattr(old, key) for key in fixed})
         changed = [key for key in type(new).model_fields if getattr(new, key) != getattr(old, key)]
-        plan = self.routes.plan(new)  # raises before anything changes
+        new, serving = self._reload_edge(old, new, why)  # raises before anything changes
+        plan = self.routes.plan(new)  # so does this
 
         self.config = new
         if self.plane is not None:
             self.plane.config = new
+            self.plane.client_address = client_address(new)
+        self.serving_certificate = serving
+        if isinstance(self.listener, EdgeListener):
+            self.listener.tls = serving
+            proxy = new.proxy_protocol
+            self.listener.proxy_sources = TrustedNetworks(proxy.trusted if proxy else ())
         self.connector.connect_timeout = new.timeouts.connect
         self.log.enabled = new.access_log
         self.spawn(self._apply_routes(plan, changed), "reload-routes")
         return changed
+
+    def _reload_edge(
+        self, old: Config, new: Config, why: str
+    ) -> tuple[Config, ServingCertificate | None]:
+        """The edge settings a reload can apply, and the TLS pair to serve from now on.
+
+        Turning TLS or PROXY protocol on or off changes the kind of listener: that
+        waits for a restart. New paths for the pair are read now (a pair that cannot
+        be used refuses the whole reload); the same paths are read again, as on SIGHUP.
+        """
+        kept = {
+            key: getattr(old, key)
+            for key in ("tls", "proxy_protocol")
+            if (getattr(new, key) is None) != (getattr(old, key) is None)
+        }
+        if kept:
+            log.warning(
+                "config reload: turning %s on or off needs a restart; keeping the running value",
+                " and ".join(kept),
+            )
+            new = new.model_copy(update=kept)
+        serving = self.serving_certificate
+        if new.tls != old.tls:
+            serving = serving_certificate(new)
+        elif serving is not None:
+            serving.reload(why)
+        return new, serving
 
     async def _apply_routes(self, plan: RoutePlan, changed: list[str]) -> None:
         """The routes' part of a reload: new routes take requests once started."""

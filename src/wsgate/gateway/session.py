@@ -4,7 +4,10 @@ A :class:`Session` begins when its exchange's backend answers ``101``. It owns
 the exchange's committed :class:`~wsgate.gateway.reservation.Reservation` and
 releases it once, when it ends. Its bytes are relayed in C
 (:mod:`wsgate.gateway._relay`); Python keeps the slot, the timers and the
-decision to close. :class:`Sessions` holds the live ones and the relay that
+decision to close. A session with a TLS side cannot go to the C relay (its
+bytes are in the clear only inside the SSL transport): a
+:class:`~wsgate.gateway.transport_link.TransportLink` relays it on the event
+loop, with the same face. :class:`Sessions` holds the live ones and the relay that
 carries them, and is all a session is given of the gateway.
 """
 
@@ -22,6 +25,7 @@ from wsgate.gateway.handoff import Handoff, HandOver, Spares, hand_over
 from wsgate.gateway.outcomes import CloseReason, Outcome
 from wsgate.gateway.reservation import Reservation
 from wsgate.gateway.stats import Stats
+from wsgate.gateway.transport_link import TransportLink
 from wsgate.upstreams.pool import Backend
 from wsgate.wire import CloseCode, close_frame, masked_close_frame
 
@@ -81,9 +85,21 @@ class Sessions:
         session = Session(self, reservation, record, backend)
         backend.connections.add(session)
         self.live.add(session)
-        session.handoff = self.hand_over(
-            session, client_transport, backend_transport, rest, self.spares
-        )
+        if _is_tls(client_transport) or _is_tls(backend_transport):
+            # The C relay reads and writes plain sockets: TLS is relayed on the loop.
+            session.link = TransportLink(
+                client_transport,
+                backend_transport,
+                rest,
+                session,
+                _end,
+                on_backend_closed=_backend_closed,
+                linger=CLOSE_GRACE,
+            )
+        else:
+            session.handoff = self.hand_over(
+                session, client_transport, backend_transport, rest, self.spares
+            )
         if self.closing is not None:
             session.close_gracefully(*self.closing)
         return session
@@ -144,7 +160,7 @@ class Session:
         self.close_timer: asyncio.TimerHandle | None = None
         self.done = False
         self.handoff: Handoff | None = None
-        self.link: Link | None = None
+        self.link: Link | TransportLink | None = None
 
     def relay(self, client_fd: int, backend_fd: int, rest: bytes) -> None:
         """The sockets are ours alone now: the relay moves their bytes from here on."""
@@ -237,3 +253,17 @@ class Session:
     def backend_closed(self) -> None:
         """The relay closed the socket toward the backend: its slot is free now."""
         self.reservation.release()
+
+
+def _is_tls(transport: asyncio.Transport) -> bool:
+    return transport.get_extra_info("sslcontext") is not None
+
+
+def _end(session: object, outcome: str) -> None:
+    assert isinstance(session, Session)
+    session.finish(outcome)
+
+
+def _backend_closed(session: object) -> None:
+    assert isinstance(session, Session)
+    session.backend_closed()

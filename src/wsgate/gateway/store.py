@@ -11,7 +11,7 @@ from typing import Protocol
 
 from wsgate.admission import AdmissionStore, Limits
 from wsgate.admission.memory import MemoryStore
-from wsgate.config import Config, LimitsConfig
+from wsgate.config import Config, LimitsConfig, parse_address
 
 __all__ = ["limits_of", "open_store"]
 
@@ -27,6 +27,7 @@ def limits_of(config: _HasLimits) -> Limits:
     return Limits(
         connect_rate=limits.connect_rate,
         client_connect_rate=limits.client_connect_rate,
+        max_connections_per_client=limits.max_connections_per_client,
         no_capacity_retry_after=limits.retry_after,
     )
 
@@ -45,12 +46,20 @@ def open_store(
     """
     state = config.state
     enforced = limits_of(limits or config)
-    if state.store == "memory":
+    if not state.shared:
         return MemoryStore(enforced)
     from wsgate.admission.redis import RedisStore
+    from wsgate.admission.redis.connection import ClusterNodes, Sentinels, Target
 
+    target: Target = state.store
+    if state.sentinels is not None:
+        assert state.service is not None  # the config requires it with sentinels
+        addresses = tuple(parse_address(a) for a in state.sentinels)
+        target = Sentinels(addresses, state.service, state.password, state.sentinel_password)
+    elif state.cluster is not None:
+        target = ClusterNodes(tuple(parse_address(a) for a in state.cluster), state.password)
     return RedisStore(
-        state.store,
+        target,
         namespace=namespace or state.namespace,
         replica_id=replica_id,
         lease_ttl=state.lease_ttl,

@@ -207,7 +207,13 @@ def find_redis_server() -> str | None:
 class RedisServer:
     """A private, non-persisting redis-server on a free loopback port."""
 
-    def __init__(self, group: ProcessGroup, name: str = "redis", port: int | None = None):
+    def __init__(
+        self,
+        group: ProcessGroup,
+        name: str = "redis",
+        port: int | None = None,
+        args: Sequence[str] = (),
+    ):
         binary = find_redis_server()
         if binary is None:
             raise FileNotFoundError("redis-server not found; run ./scripts/setup.sh to install it")
@@ -215,6 +221,7 @@ class RedisServer:
         self.name = name
         self.binary = binary
         self.port = port or free_port()
+        self.args = list(args)  # more redis-server options (--replicaof, --cluster-enabled ...)
         self.process: Process | None = None
 
     @property
@@ -225,7 +232,8 @@ class RedisServer:
         argv = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--protected-mode", "no",
-            "--dir", str(self.group.log_dir),
+            "--dir", str(self.group.log_dir), "--dbfilename", f"{self.name}.rdb",
+            *self.args,
         ]  # fmt: skip
         self.process = self.group.start(self.name, argv, port=("127.0.0.1", self.port))
         return self
@@ -240,3 +248,60 @@ class RedisServer:
     def restart(self) -> None:
         self.kill()
         self.start()
+
+
+class RedisSentinel:
+    """A redis-sentinel watching one master, with failover times short enough for tests."""
+
+    def __init__(self, group: ProcessGroup, name: str, master: RedisServer, service: str):
+        self.group = group
+        self.name = name
+        self.port = free_port()
+        self.master = master
+        self.service = service
+        self.process: Process | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, quorum: int = 2, down_after_ms: int = 1000) -> RedisSentinel:
+        # Sentinel rewrites its config file, so each one gets its own.
+        path = self.group.log_dir / f"{self.name}.conf"
+        path.write_text(
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\n"
+            f"dir {self.group.log_dir}\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} {quorum}\n"
+            f"sentinel down-after-milliseconds {self.service} {down_after_ms}\n"
+            f"sentinel failover-timeout {self.service} {down_after_ms * 3}\n"
+            f"sentinel parallel-syncs {self.service} 1\n"
+        )
+        binary = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"
+        argv = [binary, str(path)]
+        self.process = self.group.start(self.name, argv, port=("127.0.0.1", self.port))
+        return self
+
+
+def start_redis_cluster(
+    group: ProcessGroup, masters: int = 3, replicas_each: int = 1, node_timeout_ms: int = 1000
+) -> list[RedisServer]:
+    """A Redis Cluster on loopback made with ``redis-cli --cluster create`` (masters first).
+
+    A short ``cluster-node-timeout`` makes a master's failover take seconds, and
+    without full coverage the other shards keep serving while one has none.
+    """
+    nodes = []
+    for index in range(masters * (1 + replicas_each)):
+        name = f"redis-node-{index}"
+        args = [
+            "--cluster-enabled", "yes", "--cluster-config-file", f"{name}-nodes.conf",
+            "--cluster-node-timeout", str(node_timeout_ms), "--cluster-port", str(free_port()),
+            "--cluster-require-full-coverage", "no",
+        ]  # fmt: skip
+        nodes.append(RedisServer(group, name, args=args).start())
+    cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+    addresses = [f"127.0.0.1:{node.port}" for node in nodes]
+    argv = [cli, "--cluster", "create", *addresses]
+    argv += ["--cluster-replicas", str(replicas_each), "--cluster-yes"]
+    subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    return nodes

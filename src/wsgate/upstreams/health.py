@@ -9,6 +9,7 @@ import logging
 import random
 
 from wsgate.config import HealthConfig
+from wsgate.edge.tls import TlsError, backend_tls
 from wsgate.upstreams.pool import Backend, BackendPool
 
 __all__ = ["HealthChecker", "probe"]
@@ -17,17 +18,20 @@ log = logging.getLogger("wsgate.health")
 
 
 async def probe(backend: Backend, path: str, limit: float) -> bool:
-    """One check: a 2xx answer within ``limit`` seconds is healthy."""
+    """One check: a 2xx answer within ``limit`` seconds is healthy (over TLS to a TLS backend)."""
     writer: asyncio.StreamWriter | None = None
     try:
+        context, server_name = backend_tls(backend.tls, backend.host)
         async with asyncio.timeout(limit):
-            reader, writer = await asyncio.open_connection(backend.host, backend.port)
+            reader, writer = await asyncio.open_connection(
+                backend.host, backend.port, ssl=context, server_hostname=server_name
+            )
             writer.write(
                 f"GET {path} HTTP/1.1\r\nHost: {backend.address}\r\n"
                 "User-Agent: wsgate-health\r\nConnection: close\r\n\r\n".encode()
             )
             status_line = await reader.readline()
-    except (OSError, TimeoutError):
+    except (OSError, TimeoutError, TlsError):
         return False
     finally:
         if writer is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wsgate.admission import Candidate
-from wsgate.config import BackendSpec, PassiveHealthConfig, parse_address
+from wsgate.config import BackendSpec, BackendTlsConfig, PassiveHealthConfig, parse_address
 
 __all__ = ["MAX_EJECTION", "Backend", "BackendPool"]
 
@@ -44,6 +44,8 @@ class Backend:
     admitted_total: int = 0
     rejected_total: int = 0
     connect_failures_total: int = 0
+    own_tls: BackendTlsConfig | None = None  # its spec's tls key, as written
+    tls: BackendTlsConfig | None = None  # TLS toward it (its own tls, or backend_tls)
     # Live connections on this replica; the proxy registers them for drain/rebalance.
     connections: set[Any] = field(default_factory=set)
 
@@ -58,9 +60,26 @@ class Backend:
         return self.healthy and not self.draining and now >= self.ejected_until
 
     @classmethod
-    def from_spec(cls, spec: BackendSpec, *, healthy: bool = True) -> Backend:
+    def from_spec(
+        cls,
+        spec: BackendSpec,
+        *,
+        healthy: bool = True,
+        default_tls: BackendTlsConfig | None = None,
+    ) -> Backend:
         host, port = parse_address(spec.address)
-        return cls(spec.backend_id, host, port, spec.max_connections, healthy=healthy)
+        backend = cls(spec.backend_id, host, port, spec.max_connections, healthy=healthy)
+        backend.own_tls = spec.tls
+        backend.tls = _tls_of(spec.tls, default_tls)
+        return backend
+
+
+def _tls_of(
+    own: BackendTlsConfig | None, default: BackendTlsConfig | None
+) -> BackendTlsConfig | None:
+    """The backend's own ``tls``, else the pool's ``backend_tls``; None for plain TCP."""
+    chosen = own if own is not None else default
+    return chosen if chosen is not None and chosen.enabled else None
 
 
 class BackendPool:
@@ -72,6 +91,7 @@ class BackendPool:
     ):
         self._default_cap = default_cap
         self.passive = passive
+        self.default_tls: BackendTlsConfig | None = None  # backend_tls; a reload may change it
         self._clock = clock
         self._backends: dict[str, Backend] = {}
         self._ejected: set[str] = set()  # ids whose ejection has not been seen to end
@@ -145,12 +165,14 @@ class BackendPool:
             current = self._backends.get(backend_id)
             host, port = parse_address(spec.address)
             if current is None:
-                backend = Backend.from_spec(spec, healthy=initial)
+                backend = Backend.from_spec(spec, healthy=initial, default_tls=self.default_tls)
                 self._backends[backend_id] = backend
                 added.append(backend)
             else:
                 current.host, current.port = host, port
                 current.max_connections = spec.max_connections
+                current.own_tls = spec.tls
+                current.tls = _tls_of(spec.tls, self.default_tls)  # new connections only
                 if current.draining:
                     current.draining = False
                     log.info("backend %s is back in discovery", backend_id)
@@ -164,6 +186,12 @@ class BackendPool:
             for callback in self.on_change:
                 callback()
         return added, removed
+
+    def set_default_tls(self, default: BackendTlsConfig | None) -> None:
+        """A new ``backend_tls``: for new connections to every backend without its own."""
+        self.default_tls = default
+        for backend in self._backends.values():
+            backend.tls = _tls_of(backend.own_tls, default)
 
     def forget_drained(self) -> None:
         for backend_id, backend in list(self._backends.items()):

@@ -1,15 +1,64 @@
-"""The connection to Redis: commands packed in C, no retries, no hidden timeouts."""
+"""The connection to Redis: commands packed in C, no retries, no hidden timeouts.
+
+Redis is one server (a URL), a master found through Sentinel, or a Cluster.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import NoBackoff
 
-__all__ = ["HiredisPackingConnection", "StateUnavailable", "connect", "describe_failure"]
+from wsgate.config import redact_url
+
+__all__ = [
+    "ClusterNodes",
+    "HiredisPackingConnection",
+    "Sentinels",
+    "StateUnavailable",
+    "Target",
+    "connect",
+    "describe_failure",
+    "describe_target",
+]
+
+
+@dataclass(frozen=True)
+class Sentinels:
+    """A master found through Sentinel: asked for on every new connection."""
+
+    addresses: tuple[tuple[str, int], ...]
+    service: str
+    password: str | None = None
+    sentinel_password: str | None = None
+
+
+@dataclass(frozen=True)
+class ClusterNodes:
+    """A Redis Cluster, known by some of its nodes; it tells the rest."""
+
+    addresses: tuple[tuple[str, int], ...]
+    password: str | None = None
+
+
+#: Where the shared state lives: a URL, a Sentinel service, or a Cluster.
+Target = str | Sentinels | ClusterNodes
+
+
+def describe_target(target: Target) -> str:
+    """The target as status pages show it, without passwords."""
+    if isinstance(target, str):
+        return redact_url(target)
+    nodes = ",".join(f"{host}:{port}" for host, port in target.addresses)
+    if isinstance(target, Sentinels):
+        return f"sentinel://{nodes}/{target.service}"
+    return f"cluster://{nodes}"
 
 
 class StateUnavailable(Exception):
@@ -41,18 +90,70 @@ class HiredisPackingConnection(aioredis.Connection):
         return [hiredis.pack_command(args)]
 
 
-def connect(url: str, timeout: float) -> aioredis.Redis:
+class HiredisSentinelConnection(HiredisPackingConnection, SentinelManagedConnection):
+    """A connection to the master Sentinel names now, packing with hiredis.
+
+    redis-py asks the sentinels on every connect, and drops the connection when
+    the server answers READONLY (a demoted master): the call fails like any
+    other, and the next connection goes to the new master.
+    """
+
+
+def connect(target: Target, timeout: float) -> aioredis.Redis:
     """A client that never retries; callers bound each call with ``asyncio.timeout``.
 
     redis-py's own ``socket_timeout`` is off on purpose: it runs each write under
     ``asyncio.wait_for``, which on Python 3.11 can swallow a cancellation that
     arrives as the write completes, and a cancelled admission must stay cancelled.
     """
+    if isinstance(target, Sentinels):
+        return _sentinel_master(target, timeout)
+    if isinstance(target, ClusterNodes):
+        return _cluster(target, timeout)  # type: ignore[return-value]
     return aioredis.Redis.from_url(
-        url,
+        target,
         socket_timeout=None,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
         connection_class=HiredisPackingConnection,
+    )
+
+
+def _sentinel_master(target: Sentinels, timeout: float) -> aioredis.Redis:
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.addresses),
+        sentinel_kwargs={
+            "password": target.sentinel_password,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+        },
+        password=target.password,
+        socket_timeout=None,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+    master: aioredis.Redis = sentinel.master_for(
+        target.service, connection_class=HiredisSentinelConnection
+    )
+    return master
+
+
+def _cluster(target: ClusterNodes, timeout: float) -> RedisCluster:
+    """A cluster client: each call goes to the shard of its key's slot.
+
+    MOVED and ASK are followed inside the call (the slot map is refreshed on
+    MOVED); a node that does not answer fails the call, and the next one uses
+    the refreshed map. No retry hides a failure from the replica's sync.
+    """
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.addresses],
+        password=target.password,
+        socket_timeout=None,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        cluster_error_retry_attempts=0,
+        reinitialize_steps=1,
     )

@@ -32,8 +32,11 @@ class LeaseKeeper:
         rates: script.RateArgs,
         caps_for: Callable[[Mapping[str, int]], Mapping[str, int]],
         excess: Callable[[Mapping[str, int]], None],
+        *,
+        clients: Callable[[], Mapping[str, int]] = dict,
     ):
         self.rates = rates
+        self._clients = clients  # the truth per client, sent along with the held truth
         self._caller = caller
         self._sync = sync
         self._replica_id = replica_id
@@ -121,6 +124,7 @@ class LeaseKeeper:
                 self._caps_for(truth),
                 register=(token, truth),
                 epoch=sync.epoch,
+                clients=self._clients(),
             )
             try:
                 raw = await self._caller.call(call)

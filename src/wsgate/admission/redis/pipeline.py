@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from wsgate.admission.redis.connection import StateUnavailable, describe_failure
-from wsgate.admission.redis.script import SCRIPT, SCRIPT_SHA, ScriptCall, evalsha
+from wsgate.admission.redis.script import SCRIPT, SCRIPT_SHA, ScriptCall, delayed, evalsha
 
 __all__ = ["ScriptCaller", "ScriptPipeline"]
 
@@ -21,6 +23,16 @@ def _consume(future: asyncio.Future[Any]) -> None:
     """Mark a failure as seen even when its caller stopped waiting for it."""
     if not future.cancelled():
         future.exception()
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A script call waiting for its batch, and when it was made (loop time)."""
+
+    call: ScriptCall
+    reply: asyncio.Future[Any]
+    submitted: float
+    on_sent: Callable[[], None] | None
 
 
 class ScriptPipeline:
@@ -35,15 +47,26 @@ class ScriptPipeline:
     def __init__(self, key: str, timeout: float):
         self._key = key
         self._timeout = timeout
-        self._queue: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
+        self._queue: list[_Queued] = []
         self._sender: asyncio.Task[None] | None = None
 
-    def submit(self, client: aioredis.Redis, call: ScriptCall) -> asyncio.Future[Any]:
-        """The raw reply of one script call, or StateUnavailable."""
+    def submit(
+        self,
+        client: aioredis.Redis,
+        call: ScriptCall,
+        *,
+        on_sent: Callable[[], None] | None = None,
+    ) -> asyncio.Future[Any]:
+        """The raw reply of one script call, or StateUnavailable.
+
+        ``on_sent`` runs as the call leaves: a caller's clock starts there, not
+        while it waits behind the batch in flight (that batch is bounded by
+        ``timeout`` of its own).
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         future.add_done_callback(_consume)
-        self._queue.append((call, future))
+        self._queue.append(_Queued(call, future, loop.time(), on_sent))
         if self._sender is None or self._sender.done():
             self._sender = loop.create_task(self._send_all(client))
         return future
@@ -51,30 +74,33 @@ class ScriptPipeline:
     def cancel(self) -> None:
         if self._sender is not None:
             self._sender.cancel()
-        for _, future in self._queue:
-            future.cancel()
+        for queued in self._queue:
+            queued.reply.cancel()
         self._queue = []
 
     async def _send_all(self, client: aioredis.Redis) -> None:
         while self._queue:
-            batch = [(call, future) for call, future in self._queue if not future.done()]
+            batch = [queued for queued in self._queue if not queued.reply.done()]
             self._queue = []
             if batch:
                 await self._send(client, batch)
 
-    async def _send(
-        self, client: aioredis.Redis, batch: list[tuple[ScriptCall, asyncio.Future[Any]]]
-    ) -> None:
-        calls = [call for call, _ in batch]
+    async def _send(self, client: aioredis.Redis, batch: list[_Queued]) -> None:
+        now = asyncio.get_running_loop().time()
+        calls = [delayed(queued.call, now - queued.submitted) for queued in batch]
+        for queued in batch:
+            if queued.on_sent is not None:
+                queued.on_sent()
         try:
             async with asyncio.timeout(self._timeout):
                 if len(calls) == 1:
                     results: list[Any] = [await evalsha(client, self._key, calls[0])]
                 else:
                     results = await self._many(client, calls)
-        except (TimeoutError, RedisError, OSError) as error:
+        except (TimeoutError, RedisError, RedisClusterException, OSError) as error:
             results = [error] * len(batch)
-        for (_, future), result in zip(batch, results, strict=True):
+        for queued, result in zip(batch, results, strict=True):
+            future = queued.reply
             if future.done():
                 continue
             if isinstance(result, BaseException):
@@ -93,6 +119,11 @@ class ScriptPipeline:
         return results
 
     async def _pipelined(self, client: aioredis.Redis, calls: list[ScriptCall]) -> list[Any]:
+        if isinstance(client, RedisCluster):
+            # A cluster pipeline refuses scripts: the calls go side by side instead,
+            # each to the shard of its key (all of a namespace's keys share one slot).
+            runs = (client.evalsha(SCRIPT_SHA, 1, self._key, *call) for call in calls)
+            return list(await asyncio.gather(*runs, return_exceptions=True))
         pipe = client.pipeline(transaction=False)
         for call in calls:
             pipe.evalsha(SCRIPT_SHA, 1, self._key, *call)
@@ -161,26 +192,33 @@ class ScriptCaller:
         if client is None:
             raise StateUnavailable("not connected")
         self._started()
-        reply = self._pipeline.submit(client, call)
         # The caller waits on a future of its own, so that its cancellation or its
         # timeout leaves the reply to the pipeline (what asyncio.shield and
         # asyncio.timeout would do, for one future and one timer: this runs once
-        # per admission).
+        # per admission). Its clock starts as the call leaves: time spent queued
+        # behind the batch in flight says nothing about Redis (and that batch's
+        # own bound covers a stalled Redis).
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
+        timer: asyncio.TimerHandle | None = None
+
+        def start_clock() -> None:
+            nonlocal timer
+            timer = loop.call_later(self.timeout, _expire, waiter)
+
+        reply = self._pipeline.submit(client, call, on_sent=start_clock)
         reply.add_done_callback(functools.partial(_pass_on, waiter))
-        timer = loop.call_later(self.timeout, _expire, waiter)
         try:
             return await waiter
         except TimeoutError:
-            reply.cancel()  # not sent yet: never send it
             raise StateUnavailable(f"no answer within {self.timeout * 1000:g}ms") from None
         except asyncio.CancelledError:
             if abandoned is not None:
                 reply.add_done_callback(abandoned)
             raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._settled()
 
     async def wait_idle(self) -> bool:

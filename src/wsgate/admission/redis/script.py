@@ -37,6 +37,7 @@ __all__ = [
     "decode_admit",
     "decode_release",
     "decode_renew",
+    "delayed",
     "evalsha",
     "key_prefix",
     "leave_call",
@@ -52,6 +53,19 @@ SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 Arg = str | int | float
 #: One call of the script: its ARGV (operation, deadline, then the operation's own).
 ScriptCall = tuple[Arg, ...]
+
+
+def delayed(call: ScriptCall, waited: float) -> ScriptCall:
+    """``call`` as it leaves after waiting ``waited`` seconds in this replica's queue.
+
+    A deadline counts from when the call leaves, like the caller's clock: a call
+    that waited behind the batch in flight has had no chance to reach Redis yet.
+    A call without a deadline (0: harmless when late) is left as it is.
+    """
+    deadline = call[1]
+    if not isinstance(deadline, int) or deadline <= 0 or waited <= 0:
+        return call
+    return (call[0], deadline + round(waited * 1e6), *call[2:])
 
 
 def key_prefix(namespace: str) -> str:
@@ -120,6 +134,7 @@ def admit_call(
     least_loaded: bool,
     first: Sequence[str],
     exclude: Collection[str],
+    client_cap: int | None = None,
 ) -> ScriptCall:
     call: list[Arg] = [
         "admit",
@@ -132,6 +147,7 @@ def admit_call(
         client_key or "",
         rates.client_per_second,
         rates.client_burst,
+        client_cap or 0,
         pool.base,
         pool.version,
         "1" if pool.reset else "0",
@@ -146,9 +162,10 @@ def admit_call(
     return tuple(call)
 
 
-def release_call(replica: str, token: str, backend: str) -> ScriptCall:
+def release_call(replica: str, token: str, backend: str, client: str | None = None) -> ScriptCall:
+    """``client``: the client the slot counted for (max_connections_per_client), if any."""
     # A release is harmless when late: it carries no deadline.
-    return ("release", 0, replica, token, backend)
+    return ("release", 0, replica, token, backend, client or "")
 
 
 def renew_call(
@@ -160,9 +177,11 @@ def renew_call(
     caps: Mapping[str, int],
     *,
     register: tuple[str, Mapping[str, int]] | None = None,
+    clients: Mapping[str, int] | None = None,
     epoch: str = "",
 ) -> ScriptCall:
-    """A renewal; with ``register`` (new token, held truth), a re-registration.
+    """A renewal; with ``register`` (new token, held truth), a re-registration, which
+    also sends ``clients``, the connections held per client (max_connections_per_client).
 
     ``epoch`` is the one this replica last saw ("" if none): another one in
     Redis means it lost its data since.
@@ -185,6 +204,10 @@ def renew_call(
         call += [backend, cap]
     call += rates
     call.append(epoch)
+    if register is not None and clients:
+        call.append(len(clients))
+        for client, count in clients.items():
+            call += [client, count]
     return tuple(call)
 
 
@@ -213,6 +236,7 @@ class AdmitStatus(StrEnum):
     NO_CAPACITY = "no_capacity"
     RATE_LIMITED = "rate_limited"
     CLIENT_RATE_LIMITED = "client_rate_limited"
+    CLIENT_CONNECTION_LIMIT = "client_connection_limit"
     STALE = "stale"  # token refused or lease expired: out of sync
     LATE = "late"  # ran after its deadline: void
     POOL = "pool"  # Redis holds another version of the pool: send it whole

@@ -27,6 +27,8 @@ is derived from it):
   P:limits        HASH  connect-rate settings                 (renew; display only)
   P:rate          STR   GCRA TAT of the global connect rate, server us (admit)
   P:rate:ip:IP    STR   GCRA TAT of one client IP, expires when full (admit)
+  P:clients       HASH  client IP -> live connections, all replicas (admit/release/register/reap)
+  P:clients:R     HASH  client IP -> live connections held by R     (admit/release/register/reap)
   P:close         STR   GCRA TAT of the shared rebalance-close budget (close_tokens)
   P:clock         STR   server ms of the last renewal by anyone (renew)
   P:epoch         STR   server us when this data set began      (renew, once)
@@ -35,6 +37,7 @@ is derived from it):
 The invariant this script keeps, after every operation:
 
   total[b] == sum over registered replicas R of held:R[b]     (for every b)
+  clients[c] == sum over registered replicas R of clients:R[c] (for every client c)
 
 and an admission increments total[b] only while total[b] < cap(b). Alongside,
 load[b] == total[b] / caps[b] for every backend some replica's pool names, so
@@ -43,6 +46,11 @@ without reading the pool. So as long
 as every live connection is counted in the held hash of a registered replica,
 no backend gets more connections than its cap. "Registered" means: present in
 P:replicas and P:lease.
+
+A client's field is deleted when its count reaches 0, so P:clients holds only
+the clients that have a connection: it never grows with clients gone. Only
+connections admitted under max_connections_per_client are counted there, and
+an admission increments clients[c] only while clients[c] < that cap.
 
 Who may change what:
   admit    increments total[b] and held:R[b] together, and spends the rate
@@ -112,9 +120,14 @@ local CLOSE = P .. ':close'
 local CLOCK = P .. ':clock'
 local EPOCH = P .. ':epoch'
 local SETTLING = P .. ':settling'
+local CLIENTS = P .. ':clients'
 
 local function held_key(replica)
   return P .. ':held:' .. replica
+end
+
+local function clients_key(replica)
+  return CLIENTS .. ':' .. replica
 end
 
 local function now_us()
@@ -228,14 +241,24 @@ local function session_ok(replica, token)
   return redis.call('HGET', LEASE, replica) == token
 end
 
--- Forget a replica and give back every slot it held, in one step.
-local function drop_replica(replica)
-  local key = held_key(replica)
+-- Subtract what a replica holds in one of its hashes from the matching totals
+-- (``add(field, delta)``) and delete the hash.
+local function give_back(key, add)
   local held = redis.call('HGETALL', key)
   for i = 1, #held, 2 do
-    add_total(held[i], -tonumber(held[i + 1]))
+    add(held[i], -tonumber(held[i + 1]))
   end
   redis.call('DEL', key)
+end
+
+local function add_client(client, delta)
+  return add_to(CLIENTS, client, delta)
+end
+
+-- Forget a replica and give back every slot it held (and its clients' counts), in one step.
+local function drop_replica(replica)
+  give_back(held_key(replica), add_total)
+  give_back(clients_key(replica), add_client)
   drop_pool(replica)
   redis.call('HDEL', LEASE, replica)
   redis.call('HDEL', RENEWED, replica)
@@ -243,7 +266,7 @@ local function drop_replica(replica)
 end
 
 -- ARGV: op, deadline, replica, token, least_loaded, rate_ps, rate_burst,
---       client_key, client_ps, client_burst,
+--       client_key, client_ps, client_burst, client_cap (0 for none),
 --       pool_base, pool_version, pool_reset, n_pool, (backend, cap, position) * n_pool,
 --       n_first, backend * n_first, n_exclude, backend * n_exclude.
 -- Reply: status, backend, retry_after_us, rate_offset_us, live_replicas,
@@ -263,12 +286,12 @@ local function admit()
 
   local pool, order, version_key = pool_keys(replica)
   local held_version = redis.call('GET', version_key) or ''
-  local version = ARGV[12]
-  local n_pool = tonumber(ARGV[14])
-  local i = 15
+  local version = ARGV[13]
+  local n_pool = tonumber(ARGV[15])
+  local i = 16
   if held_version ~= version then
-    local reset = ARGV[13] == '1'
-    if not reset and held_version ~= ARGV[11] then
+    local reset = ARGV[14] == '1'
+    if not reset and held_version ~= ARGV[12] then
       return { 'pool', held_version }
     end
     if reset then
@@ -347,6 +370,17 @@ local function admit()
     return reply('no_capacity', '', 0, 0)
   end
 
+  -- max_connections_per_client (ARGV[11], 0 for none): a capacity too, checked
+  -- before any token is spent; counted in P:clients and P:clients:R on admission.
+  local client_cap = tonumber(ARGV[11])
+  local counted_client = nil
+  if ARGV[8] ~= '' and client_cap > 0 then
+    counted_client = ARGV[8]
+    if (tonumber(redis.call('HGET', CLIENTS, counted_client)) or 0) >= client_cap then
+      return reply('client_connection_limit', '', 0, 0)
+    end
+  end
+
   -- Capacity first, then the rates; tokens are spent only when admitted.
   local rate_ps = tonumber(ARGV[6])
   local rate_tat
@@ -375,14 +409,24 @@ local function admit()
     store_tat(client_key, client_tat, now)
   end
   redis.call('HINCRBY', held_key(replica), best, 1)
+  if counted_client then
+    add_client(counted_client, 1)
+    add_to(clients_key(replica), counted_client, 1)
+  end
   return reply('ok', best, 0, add_total(best, 1))
 end
 
--- ARGV: op, deadline, replica, token, backend.  Reply: status, total of that backend.
+-- ARGV: op, deadline, replica, token, backend, client ('' when the slot counts for none).
+-- Reply: status, total of that backend.
 local function release()
   local replica, token, backend = ARGV[3], ARGV[4], ARGV[5]
   if not session_ok(replica, token) then
     return { 'stale', 0 }
+  end
+  local client = ARGV[6] or ''
+  if client ~= '' and (tonumber(redis.call('HGET', clients_key(replica), client)) or 0) > 0 then
+    add_to(clients_key(replica), client, -1)
+    add_to(CLIENTS, client, -1) -- deleted at 0: a client gone leaves no key behind
   end
   local key = held_key(replica)
   if (tonumber(redis.call('HGET', key, backend)) or 0) <= 0 then
@@ -394,7 +438,8 @@ end
 
 -- ARGV: op, deadline, replica, token, ttl_ms, resync, new_token,
 --       n_held, (backend, count) * n_held, n_caps, (backend, cap) * n_caps,
---       rate_ps, rate_burst, client_ps, client_burst, epoch this replica last saw ('' if none).
+--       rate_ps, rate_burst, client_ps, client_burst, epoch this replica last saw ('' if none),
+--       n_clients, (client, count) * n_clients (resync only: the clients' truth).
 -- The caps are sent with a resync, for the backends in it: the excess is
 -- judged by them (the pools may not be here yet, after Redis lost its data).
 -- Reply: status, live_replicas, rate_offset_us, {total flat}, {excess flat}, {reaped},
@@ -439,6 +484,9 @@ local function renew()
   i = i + 2 * n_caps + 1
   redis.call('HSET', LIMITS, 'rate_per_second', ARGV[i], 'rate_burst', ARGV[i + 1],
     'client_per_second', ARGV[i + 2], 'client_burst', ARGV[i + 3])
+  local known = ARGV[i + 4] or ''
+  i = i + 5
+  local n_clients = tonumber(ARGV[i]) or 0
 
   -- A replica that saw another epoch was registered in data Redis has lost.
   local epoch = redis.call('GET', EPOCH)
@@ -446,7 +494,6 @@ local function renew()
     epoch = num(now)
     redis.call('SET', EPOCH, epoch)
   end
-  local known = ARGV[i + 4] or ''
   if known ~= '' and known ~= epoch then
     redis.call('SET', SETTLING, known, 'PX', ttl_ms, 'NX')
   end
@@ -474,6 +521,16 @@ local function renew()
           excess[#excess + 1] = backend
           excess[#excess + 1] = math.min(total - cap, count)
         end
+      end
+    end
+    -- The same for its clients' counts (never over a cap by more than it holds).
+    local ckey = clients_key(replica)
+    give_back(ckey, add_client)
+    for j = 1, n_clients do
+      local client, count = ARGV[i + 2 * j - 1], tonumber(ARGV[i + 2 * j])
+      if count > 0 then
+        redis.call('HSET', ckey, client, count)
+        add_to(CLIENTS, client, count)
       end
     end
     redis.call('HSET', LEASE, replica, ARGV[7])
@@ -544,6 +601,7 @@ local function inspect()
     redis.call('HGETALL', LIMITS),
     rate_offset(now),
     held,
+    redis.call('HLEN', CLIENTS),
   }
 end
 

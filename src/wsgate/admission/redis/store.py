@@ -71,6 +71,7 @@ import os
 import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal
@@ -78,12 +79,11 @@ from typing import Any, Literal
 from wsgate.admission.contract import Admitted, Candidate, Limits, Reason, Rejected, Ticket
 from wsgate.admission.local import LocalDecision, share_choice
 from wsgate.admission.redis import script
-from wsgate.admission.redis.connection import StateUnavailable, connect
+from wsgate.admission.redis.connection import StateUnavailable, Target, connect, describe_target
 from wsgate.admission.redis.lease import LeaseKeeper
 from wsgate.admission.redis.pipeline import ScriptCaller
 from wsgate.admission.redis.pool import PoolSync
 from wsgate.admission.redis.sync import Change, ReplicaSync, SyncState
-from wsgate.config import redact_url
 
 __all__ = ["OnFailure", "RedisStore", "default_replica_id"]
 
@@ -101,7 +101,8 @@ class RedisStore:
     """Admission shared by every replica that uses the same Redis and namespace.
 
     Args:
-        url: ``redis://``, ``rediss://`` or ``unix://`` URL (a password may be in it).
+        url: ``redis://``, ``rediss://`` or ``unix://`` URL (a password may be in it),
+            or a Sentinel service or a Cluster (``connection.Target``).
         namespace: separates wsgate clusters sharing one Redis.
         replica_id: this process's name in the shared state; unique per process.
         lease_ttl: seconds a replica's slots outlive its last renewal.
@@ -114,7 +115,7 @@ class RedisStore:
 
     def __init__(
         self,
-        url: str,
+        url: Target,
         *,
         namespace: str = "default",
         replica_id: str | None = None,
@@ -139,6 +140,9 @@ class RedisStore:
         lease_margin = min(max(timeout, 0.05), lease_ttl / 3)
         self._sync = ReplicaSync(lease_ttl, lease_margin, timeout, self._changed)
         self._caller = ScriptCaller(script.replicas_key(namespace), timeout)
+        # Connections this replica holds per client under max_connections_per_client:
+        # its truth for P:clients:R, sent on re-registration as ``held`` is.
+        self._clients: Counter[str] = Counter()
         self._lease = LeaseKeeper(
             self._caller,
             self._sync,
@@ -146,6 +150,7 @@ class RedisStore:
             script.rate_args(self._limits),
             self._caps_for,
             self._report_excess,
+            clients=lambda: dict(self._clients),
         )
         self._local = LocalDecision()
         self._pool = PoolSync()
@@ -219,6 +224,8 @@ class RedisStore:
         self._pool.offer(candidates)
         sync = self._sync
         sync.check_lease(time.monotonic())
+        client_cap = limits.max_connections_per_client
+        counted = client_key if client_cap is not None else None
         tried_first = (preferred, *first) if preferred is not None else first
         # A second attempt only when Redis asked for the whole pool.
         for _attempt in range(2):
@@ -234,9 +241,12 @@ class RedisStore:
                 least_loaded=least_loaded,
                 first=tried_first,
                 exclude=exclude,
+                client_cap=client_cap,
             )
             try:
-                raw = await self._caller.call(call, abandoned=self._undo_admission)
+                raw = await self._caller.call(
+                    call, abandoned=functools.partial(self._undo_admission, counted)
+                )
             except StateUnavailable as error:
                 sync.failed(str(error))
                 break
@@ -248,7 +258,7 @@ class RedisStore:
             self._pool.acknowledged(reply.pool_version)
             decision = sync.admit_replied(reply, time.monotonic(), limits.no_capacity_retry_after)
             if isinstance(decision, str):
-                return Admitted(Ticket(decision))
+                return self._admitted(decision, counted)
             if decision is not None:
                 return decision
             break
@@ -264,11 +274,18 @@ class RedisStore:
             first=first,
             exclude=exclude,
         )
-        decision = self._local.admit(choice, limits, live=sync.live, client_key=client_key)
+        decision = self._local.admit(
+            choice, limits, live=sync.live, client_key=client_key, clients=self._clients
+        )
         if isinstance(decision, Rejected):
             return decision
         sync.admitted_locally(decision)
-        return Admitted(Ticket(decision))
+        return self._admitted(decision, counted)
+
+    def _admitted(self, backend: str, client: str | None) -> Admitted:
+        if client is not None:
+            self._clients[client] += 1
+        return Admitted(Ticket(backend, client_key=client))
 
     async def release(self, ticket: Ticket) -> None:
         """Release and wait until Redis has it (or the sync is lost)."""
@@ -291,10 +308,16 @@ class RedisStore:
         if ticket.released:
             return None
         ticket.released = True
-        backend = ticket.backend_id
+        backend, client = ticket.backend_id, ticket.client_key
+        if client is not None:
+            self._clients[client] -= 1
+            if self._clients[client] <= 0:
+                del self._clients[client]
         if not self._sync.released(backend):
             return None  # re-registration will carry the new truth
-        reply = self._caller.send(script.release_call(self.replica_id, self._sync.token, backend))
+        reply = self._caller.send(
+            script.release_call(self.replica_id, self._sync.token, backend, client)
+        )
         if reply is not None:
             reply.add_done_callback(functools.partial(self._released, backend))
         return reply
@@ -307,17 +330,17 @@ class RedisStore:
         else:
             self._sync.release_replied(backend, script.decode_release(reply.result()))
 
-    def _undo_admission(self, reply: asyncio.Future[Any]) -> None:
+    def _undo_admission(self, client: str | None, reply: asyncio.Future[Any]) -> None:
         """The caller of ``admit`` was cancelled: give back what Redis reserved for it."""
         failed = reply.cancelled() or reply.exception() is not None
         backend = self._sync.abandoned(None if failed else script.decode_admit(reply.result()))
         if backend is not None:
-            self._spawn(self._give_back(backend))
+            self._spawn(self._give_back(backend, client))
 
-    async def _give_back(self, backend: str) -> None:
+    async def _give_back(self, backend: str, client: str | None) -> None:
         try:
             raw = await self._caller.call(
-                script.release_call(self.replica_id, self._sync.token, backend)
+                script.release_call(self.replica_id, self._sync.token, backend, client)
             )
         except StateUnavailable as error:
             self._sync.failed(str(error))
@@ -358,6 +381,9 @@ class RedisStore:
     def local_counts(self) -> Mapping[str, int]:
         return dict(self._sync.held)
 
+    def clients_connected(self) -> int:
+        return len(self._clients)
+
     def tokens_available(self) -> float | None:
         rate = self._limits.connect_rate
         if rate is None:
@@ -375,7 +401,7 @@ class RedisStore:
         return {
             "kind": self.kind,
             "mode": self.mode,
-            "store": redact_url(self.url),
+            "store": describe_target(self.url),
             "namespace": self.namespace,
             "replica_id": self.replica_id,
             "on_failure": self.on_failure,
@@ -385,6 +411,7 @@ class RedisStore:
             "global": dict(self.global_counts()),
             "local": dict(self.local_counts()),
             "tokens": self.tokens_available(),
+            "clients_connected": self.clients_connected(),
         }
 
     # -- leases -----------------------------------------------------------------

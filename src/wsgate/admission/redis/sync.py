@@ -162,6 +162,8 @@ class ReplicaSync:
             return Rejected(Reason.RATE_LIMITED, reply.retry_after)
         if reply.status is AdmitStatus.CLIENT_RATE_LIMITED:
             return Rejected(Reason.CLIENT_RATE_LIMITED, reply.retry_after)
+        if reply.status is AdmitStatus.CLIENT_CONNECTION_LIMIT:
+            return Rejected(Reason.CLIENT_CONNECTION_LIMIT, retry_after)
         return Rejected(Reason.NO_CAPACITY, retry_after)
 
     def admitted_locally(self, backend: str) -> None:

@@ -1,0 +1,116 @@
+"""Two ``wsgate serve`` replicas on a Sentinel-managed Redis follow a failover.
+
+A real master, its replica (``--replicaof``) and three ``redis-sentinel``
+processes; the master is SIGKILLed while clients keep connecting. Counted at the
+far side: the backends' own peaks and tripwire refusals, and the counts in the
+promoted Redis against the sessions the backends hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+
+import pytest
+from fleet import live, never_over, redis_total, truth
+from gwtools import Churn, wait_until
+from redis import Redis
+
+from wsgate.testbed.processes import ProcessGroup, RedisSentinel, RedisServer, wait_for_port
+from wsgate.testbed.topology import start_backends, start_gateway
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+SERVICE = "wsgate"
+LEASE_TTL = 1.5
+HEARTBEAT = LEASE_TTL / 3
+
+
+def master_port(sentinel: RedisSentinel) -> int | None:
+    client = Redis(host="127.0.0.1", port=sentinel.port, socket_timeout=1)
+    try:
+        address = client.sentinel_get_master_addr_by_name(SERVICE)
+    finally:
+        client.close()
+    return int(address[1]) if address else None
+
+
+def replication_up(replica: RedisServer) -> bool:
+    client = Redis.from_url(replica.url, socket_timeout=1)
+    try:
+        return bool(client.info("replication")["master_link_status"] == "up")
+    finally:
+        client.close()
+
+
+async def test_gateways_follow_a_sentinel_failover_with_caps_held(
+    procs: ProcessGroup, redis_server: RedisServer
+) -> None:
+    if shutil.which("redis-sentinel") is None:
+        pytest.skip("redis-sentinel is not installed; ./scripts/setup.sh installs it")
+    master = redis_server
+    replica = RedisServer(
+        procs, "redis-replica", args=["--replicaof", "127.0.0.1", str(master.port)]
+    ).start()
+    sentinels = [RedisSentinel(procs, f"sentinel-{i}", master, SERVICE).start() for i in range(3)]
+    await wait_until(lambda: replication_up(replica), within=15)
+
+    backends = start_backends(procs, 3, tripwire=2)
+    state = {
+        "sentinels": [s.address for s in sentinels],
+        "service": SERVICE,
+        "namespace": "ha",
+        "lease_ttl": f"{LEASE_TTL}s",
+        "timeout": "250ms",
+    }
+    gateways = [
+        start_gateway(
+            procs, backends, name=f"gw-{i}", state=state, limits={"max_connections_per_backend": 2}
+        )
+        for i in range(2)
+    ]
+    for gateway in gateways:
+        wait_for_port("127.0.0.1", gateway.admin_port, process=gateway.process)
+
+    churn = Churn([g.ws_url for g in gateways], clients=12)
+    traffic = asyncio.create_task(churn.run(within=60))
+    try:
+        await wait_until(lambda: churn.statuses[101] >= 20, within=15)
+        assert master_port(sentinels[0]) == master.port
+        master.kill()
+        killed = time.monotonic()
+        await wait_until(
+            lambda: master_port(sentinels[0]) == replica.port, within=20, interval=0.05
+        )
+        promoted = time.monotonic()
+        # Clients hold still: the promoted Redis must count exactly what the backends hold
+        # within one heartbeat (it may have missed the master's last writes).
+        churn.holding = True
+        await wait_until(
+            lambda: redis_total(replica, "ha") == truth(backends), within=HEARTBEAT + 1.0
+        )
+        exact = time.monotonic()
+        assert exact - promoted <= HEARTBEAT + 0.5
+        # Traffic again: admission through the new master goes on, caps held.
+        churn.holding = False
+        await wait_until(lambda: churn.admitted_at[-1] > exact, within=10)
+        resumed = time.monotonic()
+        await asyncio.sleep(1.0)
+        churn.holding = True
+        await asyncio.sleep(churn.hold + 0.2)
+        await wait_until(
+            lambda: redis_total(replica, "ha") == truth(backends), within=HEARTBEAT + 1.0
+        )
+        print(
+            f"sentinel failover: promoted {promoted - killed:.2f}s after the kill; counts exact "
+            f"{exact - promoted:.2f}s after the promotion; admitting {resumed - exact:.2f}s after "
+            f"that; statuses {dict(churn.statuses)}"
+        )
+        never_over(backends, 2)
+        assert sum(live(backends)) > 0
+    finally:
+        churn.stopped = True
+        await traffic
+    never_over(backends, 2)
+    await wait_until(lambda: redis_total(replica, "ha") == {}, within=5)
