@@ -15,6 +15,7 @@ from wsgate.testbed.topology import BackendProcess, GatewayProcess, start_gatewa
 
 __all__ = [
     "CLIENT_IPS",
+    "all_in_sync",
     "live",
     "never_over",
     "redis_total",
@@ -51,6 +52,11 @@ def replicas(
 
 def live(backends: list[BackendProcess]) -> list[int]:
     return [b.stats()["active_connections"] for b in backends]
+
+
+def all_in_sync(gateways: list[GatewayProcess]) -> bool:
+    """Every replica admits through Redis again (none degraded or settling)."""
+    return all(g.admin("/clusters")["state"]["mode"] == "ok" for g in gateways)
 
 
 def never_over(backends: list[BackendProcess], cap: int) -> None:

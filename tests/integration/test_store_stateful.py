@@ -10,7 +10,9 @@ After every step:
   - a crashed replica that was not reaped yet still counts what it held;
   - no backend has more live connections than its cap, whenever every live
     replica is in good standing (a replica whose lease was taken from it, or
-    whose state Redis lost, is "suspect" until it renews and sheds its excess).
+    whose state Redis lost, is "suspect" until it renews and sheds its excess; after
+    Redis lost its data, every replica that renews is suspect, and refuses new
+    connections, until the wait of one lease is over).
 Time is not waited for: a lease "expires" by setting its expiry in the past, which
 is what the passing of ``lease_ttl`` without a renewal looks like to the script.
 """
@@ -100,8 +102,12 @@ class SharedAdmission(RuleBasedStateMachine):
         )
         self.started += 1
         self.run(store.start(renew_in_background=False))
-        assert store.mode == "ok"
         self.alive[store.replica_id] = Replica(store)
+        if self.settling():  # Redis lost its data: it waits like the others
+            assert store.mode == "degraded"
+            self.suspect.add(store.replica_id)
+        else:
+            assert store.mode == "ok"
 
     @precondition(lambda self: self.alive)
     @rule(
@@ -223,15 +229,28 @@ class SharedAdmission(RuleBasedStateMachine):
     def renew_one(self, data: st.DataObject) -> None:
         self.renew(data.draw(st.sampled_from(sorted(self.alive))))
 
+    def settling(self) -> bool:
+        return bool(self.redis.exists(f"{self.prefix}:settling"))
+
+    @precondition(lambda self: self.settling())
+    @rule()
+    def the_wait_after_the_loss_ends(self) -> None:
+        """A whole lease_ttl passes after a replica saw that Redis lost its data."""
+        self.redis.delete(f"{self.prefix}:settling")
+
     def renew(self, name: str) -> None:
         replica = self.alive[name]
         self.run(replica.store.refresh())
-        assert replica.store.mode == "ok"
         # Expired leases are reaped by any renewal: nothing of them is left.
         assert not self.redis.zrangebyscore(f"{self.prefix}:replicas", 0, 0)
         for dead in list(self.crashed):
             if self.redis.zscore(f"{self.prefix}:replicas", dead) is None:
                 del self.crashed[dead]
+        if self.settling():  # registered, but not admitting until the wait is over
+            assert replica.store.mode == "degraded" and not replica.excess
+            self.suspect.add(name)
+            return
+        assert replica.store.mode == "ok"
         # Re-registered: it sheds what is over the cap, newest connections first.
         for backend, count in replica.excess:
             newest = [t for t in reversed(replica.tickets) if t.backend_id == backend][:count]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from wsgate.admission import Reason, Rejected
 from wsgate.admission.redis.script import (
     AdmitReply,
@@ -29,8 +31,12 @@ def renewal(
     excess: dict[str, int] | None = None,
     totals: dict[str, int] | None = None,
     live: int = 2,
+    epoch: str = "e1",
+    settling: float = 0.0,
 ) -> RenewReply:
-    return RenewReply(status, live, 0.0, totals or {}, excess or {}, [], held or {}, 1000.0)
+    return RenewReply(
+        status, live, 0.0, totals or {}, excess or {}, [], held or {}, 1000.0, epoch, settling
+    )
 
 
 def ok_admit(backend: str, total: int) -> AdmitReply:
@@ -141,6 +147,7 @@ def test_redis_back_after_failures_registers_the_truth_and_reports_excess() -> N
     sync.admitted_locally("a")
     assert sync.truth() == {"a": 2}
     raw = [b"ok", b"2", b"0", [b"a", b"3"], [b"a", b"1"], [b"gw-old"], [b"a", b"2"], b"2000000"]
+    raw += [b"e1", b"0"]  # the epoch, no wait
     reply = decode_renew(raw)
     assert reply.excess == {"a": 1} and reply.reaped == ["gw-old"]
     outcome = sync.registered(reply, "t2", {"a": 2}, sent=30.0, received=30.01)
@@ -192,3 +199,52 @@ def test_closed_is_final() -> None:
     sync.lose("whatever")
     assert sync.state is SyncState.CLOSED and len(changes) == 1
     assert registered(sync) is Registration.FAILED and sync.state is SyncState.CLOSED
+
+
+def test_registered_after_redis_lost_its_data_it_settles_for_what_is_left_of_a_lease() -> None:
+    sync, changes = machine()
+    registered(sync)
+    sync.admitted_locally("a")
+    sync.lose("lease lost")  # Redis came back empty: the token is gone
+    raw = [b"ok", b"2", b"0", [b"a", b"1"], [], [], [b"a", b"1"], b"2000000", b"e2", b"1500"]
+    reply = decode_renew(raw)
+    assert (reply.epoch, reply.settling) == ("e2", 1.5)
+    outcome = sync.registered(reply, "t2", {"a": 1}, sent=30.0, received=30.01)
+    # Registered (its truth is in Redis, the token is current) but not admitting through it.
+    assert outcome is Registration.SETTLING and not sync.in_sync
+    assert sync.state is SyncState.SETTLING and sync.token == "t2" and sync.epoch == "e2"
+    assert sync.settle_until == pytest.approx(31.51)
+    assert changes[-1] == Change(SyncState.DEGRADED, SyncState.SETTLING, changes[-1].reason)
+    assert "lost its data" in changes[-1].reason
+    # Registering again while Redis still settles changes nothing and tells nobody.
+    again = sync.registered(renewal(held={"a": 1}, epoch="e2", settling=0.5), "t3", {"a": 1},
+                            sent=31.0, received=31.01)  # fmt: skip
+    assert again is Registration.SETTLING and len(changes) == 3
+    # Once the wait is over (no settling left), it is in sync.
+    done = sync.registered(renewal(held={"a": 1}, epoch="e2"), "t4", {"a": 1}, 31.6, 31.61)
+    assert done is Registration.DONE and sync.in_sync
+    assert changes[-1].old is SyncState.SETTLING and changes[-1].new is SyncState.IN_SYNC
+
+
+def test_a_first_start_on_an_empty_redis_is_not_delayed() -> None:
+    sync, changes = machine()
+    assert sync.epoch == ""  # nothing seen yet: Redis cannot ask it to wait
+    assert registered(sync, epoch="e1") is Registration.DONE and sync.in_sync
+    assert sync.epoch == "e1" and [c.new for c in changes] == [SyncState.IN_SYNC]
+
+
+def test_a_renewal_that_reports_a_loss_of_data_ends_the_sync() -> None:
+    sync, changes = machine()
+    registered(sync)
+    # Another replica saw the loss first and re-registered; this one's renewal is told.
+    sync.renewed(renewal(epoch="e2", settling=1.2), 20.0, 20.01, quiet=False)
+    assert sync.state is SyncState.DEGRADED and sync.epoch == "e2"
+    assert changes[-1].reason == "Redis lost its data"
+    assert registered(sync, epoch="e2", settling=1.1) is Registration.SETTLING
+
+
+def test_a_lost_lease_still_teaches_the_new_epoch() -> None:
+    sync, _ = machine()
+    registered(sync)
+    sync.renewed(renewal(RenewStatus.LOST, epoch="e2", settling=1.5), 20.0, 20.01, quiet=True)
+    assert sync.state is SyncState.DEGRADED and sync.epoch == "e2"

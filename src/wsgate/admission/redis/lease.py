@@ -77,6 +77,8 @@ class LeaseKeeper:
     async def _run(self) -> None:
         while self._sync.state is not SyncState.CLOSED:
             delay = self._renew_every if self._sync.in_sync else self.retry_every
+            if self._sync.state is SyncState.SETTLING:  # register again as the wait ends
+                delay = max(0.01, min(delay, self._sync.settle_until - time.monotonic()))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._wake.wait()
@@ -91,7 +93,9 @@ class LeaseKeeper:
         sent = time.monotonic()
         quiet = caller.in_flight == 0
         started = caller.started
-        call = script.renew_call(0, self._replica_id, sync.token, self._ttl_ms(), self.rates, {})
+        call = script.renew_call(
+            0, self._replica_id, sync.token, self._ttl_ms(), self.rates, {}, epoch=sync.epoch
+        )
         try:
             raw = await caller.call(call)
         except StateUnavailable as error:
@@ -119,6 +123,7 @@ class LeaseKeeper:
                 self.rates,
                 self._caps_for(truth),
                 register=(token, truth),
+                epoch=sync.epoch,
                 clients=self._clients(),
             )
             try:

@@ -178,9 +178,14 @@ def renew_call(
     *,
     register: tuple[str, Mapping[str, int]] | None = None,
     clients: Mapping[str, int] | None = None,
+    epoch: str = "",
 ) -> ScriptCall:
     """A renewal; with ``register`` (new token, held truth), a re-registration, which
-    also sends ``clients``, the connections held per client (max_connections_per_client)."""
+    also sends ``clients``, the connections held per client (max_connections_per_client).
+
+    ``epoch`` is the one this replica last saw ("" if none): another one in
+    Redis means it lost its data since.
+    """
     new_token, held = register if register is not None else ("", {})
     call: list[Arg] = [
         "renew",
@@ -198,6 +203,7 @@ def renew_call(
     for backend, cap in caps.items():
         call += [backend, cap]
     call += rates
+    call.append(epoch)
     if register is not None and clients:
         call.append(len(clients))
         for client, count in clients.items():
@@ -287,12 +293,14 @@ class RenewReply(NamedTuple):
     reaped: list[str]  # replicas whose lease expired in this call
     held: dict[str, int]  # what Redis holds for this replica
     server_time: float  # Redis's clock, seconds
+    epoch: str  # when Redis's data set began ("" if not told)
+    settling: float  # seconds left of the wait after a loss of data (0 if none)
 
 
 def decode_renew(raw: Sequence[Any]) -> RenewReply:
     status = RenewStatus(text(raw[0]))
     if status is RenewStatus.LATE:
-        return RenewReply(status, 1, 0.0, {}, {}, [], {}, 0.0)
+        return RenewReply(status, 1, 0.0, {}, {}, [], {}, 0.0, "", 0.0)
     return RenewReply(
         status,
         max(1, int(raw[1])),
@@ -302,4 +310,6 @@ def decode_renew(raw: Sequence[Any]) -> RenewReply:
         [text(name) for name in raw[5]],
         pairs(raw[6]),
         float(raw[7]) / 1e6,
+        text(raw[8]),
+        int(raw[9]) / 1000,
     )

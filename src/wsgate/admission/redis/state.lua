@@ -31,6 +31,8 @@ is derived from it):
   P:clients:R     HASH  client IP -> live connections held by R     (admit/release/register/reap)
   P:close         STR   GCRA TAT of the shared rebalance-close budget (close_tokens)
   P:clock         STR   server ms of the last renewal by anyone (renew)
+  P:epoch         STR   server us when this data set began      (renew, once)
+  P:settling      STR   present for one lease after a loss of data was seen (renew)
 
 The invariant this script keeps, after every operation:
 
@@ -86,7 +88,14 @@ What happens on a crash:
     replica has stopped waiting for it, and is void when it runs after it.
   - Redis loses its data: every token is gone, so every replica's next call
     is refused and it re-registers its local truth; totals become the sum of
-    the truths again within one renewal period.
+    the truths again within one renewal period. Until then they lack what
+    the replicas not yet back hold, so admitting against them could pass a
+    cap. Every renew carries the epoch its replica last saw (P:epoch, made
+    anew with the data); a replica that knew another epoch has seen the loss,
+    and P:settling is set for one lease_ttl (not extended by later sightings).
+    While it exists every renew reports its time left and no replica admits
+    through Redis; by its end every live replica has registered again. A
+    first start has no epoch to compare, so an empty Redis delays nobody.
   - Redis loses only its last writes (failover to a lagging replica): each
     script's writes replicate as one unit, so the invariant still holds, but
     held:R may miss admissions R saw acknowledged. renew returns held:R so
@@ -109,6 +118,8 @@ local LIMITS = P .. ':limits'
 local RATE = P .. ':rate'
 local CLOSE = P .. ':close'
 local CLOCK = P .. ':clock'
+local EPOCH = P .. ':epoch'
+local SETTLING = P .. ':settling'
 local CLIENTS = P .. ':clients'
 
 local function held_key(replica)
@@ -427,12 +438,12 @@ end
 
 -- ARGV: op, deadline, replica, token, ttl_ms, resync, new_token,
 --       n_held, (backend, count) * n_held, n_caps, (backend, cap) * n_caps,
---       rate_ps, rate_burst, client_ps, client_burst,
+--       rate_ps, rate_burst, client_ps, client_burst, epoch this replica last saw ('' if none),
 --       n_clients, (client, count) * n_clients (resync only: the clients' truth).
 -- The caps are sent with a resync, for the backends in it: the excess is
 -- judged by them (the pools may not be here yet, after Redis lost its data).
 -- Reply: status, live_replicas, rate_offset_us, {total flat}, {excess flat}, {reaped},
---        {this replica's held, flat}, server time (us).
+--        {this replica's held, flat}, server time (us), epoch, settling ms left.
 local function renew()
   local replica, token = ARGV[3], ARGV[4]
   local ttl_ms = tonumber(ARGV[5])
@@ -473,8 +484,20 @@ local function renew()
   i = i + 2 * n_caps + 1
   redis.call('HSET', LIMITS, 'rate_per_second', ARGV[i], 'rate_burst', ARGV[i + 1],
     'client_per_second', ARGV[i + 2], 'client_burst', ARGV[i + 3])
-  i = i + 4
+  local known = ARGV[i + 4] or ''
+  i = i + 5
   local n_clients = tonumber(ARGV[i]) or 0
+
+  -- A replica that saw another epoch was registered in data Redis has lost.
+  local epoch = redis.call('GET', EPOCH)
+  if not epoch then
+    epoch = num(now)
+    redis.call('SET', EPOCH, epoch)
+  end
+  if known ~= '' and known ~= epoch then
+    redis.call('SET', SETTLING, known, 'PX', ttl_ms, 'NX')
+  end
+  local settling = math.max(redis.call('PTTL', SETTLING), 0)
 
   local excess = {}
   if resync then
@@ -512,7 +535,10 @@ local function renew()
     end
     redis.call('HSET', LEASE, replica, ARGV[7])
   elseif not session_ok(replica, token) then
-    return { 'lost', redis.call('ZCARD', REPLICAS), rate_offset(now), {}, {}, reaped, {}, num(now) }
+    return {
+      'lost', redis.call('ZCARD', REPLICAS), rate_offset(now), {}, {}, reaped, {}, num(now),
+      epoch, settling,
+    }
   end
   redis.call('ZADD', REPLICAS, now_ms + ttl_ms, replica)
   redis.call('HSET', RENEWED, replica, now_ms)
@@ -525,6 +551,8 @@ local function renew()
     reaped,
     redis.call('HGETALL', held_key(replica)),
     num(now),
+    epoch,
+    settling,
   }
 end
 

@@ -48,6 +48,13 @@ Everything else follows from keeping Redis in step with ``held``:
   exactly ``held`` for it: a difference means Redis lost writes it had
   acknowledged (a failover to a lagging replica), and ends the sync too.
 
+* Every renewal carries the epoch of Redis's data this replica last saw.
+  When Redis lost its data, the script finds another epoch, reports a wait of
+  one ``lease_ttl`` from the first sighting, and the replica stays *settling*
+  (registered, but admitting as when degraded) until it is over: by then every
+  live replica has re-registered, and the totals are complete again. A first
+  start has no epoch to compare and is not delayed.
+
 A crash of this process loses nothing: its lease expires and the survivors
 give its slots back. A crash of Redis loses nothing either: every replica
 re-registers its truth.

@@ -8,7 +8,12 @@ wakes its renewal loop).
 
     STARTING ──registered──► IN_SYNC ──any doubt──► DEGRADED ──registered──► IN_SYNC
         └───────────any doubt───────────────────────────┘
+    STARTING or DEGRADED ──registered, Redis settling──► SETTLING ──registered, settled──► IN_SYNC
     (any state) ──close──► CLOSED
+
+SETTLING follows a loss of Redis's data (the renew reply reports the wait left):
+registered, but the totals may still lack what replicas not yet back hold, so
+it admits as DEGRADED does and re-registers until the wait is over.
 
 "Any doubt" is a call that failed or timed out, a refused token (``stale``), a
 lease found lost, a reply that came after its deadline (``late``), the lease's
@@ -43,6 +48,7 @@ class SyncState(Enum):
     STARTING = "starting"  # never registered yet
     IN_SYNC = "in_sync"  # registered, current token: admit and release through Redis
     DEGRADED = "degraded"  # in doubt: only re-registrations go to Redis
+    SETTLING = "settling"  # registered after Redis lost its data: not admitting through it yet
     CLOSED = "closed"  # closed or abandoned: nothing goes to Redis any more
 
 
@@ -56,6 +62,7 @@ class Registration(Enum):
     DONE = "done"  # in sync again
     AGAIN = "again"  # the truth changed while the call was out: send it again
     FAILED = "failed"  # void or refused: still degraded
+    SETTLING = "settling"  # registered, but Redis lost its data: register again when settled
 
 
 class ReplicaSync:
@@ -90,6 +97,8 @@ class ReplicaSync:
         self.rate_offset = 0.0  # seconds until the global bucket is full, when last seen
         self.rate_seen = 0.0
         self.server_offset: float | None = None  # Redis's clock minus the replica's
+        self.epoch = ""  # when Redis's data set began, as it last said
+        self.settle_until = 0.0  # by the replica's clock: when SETTLING may end
         self.errors_total = 0
 
     @property
@@ -209,6 +218,8 @@ class ReplicaSync:
         # (a failover to a lagging replica): then register the truth again.
         if quiet and reply.held != self.truth():
             self.lose("Redis lost some of this replica's slots")
+        elif reply.settling > 0:
+            self.lose("Redis lost its data")
 
     def registered(
         self,
@@ -230,6 +241,20 @@ class ReplicaSync:
         self._absorb(reply, sent, received)
         if self.truth() != truth:
             return Registration.AGAIN  # released or admitted locally meanwhile
+        if reply.settling > 0:
+            # Replicas not yet back hold slots the totals lack: wait for them.
+            self.settle_until = received + reply.settling
+            old, self.state = self.state, SyncState.SETTLING
+            if old is not SyncState.SETTLING:
+                self.on_change(
+                    Change(
+                        old,
+                        self.state,
+                        f"Redis lost its data: waiting {reply.settling:.2f}s "
+                        "for every replica to register again",
+                    )
+                )
+            return Registration.SETTLING
         old, self.state = self.state, SyncState.IN_SYNC
         if self.state is not old:
             slots = sum(truth.values())
@@ -245,5 +270,7 @@ class ReplicaSync:
         self.live = reply.live_replicas
         self.rate_offset = reply.rate_offset
         self.rate_seen = received
+        if reply.epoch:
+            self.epoch = reply.epoch  # sent back with every renewal from now on
         if reply.status is RenewStatus.OK:
             self.global_counts = dict(reply.totals)
