@@ -25,8 +25,8 @@ from prometheus_client.registry import Collector
 from wsgate.admin.snapshot import Snapshot, take_snapshot
 
 if TYPE_CHECKING:
-    from wsgate.edge.listener import EdgeStats
     from wsgate.edge.tls import ServingCertificate
+    from wsgate.gateway.edge_listener import EdgeStats
     from wsgate.gateway.server import Gateway
 
 __all__ = [

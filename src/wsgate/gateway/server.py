@@ -5,7 +5,7 @@ no part holds the gateway:
 
 - the data plane (:class:`~.plane.Plane`: downstream → exchange → upstream →
   session → relay), reached through the :class:`~.listener.Listener`, or with
-  TLS or PROXY protocol through the :class:`~wsgate.edge.listener.EdgeListener`;
+  TLS or PROXY protocol through the :class:`~wsgate.gateway.edge_listener.EdgeListener`;
 - the :class:`~.routes.Routes`: the table that gives each request its route,
   and per route its pool, health checks, backend follower, admission (policy,
   affinity, queue, cookie), store and rebalancer;
@@ -29,13 +29,13 @@ from typing import Any
 from wsgate.admission import AdmissionStore
 from wsgate.config import Config, ConfigError
 from wsgate.edge.client_address import ClientResolver, TrustedNetworks
-from wsgate.edge.downstream import EdgeDownstream, TrustedClientAddress
-from wsgate.edge.listener import EdgeListener, EdgeStats
 from wsgate.edge.tls import ServingCertificate, TlsError
 from wsgate.gateway.access_log import RequestLog
 from wsgate.gateway.connector import Connector
 from wsgate.gateway.descriptors import SpareDescriptors
 from wsgate.gateway.downstream import Downstream
+from wsgate.gateway.edge_downstream import EdgeDownstream, TrustedClientAddress
+from wsgate.gateway.edge_listener import EdgeListener, EdgeStats
 from wsgate.gateway.listener import Listener
 from wsgate.gateway.outcomes import CloseReason, Outcome
 from wsgate.gateway.plane import Plane

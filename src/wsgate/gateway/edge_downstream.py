@@ -3,7 +3,7 @@
 - :class:`TrustedClientAddress` is the plane's client-address resolver: the
   connection's client, then each request's, through ``trusted_proxies``.
 - :class:`EdgeDownstream` is a client connection that came through the
-  :class:`~wsgate.edge.listener.EdgeListener`: it knows its client from the
+  :class:`~wsgate.gateway.edge_listener.EdgeListener`: it knows its client from the
   PROXY header (or the peer), speaks ``https`` when its transport is TLS, and
   refuses a PROXY header from a source not trusted to send one (``400``).
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 
 from wsgate.edge.client_address import ClientResolver, canonical_address
-from wsgate.edge.listener import EdgeStats
 from wsgate.edge.proxy_protocol import ProxyErrorKind, starts_like_proxy_header
 from wsgate.gateway.downstream import Downstream
+from wsgate.gateway.edge_listener import EdgeStats
 from wsgate.gateway.head import RequestHead
 from wsgate.gateway.plane import ClientAddress, Plane
 
