@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 
 from hypothesis import given
@@ -65,6 +66,21 @@ class TestXForwardedFor:
     def test_peer_written_one_way(self) -> None:
         assert canonical_address("::ffff:192.0.2.1") == "192.0.2.1"
         assert resolve_client("::ffff:192.0.2.1", [b"1.2.3.4"], BALANCERS) == "192.0.2.1"
+
+    @given(
+        st.one_of(
+            st.ip_addresses(v=4).map(str),
+            st.from_regex(r"\A[0-9.]{1,20}\Z"),
+            st.text(max_size=20),
+        ).filter(lambda text: ":" not in text)
+    )
+    def test_text_without_a_colon_is_already_written_one_way(self, text: str) -> None:
+        # The short cut for colon-free text agrees with parsing it.
+        try:
+            parsed: str = str(ipaddress.ip_address(text))
+        except ValueError:
+            parsed = text
+        assert canonical_address(text) == parsed
 
     def test_ten_thousand_entries_cost_what_sixty_four_do(self) -> None:
         trusted_hops = b", ".join(b"10.0.%d.%d" % divmod(i, 250) for i in range(10_000))
