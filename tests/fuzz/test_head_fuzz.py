@@ -57,11 +57,12 @@ def test_a_head_read_in_pieces_gets_the_same_verdict(raw: bytes, data: st.DataOb
 
 @FUZZ
 @given(st.one_of(request_heads(), mutated_heads()))
+@example(b"GET / HTTP/1.0\r\n\r\n")  # no Host: the backend's is sent
 def test_what_is_forwarded_is_a_strictly_valid_head(raw: bytes) -> None:
     outcome, head, _ = gateway_verdict([raw])
     if head is None or outcome is Outcome.REFUSE:
         return
-    forwarded = render_request(head, client_ip="127.0.0.2", request_id="r-1")
+    forwarded = render_request(head, client_ip="127.0.0.2", request_id="r-1", host="127.0.0.9:8080")
     judgement = judge(forwarded, 2 * MAX_HEAD)
     # The backend gets no choice to make: one strict reading, and the gateway's verdict.
     assert judgement.fields is not None, (judgement.why, forwarded)

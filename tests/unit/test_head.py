@@ -73,7 +73,7 @@ class TestWebSocketHandshake:
 class TestForwardedHead:
     def test_adds_forwarding_headers_and_keeps_the_upgrade(self) -> None:
         head = only_head(RequestReader().feed(UPGRADE))
-        wire = render_request(head, client_ip="127.0.0.7", request_id="r-1")
+        wire = render_request(head, client_ip="127.0.0.7", request_id="r-1", host="backend:80")
         lines = wire.split(b"\r\n")
         assert lines[0] == b"GET /chat HTTP/1.1"
         # The gateway resolved the client: the client's own X-Forwarded-For is not passed on.
@@ -92,9 +92,19 @@ class TestForwardedHead:
         )
         head = only_head(RequestReader().feed(raw))
         assert not head.keep_alive
-        wire = render_request(head, client_ip="1.2.3.4", request_id="x")
+        wire = render_request(head, client_ip="1.2.3.4", request_id="x", host="backend:80")
         assert b"Connection: keep-alive" in wire
         assert b"Keep-Alive" not in wire and b"TE:" not in wire and b"Accept: */*" in wire
+
+    def test_an_http_1_0_request_without_host_gets_the_backends(self) -> None:
+        head = only_head(RequestReader().feed(b"GET /x HTTP/1.0\r\n\r\n"))
+        wire = render_request(head, client_ip="1.2.3.4", request_id="x", host="[fd00::5]:8080")
+        lines = wire.split(b"\r\n")
+        assert lines[0] == b"GET /x HTTP/1.1" and lines.count(b"Host: [fd00::5]:8080") == 1
+        # A Host of the client's own is kept as it was, never a second one added.
+        head = only_head(RequestReader().feed(b"GET /x HTTP/1.0\r\nHost: app\r\n\r\n"))
+        wire = render_request(head, client_ip="1.2.3.4", request_id="x", host="backend:80")
+        assert b"Host: app\r\n" in wire and b"backend:80" not in wire
 
     def test_forwarded_of_an_ipv6_client_over_tls(self) -> None:
         raw = (
@@ -102,7 +112,9 @@ class TestForwardedHead:
             b"X-Forwarded-Proto: http\r\n\r\n"
         )
         head = only_head(RequestReader().feed(raw))
-        wire = render_request(head, client_ip="2001:db8::7", request_id="x", proto="https")
+        wire = render_request(
+            head, client_ip="2001:db8::7", request_id="x", host="backend:80", proto="https"
+        )
         lines = wire.split(b"\r\n")
         assert b'Forwarded: for="[2001:db8::7]";proto=https' in lines
         assert b"X-Forwarded-For: 2001:db8::7" in lines and b"X-Forwarded-Proto: https" in lines
@@ -112,7 +124,7 @@ class TestForwardedHead:
         head = only_head(
             RequestReader().feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Real-IP: 6.6.6.6\r\n\r\n")
         )
-        wire = render_request(head, client_ip="1.2.3.4", request_id="x")
+        wire = render_request(head, client_ip="1.2.3.4", request_id="x", host="backend:80")
         assert b"6.6.6.6" not in wire and b"X-Real-IP: 1.2.3.4" in wire
 
 

@@ -180,7 +180,11 @@ class Exchange:
         client.peer, upstream.peer = upstream, client  # flow control, both ways
         upstream.begin(self, head_request=head.method == b"HEAD", upgrade=head.upgrade)
         wire = render_request(
-            head, client_ip=self.client_ip, request_id=self.request_id, proto=client.proto
+            head,
+            client_ip=self.client_ip,
+            request_id=self.request_id,
+            host=backend.address,
+            proto=client.proto,
         )
         if head.upgrade:
             upstream.write(wire + request.rest)

@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -51,21 +51,33 @@ class _Head:
     headers: list[Header] = field(default_factory=list)
     chunked: bool = False
     content_length: int | None = None
-    # Lower-cased name -> first value, built on the first lookup: a handful of
-    # lookups per message then cost one lower() per header in all.
-    _index: dict[bytes, bytes] | None = field(default=None, repr=False, compare=False)
+    # Lower-cased name -> its values in order, built on the first lookup: the
+    # dozen lookups a message gets then cost one lower() per header in all.
+    _index: dict[bytes, list[bytes]] | None = field(default=None, repr=False, compare=False)
+
+    def _indexed(self) -> dict[bytes, list[bytes]]:
+        index: dict[bytes, list[bytes]] = {}
+        for key, value in self.headers:
+            lower = key.lower()
+            found = index.get(lower)
+            if found is None:
+                index[lower] = [value]
+            else:
+                found.append(value)
+        self._index = index
+        return index
 
     def get(self, name: bytes) -> bytes | None:
-        index = self._index
-        if index is None:
-            index = self._index = {}
-            for key, value in self.headers:
-                index.setdefault(key.lower(), value)
-        return index.get(name.lower())
+        """The first value of header ``name`` (any case), or None."""
+        found = (self._index or self._indexed()).get(name.lower())
+        return None if found is None else found[0]
 
-    def values(self, name: bytes) -> list[bytes]:
-        name = name.lower()
-        return [value for key, value in self.headers if key.lower() == name]
+    def values(self, name: bytes) -> Sequence[bytes]:
+        """Every value of header ``name`` (any case), in order."""
+        return (self._index or self._indexed()).get(name.lower(), _NONE)
+
+
+_NONE: Sequence[bytes] = ()
 
 
 @dataclass(slots=True)
@@ -154,7 +166,7 @@ def websocket_problem(head: RequestHead) -> str | None:
             return "Sec-WebSocket-Key must be 16 bytes in base64"
     except (binascii.Error, ValueError):
         return "Sec-WebSocket-Key is not base64"
-    if head.values(b"sec-websocket-version") != [b"13"]:
+    if list(head.values(b"sec-websocket-version")) != [b"13"]:
         return "Sec-WebSocket-Version must be 13, once"
     return None
 
@@ -176,6 +188,7 @@ def render_request(
     *,
     client_ip: str,
     request_id: str,
+    host: str,
     proto: str = "http",
 ) -> bytes:
     """The head sent to the backend.
@@ -188,8 +201,14 @@ def render_request(
     or what trusted proxies said): ``X-Forwarded-For``, ``X-Real-IP`` and
     ``Forwarded`` carry that one address, so a backend that takes their right-most
     (or only) entry gets it, and whatever a client wrote into them is dropped.
+
+    ``host`` is the backend's authority, sent as ``Host`` when the request has
+    none: an HTTP/1.0 client may leave it out, an HTTP/1.1 request may not
+    (RFC 9112 3.2), and the head goes out as HTTP/1.1.
     """
     lines = [b"%s %s HTTP/1.1" % (head.method, head.target)]
+    if head.get(b"host") is None:
+        lines.append(b"Host: " + host.encode())
     for name, value in head.headers:
         lower = name.lower()
         if lower in _REPLACED or lower in HOP_BY_HOP:
