@@ -112,12 +112,22 @@ class Session:
     def is_open(self) -> bool:
         return self.protocol is not None and self.protocol.is_open
 
+    def _closed(self, closed: asyncio.Future[CloseInfo]) -> None:
+        if self.protocol is not None and self.protocol.closed is closed:
+            self.wake()  # the conversation of this protocol ends; an older one's wakes nothing
+
     def wake(self) -> None:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(True)
 
     async def pause(self, delay: float) -> bool:
-        """Sleep ``delay`` seconds; ``True`` when woken early (stop, close)."""
+        """Sleep ``delay`` seconds, or less when woken; ``True`` when the session is to end.
+
+        A session ends when the run stops or it was closed on purpose, never on
+        a wake-up alone: a closing protocol wakes its conversation through a
+        callback that may run only once a later pause (a reconnect's) has
+        begun, and that pause is then merely cut short.
+        """
         if self.load.stopping or self.closing:
             return True
         loop = self.load.loop
@@ -125,10 +135,11 @@ class Session:
         self._wake = future
         timer = loop.call_later(delay, _resolve, future, False)
         try:
-            return await future
+            await future
         finally:
             timer.cancel()
             self._wake = None
+        return self.load.stopping or self.closing
 
     def close(self, code: int = CloseCode.NORMAL_CLOSURE) -> None:
         """Close on purpose (``close N``): the slot ends and is not reopened."""
@@ -205,7 +216,7 @@ class Session:
         self.pod = None
         self._pending.clear()
         protocol.on_message = self.on_message
-        protocol.closed.add_done_callback(lambda _: self.wake())
+        protocol.closed.add_done_callback(self._closed)
         stats.opened(protocol.connect_microseconds)
         interval = load.plan.message_interval
         info = CloseInfo(CloseCode.ABNORMAL_CLOSURE, "", by_server=False)
@@ -229,6 +240,7 @@ class Session:
         finally:
             # A drop of our own (--storm) is no close by the server.
             stats.closed(self.pod, info.code if info.by_server and not self.dropped else None)
+            self.protocol = None  # its closing callback, if still due, wakes no later pause
         self._pending.clear()
         return info
 
