@@ -60,6 +60,23 @@ def test_a_dying_process_starts_the_clock_at_the_first_loss() -> None:
     assert report["trigger"] == "process gateway-2 died"
 
 
+def test_a_process_dying_before_all_sessions_opened_starts_the_recovery() -> None:
+    # The backends held all four and the process was killed; the clients had seen
+    # only three 101s. Waiting for "all held" first would never end the storm.
+    storm = Storm(StormPlan(sessions=4, hold=0.0, timeout=30.0, wait_for="gateway-2"))
+    stats = stats_with(3)
+    assert storm.observe(1.0, stats) is Action.NONE
+    assert storm.observe(1.1, stats, process_gone=True) is Action.NONE
+    assert storm.phase is Phase.RECOVERING and storm.dropped_at == 1.1
+    stats.open = 1
+    assert storm.observe(1.2, stats, process_gone=True) is Action.NONE
+    stats.open = 4
+    assert storm.observe(3.2, stats, process_gone=True) is Action.STOP
+    report = storm.report(stats)
+    assert report["outcome"] == "recovered" and report["recovery_s"] == 2.1
+    assert report["dropped"] == 3
+
+
 def test_every_phase_is_bounded() -> None:
     for opened, gone_after in ((0, None), (4, None), (4, 1.0)):
         storm = Storm(StormPlan(sessions=4, hold=0.0, timeout=5.0, wait_for="gw"))

@@ -16,7 +16,7 @@ import time
 from wsgate.testbed.load_ws import WebSocketLoad
 from wsgate.testbed.processes import process_alive
 from wsgate.testbed.stages import Schedule
-from wsgate.testbed.storm import Action, Storm
+from wsgate.testbed.storm import Action, Phase, Storm
 
 __all__ = ["follow_stages", "run_storm"]
 
@@ -59,7 +59,10 @@ async def run_storm(
     """
     while not stop.is_set():
         gone = bool(watched) and not all(process_alive(pid) for pid in watched)
+        before = storm.phase
         action = storm.observe(time.monotonic() - started, load.stats, gone)
+        if storm.phase is Phase.HOLDING and before is not Phase.HOLDING:
+            log.warning("Storm: all %d sessions open", storm.plan.sessions)
         if action is Action.DROP:
             log.warning("Storm: dropping %d sessions at once", load.drop_all())
         elif action is Action.STOP:

@@ -18,6 +18,9 @@ Every phase is bounded by the storm's timeout::
     OPENING --N open--> HOLDING --hold over / process gone--> RECOVERING --N open--> RECOVERED
        |                   |                                      |
        +-------------------+------------- timeout ----------------+--> TIMED_OUT
+
+A process that dies while the sessions are still opening starts the recovery
+from there (OPENING --process gone--> RECOVERING).
 """
 
 from __future__ import annotations
@@ -98,6 +101,11 @@ class Storm:
             return Action.STOP
         full = stats.open >= self.plan.sessions
         if phase is Phase.OPENING:
+            if process_gone and self.plan.wait_for is not None:
+                # It died before the clients held all N (a client counts a session
+                # once its 101 arrives, after the backend did): the storm is on.
+                self._lost(now, now, stats)
+                return Action.NONE
             if full:
                 self.phase = Phase.HOLDING
                 self.held_at = now
