@@ -22,7 +22,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-__all__ = ["Judgement", "Outcome", "judge"]
+__all__ = ["VERSION_REFUSED", "Judgement", "Outcome", "judge"]
 
 
 class Outcome(enum.Enum):
@@ -279,6 +279,9 @@ def _judge_upgrade(
     return _either(WEBSOCKET, why="a valid opening handshake")
 
 
+VERSION_REFUSED = "Sec-WebSocket-Version not exactly 13"
+
+
 def _handshake_problem(method: bytes, fields: list[tuple[bytes, bytes]]) -> str | None:
     """RFC 6455 4.2.1 (and 11.3.1, 11.3.5: key and version appear once in a request)."""
     if method != b"GET":
@@ -293,5 +296,5 @@ def _handshake_problem(method: bytes, fields: list[tuple[bytes, bytes]]) -> str 
         return "Sec-WebSocket-Key not base64"
     versions = _values(fields, b"sec-websocket-version")
     if versions != [b"13"]:
-        return "Sec-WebSocket-Version not exactly 13"
+        return VERSION_REFUSED
     return None

@@ -20,7 +20,7 @@ from faultkit import all_free
 from fleet import CLIENT_IPS, never_over
 from gwtools import open_one
 from heads import MAX_HEAD
-from rfc_head import Outcome, judge
+from rfc_head import VERSION_REFUSED, Outcome, judge
 
 from wsgate.testbed.processes import ProcessGroup
 from wsgate.testbed.topology import start_backends, start_gateway
@@ -81,10 +81,13 @@ async def exchange(host: str, port: int, raw: bytes, source: str) -> tuple[int, 
 
 
 def check_answer(raw: bytes, status: int, body: bytes) -> None:
-    allowed = judge(raw, MAX_HEAD).allowed
+    judgement = judge(raw, MAX_HEAD)
+    allowed = judgement.allowed
     if allowed == {Outcome.REFUSE}:
-        # The gateway's own answer: a 4xx of its own, not the backend's.
-        assert status in (400, 408, 431) and json.loads(body)["error"] == "bad_request", (
+        # The gateway's own answer: a 4xx of its own, not the backend's; a handshake
+        # asking for another protocol version may be told the one spoken (426).
+        own = (400, 408, 431, 426) if judgement.why == VERSION_REFUSED else (400, 408, 431)
+        assert status in own and json.loads(body)["error"] == "bad_request", (
             raw,
             status,
             body,

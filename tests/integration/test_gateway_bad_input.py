@@ -34,7 +34,8 @@ BAD_REQUESTS = {
     "short_key": (upgrade(key=b"c2hvcnQ="), 400),
     "not_base64_key": (upgrade(key=b"!!!!!!!!!!!!!!!!!!!!!!!!"), 400),
     "no_version": (upgrade(version=None), 400),
-    "wrong_version": (upgrade(version=b"8"), 400),
+    "wrong_version": (upgrade(version=b"8"), 426),
+    "two_versions": (upgrade(version=b"13, 8"), 426),
     "post_upgrade": (upgrade(method=b"POST"), 400),
     "other_upgrade": (
         b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
@@ -55,9 +56,11 @@ async def test_bad_request_is_refused_without_cost(procs: ProcessGroup, name: st
         limits={"max_connections_per_backend": 2, "connect_rate": {"per_second": 0.01, "burst": 2}},
     )
     bystander = await open_one(gateway.ws_url)
-    got, _, body = await raw_request("127.0.0.1", gateway.port, data)
+    got, headers, body = await raw_request("127.0.0.1", gateway.port, data)
     assert got == status
     assert json.loads(body)["error"] == "bad_request"
+    if status == 426:  # the version this gateway speaks, so the client can retry with it
+        assert headers["sec-websocket-version"] == "13"
     assert await pod_of(bystander) == "pod-a"  # the live session is undisturbed
     newcomer = await open_one(gateway.ws_url)  # the last slot and token are still there
     assert await pod_of(newcomer) == "pod-a"

@@ -14,10 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Iterable
 
 from wsgate.gateway.exchange import Client, Exchange, Request
 from wsgate.gateway.flow import HIGH_WATER
-from wsgate.gateway.head import RequestHead, error_response, websocket_problem
+from wsgate.gateway.head import (
+    UNSUPPORTED_VERSION,
+    WEBSOCKET_VERSION,
+    Header,
+    RequestHead,
+    error_response,
+    websocket_problem,
+)
 from wsgate.gateway.http1 import BadMessage, Body, End, Head, RequestReader, Upgrade
 from wsgate.gateway.outcomes import Kind, Outcome
 from wsgate.gateway.plane import Plane
@@ -142,14 +150,14 @@ class Downstream(Client):
             else:
                 self.answer_bad_request(408, "request head not complete in time")
 
-    def answer_bad_request(self, status: int, detail: str) -> None:
+    def answer_bad_request(self, status: int, detail: str, *, extra: Iterable[Header] = ()) -> None:
         """Answer a request we will not forward, then close: nothing was admitted."""
         self.plane.stats.bad_requests[status] += 1
         self.plane.log.write(
             kind=Kind.HTTP, client=self.client_ip, status=status, outcome=Outcome.BAD_REQUEST,
             detail=detail, request_id=None,
         )  # fmt: skip
-        self.write(error_response(status, "bad_request", detail=detail, close=True))
+        self.write(error_response(status, "bad_request", detail=detail, close=True, extra=extra))
         self.close()
 
     async def _serve(self) -> None:
@@ -179,6 +187,11 @@ class Downstream(Client):
         """Forward one request; return whether the client connection stays open."""
         head = request.head
         problem = upgrade_problem(head)
+        if problem == UNSUPPORTED_VERSION:
+            self.answer_bad_request(
+                426, problem, extra=[(b"Sec-WebSocket-Version", WEBSOCKET_VERSION)]
+            )
+            return False
         if problem is not None:
             self.answer_bad_request(400, problem)
             return False

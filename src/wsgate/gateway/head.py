@@ -17,6 +17,8 @@ from http import HTTPStatus
 
 __all__ = [
     "HOP_BY_HOP",
+    "UNSUPPORTED_VERSION",
+    "WEBSOCKET_VERSION",
     "RequestHead",
     "ResponseHead",
     "cookie_value",
@@ -149,6 +151,12 @@ def request_problem(head: RequestHead) -> str | None:
     return None
 
 
+# The one version of the protocol spoken (RFC 6455); a client asking for another
+# is answered 426 with this one named (RFC 6455 4.2.2), so it can retry with it.
+WEBSOCKET_VERSION = b"13"
+UNSUPPORTED_VERSION = "Sec-WebSocket-Version must be 13, once"
+
+
 def websocket_problem(head: RequestHead) -> str | None:
     """Why this upgrade request is not a valid WebSocket handshake (RFC 6455 4.2.1), or None."""
     if head.method != b"GET":
@@ -166,8 +174,11 @@ def websocket_problem(head: RequestHead) -> str | None:
             return "Sec-WebSocket-Key must be 16 bytes in base64"
     except (binascii.Error, ValueError):
         return "Sec-WebSocket-Key is not base64"
-    if list(head.values(b"sec-websocket-version")) != [b"13"]:
-        return "Sec-WebSocket-Version must be 13, once"
+    versions = head.values(b"sec-websocket-version")
+    if not versions:
+        return "missing Sec-WebSocket-Version"
+    if list(versions) != [WEBSOCKET_VERSION]:
+        return UNSUPPORTED_VERSION
     return None
 
 
