@@ -14,11 +14,14 @@ whose binary is missing is skipped with one line that says so.
   (TLS 1.3, ``TLS_AES_256_GCM_SHA384``, what OpenSSL picks for both by default).
 - ``nginx``: one process (``master_process off``), ``proxy_http_version 1.1``
   and the ``Upgrade``/``Connection`` headers passed on.
+- ``asyncio-floor`` (only when asked for): the least an asyncio proxy on uvloop
+  does per upgrade (:mod:`bench.floor`), the reference for wsgate's set-up cost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -37,6 +40,7 @@ from wsgate.testbed.topology import free_port_run
 
 __all__ = [
     "BASE_PATHS",
+    "EXTRA_PATHS",
     "TLS_PATHS",
     "Endpoint",
     "Unavailable",
@@ -59,6 +63,8 @@ BASE_PATHS = (
     "haproxy-tls",
 )
 TLS_PATHS = ("wsgate-memory-tls", "haproxy-tls")
+# Paths run only when named: references for one figure, not products.
+EXTRA_PATHS = ("asyncio-floor",)
 TLS_SUITE = "TLS_AES_256_GCM_SHA384"
 HAPROXY = "/usr/sbin/haproxy"
 NGINX = "/usr/sbin/nginx"
@@ -83,12 +89,12 @@ class Endpoint:
 
 def parse_path_name(name: str) -> tuple[str, int]:
     """The kind of a path name and its wsgate worker count (1 for the others)."""
-    if name in ("direct", "haproxy", "nginx", *TLS_PATHS):
+    if name in ("direct", "haproxy", "nginx", *TLS_PATHS, *EXTRA_PATHS):
         return name, 1
     match = _WSGATE_PATH.match(name)
     if match is None:
         raise ValueError(
-            f"unknown path {name!r}; choose from {', '.join(BASE_PATHS)} "
+            f"unknown path {name!r}; choose from {', '.join(BASE_PATHS + EXTRA_PATHS)} "
             "(wsgate paths may end in -wN for N worker processes)"
         )
     workers = int(match.group(2) or 1)
@@ -136,6 +142,8 @@ def start_path(
         return _start_wsgate(name, group, echo, False, workers, redis, tls)
     if kind == "nginx":
         return _start_nginx(name, group, echo, nofile, proxy_buffer)
+    if kind == "asyncio-floor":
+        return _start_floor(name, group, echo)
     return _start_wsgate(name, group, echo, kind == "wsgate-redis", workers, redis)
 
 
@@ -225,6 +233,15 @@ backend echo
     version = _version([binary, "-v"])
     target = Target("127.0.0.1", port, tls=tls is not None)
     return Endpoint(name, target, process.pid, version, argv)
+
+
+def _start_floor(name: str, group: ProcessGroup, echo: Target) -> Endpoint:
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.floor", "--listen", f"127.0.0.1:{port}"]
+    argv += ["--backend", f"{echo.host}:{echo.port}"]
+    process = group.start(name, argv, port=("127.0.0.1", port), env=_bench_env())
+    version = f"uvloop {importlib.metadata.version('uvloop')}, no admission"
+    return Endpoint(name, Target("127.0.0.1", port), process.pid, version, argv)
 
 
 def _start_nginx(

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SMOKE_BOUND = 300  # the smoke run's --max-conns-bound default
 
 
-def _run_smoke(out: Path) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "bench", "--smoke", "--out", str(out)]
+def _run_smoke(out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "bench", "--smoke", "--out", str(out), *flags]
     bench = subprocess.Popen(
         argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -96,3 +96,16 @@ def test_smoke_run_measures_every_path_and_writes_sane_results(tmp_path: Path) -
             budget = workers["budget_cpus_per_worker"] * int(count)
             assert 0 < workers["workers"][count]["cpus_used"]["median"] < 1.5 * budget, workers
         assert "ratio_vs_one" in workers["workers"]["2"], workers
+
+
+@pytest.mark.slow
+def test_the_asyncio_floor_runs_when_named_and_sets_up_every_upgrade(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = _run_smoke(out, "--paths", "asyncio-floor", "--figures", "setup")
+    assert done.returncode == 0, done.stdout[-4000:]
+    data = json.loads((out / "latest.json").read_text())
+    assert data["paths"]["asyncio-floor"].startswith("ok"), data["paths"]
+    setup = data["figures"]["setup"]["paths"]["asyncio-floor"]
+    assert setup["median"] > 0
+    assert "asyncio-floor: set-up" in done.stdout and "(0 failed)" in done.stdout, done.stdout
+    assert not [n for n in data["notes"] if "failed" in n], data["notes"]

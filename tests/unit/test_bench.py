@@ -60,6 +60,7 @@ def test_path_names() -> None:
     assert parse_path_name("haproxy") == ("haproxy", 1)
     assert parse_path_name("wsgate-redis") == ("wsgate-redis", 1)
     assert parse_path_name("wsgate-redis-w2") == ("wsgate-redis", 2)
+    assert parse_path_name("asyncio-floor") == ("asyncio-floor", 1)
     with pytest.raises(ValueError, match="wsgate-redis-w2"):
         parse_path_name("wsgate-memory-w2")
     with pytest.raises(ValueError, match="unknown path"):
