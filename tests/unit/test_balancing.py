@@ -10,13 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wsgate.admission import Candidate, choose_backend
-from wsgate.balancing import (
-    PowerOfTwo,
-    cookie_token,
-    make_policy,
-    rendezvous_order,
-    rendezvous_top,
-)
+from wsgate.balancing import PowerOfTwo, Rendezvous, cookie_token, make_policy
 
 FOUR = tuple(Candidate(f"pod-{c}", 2) for c in "abcd")
 
@@ -54,19 +48,74 @@ def test_hash_is_stable_per_key_and_spreads_keys() -> None:
     assert min(firsts.values()) > 50
 
 
-@given(st.text(min_size=1), st.sets(st.sampled_from([c.backend_id for c in FOUR])))
-def test_rendezvous_top_is_the_first_of_the_order_not_excluded(key: str, exclude: set[str]) -> None:
-    rest = [c.backend_id for c in rendezvous_order(FOUR, key) if c.backend_id not in exclude]
-    assert rendezvous_top(FOUR, key, exclude) == (rest[0] if rest else None)
+BACKEND_IDS = [c.backend_id for c in FOUR]
 
 
-@given(st.text(min_size=1), st.integers(min_value=0, max_value=3))
-def test_rendezvous_moves_only_the_removed_backends_keys(key: str, removed: int) -> None:
-    before = rendezvous_order(FOUR, key)[0]
-    rest = [c for i, c in enumerate(FOUR) if i != removed]
-    after = rendezvous_order(rest, key)[0]
-    if before in rest:
-        assert after == before
+def pool(count: int, prefix: str = "pod") -> tuple[Candidate, ...]:
+    return tuple(Candidate(f"{prefix}-{i}", 4) for i in range(count))
+
+
+def owners(candidates: tuple[Candidate, ...], keys: list[str]) -> dict[str, str | None]:
+    rendezvous = Rendezvous()
+    return {key: rendezvous.top(candidates, key) for key in keys}
+
+
+KEYS = [f"10.{i // 250}.{i % 250}.7" for i in range(20_000)]
+
+
+@given(st.text(min_size=1), st.permutations(FOUR))
+def test_rendezvous_is_the_same_on_every_replica_whatever_the_order(
+    key: str, shuffled: list[Candidate]
+) -> None:
+    assert Rendezvous().top(FOUR, key) == Rendezvous().top(tuple(shuffled), key) is not None
+
+
+@given(st.text(min_size=1), st.sets(st.sampled_from(BACKEND_IDS)))
+def test_rendezvous_skips_the_excluded_and_only_them(key: str, exclude: set[str]) -> None:
+    rendezvous = Rendezvous()
+    top = rendezvous.top(FOUR, key)
+    found = rendezvous.top(FOUR, key, exclude)
+    if exclude >= set(BACKEND_IDS):
+        assert found is None
+    else:
+        assert found is not None and found not in exclude
+        if top not in exclude:
+            assert found == top  # excluding others changes nothing
+
+
+def test_rendezvous_gives_every_backend_its_share_of_a_large_pool() -> None:
+    # 500 backends in 64 groups of unequal sizes: the groups' weights keep the
+    # share per backend, not per group, even.
+    counts = Counter(owners(pool(500), KEYS).values())
+    mean = len(KEYS) / 500
+    assert len(counts) == 500
+    assert 0.5 * mean <= min(counts.values()) and max(counts.values()) <= 1.6 * mean, (
+        min(counts.values()),
+        max(counts.values()),
+    )
+
+
+def test_rendezvous_moves_few_keys_when_a_backend_leaves_or_arrives() -> None:
+    before = owners(pool(200), KEYS)
+    fair_share = len(KEYS) / 200
+    leaving = "pod-17"
+    after = owners(tuple(c for c in pool(200) if c.backend_id != leaving), KEYS)
+    moved = [key for key in KEYS if before[key] != after[key]]
+    assert {key for key, owner in before.items() if owner == leaving} <= set(moved)
+    assert leaving not in after.values()
+    assert len(moved) <= 3 * fair_share, len(moved)  # about 2/n: its keys, and its group's
+    arrived = owners((*pool(200), Candidate("pod-new", 4)), KEYS)
+    moved = [key for key in KEYS if before[key] != arrived[key]]
+    assert sum(owner == "pod-new" for owner in arrived.values()) >= 0.5 * fair_share
+    assert len(moved) <= 3 * fair_share, len(moved)
+
+
+def test_rendezvous_follows_a_new_pool() -> None:
+    rendezvous = Rendezvous()
+    top = rendezvous.top(FOUR, "10.0.0.1")
+    smaller = tuple(c for c in FOUR if c.backend_id != top)
+    assert rendezvous.top(smaller, "10.0.0.1") not in (None, top)
+    assert rendezvous.top((), "10.0.0.1") is None
 
 
 def test_cookie_tokens_are_opaque_and_distinct() -> None:

@@ -165,3 +165,14 @@ def test_bad_flags_get_one_line_and_status_2(
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("python -m bench: error: "), error
     assert message in error
+
+
+def test_rendezvous_bench_refuses_empty_rounds_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench import rendezvous
+
+    with pytest.raises(SystemExit) as exit_info:
+        rendezvous.main(["--rounds", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0

@@ -10,25 +10,25 @@ costs the same whatever the pool's size:
 - ``least_conn``: no picks; the store's least loaded.
 - ``round_robin``: the next backends in this replica's rotation.
 - ``p2c``: two at random, the less loaded (by this replica's view) first.
-- ``hash``: the highest-random-weight backend for the client key.
+- ``hash``: the rendezvous (highest-random-weight) backend for the client key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from wsgate.admission import Candidate
+from wsgate.balancing.rendezvous import Rendezvous
 
 __all__ = [
     "Plan",
     "Policy",
+    "Rendezvous",
     "cookie_token",
     "make_policy",
-    "rendezvous_order",
-    "rendezvous_top",
 ]
 
 
@@ -40,31 +40,6 @@ class Plan:
     least_loaded: bool
     preferred: str | None = None
     first: tuple[str, ...] = ()
-
-
-def _score(key: str, backend_id: str) -> int:
-    digest = hashlib.blake2b(f"{key}\x00{backend_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-def rendezvous_order(candidates: Sequence[Candidate], key: str) -> list[Candidate]:
-    """Highest-random-weight order: stable for a key, moves little when backends change."""
-    return sorted(candidates, key=lambda c: _score(key, c.backend_id), reverse=True)
-
-
-def rendezvous_top(
-    candidates: Sequence[Candidate], key: str, exclude: Collection[str] = ()
-) -> str | None:
-    """The first of :func:`rendezvous_order` not in ``exclude``, in one pass."""
-    best: tuple[int, str] | None = None
-    for candidate in candidates:
-        backend = candidate.backend_id
-        if backend in exclude:
-            continue
-        score = (_score(key, backend), backend)
-        if best is None or score > best:
-            best = score
-    return None if best is None else best[1]
 
 
 def cookie_token(backend_id: str) -> str:
@@ -149,12 +124,15 @@ class Hash(Policy):
     name = "hash"
     least_loaded = True
 
+    def __init__(self) -> None:
+        self._rendezvous = Rendezvous()
+
     def picks(
         self, candidates: Sequence[Candidate], key: str | None, load: Callable[[str], int]
     ) -> tuple[str, ...]:
         if key is None:
             return ()
-        top = rendezvous_top(candidates, key)
+        top = self._rendezvous.top(candidates, key)
         return () if top is None else (top,)
 
 

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from wsgate.admission import AdmissionStore, Admitted, Candidate, Reason, Rejected, Ticket
-from wsgate.balancing import Policy, cookie_token, rendezvous_top
+from wsgate.balancing import Policy, Rendezvous, cookie_token
 from wsgate.config import RouteConfig
 from wsgate.gateway.head import Header, RequestHead
 from wsgate.gateway.reservation import Reservation
@@ -51,6 +51,7 @@ class Admission:
         self.draining = False
         self._waiters: deque[asyncio.Event] = deque()
         self._cookie_ids: dict[str, str] = {}
+        self._rendezvous = Rendezvous()
         pool.on_change.append(self.pool_changed)
 
     @property
@@ -128,7 +129,7 @@ class Admission:
         elif affinity.by != "ip":
             return None, client_ip
         # Rendezvous over the healthy backends: stable per key, little churn on change.
-        return rendezvous_top(candidates, key, exclude), key
+        return self._rendezvous.top(candidates, key, exclude), key
 
     def _global_load(self, backend_id: str) -> int:
         return self.store.global_counts().get(backend_id, 0)
