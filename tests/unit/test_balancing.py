@@ -167,3 +167,26 @@ def test_choice_never_exceeds_a_cap(spec: list[tuple[int, int]], least: bool) ->
         assert chosen in room
         if not least:
             assert chosen == room[0]
+
+
+@given(st.text(min_size=1), st.integers(min_value=1, max_value=300))
+def test_the_written_out_group_choice_is_the_ranking_s_first(key: str, size: int) -> None:
+    from wsgate.balancing import rendezvous
+
+    candidates = pool(size)
+    index = Rendezvous()
+    index.top(candidates, "index")
+    hashed = rendezvous._hash(key)
+    ranked = sorted(index._groups, key=lambda g: rendezvous._weighted(hashed, g), reverse=True)
+    assert rendezvous._top_group(index._groups, hashed) == ranked[0][2]
+
+
+@given(st.text(min_size=1), st.sets(st.sampled_from([f"pod-{i}" for i in range(12)])))
+def test_the_written_out_member_choice_is_the_highest_score(key: str, exclude: set[str]) -> None:
+    from wsgate.balancing import rendezvous
+
+    members = [(f"pod-{i}", rendezvous._hash(f"pod-{i}")) for i in range(12)]
+    hashed = rendezvous._hash(key)
+    allowed = [(rendezvous.score(hashed, h), name) for name, h in members if name not in exclude]
+    expected = max(allowed)[1] if allowed else None
+    assert rendezvous._best(members, hashed, exclude) == expected

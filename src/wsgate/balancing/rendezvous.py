@@ -90,7 +90,7 @@ class Rendezvous:
         if len(groups) == 1:
             return _best(groups[0][2], hashed, exclude)
         if not exclude:
-            return _best(max(groups, key=lambda g: _weighted(hashed, g))[2], hashed, exclude)
+            return _best(_top_group(groups, hashed), hashed, exclude)
         for _, _, members in sorted(groups, key=lambda g: _weighted(hashed, g), reverse=True):
             best = _best(members, hashed, exclude)
             if best is not None:
@@ -118,12 +118,38 @@ def _weighted(key: int, group: _Group) -> tuple[float, str]:
     return weight / -math.log(u), name
 
 
+def _top_group(groups: Sequence[_Group], key: int) -> tuple[_Named, ...]:
+    """The members of the group :func:`_weighted` ranks first: the same loop, written out.
+
+    This runs once per connection over up to :data:`GROUPS` groups, so the
+    mixing is inlined rather than called per group.
+    """
+    log = math.log
+    best = -1.0
+    best_name = ""
+    members: tuple[_Named, ...] = ()
+    for (name, hashed), weight, group_members in groups:
+        z = key ^ hashed
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+        z ^= z >> 31
+        weighted = weight / -log(((z >> 12) + 0.5) / _SCALE)
+        if weighted > best or (weighted == best and name > best_name):
+            best, best_name, members = weighted, name, group_members
+    return members
+
+
 def _best(members: Sequence[_Named], key: int, exclude: Collection[str]) -> str | None:
-    best: tuple[int, str] | None = None
+    """The member scoring highest for ``key`` (:func:`score`, inlined), not in ``exclude``."""
+    best = -1
+    found: str | None = None
     for backend, hashed in members:
-        if backend in exclude:
-            continue
-        scored = (score(key, hashed), backend)
-        if best is None or scored > best:
-            best = scored
-    return None if best is None else best[1]
+        z = key ^ hashed
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+        z ^= z >> 31
+        if (z > best or (z == best and found is not None and backend > found)) and (
+            backend not in exclude
+        ):
+            best, found = z, backend
+    return found
