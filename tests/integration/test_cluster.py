@@ -11,6 +11,7 @@ peaks and tripwire refusals, and Redis's totals against the sessions they hold.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 from typing import Any
@@ -21,6 +22,7 @@ from gwtools import Churn, wait_until
 from redis import Redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
+from test_store_inspect import wsgate_state
 
 from wsgate.admission.redis import key_prefix
 from wsgate.testbed.processes import ProcessGroup, RedisServer, start_redis_cluster, wait_for_port
@@ -138,10 +140,12 @@ async def test_caps_hold_over_shards_through_a_slot_move_and_a_master_failover(
     moved, failed = by_owner[masters[0].port], by_owner[masters[1].port]
 
     groups: dict[str, list[BackendProcess]] = {}
+    gateways_of: dict[str, list[GatewayProcess]] = {}
     urls: list[str] = []
     for namespace in (moved, failed):
         backends, gateways = group(procs, nodes, namespace)
         groups[namespace] = backends
+        gateways_of[namespace] = gateways
         urls += [g.ws_url for g in gateways]
     everything = [b for backends in groups.values() for b in backends]
     figures: dict[str, Any] = {}
@@ -178,6 +182,26 @@ async def test_caps_hold_over_shards_through_a_slot_move_and_a_master_failover(
         before = churn.statuses[101]
         await wait_until(lambda: churn.statuses[101] > before + 10, within=10)
         figures["statuses"] = dict(churn.statuses)
+
+        # `wsgate state -c`, given a gateway's config, reads the Cluster as the gateways
+        # do: each group's shard, after a slot move and a failover, counting what its
+        # backends themselves hold.
+        churn.holding = True
+        await asyncio.sleep(churn.hold + 0.2)
+        await wait_until(
+            lambda: all(redis_total(cluster, ns) == truth(b) for ns, b in groups.items()),
+            within=HEARTBEAT + 3.0,
+        )
+        for namespace, backends in groups.items():
+            status, out, err = await wsgate_state(
+                "-c", gateways_of[namespace][0].config_path, "--json"
+            )
+            assert status == 0, err
+            [route] = json.loads(out)["routes"]
+            assert route["store"].startswith("cluster://") and route["namespace"] == namespace
+            shown = {b["id"]: b["live"] for b in route["backends"] if b["live"]}
+            assert shown == truth(backends), (route, namespace)
+        churn.holding = False
         print(f"cluster: {figures}")
         never_over(everything, 2)
     finally:

@@ -24,7 +24,9 @@ from rich.table import Table
 from rich.text import Text
 
 from wsgate.admission.redis import connect, key_prefix, run_script
-from wsgate.config import ConfigError, load_config, parse_duration, redact_url
+from wsgate.admission.redis.connection import Target as StoreTarget
+from wsgate.admission.redis.connection import describe_target, state_target
+from wsgate.config import ConfigError, load_config, parse_duration
 from wsgate.routing import route_namespace
 from wsgate.runtime import run_async
 
@@ -72,6 +74,7 @@ Target = tuple[str | None, str]
 
 def run(args: argparse.Namespace) -> int:
     url, namespace = str(args.redis), str(args.namespace)
+    target: StoreTarget = url
     routes: list[str] | None = args.route
     if args.config:
         config = load_config(args.config)
@@ -79,14 +82,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"{args.config}: state is memory, so there is no shared state to show"
             )
-        if config.state.sentinels is not None or config.state.cluster is not None:
-            raise ConfigError(
-                f"{args.config}: wsgate state reads one Redis by URL; give the current"
-                " master (or the Cluster node that holds the namespace) with --redis"
-            )
-        url, namespace = config.state.store, config.state.namespace
+        # A Sentinel service or a Cluster is reached as the gateways reach it.
+        target, namespace = state_target(config.state), config.state.namespace
         routes = [route.name for route in config.route_list()]
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+    elif urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"--redis: expected a redis://, rediss:// or unix:// URL, got {url!r}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", namespace):
         raise ConfigError("--namespace: use letters, digits, '.', '_' or '-' only")
@@ -105,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--interval/--timeout: {error}") from None
     return run_async(
         _show(
-            url,
+            target,
             targets,
             watch=bool(args.watch),
             as_json=bool(args.json),
@@ -116,11 +115,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _show(
-    url: str, targets: list[Target], *, watch: bool, as_json: bool, interval: float, patience: float
+    store: StoreTarget,
+    targets: list[Target],
+    *,
+    watch: bool,
+    as_json: bool,
+    interval: float,
+    patience: float,
 ) -> int:
-    client = connect(url, patience)
+    client = connect(store, patience)
+    shown = describe_target(store)  # as every line and error shows it, without passwords
     try:
-        states = [await _read_or_explain(client, url, target, patience) for target in targets]
+        states = [await _read_or_explain(client, shown, target, patience) for target in targets]
         if not watch:
             _print(states, as_json)
             return 0
@@ -129,14 +135,14 @@ async def _show(
                 _print(states, as_json=True)
                 sys.stdout.flush()
                 await asyncio.sleep(interval)
-                states = [await _read_softly(client, url, t, patience) for t in targets]
+                states = [await _read_softly(client, shown, t, patience) for t in targets]
             return 0
         from rich.live import Live
 
         with Live(_render_all(states), auto_refresh=False, console=Console()) as live:
             for _ in range(sys.maxsize):
                 await asyncio.sleep(interval)
-                states = [await _read_softly(client, url, t, patience) for t in targets]
+                states = [await _read_softly(client, shown, t, patience) for t in targets]
                 live.update(_render_all(states), refresh=True)
         return 0
     finally:
@@ -144,35 +150,35 @@ async def _show(
 
 
 async def _read_or_explain(
-    client: aioredis.Redis, url: str, target: Target, patience: float
+    client: aioredis.Redis, shown: str, target: Target, patience: float
 ) -> dict[str, Any]:
     try:
-        return await _read_target(client, url, target, patience)
+        return await _read_target(client, shown, target, patience)
     except (RedisError, OSError, TimeoutError) as error:
         reason = str(error) or type(error).__name__
         raise ConfigError(
-            f"cannot read the state from {redact_url(url)}: {reason} "
+            f"cannot read the state from {shown}: {reason} "
             "(is redis-server running there? pass its URL with --redis)"
         ) from None
 
 
 async def _read_softly(
-    client: aioredis.Redis, url: str, target: Target, patience: float
+    client: aioredis.Redis, shown: str, target: Target, patience: float
 ) -> dict[str, Any]:
     """While watching, an unreachable Redis is shown, not fatal."""
     try:
-        return await _read_target(client, url, target, patience)
+        return await _read_target(client, shown, target, patience)
     except (RedisError, OSError, TimeoutError) as error:
         route, namespace = target
-        state = {"store": redact_url(url), "namespace": namespace, "error": str(error) or "timeout"}
+        state = {"store": shown, "namespace": namespace, "error": str(error) or "timeout"}
         return state if route is None else {"route": route, **state}
 
 
 async def _read_target(
-    client: aioredis.Redis, url: str, target: Target, patience: float
+    client: aioredis.Redis, shown: str, target: Target, patience: float
 ) -> dict[str, Any]:
     route, namespace = target
-    state = await read_state(client, url, namespace, patience)
+    state = await read_state(client, shown, namespace, patience)
     return state if route is None else {"route": route, **state}
 
 
@@ -190,23 +196,22 @@ def _print(states: list[dict[str, Any]], as_json: bool) -> None:
 
 
 async def read_state(
-    client: aioredis.Redis, url: str, namespace: str, patience: float = 2.0
+    client: aioredis.Redis, shown: str, namespace: str, patience: float = 2.0
 ) -> dict[str, Any]:
     """One consistent reading of a namespace's state (see :func:`describe`)."""
     async with asyncio.timeout(patience):
         raw = await run_script(client, namespace, "inspect", 0)
         buckets = await _count_client_buckets(client, namespace)
-    return describe(raw, store=redact_url(url), namespace=namespace, client_buckets=buckets)
+    return describe(raw, store=shown, namespace=namespace, client_buckets=buckets)
 
 
 async def _count_client_buckets(client: aioredis.Redis, namespace: str) -> int:
     pattern = key_prefix(namespace) + ":rate:ip:*"
     count = 0
-    cursor = 0
-    for _ in range(_BUCKET_SCAN_LIMIT // 1000):
-        cursor, keys = await client.scan(cursor, match=pattern, count=1000)
-        count += len(keys)
-        if cursor == 0:
+    # scan_iter walks every primary of a Cluster, the one server otherwise.
+    async for _ in client.scan_iter(match=pattern, count=1000):
+        count += 1
+        if count >= _BUCKET_SCAN_LIMIT:
             break
     return count
 

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from wsgate.admission import AdmissionStore, Limits
 from wsgate.admission.memory import MemoryStore
-from wsgate.config import Config, LimitsConfig, parse_address
+from wsgate.config import Config, LimitsConfig
 
 __all__ = ["limits_of", "open_store"]
 
@@ -49,17 +49,10 @@ def open_store(
     if not state.shared:
         return MemoryStore(enforced)
     from wsgate.admission.redis import RedisStore
-    from wsgate.admission.redis.connection import ClusterNodes, Sentinels, Target
+    from wsgate.admission.redis.connection import state_target
 
-    target: Target = state.store
-    if state.sentinels is not None:
-        assert state.service is not None  # the config requires it with sentinels
-        addresses = tuple(parse_address(a) for a in state.sentinels)
-        target = Sentinels(addresses, state.service, state.password, state.sentinel_password)
-    elif state.cluster is not None:
-        target = ClusterNodes(tuple(parse_address(a) for a in state.cluster), state.password)
     return RedisStore(
-        target,
+        state_target(state),
         namespace=namespace or state.namespace,
         replica_id=replica_id,
         lease_ttl=state.lease_ttl,

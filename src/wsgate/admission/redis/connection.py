@@ -15,7 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import NoBackoff
 
-from wsgate.config import redact_url
+from wsgate.config import StateConfig, parse_address, redact_url
 
 __all__ = [
     "ClusterNodes",
@@ -26,6 +26,7 @@ __all__ = [
     "connect",
     "describe_failure",
     "describe_target",
+    "state_target",
 ]
 
 
@@ -49,6 +50,17 @@ class ClusterNodes:
 
 #: Where the shared state lives: a URL, a Sentinel service, or a Cluster.
 Target = str | Sentinels | ClusterNodes
+
+
+def state_target(state: StateConfig) -> Target:
+    """Where the config's ``state`` lives: its URL, its Sentinel service, or its Cluster."""
+    if state.sentinels is not None:
+        assert state.service is not None  # the config requires it with sentinels
+        addresses = tuple(parse_address(a) for a in state.sentinels)
+        return Sentinels(addresses, state.service, state.password, state.sentinel_password)
+    if state.cluster is not None:
+        return ClusterNodes(tuple(parse_address(a) for a in state.cluster), state.password)
+    return state.store
 
 
 def describe_target(target: Target) -> str:
