@@ -71,12 +71,16 @@ class _Head:
 
     def get(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (any case), or None."""
-        found = (self._index or self._indexed()).get(name.lower())
+        found = self._lookup().get(name.lower())
         return None if found is None else found[0]
 
     def values(self, name: bytes) -> Sequence[bytes]:
         """Every value of header ``name`` (any case), in order."""
-        return (self._index or self._indexed()).get(name.lower(), _NONE)
+        return self._lookup().get(name.lower(), _NONE)
+
+    def _lookup(self) -> dict[bytes, list[bytes]]:
+        index = self._index
+        return self._indexed() if index is None else index
 
 
 _NONE: Sequence[bytes] = ()
