@@ -70,6 +70,24 @@ async def test_bad_request_is_refused_without_cost(procs: ProcessGroup, name: st
     await newcomer.close()
 
 
+async def test_a_bad_request_pipelined_after_a_good_one_is_answered_after_it(
+    procs: ProcessGroup,
+) -> None:
+    # One write: a good request, then bytes that are no request. The good one is
+    # answered by the backend, then the bad one gets its 400, on the same connection.
+    backends = start_backends(procs, 1)
+    gateway = start_gateway(procs, backends)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\nUpgrade:websocket\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)  # the gateway closes after the 400
+    writer.close()
+    first, _, rest = answer.partition(b"\r\n")
+    assert first == b"HTTP/1.1 200 OK", answer
+    assert b"pod-a" in rest and b"HTTP/1.1 400 " in rest, answer
+    assert rest.index(b"pod-a") < rest.index(b"HTTP/1.1 400 ")
+    assert backends[0].stats()["http_requests"] == 1  # the bad bytes never reached it
+
+
 async def test_slow_head_gets_408(procs: ProcessGroup) -> None:
     backends = start_backends(procs, 1)
     gateway = start_gateway(

@@ -140,6 +140,23 @@ class TestFraming:
         first = events[0]
         assert isinstance(first, Head) and first.head.chunked
 
+    @pytest.mark.parametrize(
+        "bad",
+        [b"Upgrade:websocket\r\n\r\n", b"GET /c HTTP/1.1\r\n\r\n"],
+        ids=["garbage", "no_host"],
+    )
+    def test_a_bad_request_after_good_ones_in_one_read_waits_its_turn(self, bad: bytes) -> None:
+        # The good request is answered first, as it is when the bad bytes come apart.
+        reader = RequestReader()
+        events = reader.feed(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n" + bad)
+        assert [type(e).__name__ for e in events] == ["Head", "End"]
+        assert reader.failed is not None and reader.failed.status == 400
+        with pytest.raises(BadMessage):
+            reader.feed(b"GET /d HTTP/1.1\r\nHost: h\r\n\r\n")
+        # Bad bytes inside the first request still fail it at once.
+        with pytest.raises(BadMessage):
+            RequestReader().feed(b"GET /a HTTP/1.1\r\nHost h\r\n\r\n")
+
     @given(st.data())
     def test_any_split_gives_the_same_messages(self, data: st.DataObject) -> None:
         body = data.draw(st.binary(max_size=300))

@@ -180,7 +180,10 @@ class Downstream(Client):
             return
         finally:
             self.task = None
-        if not self.closed:
+        failed = self.reader.failed
+        if failed is not None and not self.closed:
+            self.answer_bad_request(failed.status, failed.detail)  # the request after these
+        elif not self.closed:
             self._arm_head_timer()
 
     async def _exchange(self, request: Request) -> bool:

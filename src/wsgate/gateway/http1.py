@@ -95,6 +95,9 @@ class RequestReader:
         self._head_size = 0  # of the head being parsed, counted as its headers arrive
         self._cr_before_request = False  # a CR ended the last read, before any request line
         self.upgraded = False
+        # A malformed request after complete ones in the same read: answered
+        # once those are (see :meth:`_failed`); the next feed raises it.
+        self.failed: BadMessage | None = None
 
     def feed(self, data: bytes) -> list[Event]:
         """Parse ``data``; return the events it completed."""
@@ -102,6 +105,8 @@ class RequestReader:
             raise RuntimeError("the connection was upgraded; its bytes are not HTTP")
         if self._head is None and self._bare_cr_before_request(data):
             raise BadMessage(400, "malformed request: a bare CR before the request line")
+        if self.failed is not None:
+            raise self.failed
         events = self._events = []
         if self._in_head or self._head is None:
             self._head_bytes += len(data)
@@ -112,15 +117,27 @@ class RequestReader:
             self.upgraded = True
             events.append(Upgrade(data[offset:]))
         except httptools.HttpParserCallbackError as error:
-            if isinstance(error.__context__, BadMessage):
-                raise error.__context__ from None
-            raise
+            if not isinstance(error.__context__, BadMessage):
+                raise
+            return self._failed(events, error.__context__)
         except httptools.HttpParserError as error:
             if self._in_head and self._head_bytes > self.max_head_size:
-                raise BadMessage(431, "request head too large") from None
-            raise BadMessage(400, f"malformed request: {error}") from None
+                return self._failed(events, BadMessage(431, "request head too large"))
+            return self._failed(events, BadMessage(400, f"malformed request: {error}"))
         if self._in_head and self._head_bytes > self.max_head_size:
             raise BadMessage(431, "request head too large")
+        return events
+
+    def _failed(self, events: list[Event], failure: BadMessage) -> list[Event]:
+        """Raise ``failure``, unless it is a later message's: then keep it in ``failed``.
+
+        The requests that ended before the bad one in the same read are
+        returned and answered first, as they would be had the bad bytes come
+        in a read of their own: a verdict does not depend on where reads end.
+        """
+        if not events or events[-1] is not _END:
+            raise failure
+        self.failed = failure
         return events
 
     def _bare_cr_before_request(self, data: bytes) -> bool:
