@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 from bench.driver import split
@@ -176,3 +178,29 @@ def test_rendezvous_bench_refuses_empty_rounds_in_one_line(
         rendezvous.main(["--rounds", "0"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_decision_bench_refuses_empty_rounds_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench import decision
+
+    with pytest.raises(SystemExit) as exit_info:
+        decision.main(["--upgrades", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_decision_bench_runs_the_gateways_own_parts(tmp_path: Path) -> None:
+    """Each step goes through wsgate's parts: the admission admits and gives the slot back."""
+    from bench import decision
+
+    steps = decision.Steps(backends=3)
+    chosen = {steps.admit_and_release() for _ in range(6)}
+    assert chosen == {"b0", "b1", "b2"}  # round robin over the pool, every slot given back
+    assert not any(steps.store.local_counts().values())
+    assert steps.write_request().startswith(b"GET /ws HTTP/1.1\r\n")
+    assert steps.write_response().startswith(b"HTTP/1.1 101 ")
+    assert decision.main(["--rounds", "1", "--upgrades", "50", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decision.json").read_text())
+    assert [row["step"] for row in rows][-1] == "all of it, one upgrade"
