@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     unit = "upgrade" if args.work == "setup" else "round trip"
     load_cpus, proxy_cpus = cpu_split(sorted(os.sched_getaffinity(0)), 1)
-    found: dict[str, list[tuple[float, float, float]]] = {path: [] for path in paths}
+    found: dict[str, list[tuple[float, float, float, float | None]]] = {path: [] for path in paths}
     pool = DriverPool(2)
     try:
         with ProcessGroup() as group:
@@ -122,27 +122,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             for round_number in range(args.rounds):
                 shift = round_number % max(1, len(proxies))
                 for proxy in proxies[shift:] + proxies[:shift]:
-                    entry = _measure(proxy, pool, args)
+                    entry = _measure(proxy, pool, args, _store_pid(proxy, redis))
                     if entry is None:
                         raise SystemExit(f"{PROG}: perf counted nothing (no hardware counters?)")
                     found[proxy.name].append(entry)
-                    user, kernel, cpu_us = entry
+                    user, kernel, cpu_us, store_us = entry
+                    store = f" (Redis: {store_us:,.1f} µs)" if store_us is not None else ""
                     print(
                         f"round {round_number + 1} {proxy.name}: {user / 1e3:,.1f}k user + "
                         f"{kernel / 1e3:,.1f}k kernel instructions, {cpu_us:,.1f} µs CPU "
-                        f"per {unit}",
+                        f"per {unit}{store}",
                         flush=True,
                     )
     finally:
         pool.stop()
     print(f"\nper {unit}, median of {args.rounds} rounds ({args.work}):\n")
-    print("| path | user instructions | kernel instructions | CPU |")
-    print("|---|---:|---:|---:|")
+    print("| path | user instructions | kernel instructions | CPU | Redis's own CPU |")
+    print("|---|---:|---:|---:|---:|")
     for path, entries in found.items():
         if entries:
-            user, kernel, cpu_us = (statistics.median(e[i] for e in entries) for i in range(3))
-            print(f"| {path} | {user / 1e3:,.1f}k | {kernel / 1e3:,.1f}k | {cpu_us:,.1f} µs |")
+            user = statistics.median(e[0] for e in entries)
+            kernel = statistics.median(e[1] for e in entries)
+            cpu_us = statistics.median(e[2] for e in entries)
+            stores = [e[3] for e in entries if e[3] is not None]
+            store = f"{statistics.median(stores):,.1f} µs" if stores else "—"
+            print(
+                f"| {path} | {user / 1e3:,.1f}k | {kernel / 1e3:,.1f}k | {cpu_us:,.1f} µs "
+                f"| {store} |"
+            )
     return 0
+
+
+def _store_pid(proxy: Endpoint, redis: list[RedisServer]) -> int | None:
+    """The Redis server a wsgate path admits through (its CPU is not the proxy's)."""
+    if "--state" not in proxy.argv or not redis or redis[0].process is None:
+        return None
+    return redis[0].process.pid
 
 
 def _work(pool: DriverPool, proxy: Endpoint, args: argparse.Namespace, seconds: float) -> int:
@@ -155,9 +170,10 @@ def _work(pool: DriverPool, proxy: Endpoint, args: argparse.Namespace, seconds: 
 
 
 def _measure(
-    proxy: Endpoint, pool: DriverPool, args: argparse.Namespace
-) -> tuple[float, float, float] | None:
-    """One round on one proxy: instructions (user, kernel) and CPU µs per unit of work."""
+    proxy: Endpoint, pool: DriverPool, args: argparse.Namespace, store: int | None
+) -> tuple[float, float, float, float | None] | None:
+    """One round on one proxy: instructions (user, kernel) and CPU µs per unit of work,
+    and the CPU µs of the Redis server ``store`` it admits through, if any."""
     assert proxy.pid is not None
     if args.work == "relay":
         opened = pool.open(proxy.target, args.conns)
@@ -165,6 +181,7 @@ def _measure(
             raise SystemExit(f"{PROG}: {proxy.name}: opened {opened.opened} of {args.conns}")
     try:
         _work(pool, proxy, args, 0.3)  # warm: the first upgrades or messages find caches cold
+        store_before = tree_cpu_seconds(store) if store is not None else 0.0
         cpu_before = tree_cpu_seconds(proxy.pid)
         perf = _perf_on(proxy.pid)
         time.sleep(0.1)  # perf attached before the first unit of work
@@ -172,11 +189,14 @@ def _measure(
         time.sleep(0.1)  # and the closes counted too
         counts = _counts(perf)
         cpu = tree_cpu_seconds(proxy.pid) - cpu_before
+        store_cpu = tree_cpu_seconds(store) - store_before if store is not None else None
     finally:
         pool.close_all()
     if not counts or units == 0:
         return None
-    return counts.get(EVENTS[0], 0) / units, counts.get(EVENTS[1], 0) / units, 1e6 * cpu / units
+    per_unit = (counts.get(EVENTS[0], 0) / units, counts.get(EVENTS[1], 0) / units)
+    store_us = 1e6 * store_cpu / units if store_cpu is not None else None
+    return (*per_unit, 1e6 * cpu / units, store_us)
 
 
 if __name__ == "__main__":

@@ -334,6 +334,12 @@ class Bench:
                 "upgrades/CPU-s",
                 higher_is_better=True,
             )
+            report.declare(
+                "setup_store_cpu",
+                "Redis's own CPU per upgrade (not counted as the proxy's)",
+                "us",
+                higher_is_better=False,
+            )
         if "memory" in plan.figures:
             report.declare(
                 "idle_memory",
@@ -603,6 +609,13 @@ class Bench:
                 f"(first: {totals.first_error})"
             )
 
+    def _store_pid(self, endpoint: Endpoint) -> int | None:
+        """The Redis server a wsgate path admits through, if it uses one."""
+        if "--state" not in endpoint.argv or not self.redis:
+            return None
+        process = self.redis[0].process
+        return process.pid if process is not None else None
+
     def _proxy_cpu(self, endpoint: Endpoint) -> float:
         return tree_cpu_seconds(endpoint.pid) if endpoint.pid is not None else 0.0
 
@@ -694,6 +707,8 @@ class Bench:
 
     def setup(self, endpoint: Endpoint) -> None:
         plan = self.plan
+        store = self._store_pid(endpoint)
+        store_before = tree_cpu_seconds(store) if store is not None else 0.0
         cpu_before = self._proxy_cpu(endpoint)
         totals = self.pool.handshakes(
             endpoint.target,
@@ -710,6 +725,10 @@ class Bench:
             )
         self.report.add("setup", endpoint.name, totals.rate)
         efficiency = self._per_cpu_second(endpoint, "setup_cpu", totals.total, cpu)
+        if store is not None and totals.total:
+            store_us = 1e6 * (tree_cpu_seconds(store) - store_before) / totals.total
+            self.report.add("setup_store_cpu", endpoint.name, store_us)
+            efficiency += f", Redis {store_us:,.1f} µs CPU per upgrade"
         _say(
             f"  {endpoint.name}: set-up {totals.rate:,.0f} upgrades/s{efficiency} "
             f"({totals.failed} failed)"

@@ -79,6 +79,10 @@ def test_smoke_run_measures_every_path_and_writes_sane_results(tmp_path: Path) -
     assert set(figures["added_p99"]["paths"]) == set(proxies)
     for path, rate in medians("setup", measured).items():
         assert 10 < rate < 1_000_000, (path, rate)
+    # Redis's own CPU, read from its process: beside the paths that admit through it only.
+    store_cpu = figures["setup_store_cpu"]["paths"]
+    assert set(store_cpu) == {path for path in measured if path.startswith("wsgate-redis")}
+    assert all(0 < found["median"] < 100_000 for found in store_cpu.values()), store_cpu
     for path, per_conn in medians("idle_memory", proxies).items():
         assert 0 <= per_conn < 1 << 20, (path, per_conn)
     for path, held in medians("max_conns", measured).items():
