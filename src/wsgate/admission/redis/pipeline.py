@@ -14,7 +14,15 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from wsgate.admission.redis.connection import StateUnavailable, describe_failure
-from wsgate.admission.redis.script import SCRIPT, SCRIPT_SHA, ScriptCall, delayed, evalsha
+from wsgate.admission.redis.script import (
+    SCRIPT,
+    SCRIPT_SHA,
+    ScriptCall,
+    batch_call,
+    batches_of,
+    delayed,
+    evalsha,
+)
 
 __all__ = ["PatientTimer", "ScriptCaller", "ScriptPipeline"]
 
@@ -79,9 +87,11 @@ class ScriptPipeline:
     """Script calls made while another batch is out go to Redis together.
 
     The first call goes at once; calls made while a batch is on its way wait
-    for it and then leave together as one pipeline (one write, one round trip).
-    Each call stays its own atomic run of the script: batching only saves round
-    trips and per-command work when many connections arrive at once.
+    for it and then leave together as one ``batch`` call of the script (or a
+    few, see ``batches_of``, in one pipeline): one write, one round
+    trip, and the script's set-up paid once. Each call keeps its own ARGV,
+    deadline and reply, and is decided on what the calls before it left, as if
+    it had been its own run of the script.
     """
 
     def __init__(self, key: str, timeout: float):
@@ -164,24 +174,35 @@ class ScriptPipeline:
             timer.cancel()
 
     async def _many(self, client: aioredis.Redis, calls: list[ScriptCall]) -> list[Any]:
-        results = await self._pipelined(client, calls)
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        batches = batches_of(calls)
+        replies = await self._batches(client, batches)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             await client.script_load(SCRIPT)
-            again = await self._pipelined(client, [calls[i] for i in missing])
-            for i, result in zip(missing, again, strict=True):
-                results[i] = result
+            again = await self._batches(client, [batches[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        results: list[Any] = []
+        for batch, reply in zip(batches, replies, strict=True):
+            if isinstance(reply, BaseException):
+                results += [reply] * len(batch)  # the whole batch failed: each call with it
+            elif isinstance(reply, list) and len(reply) == len(batch):
+                results += reply
+            else:
+                results += [RedisError(f"a batch of {len(batch)} got {reply!r}")] * len(batch)
         return results
 
-    async def _pipelined(self, client: aioredis.Redis, calls: list[ScriptCall]) -> list[Any]:
-        if isinstance(client, RedisCluster):
-            # A cluster pipeline refuses scripts: the calls go side by side instead,
+    async def _batches(self, client: aioredis.Redis, batches: list[list[ScriptCall]]) -> list[Any]:
+        """The reply of each batch (the list of its calls' replies), or its failure."""
+        runs = [batch_call(batch) for batch in batches]
+        if len(runs) == 1 or isinstance(client, RedisCluster):
+            # A cluster pipeline refuses scripts: the batches go side by side instead,
             # each to the shard of its key (all of a namespace's keys share one slot).
-            runs = (client.evalsha(SCRIPT_SHA, 1, self._key, *call) for call in calls)
-            return list(await asyncio.gather(*runs, return_exceptions=True))
+            sent = (client.evalsha(SCRIPT_SHA, 1, self._key, *run) for run in runs)
+            return list(await asyncio.gather(*sent, return_exceptions=True))
         pipe = client.pipeline(transaction=False)
-        for call in calls:
-            pipe.evalsha(SCRIPT_SHA, 1, self._key, *call)
+        for run in runs:
+            pipe.evalsha(SCRIPT_SHA, 1, self._key, *run)
         return list(await pipe.execute(raise_on_error=False))
 
 

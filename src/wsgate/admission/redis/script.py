@@ -21,6 +21,8 @@ from wsgate.admission.contract import Limits
 from wsgate.config import RateConfig
 
 __all__ = [
+    "BATCH_ARGS",
+    "BATCH_MOST",
     "SCRIPT",
     "SCRIPT_SHA",
     "AdmitReply",
@@ -33,6 +35,8 @@ __all__ = [
     "RenewStatus",
     "ScriptCall",
     "admit_call",
+    "batch_call",
+    "batches_of",
     "close_tokens_call",
     "decode_admit",
     "decode_release",
@@ -66,6 +70,44 @@ def delayed(call: ScriptCall, waited: float) -> ScriptCall:
     if not isinstance(deadline, int) or deadline <= 0 or waited <= 0:
         return call
     return (call[0], deadline + round(waited * 1e6), *call[2:])
+
+
+#: Calls per batch at most: one run of the script holds Redis for all of them.
+BATCH_MOST = 64
+#: Arguments per batch at most (a call with a whole pool in it can carry thousands).
+BATCH_ARGS = 16_384
+
+
+def batches_of(calls: Sequence[ScriptCall]) -> list[list[ScriptCall]]:
+    """``calls`` in order, cut into batches within ``BATCH_MOST`` and ``BATCH_ARGS``.
+
+    A call larger than ``BATCH_ARGS`` on its own makes a batch of its own.
+    """
+    batches: list[list[ScriptCall]] = []
+    current: list[ScriptCall] = []
+    size = 0
+    for call in calls:
+        if current and (len(current) == BATCH_MOST or size + len(call) + 1 > BATCH_ARGS):
+            batches.append(current)
+            current, size = [], 0
+        current.append(call)
+        size += len(call) + 1
+    if current:
+        batches.append(current)
+    return batches
+
+
+def batch_call(calls: Sequence[ScriptCall]) -> ScriptCall:
+    """One call of the script that runs ``calls`` in order; its reply is theirs, in order.
+
+    Each keeps its own ARGV (and so its own deadline); the script's set-up and
+    the command's own cost are paid once for all of them.
+    """
+    flat: list[Arg] = ["batch", len(calls)]
+    for call in calls:
+        flat.append(len(call))
+        flat.extend(call)
+    return tuple(flat)
 
 
 def key_prefix(namespace: str) -> str:

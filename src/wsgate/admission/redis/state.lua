@@ -7,7 +7,9 @@ THEORY OF OPERATION
 Everything that changes the shared admission state lives in this script; a
 replica never writes these keys with plain commands. Redis runs one script at a
 time, so each operation below is atomic: no replica ever sees (or acts on) a
-half-done decision.
+half-done decision. The calls a replica makes while its last batch is out go
+together as one 'batch' call: they run in order in one run of the script, each
+decided on what the ones before it left, as if each had been its own.
 
 Keys (all share the hash tag {wsgate:NS}, so in a Redis Cluster they live in
 one slot and one script may touch them all; KEYS[1] is always P:replicas and P
@@ -273,8 +275,8 @@ end
 --        the chosen backend's total after the decision, the pool version held here.
 -- Status 'pool': this script holds another version of R's pool than the update
 -- starts from; R sends its whole pool (pool_reset 1) with its next admission.
-local function admit()
-  local replica, token = ARGV[3], ARGV[4]
+local function admit(argv)
+  local replica, token = argv[3], argv[4]
   local now = now_us()
   if not session_ok(replica, token) then
     return { 'stale' }
@@ -286,32 +288,32 @@ local function admit()
 
   local pool, order, version_key = pool_keys(replica)
   local held_version = redis.call('GET', version_key) or ''
-  local version = ARGV[13]
-  local n_pool = tonumber(ARGV[15])
+  local version = argv[13]
+  local n_pool = tonumber(argv[15])
   local i = 16
   if held_version ~= version then
-    local reset = ARGV[14] == '1'
-    if not reset and held_version ~= ARGV[12] then
+    local reset = argv[14] == '1'
+    if not reset and held_version ~= argv[12] then
       return { 'pool', held_version }
     end
     if reset then
       drop_pool(replica)
     end
     for j = 0, n_pool - 1 do
-      set_member(pool, order, ARGV[i + 3 * j], tonumber(ARGV[i + 3 * j + 1]), tonumber(ARGV[i + 3 * j + 2]))
+      set_member(pool, order, argv[i + 3 * j], tonumber(argv[i + 3 * j + 1]), tonumber(argv[i + 3 * j + 2]))
     end
     redis.call('SET', version_key, version)
   end
   i = i + 3 * n_pool
-  local n_first = tonumber(ARGV[i])
+  local n_first = tonumber(argv[i])
   local first = {}
   for j = 1, n_first do
-    first[j] = ARGV[i + j]
+    first[j] = argv[i + j]
   end
   i = i + n_first + 1
   local excluded = {}
-  for j = 1, tonumber(ARGV[i]) do
-    excluded[ARGV[i + j]] = true
+  for j = 1, tonumber(argv[i]) do
+    excluded[argv[i + j]] = true
   end
 
   -- The same rule as contract.choose_backend; keep them in step. Each test is
@@ -349,7 +351,7 @@ local function admit()
       offset = offset + page
     end
   end
-  if not best and ARGV[5] == '1' then
+  if not best and argv[5] == '1' then
     -- Least loaded by share of cap, ties to the smallest id (P:load's own order).
     best = first_with_room(function(offset, page)
       return redis.call('ZRANGEBYSCORE', LOAD, '-inf', '(1', 'LIMIT', offset, page)
@@ -370,32 +372,32 @@ local function admit()
     return reply('no_capacity', '', 0, 0)
   end
 
-  -- max_connections_per_client (ARGV[11], 0 for none): a capacity too, checked
+  -- max_connections_per_client (argv[11], 0 for none): a capacity too, checked
   -- before any token is spent; counted in P:clients and P:clients:R on admission.
-  local client_cap = tonumber(ARGV[11])
+  local client_cap = tonumber(argv[11])
   local counted_client = nil
-  if ARGV[8] ~= '' and client_cap > 0 then
-    counted_client = ARGV[8]
+  if argv[8] ~= '' and client_cap > 0 then
+    counted_client = argv[8]
     if (tonumber(redis.call('HGET', CLIENTS, counted_client)) or 0) >= client_cap then
       return reply('client_connection_limit', '', 0, 0)
     end
   end
 
   -- Capacity first, then the rates; tokens are spent only when admitted.
-  local rate_ps = tonumber(ARGV[6])
+  local rate_ps = tonumber(argv[6])
   local rate_tat
   if rate_ps > 0 then
-    local ok, tat, wait = gcra(tonumber(redis.call('GET', RATE)), now, rate_ps, tonumber(ARGV[7]))
+    local ok, tat, wait = gcra(tonumber(redis.call('GET', RATE)), now, rate_ps, tonumber(argv[7]))
     if not ok then
       return reply('rate_limited', '', wait, 0)
     end
     rate_tat = tat
   end
   local client_key, client_tat
-  local client_ps = tonumber(ARGV[9])
-  if ARGV[8] ~= '' and client_ps > 0 then
-    client_key = P .. ':rate:ip:' .. ARGV[8]
-    local ok, tat, wait = gcra(tonumber(redis.call('GET', client_key)), now, client_ps, tonumber(ARGV[10]))
+  local client_ps = tonumber(argv[9])
+  if argv[8] ~= '' and client_ps > 0 then
+    client_key = P .. ':rate:ip:' .. argv[8]
+    local ok, tat, wait = gcra(tonumber(redis.call('GET', client_key)), now, client_ps, tonumber(argv[10]))
     if not ok then
       return reply('client_rate_limited', '', wait, 0)
     end
@@ -418,12 +420,12 @@ end
 
 -- ARGV: op, deadline, replica, token, backend, client ('' when the slot counts for none).
 -- Reply: status, total of that backend.
-local function release()
-  local replica, token, backend = ARGV[3], ARGV[4], ARGV[5]
+local function release(argv)
+  local replica, token, backend = argv[3], argv[4], argv[5]
   if not session_ok(replica, token) then
     return { 'stale', 0 }
   end
-  local client = ARGV[6] or ''
+  local client = argv[6] or ''
   if client ~= '' and (tonumber(redis.call('HGET', clients_key(replica), client)) or 0) > 0 then
     add_to(clients_key(replica), client, -1)
     add_to(CLIENTS, client, -1) -- deleted at 0: a client gone leaves no key behind
@@ -444,10 +446,10 @@ end
 -- judged by them (the pools may not be here yet, after Redis lost its data).
 -- Reply: status, live_replicas, rate_offset_us, {total flat}, {excess flat}, {reaped},
 --        {this replica's held, flat}, server time (us), epoch, settling ms left.
-local function renew()
-  local replica, token = ARGV[3], ARGV[4]
-  local ttl_ms = tonumber(ARGV[5])
-  local resync = ARGV[6] == '1'
+local function renew(argv)
+  local replica, token = argv[3], argv[4]
+  local ttl_ms = tonumber(argv[5])
+  local resync = argv[6] == '1'
   local now = now_us()
   local now_ms = math.floor(now / 1000)
 
@@ -470,23 +472,23 @@ local function renew()
   end
 
   local i = 8
-  local n_held = tonumber(ARGV[i])
+  local n_held = tonumber(argv[i])
   local held = {}
   for j = 1, n_held do
-    held[j] = { ARGV[i + 2 * j - 1], tonumber(ARGV[i + 2 * j]) }
+    held[j] = { argv[i + 2 * j - 1], tonumber(argv[i + 2 * j]) }
   end
   i = i + 2 * n_held + 1
-  local n_caps = tonumber(ARGV[i])
+  local n_caps = tonumber(argv[i])
   local caps = {}
   for j = 1, n_caps do
-    caps[ARGV[i + 2 * j - 1]] = tonumber(ARGV[i + 2 * j])
+    caps[argv[i + 2 * j - 1]] = tonumber(argv[i + 2 * j])
   end
   i = i + 2 * n_caps + 1
-  redis.call('HSET', LIMITS, 'rate_per_second', ARGV[i], 'rate_burst', ARGV[i + 1],
-    'client_per_second', ARGV[i + 2], 'client_burst', ARGV[i + 3])
-  local known = ARGV[i + 4] or ''
+  redis.call('HSET', LIMITS, 'rate_per_second', argv[i], 'rate_burst', argv[i + 1],
+    'client_per_second', argv[i + 2], 'client_burst', argv[i + 3])
+  local known = argv[i + 4] or ''
   i = i + 5
-  local n_clients = tonumber(ARGV[i]) or 0
+  local n_clients = tonumber(argv[i]) or 0
 
   -- A replica that saw another epoch was registered in data Redis has lost.
   local epoch = redis.call('GET', EPOCH)
@@ -527,13 +529,13 @@ local function renew()
     local ckey = clients_key(replica)
     give_back(ckey, add_client)
     for j = 1, n_clients do
-      local client, count = ARGV[i + 2 * j - 1], tonumber(ARGV[i + 2 * j])
+      local client, count = argv[i + 2 * j - 1], tonumber(argv[i + 2 * j])
       if count > 0 then
         redis.call('HSET', ckey, client, count)
         add_to(CLIENTS, client, count)
       end
     end
-    redis.call('HSET', LEASE, replica, ARGV[7])
+    redis.call('HSET', LEASE, replica, argv[7])
   elseif not session_ok(replica, token) then
     return {
       'lost', redis.call('ZCARD', REPLICAS), rate_offset(now), {}, {}, reaped, {}, num(now),
@@ -557,17 +559,17 @@ local function renew()
 end
 
 -- ARGV: op, deadline, replica, token.  A clean shutdown gives every slot back at once.
-local function leave()
-  if session_ok(ARGV[3], ARGV[4]) then
-    drop_replica(ARGV[3])
+local function leave(argv)
+  if session_ok(argv[3], argv[4]) then
+    drop_replica(argv[3])
     return 1
   end
   return 0
 end
 
 -- ARGV: op, deadline, per_second, burst, want.  Reply: how many closes may happen now.
-local function close_tokens()
-  local per_second, burst, want = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local function close_tokens(argv)
+  local per_second, burst, want = tonumber(argv[3]), tonumber(argv[4]), tonumber(argv[5])
   local now = now_us()
   local interval = 1000000 / per_second
   local tat = tonumber(redis.call('GET', CLOSE))
@@ -584,7 +586,7 @@ local function close_tokens()
 end
 
 -- Read-only: everything `wsgate state` shows, from one instant.
-local function inspect()
+local function inspect(argv)
   local now = now_us()
   local replicas = redis.call('ZRANGE', REPLICAS, 0, -1, 'WITHSCORES')
   local held = {}
@@ -613,15 +615,40 @@ local ops = {
   close_tokens = close_tokens,
   inspect = inspect,
 }
-local op = ops[ARGV[1]]
-if not op then
-  return redis.error_reply('wsgate: unknown operation ' .. tostring(ARGV[1]))
+
+-- One call: its operation with its own ARGV. A call its replica has given up on
+-- (it timed out while queued or while Redis was frozen) must not take effect
+-- when it finally runs: argv[2] is the server time (us) after which it is void;
+-- 0 for calls that are harmless when late.
+local function run(argv)
+  local op = ops[argv[1]]
+  if not op then
+    return redis.error_reply('wsgate: unknown operation ' .. tostring(argv[1]))
+  end
+  local deadline = tonumber(argv[2]) or 0
+  if deadline > 0 and now_us() > deadline then
+    return { 'late' }
+  end
+  return op(argv)
 end
--- A call its replica has given up on (it timed out while queued or while Redis
--- was frozen) must not take effect when it finally runs: ARGV[2] is the server
--- time (us) after which it is void; 0 for calls that are harmless when late.
-local deadline = tonumber(ARGV[2]) or 0
-if deadline > 0 and now_us() > deadline then
-  return { 'late' }
+
+-- ARGV: 'batch', n, then n calls, each as its length and its own ARGV.
+-- Reply: each call's own reply, in order (an error reply for one that failed).
+-- The calls a replica made while its last batch was out run one after another
+-- in one run of the script: each is still decided on the state the ones before
+-- it left, and the script's set-up above is paid once for all of them.
+if ARGV[1] == 'batch' then
+  local replies = {}
+  local at = 3
+  for k = 1, tonumber(ARGV[2]) do
+    local length = tonumber(ARGV[at])
+    local argv = {}
+    for j = 1, length do
+      argv[j] = ARGV[at + j]
+    end
+    replies[k] = run(argv) or false
+    at = at + length + 1
+  end
+  return replies
 end
-return op()
+return run(ARGV)
