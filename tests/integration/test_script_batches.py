@@ -84,6 +84,14 @@ async def test_a_call_that_fails_in_a_batch_fails_alone(client: aioredis.Redis) 
     assert isinstance(bad, StateUnavailable) and "unknown operation" in str(bad)
 
 
+async def test_a_call_that_raises_in_a_batch_fails_alone(client: aioredis.Redis) -> None:
+    # A release without its arguments makes the script pass nil to Redis: an error
+    # raised mid-operation, not an error reply.
+    good, bad, after = await _submit_together(client, [INSPECT, ("release", 0), INSPECT])
+    assert _is_inspect_reply(good) and _is_inspect_reply(after)
+    assert isinstance(bad, StateUnavailable), bad
+
+
 async def test_a_late_call_in_a_batch_is_void_and_the_others_run(client: aioredis.Redis) -> None:
     # A deadline (server µs) long past: the script answers 'late' and does nothing.
     replies = await _submit_together(client, [INSPECT, ("inspect", 1), INSPECT])

@@ -636,7 +636,9 @@ end
 -- Reply: each call's own reply, in order (an error reply for one that failed).
 -- The calls a replica made while its last batch was out run one after another
 -- in one run of the script: each is still decided on the state the ones before
--- it left, and the script's set-up above is paid once for all of them.
+-- it left, and the script's set-up above is paid once for all of them. A call
+-- that raises an error fails alone, as it would in a run of its own: what it
+-- wrote before the error stays, as it would there too.
 if ARGV[1] == 'batch' then
   local replies = {}
   local at = 3
@@ -646,7 +648,12 @@ if ARGV[1] == 'batch' then
     for j = 1, length do
       argv[j] = ARGV[at + j]
     end
-    replies[k] = run(argv) or false
+    local ok, reply = pcall(run, argv)
+    if ok then
+      replies[k] = reply or false
+    else
+      replies[k] = redis.error_reply(tostring(reply))
+    end
     at = at + length + 1
   end
   return replies
