@@ -46,7 +46,7 @@ from bench.proxies import (
     start_path,
     tree_cpu_seconds,
 )
-from bench.suite import cpu_split, usage_error
+from bench.suite import cpu_split, settle_time_wait, time_wait_now, usage_error
 from wsgate.testbed.processes import ProcessGroup, RedisServer
 
 __all__ = ["main"]
@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         usage_error("perf is not installed (scripts/setup.sh --bench)", PROG)
 
     unit = "upgrade" if args.work == "setup" else "round trip"
+    settle_time_wait(time_wait_now)  # an earlier run's sockets can make connects time out
     load_cpus, proxy_cpus = cpu_split(sorted(os.sched_getaffinity(0)), 1)
     found: dict[str, list[tuple[float, float, float, float | None]]] = {path: [] for path in paths}
     pool = DriverPool(2)

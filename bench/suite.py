@@ -904,6 +904,52 @@ def _own_cpu_seconds() -> float:
     return total
 
 
+# Loopback sockets an earlier run left in TIME_WAIT (60 s each) can make a new
+# run's connects time out; past this many, a run waits for them first.
+TIME_WAIT_MOST = 20_000
+TIME_WAIT_PATIENCE = 75.0
+
+
+def time_wait_sockets(sockstat: str) -> int:
+    """The TCP sockets in TIME_WAIT, from the text of /proc/net/sockstat (0 if absent)."""
+    for line in sockstat.splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()[1:]
+            counts = dict(zip(fields[::2], fields[1::2], strict=False))
+            return int(counts.get("tw", 0))
+    return 0
+
+
+def settle_time_wait(
+    count: Callable[[], int],
+    *,
+    most: int = TIME_WAIT_MOST,
+    patience: float = TIME_WAIT_PATIENCE,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[int, float]:
+    """Wait (up to ``patience`` seconds) until at most ``most`` sockets are in TIME_WAIT.
+
+    Returns how many there were at the start and how long it waited.
+    """
+    first = left = count()
+    started = clock()
+    if left > most:
+        _say(f"{left:,} sockets in TIME_WAIT from an earlier run: waiting for them to drain")
+    while left > most and clock() - started < patience:
+        sleep(1.0)
+        left = count()
+    return first, clock() - started
+
+
+def time_wait_now() -> int:
+    """The TCP sockets in TIME_WAIT on this machine now."""
+    try:
+        return time_wait_sockets(Path("/proc/net/sockstat").read_text())
+    except OSError:
+        return 0
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -915,6 +961,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     nofile = raise_open_files_limit()
     report = Report(list(plan.paths), _meta(plan, nofile, argv))
+    waiting, waited = settle_time_wait(time_wait_now)
+    if waiting > TIME_WAIT_MOST:
+        left = time_wait_now()
+        report.note(
+            f"{waiting:,} sockets were in TIME_WAIT from an earlier run; the run waited "
+            f"{waited:.0f} s for them to drain and began with {left:,}"
+        )
     started = time.monotonic()
     busy_before, own_before = _busy_cpu_seconds(), _own_cpu_seconds()
     workdir = Path(tempfile.mkdtemp(prefix="wsgate-bench-"))

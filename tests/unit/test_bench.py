@@ -204,3 +204,34 @@ def test_decision_bench_runs_the_gateways_own_parts(tmp_path: Path) -> None:
     assert decision.main(["--rounds", "1", "--upgrades", "50", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "decision.json").read_text())
     assert [row["step"] for row in rows][-1] == "all of it, one upgrade"
+
+
+def test_time_wait_sockets_are_read_from_sockstat() -> None:
+    from bench.suite import time_wait_sockets
+
+    sockstat = "sockets: used 7\nTCP: inuse 1 orphan 0 tw 107211 alloc 1 mem 189\nUDP: inuse 0\n"
+    assert time_wait_sockets(sockstat) == 107_211
+    assert time_wait_sockets("sockets: used 7\n") == 0
+
+
+def test_a_run_waits_for_an_earlier_runs_time_wait_sockets_within_its_patience() -> None:
+    from bench.suite import settle_time_wait
+
+    now = [0.0]
+    left = [90_000, 60_000, 30_000, 10_000, 5_000]
+
+    def count() -> int:
+        return left.pop(0) if len(left) > 1 else left[0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    assert settle_time_wait(count, most=20_000, clock=lambda: now[0], sleep=sleep) == (90_000, 3.0)
+    # Never longer than its patience, however many are left.
+    now[0] = 0.0
+    stuck = settle_time_wait(
+        lambda: 50_000, most=20_000, patience=5.0, clock=lambda: now[0], sleep=sleep
+    )
+    assert stuck == (50_000, 5.0)
+    # Few enough: no wait at all.
+    assert settle_time_wait(lambda: 100, clock=lambda: now[0], sleep=sleep) == (100, 0.0)
