@@ -253,6 +253,52 @@ async def test_http_client_leaving_mid_response(
     assert 200 in statuses, statuses
 
 
+async def test_http_client_ending_its_side_inside_a_body_frees_the_slot(
+    procs: ProcessGroup, one_backend: BackendProcess
+) -> None:
+    """A client that half-closes with its request body unfinished can never finish
+    it: the gateway ends the exchange at once, and the backend stops counting it."""
+    gateway = gateway_for(procs, one_backend)
+    clients = []
+    for _ in range(CAP):
+        client = socket.create_connection(("127.0.0.1", gateway.port))
+        # Content-Length 5, four bytes sent: the echo backend answers as the body streams.
+        client.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhell")
+        clients.append(client)
+    await wait_until(lambda: one_backend.stats()["http_in_flight"] == CAP)
+    started = time.monotonic()
+    for client in clients:
+        client.shutdown(socket.SHUT_WR)
+    try:
+        await wait_until(lambda: one_backend.stats()["http_in_flight"] == 0, within=5.0)
+        freed = time.monotonic() - started
+        async with aiohttp.ClientSession() as session:  # the slots serve others again
+            for _ in range(CAP):
+                async with session.get(gateway.http_url + "/after") as response:
+                    assert response.status == 200
+    finally:
+        for client in clients:
+            client.close()
+    assert freed < 2.0, freed
+    assert one_backend.stats()["peak_http_in_flight"] <= CAP
+
+
+async def test_http_client_ending_its_side_after_a_whole_request_gets_the_answer(
+    procs: ProcessGroup, one_backend: BackendProcess
+) -> None:
+    """A half-close after a whole request is a client done sending, not one gone."""
+    gateway = gateway_for(procs, one_backend)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5.0) as client:
+        client.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        client.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and body == b"hello", answer
+    assert one_backend.stats()["http_requests"] == 1
+
+
 async def test_gateway_stop_frees_slots_only_after_closing_toward_the_backend(
     procs: ProcessGroup, one_backend: BackendProcess
 ) -> None:

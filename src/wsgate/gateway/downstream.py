@@ -61,6 +61,7 @@ class Downstream(Client):
         self.task: asyncio.Task[None] | None = None
         self.head_timer: asyncio.TimerHandle | None = None
         self.upgraded = False
+        self.client_done = False  # the client ended its side: no request follows these
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -107,7 +108,15 @@ class Downstream(Client):
     def eof_received(self) -> bool | None:
         if self.task is None:
             return None  # close
-        return True  # keep our side open until the exchange ends
+        if self.receiving is not None:
+            # The client ended its side inside a request's body: that request can
+            # never be complete, and its backend would wait for the rest as long
+            # as we did. Closing ends the exchange as a client that left would
+            # (connection_lost follows), so the slot is freed once the backend's
+            # connection is closed.
+            return None
+        self.client_done = True
+        return True  # a whole request: keep our side open until its answer is sent
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -183,6 +192,8 @@ class Downstream(Client):
         failed = self.reader.failed
         if failed is not None and not self.closed:
             self.answer_bad_request(failed.status, failed.detail)  # the request after these
+        elif self.client_done:
+            self.close()  # every request it sent is answered, and no other can come
         elif not self.closed:
             self._arm_head_timer()
 
