@@ -59,9 +59,28 @@ def mutate(rng: random.Random, raw: bytes) -> bytes:
     return raw or b"\r\n"
 
 
+def unfinished_body(raw: bytes) -> bool:
+    """Whether ``raw`` is a whole head whose own body the client left unfinished.
+
+    Such a request is forwarded and then waits, like its backend, for bytes the
+    client never sends: no answer need be complete (the backend may already be
+    streaming one back) until the client gives up.
+    """
+    head, end, body = raw.partition(b"\r\n\r\n")
+    if not end:
+        return False
+    fields = [line.partition(b":") for line in head.split(b"\r\n")[1:]]
+    values = {name.strip().lower(): value.strip() for name, _, value in fields}
+    if b"chunked" in values.get(b"transfer-encoding", b"").lower():
+        return not body.endswith(b"0\r\n\r\n")
+    length = values.get(b"content-length", b"")
+    return length.isdigit() and len(body) < int(length)
+
+
 async def exchange(host: str, port: int, raw: bytes, source: str) -> tuple[int, bytes]:
     """Send ``raw``; return the first response's status (0 when none) and its body."""
     reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
+    status = 0
     try:
         writer.write(raw)
         async with asyncio.timeout(5):
@@ -76,6 +95,10 @@ async def exchange(host: str, port: int, raw: bytes, source: str) -> tuple[int, 
         return status, body
     except (asyncio.IncompleteReadError, ConnectionResetError):
         return 0, b""
+    except TimeoutError:
+        if not unfinished_body(raw):
+            raise  # the request was whole: an answer that never ends is a hang
+        return status, b""
     finally:
         writer.close()
 
