@@ -28,6 +28,7 @@ from typing import Any
 
 import redis
 
+from bench.results import write_results
 from wsgate.admission.contract import AdmissionStore, Admitted, Candidate, Limits
 from wsgate.admission.memory import MemoryStore
 from wsgate.admission.redis import RedisStore
@@ -250,10 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.admission " + " ".join(argv)
     markdown = to_markdown(results, costs, command.strip())
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "admission.md").write_text(markdown)
         document = {"command": command.strip(), "results": results, "script_costs": costs}
-        (args.out / "admission.json").write_text(json.dumps(document, indent=2) + "\n")
+        write_results(args.out, "admission", markdown, document)
     print(json.dumps(results, indent=2) if args.json else markdown)
     return 0
 

@@ -42,6 +42,7 @@ from bench.proxies import (
     Unavailable,
     parse_path_name,
     pin_tree,
+    redis_pid,
     start_echo,
     start_path,
     tree_cpu_seconds,
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for round_number in range(args.rounds):
                 shift = round_number % max(1, len(proxies))
                 for proxy in proxies[shift:] + proxies[:shift]:
-                    entry = _measure(proxy, pool, args, _store_pid(proxy, redis))
+                    entry = _measure(proxy, pool, args, redis_pid(proxy, redis))
                     if entry is None:
                         raise SystemExit(f"{PROG}: perf counted nothing (no hardware counters?)")
                     found[proxy.name].append(entry)
@@ -152,13 +153,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"| {store} |"
             )
     return 0
-
-
-def _store_pid(proxy: Endpoint, redis: list[RedisServer]) -> int | None:
-    """The Redis server a wsgate path admits through (its CPU is not the proxy's)."""
-    if "--state" not in proxy.argv or not redis or redis[0].process is None:
-        return None
-    return redis[0].process.pid
 
 
 def _work(pool: DriverPool, proxy: Endpoint, args: argparse.Namespace, seconds: float) -> int:

@@ -16,7 +16,6 @@ cost.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bench.results import write_results
 from wsgate.admission import Limits, Rejected
 from wsgate.admission.memory import MemoryStore
 from wsgate.balancing import make_policy
@@ -181,9 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "decision.md").write_text(text)
-        (args.out / "decision.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_results(args.out, "decision", text, rows)
     return 0
 
 

@@ -31,6 +31,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -416,6 +417,14 @@ def tree_rss(pid: int) -> int:
                     total += int(line.split()[1]) * 1024
                     break
     return total
+
+
+def redis_pid(endpoint: Endpoint, redis: Sequence[RedisServer]) -> int | None:
+    """The Redis server a wsgate path admits through, if it uses one (its CPU is not the
+    proxy's)."""
+    if "--state" not in endpoint.argv or not redis or redis[0].process is None:
+        return None
+    return redis[0].process.pid
 
 
 def tree_cpu_seconds(pid: int) -> float:

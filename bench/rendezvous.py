@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.results import write_results
 from wsgate.admission import Candidate
 from wsgate.balancing.rendezvous import Rendezvous
 
@@ -96,9 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "rendezvous.md").write_text(text)
-        (args.out / "rendezvous.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_results(args.out, "rendezvous", text, rows)
     return 0
 
 

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.results import write_results
 from bench.suite import machine
 from wsgate.runtime import raise_open_files_limit
 from wsgate.testbed.processes import (
@@ -350,9 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         ["python", "-m", "bench.storm", *(argv if argv is not None else sys.argv[1:])]
     )
     document = {"command": command, "plan": asdict(plan), "results": results}
-    (args.out / "latest.json").write_text(json.dumps(document, indent=2) + "\n")
     text = markdown(plan, results, command)
-    (args.out / "latest.md").write_text(text)
+    write_results(args.out, "latest", text, document)
     print(text)
     failed = [p for p, r in results.items() if str(r.get("outcome", "")).startswith("FAILED")]
     return 1 if failed else 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import json
 import os
 import platform
 import resource
@@ -47,6 +46,7 @@ from bench.proxies import (
     Unavailable,
     parse_path_name,
     pin_tree,
+    redis_pid,
     start_echo,
     start_path,
     tree_cpu_seconds,
@@ -54,6 +54,7 @@ from bench.proxies import (
     worker_pids,
 )
 from bench.report import Report, Scaling, percentile
+from bench.results import write_results
 from wsgate.runtime import raise_open_files_limit
 from wsgate.testbed.processes import ProcessGroup, RedisServer
 
@@ -609,13 +610,6 @@ class Bench:
                 f"(first: {totals.first_error})"
             )
 
-    def _store_pid(self, endpoint: Endpoint) -> int | None:
-        """The Redis server a wsgate path admits through, if it uses one."""
-        if "--state" not in endpoint.argv or not self.redis:
-            return None
-        process = self.redis[0].process
-        return process.pid if process is not None else None
-
     def _proxy_cpu(self, endpoint: Endpoint) -> float:
         return tree_cpu_seconds(endpoint.pid) if endpoint.pid is not None else 0.0
 
@@ -707,7 +701,7 @@ class Bench:
 
     def setup(self, endpoint: Endpoint) -> None:
         plan = self.plan
-        store = self._store_pid(endpoint)
+        store = redis_pid(endpoint, self.redis)
         store_before = tree_cpu_seconds(store) if store is not None else 0.0
         cpu_before = self._proxy_cpu(endpoint)
         totals = self.pool.handshakes(
@@ -1010,10 +1004,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({max(0.0, others) / capacity:.0%} of all its CPUs); it shows in the spread."
     )
     bench.final_notes()
-    plan.out.mkdir(parents=True, exist_ok=True)
     markdown = report.to_markdown()
-    (plan.out / "latest.md").write_text(markdown)
-    (plan.out / "latest.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    write_results(plan.out, "latest", markdown, report.to_json())
     _say("\n" + markdown)
     _say(f"written: {plan.out / 'latest.md'} and {plan.out / 'latest.json'}")
     failed = [name for name, status in report.status.items() if status.startswith("FAILED")]
