@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -169,24 +170,15 @@ def test_bad_flags_get_one_line_and_status_2(
     assert message in error
 
 
-def test_rendezvous_bench_refuses_empty_rounds_in_one_line(
-    capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize(
+    ("bench", "flags"), [("rendezvous", ["--rounds", "0"]), ("decision", ["--upgrades", "0"])]
+)
+def test_a_micro_bench_refuses_an_empty_count_in_one_line(
+    bench: str, flags: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bench import rendezvous
-
+    module = importlib.import_module(f"bench.{bench}")
     with pytest.raises(SystemExit) as exit_info:
-        rendezvous.main(["--rounds", "0"])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().count("\n") == 0
-
-
-def test_decision_bench_refuses_empty_rounds_in_one_line(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    from bench import decision
-
-    with pytest.raises(SystemExit) as exit_info:
-        decision.main(["--upgrades", "0"])
+        module.main(flags)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
 
