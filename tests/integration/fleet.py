@@ -77,6 +77,15 @@ def redis_total(server: RedisServer | RedisCluster, namespace: str) -> dict[str,
             client.close()
 
 
+def presence(server: RedisServer, namespace: str) -> dict[str, str]:
+    """Which connection each replica has named for the others to watch it by."""
+    client = Redis.from_url(server.url, decode_responses=True)
+    try:
+        return dict(client.hgetall(f"{key_prefix(namespace)}:presence"))
+    finally:
+        client.close()
+
+
 def truth(backends: list[BackendProcess]) -> dict[str, int]:
     return {b.pod_id: n for b, n in zip(backends, live(backends), strict=True) if n}
 

@@ -15,7 +15,16 @@ import time
 from collections import Counter
 
 import pytest
-from fleet import all_in_sync, live, never_over, redis_total, replicas, spread_over, truth
+from fleet import (
+    all_in_sync,
+    live,
+    never_over,
+    presence,
+    redis_total,
+    replicas,
+    spread_over,
+    truth,
+)
 from gwtools import close_all, open_many, open_one, wait_until
 from lifecycle import close_seen
 from websockets.asyncio.client import ClientConnection
@@ -280,3 +289,78 @@ async def test_a_replica_frozen_past_its_lease_sheds_its_excess(
         await ws.send("fine")
         assert json.loads(await asyncio.wait_for(ws.recv(), 5))["echo"] == "fine"
     await close_all(newer)
+
+
+async def test_a_killed_replicas_slots_come_back_long_before_its_lease(
+    procs: ProcessGroup, redis_server: RedisServer
+) -> None:
+    # A lease of 30 s: only the closing of the killed process's connections can
+    # explain the slots coming back within a couple of departure checks.
+    backends = start_backends(procs, 2, tripwire=1)
+    state = {"lease_ttl": "30s", "departure_check": "250ms"}
+    victim, survivor = replicas(
+        procs, backends, 2, redis_server, "depart", state=state,
+        limits={"max_connections_per_backend": 1},
+    )  # fmt: skip
+    await wait_until(lambda: len(presence(redis_server, "depart")) == 2, within=5)
+    held = await open_many(victim.ws_url, 2)
+    assert held.statuses == Counter({101: 2})
+    refused = await open_many(survivor.ws_url, 1)
+    assert refused.statuses == Counter({503: 1})
+
+    victim.process.kill()
+    killed = time.monotonic()
+    await wait_until(lambda: sum(live(backends)) == 0, within=5)
+    admitted: list[ClientConnection] = []
+    for _ in range(100):
+        admitted += (await open_many(survivor.ws_url, 2 - len(admitted))).open
+        if len(admitted) == 2:
+            break
+        await asyncio.sleep(0.05)
+    took = time.monotonic() - killed
+    try:
+        assert len(admitted) == 2
+        assert took <= 0.25 * 2 + 1.0  # two checks and slack, against a 30 s lease
+        never_over(backends, 1)
+        assert live(backends) == [1, 1]
+        assert redis_total(redis_server, "depart") == {b.pod_id: 1 for b in backends}
+        assert survivor.admin("/snapshot")["state"]["departures_total"] == 1
+    finally:
+        await close_all(admitted)
+        await close_all(held.open)
+
+
+async def test_a_frozen_replica_is_not_taken_for_a_departed_one(
+    procs: ProcessGroup, redis_server: RedisServer
+) -> None:
+    # A frozen process (or one cut off by the network) keeps its connections open
+    # on the server's side: its slots stay counted until its lease runs out.
+    backends = start_backends(procs, 1, tripwire=2)
+    state = {"lease_ttl": "6s", "departure_check": "250ms"}
+    frozen, other = replicas(
+        procs, backends, 2, redis_server, "asleep", state=state,
+        limits={"max_connections_per_backend": 2},
+    )  # fmt: skip
+    await wait_until(lambda: len(presence(redis_server, "asleep")) == 2, within=5)
+    old = await open_many(frozen.ws_url, 2)
+    assert old.statuses == Counter({101: 2})
+
+    frozen.process.signal(signal.SIGSTOP)
+    try:
+        refusals: Counter[int] = Counter()
+        until = time.monotonic() + 3.0  # twelve departure checks, half the lease
+        while time.monotonic() < until:
+            outcome = await open_many(other.ws_url, 1)
+            refusals.update(outcome.statuses)
+            await close_all(outcome.open)
+            await asyncio.sleep(0.1)
+        assert set(refusals) == {503}, refusals
+        assert live(backends) == [2]
+        assert other.admin("/snapshot")["state"]["departures_total"] == 0
+    finally:
+        frozen.process.signal(signal.SIGCONT)
+    for ws in old.open:  # its sessions went on through the freeze
+        await ws.send("still here")
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["echo"] == "still here"
+    never_over(backends, 2)
+    await close_all(old.open)

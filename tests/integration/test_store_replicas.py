@@ -16,6 +16,7 @@ from redis import Redis
 
 from wsgate.admission import Admitted, Candidate, Limits, Reason, Rejected, Ticket
 from wsgate.admission.redis import RedisStore, key_prefix
+from wsgate.admission.redis.script import SCRIPT_SHA, depart_call
 from wsgate.config import RateConfig
 from wsgate.testbed.processes import RedisServer
 
@@ -156,6 +157,82 @@ async def test_a_dead_replicas_slots_come_back_within_the_lease(
     total, held = shared_state(redis_server)
     assert dead.replica_id not in held
     assert total == {"pod-0": 1}
+
+
+def presence(server: RedisServer) -> dict[str, str]:
+    client = Redis.from_url(server.url, decode_responses=True)
+    try:
+        return dict(client.hgetall(f"{key_prefix(NS)}:presence"))
+    finally:
+        client.close()
+
+
+async def test_a_replica_whose_connections_closed_is_reaped_before_its_lease(
+    make_replica: MakeReplica, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "wsgate.state")
+    check = 0.1
+    dead = await make_replica(departure_check=check)  # both leases: 30 s
+    alive = await make_replica(departure_check=check)
+    await wait_until(lambda: len(presence(redis_server)) == 2, within=3)
+    for _ in range(2):
+        assert isinstance(await dead.admit(pods(2)), Admitted)
+    assert isinstance(await alive.admit(pods(2)), Rejected)
+    await dead.abandon()  # its connections close, as a process's do when it ends
+
+    async def admitted() -> bool:
+        return isinstance(await alive.admit(pods(2)), Admitted)
+
+    started = time.monotonic()
+    for _ in range(100):
+        if await admitted():
+            break
+        await asyncio.sleep(0.02)
+    waited = time.monotonic() - started
+    assert waited <= 2 * check + 0.5
+    total, held = shared_state(redis_server)
+    assert dead.replica_id not in held and dead.replica_id not in presence(redis_server)
+    assert total == {"pod-0": 1}
+    assert alive.departures_total == 1
+    assert f"replica {dead.replica_id} closed its connection to Redis" in caplog.text
+
+
+async def test_a_departure_is_void_once_the_replica_named_another_connection(
+    make_replica: MakeReplica, redis_server: RedisServer
+) -> None:
+    store = await make_replica(departure_check=0.1)
+    await wait_until(lambda: store.replica_id in presence(redis_server), within=3)
+    named = presence(redis_server)[store.replica_id]
+    assert isinstance(await store.admit(pods(2)), Admitted)
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        key = f"{key_prefix(NS)}:replicas"
+        run_id, _, client_id = named.partition(":")
+        stale = f"{run_id}:{int(client_id) + 1000}"  # a connection it no longer holds
+        assert client.evalsha(SCRIPT_SHA, 1, key, *depart_call(store.replica_id, stale)) == 0
+        assert shared_state(redis_server)[0] == {"pod-0": 1}
+        assert client.evalsha(SCRIPT_SHA, 1, key, *depart_call(store.replica_id, named)) == 1
+        assert shared_state(redis_server)[0] == {}
+    finally:
+        client.close()
+
+
+async def test_nobody_is_departed_for_connections_of_another_server(
+    make_replica: MakeReplica, redis_server: RedisServer
+) -> None:
+    # A name from before a restart or a failover names another server's client ids.
+    watcher = await make_replica(departure_check=0.05)
+    other = await make_replica(departure_check=0)  # watches nobody, named nothing
+    assert isinstance(await other.admit(pods(5)), Admitted)
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        client.hset(f"{key_prefix(NS)}:presence", other.replica_id, "another-server:1")
+        await asyncio.sleep(0.5)  # ten checks
+        assert client.hget(f"{key_prefix(NS)}:presence", other.replica_id) == "another-server:1"
+    finally:
+        client.close()
+    assert shared_state(redis_server)[0] == {"pod-0": 1}
+    assert watcher.departures_total == 0
 
 
 async def test_a_clean_close_gives_slots_back_at_once(make_replica: MakeReplica) -> None:

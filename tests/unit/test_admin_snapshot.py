@@ -51,7 +51,8 @@ def snapshot(**changes: Any) -> Snapshot:
     values: dict[str, Any] = {
         "replica": "gw-1", "time": 1_000_100.0, "started_at": 1_000_000.0, "ready": True,
         "draining": False, "store": "redis", "mode": "degraded", "live_replicas": 3,
-        "store_errors_total": 5, "tokens_available": 2.5, "rate_per_second": 1.0,
+        "store_errors_total": 5, "departures_total": 1, "tokens_available": 2.5,
+        "rate_per_second": 1.0,
         "rate_burst": 10, "accepted_total": 20, "admitted_total": 14, "rejected": rejected,
         "bad_requests": {400: 2}, "closed_by_gateway": {"drain": 1}, "affinity_fallbacks": 0,
         "bytes_from_clients": 1234, "bytes_to_clients": 5678, "sessions_here": 2, "queued": 0,
@@ -115,6 +116,7 @@ def test_metric_values_come_from_the_snapshot() -> None:
     assert sample(families, "wsgate_state_mode", "wsgate_state_mode", mode="degraded") == 1
     assert sample(families, "wsgate_state_mode", "wsgate_state_mode", mode="ok") == 0
     assert sample(families, "wsgate_state_errors", "wsgate_state_errors_total") == 5
+    assert sample(families, "wsgate_state_departures", "wsgate_state_departures_total") == 1
     assert sample(families, "wsgate_live_replicas", "wsgate_live_replicas") == 3
     assert (
         sample(

@@ -248,3 +248,20 @@ def test_a_lost_lease_still_teaches_the_new_epoch() -> None:
     registered(sync)
     sync.renewed(renewal(RenewStatus.LOST, epoch="e2", settling=1.5), 20.0, 20.01, quiet=True)
     assert sync.state is SyncState.DEGRADED and sync.epoch == "e2"
+
+
+def test_a_reply_of_an_earlier_call_never_shows_an_older_count() -> None:
+    # Replies are handled out of the order their calls ran in: a renewal's caller
+    # wakes after a later release's callback has run.
+    sync, _ = machine()
+    registered(sync)
+    sync.admit_replied(ok_admit("a", 2), 11.0, 5.0, seq=1)
+    assert sync.global_counts == {"a": 2}
+    sync.released("a", seq=3)
+    sync.release_replied("a", ReleaseReply(stale=False, total=1), seq=3)
+    sync.renewed(renewal(totals={"a": 2, "b": 4}), 12.0, 12.01, quiet=False, seq=2)
+    assert sync.global_counts == {"a": 1, "b": 4}  # "a" as call 3 left it; "b" new
+    sync.renewed(renewal(totals={"b": 5}), 13.0, 13.01, quiet=False, seq=4)
+    assert sync.global_counts == {"b": 5}  # a later call's view replaces both
+    sync.admit_replied(ok_admit("b", 4), 11.0, 5.0, seq=3)
+    assert sync.global_counts == {"b": 5}

@@ -197,6 +197,11 @@ def metric_families(snap: Snapshot) -> list[Metric]:
         "Calls to the shared state store that failed or timed out.",
         snap.store_errors_total,
     )
+    counter(
+        "wsgate_state_departures_total",
+        "Replicas seen to end (their connections to Redis closed) and reaped before their lease.",
+        snap.departures_total,
+    )
     gauge(
         "wsgate_live_replicas",
         "Gateway replicas holding a live lease in the shared state (1 for memory).",

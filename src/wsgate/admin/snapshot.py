@@ -83,6 +83,7 @@ class Snapshot:
     mode: str  # "ok" or "degraded"
     live_replicas: int
     store_errors_total: int
+    departures_total: int
     tokens_available: float | None  # None: no connect-rate limit
     rate_per_second: float | None
     rate_burst: int | None
@@ -162,6 +163,7 @@ def take_snapshot(gw: Gateway) -> Snapshot:
         live_replicas=store.live_replicas(),
         # Stores that talk to a server count failed calls; the embedded one has none.
         store_errors_total=sum(s.errors_total for s in stores),
+        departures_total=sum(s.departures_total for s in stores),
         tokens_available=store.tokens_available(),
         rate_per_second=rate.per_second if rate else None,
         rate_burst=rate.burst if rate else None,
@@ -244,6 +246,7 @@ def overview_json(snap: Snapshot, history: list[dict[str, Any]]) -> dict[str, An
             "mode": snap.mode,
             "live_replicas": snap.live_replicas,
             "errors_total": snap.store_errors_total,
+            "departures_total": snap.departures_total,
         },
         "connect_rate": _rate_json(snap.rate_per_second, snap.rate_burst, snap.tokens_available),
         "totals": {
@@ -323,6 +326,7 @@ def stats_text(snap: Snapshot) -> str:
         ("state.mode", snap.mode),
         ("state.live_replicas", snap.live_replicas),
         ("state.errors_total", snap.store_errors_total),
+        ("state.departures_total", snap.departures_total),
     ]
     if snap.rate_per_second is not None:
         lines += [

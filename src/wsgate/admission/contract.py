@@ -164,6 +164,11 @@ class AdmissionStore(Protocol):
         """Calls to the shared state that failed or timed out (0 for one process)."""
         ...
 
+    @property
+    def departures_total(self) -> int:
+        """Replicas this one saw end, and gave their slots back before their lease did."""
+        ...
+
     async def refresh(self) -> None:
         """Make the global counts as fresh as the store can (one round trip at most)."""
         ...

@@ -44,6 +44,10 @@ class MemoryStore:
     def errors_total(self) -> int:
         return 0
 
+    @property
+    def departures_total(self) -> int:
+        return 0  # no other replica shares this store
+
     async def refresh(self) -> None:
         return None  # the counts are this process's own: always fresh
 

@@ -59,4 +59,5 @@ def open_store(
         timeout=state.timeout,
         on_failure=state.on_failure,
         limits=enforced,
+        departure_check=state.departure_check,
     )

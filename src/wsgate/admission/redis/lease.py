@@ -34,9 +34,11 @@ class LeaseKeeper:
         excess: Callable[[Mapping[str, int]], None],
         *,
         clients: Callable[[], Mapping[str, int]] = dict,
+        presence: Callable[[], str] = str,
     ):
         self.rates = rates
         self._clients = clients  # the truth per client, sent along with the held truth
+        self._presence = presence  # the connection the others may watch us by ("" for none)
         self._caller = caller
         self._sync = sync
         self._replica_id = replica_id
@@ -53,6 +55,7 @@ class LeaseKeeper:
         self._wake.set()
 
     def start(self) -> None:
+        self._wake.clear()  # a wake before the start is answered by the caller's refresh
         self._task = asyncio.create_task(self._run(), name="wsgate-lease")
 
     async def stop(self) -> None:
@@ -93,8 +96,16 @@ class LeaseKeeper:
         sent = time.monotonic()
         quiet = caller.in_flight == 0
         started = caller.started
+        seq = started + 1  # the call below is the next one started
         call = script.renew_call(
-            0, self._replica_id, sync.token, self._ttl_ms(), self.rates, {}, epoch=sync.epoch
+            0,
+            self._replica_id,
+            sync.token,
+            self._ttl_ms(),
+            self.rates,
+            {},
+            epoch=sync.epoch,
+            presence=self._presence(),
         )
         try:
             raw = await caller.call(call)
@@ -104,7 +115,7 @@ class LeaseKeeper:
         quiet = quiet and caller.in_flight == 0 and caller.started == started + 1
         reply = script.decode_renew(raw)
         self._log_reaped(reply)
-        sync.renewed(reply, sent, time.monotonic(), quiet=quiet)
+        sync.renewed(reply, sent, time.monotonic(), quiet=quiet, seq=seq)
 
     async def _register(self) -> None:
         """Send this replica's truth with a new token, until Redis has exactly it."""
@@ -125,7 +136,9 @@ class LeaseKeeper:
                 register=(token, truth),
                 epoch=sync.epoch,
                 clients=self._clients(),
+                presence=self._presence(),
             )
+            seq = self._caller.started + 1
             try:
                 raw = await self._caller.call(call)
             except StateUnavailable as error:
@@ -133,7 +146,7 @@ class LeaseKeeper:
                 return
             reply = script.decode_renew(raw)
             self._log_reaped(reply)
-            outcome = sync.registered(reply, token, truth, sent, time.monotonic())
+            outcome = sync.registered(reply, token, truth, sent, time.monotonic(), seq=seq)
             if outcome is Registration.DONE:
                 self._excess(reply.excess)
             if outcome is not Registration.AGAIN:

@@ -42,9 +42,11 @@ __all__ = [
     "decode_release",
     "decode_renew",
     "delayed",
+    "depart_call",
     "evalsha",
     "key_prefix",
     "leave_call",
+    "presence_key",
     "rate_args",
     "release_call",
     "renew_call",
@@ -118,6 +120,11 @@ def key_prefix(namespace: str) -> str:
 def replicas_key(namespace: str) -> str:
     """The script's one declared key; it derives every other name from it."""
     return key_prefix(namespace) + ":replicas"
+
+
+def presence_key(namespace: str) -> str:
+    """Which connection each replica holds open to be watched by (read by the others)."""
+    return key_prefix(namespace) + ":presence"
 
 
 async def evalsha(client: aioredis.Redis, key: str, call: ScriptCall) -> Any:
@@ -221,12 +228,14 @@ def renew_call(
     register: tuple[str, Mapping[str, int]] | None = None,
     clients: Mapping[str, int] | None = None,
     epoch: str = "",
+    presence: str = "",
 ) -> ScriptCall:
     """A renewal; with ``register`` (new token, held truth), a re-registration, which
     also sends ``clients``, the connections held per client (max_connections_per_client).
 
     ``epoch`` is the one this replica last saw ("" if none): another one in
-    Redis means it lost its data since.
+    Redis means it lost its data since. ``presence`` names the connection the
+    replica holds open for the others to watch ("run_id:client_id", "" for none).
     """
     new_token, held = register if register is not None else ("", {})
     call: list[Arg] = [
@@ -246,6 +255,7 @@ def renew_call(
         call += [backend, cap]
     call += rates
     call.append(epoch)
+    call.append(presence)
     if register is not None and clients:
         call.append(len(clients))
         for client, count in clients.items():
@@ -255,6 +265,11 @@ def renew_call(
 
 def leave_call(replica: str, token: str) -> ScriptCall:
     return ("leave", 0, replica, token)
+
+
+def depart_call(replica: str, presence: str) -> ScriptCall:
+    """Reap ``replica`` now: the connection ``presence`` names was found closed."""
+    return ("depart", 0, replica, presence)
 
 
 def close_tokens_call(per_second: float, burst: int, want: int) -> ScriptCall:

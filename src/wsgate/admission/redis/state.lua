@@ -35,6 +35,8 @@ is derived from it):
   P:clock         STR   server ms of the last renewal by anyone (renew)
   P:epoch         STR   server us when this data set began      (renew, once)
   P:settling      STR   present for one lease after a loss of data was seen (renew)
+  P:presence      HASH  replica -> "run_id:client_id" of the connection it holds
+                        open to watch it by                       (renew/depart/reap)
 
 The invariant this script keeps, after every operation:
 
@@ -69,12 +71,23 @@ Who may change what:
            after the replica has re-registered.
   renew    extends R's lease and reaps every replica whose lease has
            expired: their held counts are subtracted from total and all their
-           keys deleted, in the same step.
+           keys deleted, in the same step. It also records which connection
+           R holds open to Redis for others to watch (P:presence).
+  depart   reaps R at once, as an expired lease would be, but only while
+           P:presence still names the connection the caller found closed.
 
 What happens on a crash:
   - A replica dies: it stops renewing; the first renewal by anyone after its
     lease expires gives its slots back (lease_ttl plus at most one renewal
     period). Its connections died with it, so the counts match the truth.
+    Sooner, when its process ended on a host that stayed up: the kernel
+    closed its connections, so the one it named in P:presence is gone from
+    the server's client list, and the first replica to see that calls depart
+    (a replica cut off by the network keeps its connection open on the
+    server's side and is left to its lease). An entry is judged only on the
+    server whose run_id it names: after a failover or a restart the client
+    ids are another server's, and nobody departs until each replica has named
+    its connection there.
   - A replica loses Redis: its calls fail or time out, it stops admitting
     through Redis (on_failure decides what it does meanwhile) and keeps its
     connections. When Redis answers again it re-registers its local truth.
@@ -123,6 +136,7 @@ local CLOCK = P .. ':clock'
 local EPOCH = P .. ':epoch'
 local SETTLING = P .. ':settling'
 local CLIENTS = P .. ':clients'
+local PRESENCE = P .. ':presence'
 
 local function held_key(replica)
   return P .. ':held:' .. replica
@@ -264,6 +278,7 @@ local function drop_replica(replica)
   drop_pool(replica)
   redis.call('HDEL', LEASE, replica)
   redis.call('HDEL', RENEWED, replica)
+  redis.call('HDEL', PRESENCE, replica)
   redis.call('ZREM', REPLICAS, replica)
 end
 
@@ -441,6 +456,7 @@ end
 -- ARGV: op, deadline, replica, token, ttl_ms, resync, new_token,
 --       n_held, (backend, count) * n_held, n_caps, (backend, cap) * n_caps,
 --       rate_ps, rate_burst, client_ps, client_burst, epoch this replica last saw ('' if none),
+--       presence ("run_id:client_id" of the connection it holds open to be watched by, or ''),
 --       n_clients, (client, count) * n_clients (resync only: the clients' truth).
 -- The caps are sent with a resync, for the backends in it: the excess is
 -- judged by them (the pools may not be here yet, after Redis lost its data).
@@ -487,7 +503,8 @@ local function renew(argv)
   redis.call('HSET', LIMITS, 'rate_per_second', argv[i], 'rate_burst', argv[i + 1],
     'client_per_second', argv[i + 2], 'client_burst', argv[i + 3])
   local known = argv[i + 4] or ''
-  i = i + 5
+  local presence = argv[i + 5] or ''
+  i = i + 6
   local n_clients = tonumber(argv[i]) or 0
 
   -- A replica that saw another epoch was registered in data Redis has lost.
@@ -544,6 +561,11 @@ local function renew(argv)
   end
   redis.call('ZADD', REPLICAS, now_ms + ttl_ms, replica)
   redis.call('HSET', RENEWED, replica, now_ms)
+  if presence ~= '' then
+    redis.call('HSET', PRESENCE, replica, presence)
+  else
+    redis.call('HDEL', PRESENCE, replica)
+  end
   return {
     'ok',
     redis.call('ZCARD', REPLICAS),
@@ -562,6 +584,19 @@ end
 local function leave(argv)
   if session_ok(argv[3], argv[4]) then
     drop_replica(argv[3])
+    return 1
+  end
+  return 0
+end
+
+-- ARGV: op, deadline, replica, presence.  The caller found the connection
+-- `presence` names closed on this server: the replica's process is gone, so its
+-- slots are given back now rather than when its lease expires. Nothing happens
+-- if the replica has named another connection since (it is alive, or came back).
+local function depart(argv)
+  local replica = argv[3]
+  if redis.call('HGET', PRESENCE, replica) == argv[4] then
+    drop_replica(replica)
     return 1
   end
   return 0
@@ -612,6 +647,7 @@ local ops = {
   release = release,
   renew = renew,
   leave = leave,
+  depart = depart,
   close_tokens = close_tokens,
   inspect = inspect,
 }

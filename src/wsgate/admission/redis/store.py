@@ -56,7 +56,9 @@ Everything else follows from keeping Redis in step with ``held``:
   start has no epoch to compare and is not delayed.
 
 A crash of this process loses nothing: its lease expires and the survivors
-give its slots back. A crash of Redis loses nothing either: every replica
+give its slots back; when the process ended on a host that stayed up, they see
+its connection close and give them back within ``departure_check`` seconds
+(``presence.Presence``). A crash of Redis loses nothing either: every replica
 re-registers its truth.
 """
 
@@ -79,10 +81,17 @@ from typing import Any, Literal
 from wsgate.admission.contract import Admitted, Candidate, Limits, Reason, Rejected, Ticket
 from wsgate.admission.local import LocalDecision, share_choice
 from wsgate.admission.redis import script
-from wsgate.admission.redis.connection import StateUnavailable, Target, connect, describe_target
+from wsgate.admission.redis.connection import (
+    ClusterNodes,
+    StateUnavailable,
+    Target,
+    connect,
+    describe_target,
+)
 from wsgate.admission.redis.lease import LeaseKeeper
 from wsgate.admission.redis.pipeline import ScriptCaller
 from wsgate.admission.redis.pool import PoolSync
+from wsgate.admission.redis.presence import Presence
 from wsgate.admission.redis.sync import Change, ReplicaSync, SyncState
 
 __all__ = ["OnFailure", "RedisStore", "default_replica_id"]
@@ -109,6 +118,9 @@ class RedisStore:
         timeout: seconds any Redis call may take before Redis counts as unavailable.
         on_failure: ``closed`` (reject with 503) or ``local`` (local shares).
         limits: the connect-rate limits; the caps travel with the candidates.
+        departure_check: seconds between two looks for replicas whose process
+            ended (their slots are given back then, not at their lease's end);
+            0 leaves that to the leases. Not with a Redis Cluster.
     """
 
     kind = "redis"
@@ -123,9 +135,12 @@ class RedisStore:
         timeout: float = 0.1,
         on_failure: OnFailure = "closed",
         limits: Limits | None = None,
+        departure_check: float = 1.0,
     ):
         if lease_ttl <= 0 or timeout <= 0:
             raise ValueError("lease_ttl and timeout must be positive")
+        if departure_check < 0:
+            raise ValueError("departure_check must not be negative")
         self.url = url
         self.namespace = namespace
         self.replica_id = replica_id or default_replica_id()
@@ -143,6 +158,16 @@ class RedisStore:
         # Connections this replica holds per client under max_connections_per_client:
         # its truth for P:clients:R, sent on re-registration as ``held`` is.
         self._clients: Counter[str] = Counter()
+        self._presence: Presence | None = None
+        if departure_check > 0 and not isinstance(url, ClusterNodes):
+            self._presence = Presence(
+                lambda: connect(url, timeout),
+                namespace,
+                self.replica_id,
+                interval=departure_check,
+                timeout=max(5 * timeout, 0.5),
+                renamed=self._presence_renamed,
+            )
         self._lease = LeaseKeeper(
             self._caller,
             self._sync,
@@ -151,6 +176,7 @@ class RedisStore:
             self._caps_for,
             self._report_excess,
             clients=lambda: dict(self._clients),
+            presence=self._presence_name,
         )
         self._local = LocalDecision()
         self._pool = PoolSync()
@@ -177,9 +203,24 @@ class RedisStore:
         caller calls :meth:`refresh` (tests that choose every step do this).
         """
         self._caller.client = connect(self.url, self.timeout)
+        if self._presence is not None:
+            # The first registration names the connection the others watch us by.
+            self._presence.start()
+            await self._presence.named(within=self.timeout)
         await self.refresh()
         if renew_in_background:
             self._lease.start()
+
+    def _presence_name(self) -> str:
+        return self._presence.name if self._presence is not None else ""
+
+    def _presence_renamed(self) -> None:
+        self._lease.wake()  # the others must watch the connection we hold now
+
+    @property
+    def departures_total(self) -> int:
+        """Replicas this one found gone before their lease expired."""
+        return self._presence.departures_total if self._presence is not None else 0
 
     async def close(self) -> None:
         """Stop renewing and give every slot this replica still holds back at once."""
@@ -189,17 +230,21 @@ class RedisStore:
         if registered:
             with contextlib.suppress(StateUnavailable):
                 await self._caller.call(script.leave_call(self.replica_id, self._sync.token))
+        if self._presence is not None:
+            await self._presence.stop()
         await self._caller.disconnect()
 
     async def abandon(self) -> None:
         """Stop renewing and disconnect without giving slots back.
 
         To the other replicas this looks exactly like a crash: the slots come
-        back when the lease expires. Tests use it; so may a process that must
-        exit at once.
+        back when they see its connections close (``departure_check``), or when
+        the lease expires. Tests use it; so may a process that must exit at once.
         """
         self._sync.close()
         await self._lease.stop()
+        if self._presence is not None:
+            await self._presence.stop()
         await self._caller.disconnect()
 
     def configure(self, limits: Limits) -> None:
@@ -243,6 +288,7 @@ class RedisStore:
                 exclude=exclude,
                 client_cap=client_cap,
             )
+            seq = self._caller.started + 1  # calls run in the order they start
             try:
                 raw = await self._caller.call(
                     call, abandoned=functools.partial(self._undo_admission, counted)
@@ -256,7 +302,9 @@ class RedisStore:
                 self._pool.resend()
                 continue
             self._pool.acknowledged(reply.pool_version)
-            decision = sync.admit_replied(reply, time.monotonic(), limits.no_capacity_retry_after)
+            decision = sync.admit_replied(
+                reply, time.monotonic(), limits.no_capacity_retry_after, seq=seq
+            )
             if isinstance(decision, str):
                 return self._admitted(decision, counted)
             if decision is not None:
@@ -313,22 +361,23 @@ class RedisStore:
             self._clients[client] -= 1
             if self._clients[client] <= 0:
                 del self._clients[client]
-        if not self._sync.released(backend):
+        seq = self._caller.started + 1  # the release's place among the calls
+        if not self._sync.released(backend, seq=seq):
             return None  # re-registration will carry the new truth
         reply = self._caller.send(
             script.release_call(self.replica_id, self._sync.token, backend, client)
         )
         if reply is not None:
-            reply.add_done_callback(functools.partial(self._released, backend))
+            reply.add_done_callback(functools.partial(self._released, backend, seq))
         return reply
 
-    def _released(self, backend: str, reply: asyncio.Future[Any]) -> None:
+    def _released(self, backend: str, seq: int, reply: asyncio.Future[Any]) -> None:
         if reply.cancelled():
             self._sync.lose("a release was not sent")
         elif (error := reply.exception()) is not None:
             self._sync.failed(str(error))
         else:
-            self._sync.release_replied(backend, script.decode_release(reply.result()))
+            self._sync.release_replied(backend, script.decode_release(reply.result()), seq=seq)
 
     def _undo_admission(self, client: str | None, reply: asyncio.Future[Any]) -> None:
         """The caller of ``admit`` was cancelled: give back what Redis reserved for it."""

@@ -93,6 +93,11 @@ class ReplicaSync:
         #: yet released, whichever way it was admitted. Redis is kept in step.
         self.held: Counter[str] = Counter()
         self.global_counts: dict[str, int] = {}
+        # Per backend, the call whose view of its count is shown: replies are
+        # handled in another order than their calls ran in (a renewal's waiter
+        # wakes after a release's callback), and an older view must not replace
+        # a newer one. Calls run in the order they are sent; ``seq`` is that order.
+        self._count_seen: dict[str, int] = {}
         self.live = 1
         self.rate_offset = 0.0  # seconds until the global bucket is full, when last seen
         self.rate_seen = 0.0
@@ -139,7 +144,7 @@ class ReplicaSync:
     # -- admission --------------------------------------------------------------------------
 
     def admit_replied(
-        self, reply: AdmitReply, now: float, retry_after: float
+        self, reply: AdmitReply, now: float, retry_after: float, *, seq: int | None = None
     ) -> str | Rejected | None:
         """The admitted backend (counted as held), a refusal, or None: out of sync.
 
@@ -156,7 +161,7 @@ class ReplicaSync:
         self.rate_seen = now
         if reply.status is AdmitStatus.OK:
             self.held[reply.backend] += 1
-            self._learn(reply.backend, reply.total)
+            self._learn(reply.backend, reply.total, seq)
             return reply.backend
         if reply.status is AdmitStatus.RATE_LIMITED:
             return Rejected(Reason.RATE_LIMITED, reply.retry_after)
@@ -181,23 +186,27 @@ class ReplicaSync:
             return reply.backend
         return None
 
-    def released(self, backend: str) -> bool:
-        """Count a release; True when it is to be sent to Redis (in sync)."""
+    def released(self, backend: str, *, seq: int | None = None) -> bool:
+        """Count a release; True when it is to be sent to Redis (in sync, as call ``seq``)."""
         held = self.held
         held[backend] -= 1
         if held[backend] <= 0:
             del held[backend]
         if backend in self.global_counts:
-            self._learn(backend, self.global_counts[backend] - 1)
+            self._learn(backend, self.global_counts[backend] - 1, seq)
         return self.in_sync
 
-    def release_replied(self, backend: str, reply: ReleaseReply) -> None:
+    def release_replied(self, backend: str, reply: ReleaseReply, *, seq: int | None = None) -> None:
         if reply.stale:
             self.lose("lease lost")
         else:
-            self._learn(backend, reply.total)
+            self._learn(backend, reply.total, seq)
 
-    def _learn(self, backend: str, total: int) -> None:
+    def _learn(self, backend: str, total: int, seq: int | None) -> None:
+        if seq is not None:
+            if seq < self._count_seen.get(backend, -1):
+                return  # a call that ran before the one whose count is shown
+            self._count_seen[backend] = seq
         # Only backends with connections are kept: the map is shown as it is.
         if total > 0:
             self.global_counts[backend] = total
@@ -206,9 +215,17 @@ class ReplicaSync:
 
     # -- leases -----------------------------------------------------------------------------
 
-    def renewed(self, reply: RenewReply, sent: float, received: float, *, quiet: bool) -> None:
+    def renewed(
+        self,
+        reply: RenewReply,
+        sent: float,
+        received: float,
+        *,
+        quiet: bool,
+        seq: int | None = None,
+    ) -> None:
         """A plain renewal's reply. ``quiet``: no other call of this replica ran meanwhile."""
-        self._absorb(reply, sent, received)
+        self._absorb(reply, sent, received, seq)
         if reply.status is not RenewStatus.OK:
             self.lose("lease lost")
             return
@@ -228,6 +245,8 @@ class ReplicaSync:
         truth: Mapping[str, int],
         sent: float,
         received: float,
+        *,
+        seq: int | None = None,
     ) -> Registration:
         """A re-registration's reply: ``truth`` was sent with the new ``token``."""
         if self.state is SyncState.CLOSED:
@@ -238,7 +257,7 @@ class ReplicaSync:
             return Registration.FAILED
         self.token = token
         self.lease_deadline = sent + self.lease_ttl - self.lease_margin
-        self._absorb(reply, sent, received)
+        self._absorb(reply, sent, received, seq)
         if self.truth() != truth:
             return Registration.AGAIN  # released or admitted locally meanwhile
         if reply.settling > 0:
@@ -263,7 +282,7 @@ class ReplicaSync:
             )
         return Registration.DONE
 
-    def _absorb(self, reply: RenewReply, sent: float, received: float) -> None:
+    def _absorb(self, reply: RenewReply, sent: float, received: float, seq: int | None) -> None:
         if received - sent <= self.timeout / 4:
             # Redis's clock in the replica's terms, to within half a quick round trip.
             self.server_offset = reply.server_time - (sent + received) / 2
@@ -273,4 +292,5 @@ class ReplicaSync:
         if reply.epoch:
             self.epoch = reply.epoch  # sent back with every renewal from now on
         if reply.status is RenewStatus.OK:
-            self.global_counts = dict(reply.totals)
+            for backend in self.global_counts.keys() | reply.totals.keys():
+                self._learn(backend, reply.totals.get(backend, 0), seq)
