@@ -5,8 +5,9 @@ replica ``serve --workers 2``, so no process holds more than 10,000 sockets),
 in front of demo backends whose caps add up to exactly the sessions held. When
 the backends count them all, one replica (its supervisor and workers) is
 SIGKILLed. Its clients fail over to the survivor, which refuses them (503 with
-``Retry-After``) until the dead replica's lease lapses and its slots are taken
-back; they come back through ``wsgate load --storm`` (Retry-After honoured,
+``Retry-After``) until it sees the dead replica's connections to Redis closed
+(``departure_check``; with ``--departure-check 0``, until its lease lapses) and
+takes its slots back; they come back through ``wsgate load --storm`` (Retry-After honoured,
 jittered and capped backoff). The figure: the time until every session is open
 again, by the load's clock and by the backends' own counts; the refusals and
 their Retry-After; and every backend's highest count against its cap.
@@ -60,6 +61,7 @@ class StormPlan:
     workers: int  # processes per replica
     clients: int  # simulated clients, one source address each
     lease_ttl: str
+    departure_check: str
     retry_after: str
     hold: float  # seconds every session is held before the kill
     timeout: float  # seconds each phase may take
@@ -76,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sessions", type=int, help="sessions held (default 10000)")
     parser.add_argument("--backends", type=int, help="demo backends (default 10)")
     parser.add_argument("--lease-ttl", help="the replicas' lease (default 15s, the config's)")
+    parser.add_argument(
+        "--departure-check",
+        help="how often a replica looks for ended ones (default 1s, the config's; 0: leases only)",
+    )
     parser.add_argument("--retry-after", help="the 503's Retry-After (default 5s, the config's)")
     parser.add_argument("--paths", default="wsgate,haproxy", help="wsgate, haproxy or both")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.md/json go")
@@ -95,6 +101,7 @@ def plan_from_args(args: argparse.Namespace) -> StormPlan:
         workers=1 if sessions <= 4000 else 2,
         clients=min(50, max(2, sessions // 500)),
         lease_ttl=args.lease_ttl or ("2s" if smoke else "15s"),
+        departure_check=args.departure_check or "1s",
         retry_after=args.retry_after or ("1s" if smoke else "5s"),
         hold=1.0 if smoke else 3.0,
         timeout=60.0 if smoke else 180.0,
@@ -196,7 +203,12 @@ def run_wsgate(plan: StormPlan, log_dir: Path) -> dict[str, Any]:
     with ProcessGroup(log_dir / "wsgate") as group:
         redis = RedisServer(group).start()
         backends = start_backends(group, plan.backends, tripwire=plan.cap)
-        state = {"store": redis.url, "lease_ttl": plan.lease_ttl, "namespace": "storm"}
+        state = {
+            "store": redis.url,
+            "lease_ttl": plan.lease_ttl,
+            "departure_check": plan.departure_check,
+            "namespace": "storm",
+        }
         replicas = []
         for index in range(2):
             admin = free_port_run(plan.workers)
@@ -308,7 +320,8 @@ def markdown(plan: StormPlan, results: dict[str, dict[str, Any]], command: str) 
         f"- {plan.sessions:,} sessions from {plan.clients} source addresses over "
         f"{plan.backends} demo backends; {plan.workers} process(es) per replica; wsgate: a cap of "
         f"{plan.cap:,} per backend (the caps add up to the sessions), lease {plan.lease_ttl}, "
-        f"Retry-After {plan.retry_after}; HAProxy: leastconn, no cap.",
+        f"departure check {plan.departure_check}, Retry-After {plan.retry_after}; "
+        "HAProxy: leastconn, no cap.",
         f"- Held {plan.hold:g} s after the backends counted them all, then every process of "
         "the second replica was SIGKILLed; `wsgate load --storm --storm-wait` measured the "
         "recovery (its command is in latest.json).",
