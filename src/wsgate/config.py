@@ -287,7 +287,8 @@ class StateConfig(_Model):
     timeout: Duration = 0.1
     on_failure: Literal["closed", "local"] = "closed"
     # How often each replica looks for others whose process ended (their slots
-    # are freed then, not at their lease's end); 0 leaves it to the leases.
+    # are freed within about three of these, not at their lease's end); 0
+    # leaves it to the leases.
     departure_check: Duration = 1.0
     # Instead of a URL in ``store``: a master found through Sentinel, or a Cluster.
     sentinels: list[Address] | None = Field(default=None, min_length=1)

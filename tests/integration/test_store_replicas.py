@@ -189,7 +189,8 @@ async def test_a_replica_whose_connections_closed_is_reaped_before_its_lease(
             break
         await asyncio.sleep(0.02)
     waited = time.monotonic() - started
-    assert waited <= 2 * check + 0.5
+    quiet = 2 * check + 0.5  # silent for this long, beside its connection closing
+    assert waited <= quiet + 2 * check + 0.5
     total, held = shared_state(redis_server)
     assert dead.replica_id not in held and dead.replica_id not in presence(redis_server)
     assert total == {"pod-0": 1}
@@ -197,7 +198,7 @@ async def test_a_replica_whose_connections_closed_is_reaped_before_its_lease(
     assert f"replica {dead.replica_id} closed its connection to Redis" in caplog.text
 
 
-async def test_a_departure_is_void_once_the_replica_named_another_connection(
+async def test_a_departure_is_void_if_the_replica_named_another_connection_or_lives(
     make_replica: MakeReplica, redis_server: RedisServer
 ) -> None:
     store = await make_replica(departure_check=0.1)
@@ -207,14 +208,47 @@ async def test_a_departure_is_void_once_the_replica_named_another_connection(
     client = Redis.from_url(redis_server.url, decode_responses=True)
     try:
         key = f"{key_prefix(NS)}:replicas"
+
+        def depart(name: str) -> int:
+            return int(client.evalsha(SCRIPT_SHA, 1, key, *depart_call(store.replica_id, name)))
+
         run_id, _, client_id = named.partition(":")
         stale = f"{run_id}:{int(client_id) + 1000}"  # a connection it no longer holds
-        assert client.evalsha(SCRIPT_SHA, 1, key, *depart_call(store.replica_id, stale)) == 0
+        await wait_until(lambda: client.hexists(f"{key_prefix(NS)}:seen", store.replica_id), 3)
+        assert depart(stale) == 0
+        assert depart(named) == 0  # it said it lives, for 0.7 s from then
         assert shared_state(redis_server)[0] == {"pod-0": 1}
-        assert client.evalsha(SCRIPT_SHA, 1, key, *depart_call(store.replica_id, named)) == 1
+        await store.abandon()  # silent from now on
+        client.hset(f"{key_prefix(NS)}:presence", store.replica_id, named)  # as it was
+        await asyncio.sleep(2 * 0.1 + 0.5)
+        assert depart(named) == 1
         assert shared_state(redis_server)[0] == {}
+        assert store.replica_id not in presence(redis_server)
     finally:
         client.close()
+
+
+async def test_a_living_replica_whose_watched_connection_was_reset_is_not_departed(
+    make_replica: MakeReplica, redis_server: RedisServer
+) -> None:
+    # Its holder notices the reset within a second; the other looks ten times a second.
+    reset = await make_replica(departure_check=1.0)
+    watcher = await make_replica(departure_check=0.1)
+    await wait_until(lambda: len(presence(redis_server)) == 2, within=3)
+    assert isinstance(await reset.admit(pods(2)), Admitted)
+    named = presence(redis_server)[reset.replica_id]
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        client.execute_command("CLIENT", "KILL", "ID", named.partition(":")[2])
+    finally:
+        client.close()
+    # It names the connection it holds now; meanwhile it kept saying it lives.
+    await wait_until(lambda: presence(redis_server).get(reset.replica_id, named) != named, 3)
+    await asyncio.sleep(0.5)  # five more looks
+    assert watcher.departures_total == 0
+    total, held = shared_state(redis_server)
+    assert total == {"pod-0": 1} and held[reset.replica_id] == {"pod-0": 1}
+    assert reset.mode == "ok"
 
 
 async def test_nobody_is_departed_for_connections_of_another_server(

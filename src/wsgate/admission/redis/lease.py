@@ -34,11 +34,13 @@ class LeaseKeeper:
         excess: Callable[[Mapping[str, int]], None],
         *,
         clients: Callable[[], Mapping[str, int]] = dict,
-        presence: Callable[[], str] = str,
+        presence: Callable[[], tuple[str, float]] = lambda: ("", 0.0),
     ):
         self.rates = rates
         self._clients = clients  # the truth per client, sent along with the held truth
-        self._presence = presence  # the connection the others may watch us by ("" for none)
+        # The connection the others may watch us by ("" for none), and how long
+        # we promise to say we live again within.
+        self._presence = presence
         self._caller = caller
         self._sync = sync
         self._replica_id = replica_id
@@ -94,6 +96,7 @@ class LeaseKeeper:
     async def _renew(self) -> None:
         sync, caller = self._sync, self._caller
         sent = time.monotonic()
+        presence, alive_for = self._presence()
         quiet = caller.in_flight == 0
         started = caller.started
         seq = started + 1  # the call below is the next one started
@@ -105,7 +108,8 @@ class LeaseKeeper:
             self.rates,
             {},
             epoch=sync.epoch,
-            presence=self._presence(),
+            presence=presence,
+            alive_for=alive_for,
         )
         try:
             raw = await caller.call(call)
@@ -125,6 +129,7 @@ class LeaseKeeper:
                 return
             truth = sync.truth()
             token = secrets.token_hex(8)
+            presence, alive_for = self._presence()
             sent = time.monotonic()
             call = script.renew_call(
                 sync.deadline(sent),
@@ -136,7 +141,8 @@ class LeaseKeeper:
                 register=(token, truth),
                 epoch=sync.epoch,
                 clients=self._clients(),
-                presence=self._presence(),
+                presence=presence,
+                alive_for=alive_for,
             )
             seq = self._caller.started + 1
             try:

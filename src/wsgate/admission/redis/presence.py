@@ -17,12 +17,16 @@ at once. When instead the network between the replica and Redis fails, or the
 process is frozen, nothing reaches the server: the client stays in its list
 and the lease decides, as before.
 
-Every ``interval`` each replica's *watcher*, on a connection of its own, reads
-the server's ``run_id``, the names in ``P:presence`` that carry it, and asks
-the server which of those clients it still has (``CLIENT LIST ID``). For each
-one gone it calls the script's ``depart``, which reaps that replica as an
-expired lease would, only if ``P:presence`` still holds the name that was
-found gone (a replica that came back has named another connection).
+Every ``interval`` each replica's *watcher*, on a connection of its own, first
+says its replica lives (the script's ``alive``, with its token: ``P:seen``),
+then reads the server's ``run_id``, the names in ``P:presence`` that carry it,
+and asks the server which of those clients it still has (``CLIENT LIST ID``).
+For each one gone it calls the script's ``depart``, which reaps that replica
+as an expired lease would, only if ``P:presence`` still holds the name that
+was found gone (a replica that came back has named another connection) and
+the while the replica last said it lives for is over: each says it will be
+heard from again within ``quiet`` (two of its intervals and half a second),
+so a crash is seen within about three intervals.
 
 Why it does not reap the living:
 
@@ -34,10 +38,13 @@ Why it does not reap the living:
   idle-connection timeouts of NATs and load balancers from cutting it and
   tells the replica at once when it was reconnected (then it renews now, with
   the new name).
-* If a living replica is reaped anyway (its connection was reset while it
-  lived), it is the case a lease already covers: its next call finds its token
-  gone, it registers its truth again, and any backend that is over its cap
-  sheds the excess.
+* A living replica whose held connection was reset (a NAT, a proxy) still
+  says it lives on the watcher's connection, so it is not reaped while its
+  holder connects again and names the new connection.
+* If a living replica is reaped anyway (both its connections failed and it
+  could not say it lives for ``quiet``), it is the case a lease already
+  covers: its next call finds its token gone, it registers its truth again,
+  and any backend that is over its cap sheds the excess.
 
 ``wsgate`` stays correct without any of this (Redis Cluster, or a server that
 refuses ``CLIENT``): the watcher logs why once and the leases do the work.
@@ -117,6 +124,7 @@ class Presence:
         interval: seconds between two looks at the others (and two keep-alives).
         timeout: seconds one look may take.
         renamed: called when the holder's name changed: renew now, with it.
+        token: the replica's session token while it is in sync, else "".
     """
 
     def __init__(
@@ -128,6 +136,7 @@ class Presence:
         interval: float,
         timeout: float,
         renamed: Callable[[], None],
+        token: Callable[[], str],
     ):
         self._connect = connect
         self._namespace = namespace
@@ -135,6 +144,10 @@ class Presence:
         self.interval = interval
         self._timeout = timeout
         self._renamed = renamed
+        self._token = token
+        #: How long after saying it lives this replica may not be reaped for
+        #: its connection's closing: two looks missed, and some slack.
+        self.quiet = 2 * interval + 0.5
         #: "run_id:client_id" of the holder, "" while it has none.
         self.name = ""
         self.departures_total = 0
@@ -212,6 +225,11 @@ class Presence:
                 await client.aclose()
 
     async def _look(self, client: aioredis.Redis) -> None:
+        key = script.replicas_key(self._namespace)
+        token = self._token()
+        if token:
+            call = script.alive_call(self._replica_id, token, self.quiet)
+            await script.evalsha(client, key, call)
         run_id = run_id_of(await client.info("server"))
         raw = await client.hgetall(script.presence_key(self._namespace))
         names = {script.text(k): script.text(v) for k, v in raw.items()}
@@ -221,7 +239,6 @@ class Presence:
         ids: list[EncodableT] = [name.partition(":")[2] for name in watched.values()]
         listed = client_ids(await client.client_list(client_id=ids))
         for replica, name in departed(watched, listed).items():
-            key = script.replicas_key(self._namespace)
             if await script.evalsha(client, key, script.depart_call(replica, name)):
                 self.departures_total += 1
                 logger.info(

@@ -35,6 +35,7 @@ __all__ = [
     "RenewStatus",
     "ScriptCall",
     "admit_call",
+    "alive_call",
     "batch_call",
     "batches_of",
     "close_tokens_call",
@@ -229,13 +230,16 @@ def renew_call(
     clients: Mapping[str, int] | None = None,
     epoch: str = "",
     presence: str = "",
+    alive_for: float = 0.0,
 ) -> ScriptCall:
     """A renewal; with ``register`` (new token, held truth), a re-registration, which
     also sends ``clients``, the connections held per client (max_connections_per_client).
 
     ``epoch`` is the one this replica last saw ("" if none): another one in
     Redis means it lost its data since. ``presence`` names the connection the
-    replica holds open for the others to watch ("run_id:client_id", "" for none).
+    replica holds open for the others to watch ("run_id:client_id", "" for none);
+    ``alive_for``: the seconds within which it says it lives again (no departure
+    reaps it before).
     """
     new_token, held = register if register is not None else ("", {})
     call: list[Arg] = [
@@ -256,6 +260,7 @@ def renew_call(
     call += rates
     call.append(epoch)
     call.append(presence)
+    call.append(max(0, round(alive_for * 1000)))
     if register is not None and clients:
         call.append(len(clients))
         for client, count in clients.items():
@@ -267,8 +272,15 @@ def leave_call(replica: str, token: str) -> ScriptCall:
     return ("leave", 0, replica, token)
 
 
+def alive_call(replica: str, token: str, quiet: float) -> ScriptCall:
+    """``replica`` lives, and says so again within ``quiet`` seconds: no departure
+    reaps it until then."""
+    return ("alive", 0, replica, token, max(0, round(quiet * 1000)))
+
+
 def depart_call(replica: str, presence: str) -> ScriptCall:
-    """Reap ``replica`` now: the connection ``presence`` names was found closed."""
+    """Reap ``replica`` now: the connection ``presence`` names was found closed
+    (void while it is within the while it last said it lives for)."""
     return ("depart", 0, replica, presence)
 
 

@@ -37,6 +37,7 @@ is derived from it):
   P:settling      STR   present for one lease after a loss of data was seen (renew)
   P:presence      HASH  replica -> "run_id:client_id" of the connection it holds
                         open to watch it by                       (renew/depart/reap)
+  P:seen          HASH  replica -> server ms until which it said it lives (renew/alive/reap)
 
 The invariant this script keeps, after every operation:
 
@@ -73,8 +74,11 @@ Who may change what:
            expired: their held counts are subtracted from total and all their
            keys deleted, in the same step. It also records which connection
            R holds open to Redis for others to watch (P:presence).
+  alive    records that R lives, and will say so again within a while (P:seen),
+           with R's current token.
   depart   reaps R at once, as an expired lease would be, but only while
-           P:presence still names the connection the caller found closed.
+           P:presence still names the connection the caller found closed and
+           the while R last promised to be heard from again is over (P:seen).
 
 What happens on a crash:
   - A replica dies: it stops renewing; the first renewal by anyone after its
@@ -84,10 +88,12 @@ What happens on a crash:
     closed its connections, so the one it named in P:presence is gone from
     the server's client list, and the first replica to see that calls depart
     (a replica cut off by the network keeps its connection open on the
-    server's side and is left to its lease). An entry is judged only on the
-    server whose run_id it names: after a failover or a restart the client
-    ids are another server's, and nobody departs until each replica has named
-    its connection there.
+    server's side and is left to its lease). A living replica says so every
+    second on another connection (alive); depart leaves alone one that said so
+    lately, whose watched connection was only reset. An entry is judged only
+    on the server whose run_id it names: after a failover or a restart the
+    client ids are another server's, and nobody departs until each replica has
+    named its connection there.
   - A replica loses Redis: its calls fail or time out, it stops admitting
     through Redis (on_failure decides what it does meanwhile) and keeps its
     connections. When Redis answers again it re-registers its local truth.
@@ -137,6 +143,7 @@ local EPOCH = P .. ':epoch'
 local SETTLING = P .. ':settling'
 local CLIENTS = P .. ':clients'
 local PRESENCE = P .. ':presence'
+local SEEN = P .. ':seen'
 
 local function held_key(replica)
   return P .. ':held:' .. replica
@@ -279,6 +286,7 @@ local function drop_replica(replica)
   redis.call('HDEL', LEASE, replica)
   redis.call('HDEL', RENEWED, replica)
   redis.call('HDEL', PRESENCE, replica)
+  redis.call('HDEL', SEEN, replica)
   redis.call('ZREM', REPLICAS, replica)
 end
 
@@ -457,6 +465,7 @@ end
 --       n_held, (backend, count) * n_held, n_caps, (backend, cap) * n_caps,
 --       rate_ps, rate_burst, client_ps, client_burst, epoch this replica last saw ('' if none),
 --       presence ("run_id:client_id" of the connection it holds open to be watched by, or ''),
+--       alive_ms (with a presence: how long it promises to say it lives again within),
 --       n_clients, (client, count) * n_clients (resync only: the clients' truth).
 -- The caps are sent with a resync, for the backends in it: the excess is
 -- judged by them (the pools may not be here yet, after Redis lost its data).
@@ -504,7 +513,8 @@ local function renew(argv)
     'client_per_second', argv[i + 2], 'client_burst', argv[i + 3])
   local known = argv[i + 4] or ''
   local presence = argv[i + 5] or ''
-  i = i + 6
+  local alive_ms = tonumber(argv[i + 6]) or 0
+  i = i + 7
   local n_clients = tonumber(argv[i]) or 0
 
   -- A replica that saw another epoch was registered in data Redis has lost.
@@ -563,6 +573,7 @@ local function renew(argv)
   redis.call('HSET', RENEWED, replica, now_ms)
   if presence ~= '' then
     redis.call('HSET', PRESENCE, replica, presence)
+    redis.call('HSET', SEEN, replica, now_ms + alive_ms)
   else
     redis.call('HDEL', PRESENCE, replica)
   end
@@ -589,17 +600,32 @@ local function leave(argv)
   return 0
 end
 
--- ARGV: op, deadline, replica, presence.  The caller found the connection
--- `presence` names closed on this server: the replica's process is gone, so its
--- slots are given back now rather than when its lease expires. Nothing happens
--- if the replica has named another connection since (it is alive, or came back).
-local function depart(argv)
-  local replica = argv[3]
-  if redis.call('HGET', PRESENCE, replica) == argv[4] then
-    drop_replica(replica)
+-- ARGV: op, deadline, replica, token, quiet_ms.  The replica lives, and will
+-- say so again within quiet_ms: until then depart leaves it alone.
+local function alive(argv)
+  if session_ok(argv[3], argv[4]) then
+    redis.call('HSET', SEEN, argv[3], math.floor(now_us() / 1000) + tonumber(argv[5]))
     return 1
   end
   return 0
+end
+
+-- ARGV: op, deadline, replica, presence.  The caller found the connection
+-- `presence` names closed on this server: the replica's process is gone, so its
+-- slots are given back now rather than when its lease expires. Nothing happens
+-- if the replica has named another connection since (it came back), or is
+-- within the while it last said it lives for (only that connection was reset).
+local function depart(argv)
+  local replica = argv[3]
+  if redis.call('HGET', PRESENCE, replica) ~= argv[4] then
+    return 0
+  end
+  local seen_until = tonumber(redis.call('HGET', SEEN, replica)) or 0
+  if math.floor(now_us() / 1000) <= seen_until then
+    return 0
+  end
+  drop_replica(replica)
+  return 1
 end
 
 -- ARGV: op, deadline, per_second, burst, want.  Reply: how many closes may happen now.
@@ -647,6 +673,7 @@ local ops = {
   release = release,
   renew = renew,
   leave = leave,
+  alive = alive,
   depart = depart,
   close_tokens = close_tokens,
   inspect = inspect,

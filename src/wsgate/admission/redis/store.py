@@ -57,7 +57,7 @@ Everything else follows from keeping Redis in step with ``held``:
 
 A crash of this process loses nothing: its lease expires and the survivors
 give its slots back; when the process ended on a host that stayed up, they see
-its connection close and give them back within ``departure_check`` seconds
+its connection close and give them back within about three ``departure_check``s
 (``presence.Presence``). A crash of Redis loses nothing either: every replica
 re-registers its truth.
 """
@@ -167,6 +167,7 @@ class RedisStore:
                 interval=departure_check,
                 timeout=max(5 * timeout, 0.5),
                 renamed=self._presence_renamed,
+                token=lambda: self._sync.token if self._sync.in_sync else "",
             )
         self._lease = LeaseKeeper(
             self._caller,
@@ -211,8 +212,9 @@ class RedisStore:
         if renew_in_background:
             self._lease.start()
 
-    def _presence_name(self) -> str:
-        return self._presence.name if self._presence is not None else ""
+    def _presence_name(self) -> tuple[str, float]:
+        presence = self._presence
+        return (presence.name, presence.quiet) if presence is not None else ("", 0.0)
 
     def _presence_renamed(self) -> None:
         self._lease.wake()  # the others must watch the connection we hold now
