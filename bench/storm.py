@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lease-ttl", help="the replicas' lease (default 15s, the config's)")
     parser.add_argument(
         "--departure-check",
-        help="how often a replica looks for ended ones (default 1s, the config's; 0: leases only)",
+        help="how often replicas look for ended ones (default 500ms, the config's; 0: leases only)",
     )
     parser.add_argument("--retry-after", help="the 503's Retry-After (default 5s, the config's)")
     parser.add_argument("--paths", default="wsgate,haproxy", help="wsgate, haproxy or both")
@@ -101,7 +101,7 @@ def plan_from_args(args: argparse.Namespace) -> StormPlan:
         workers=1 if sessions <= 4000 else 2,
         clients=min(50, max(2, sessions // 500)),
         lease_ttl=args.lease_ttl or ("2s" if smoke else "15s"),
-        departure_check=args.departure_check or "1s",
+        departure_check=args.departure_check or "500ms",
         retry_after=args.retry_after or ("1s" if smoke else "5s"),
         hold=1.0 if smoke else 3.0,
         timeout=60.0 if smoke else 180.0,

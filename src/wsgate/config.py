@@ -289,7 +289,7 @@ class StateConfig(_Model):
     # How often each replica looks for others whose process ended (their slots
     # are freed within about three of these, not at their lease's end); 0
     # leaves it to the leases.
-    departure_check: Duration = 1.0
+    departure_check: Duration = 0.5
     # Instead of a URL in ``store``: a master found through Sentinel, or a Cluster.
     sentinels: list[Address] | None = Field(default=None, min_length=1)
     service: str | None = None

@@ -320,9 +320,9 @@ async def test_a_killed_replicas_slots_come_back_long_before_its_lease(
     took = time.monotonic() - killed
     try:
         assert len(admitted) == 2
-        # Silent for two checks and half a second, two checks to see it, and
-        # slack: against a 30 s lease.
-        assert took <= (2 * 0.25 + 0.5) + 2 * 0.25 + 1.0
+        # Silent for two checks and a quarter of a second, two checks to see
+        # it, and slack: against a 30 s lease.
+        assert took <= (2 * 0.25 + 0.25) + 2 * 0.25 + 1.0
         never_over(backends, 1)
         assert live(backends) == [1, 1]
         assert redis_total(redis_server, "depart") == {b.pod_id: 1 for b in backends}

@@ -25,8 +25,8 @@ For each one gone it calls the script's ``depart``, which reaps that replica
 as an expired lease would, only if ``P:presence`` still holds the name that
 was found gone (a replica that came back has named another connection) and
 the while the replica last said it lives for is over: each says it will be
-heard from again within ``quiet`` (two of its intervals and half a second),
-so a crash is seen within about three intervals.
+heard from again within ``quiet`` (two of its intervals and a quarter of a
+second), so a crash is seen within about three intervals.
 
 Why it does not reap the living:
 
@@ -147,7 +147,7 @@ class Presence:
         self._token = token
         #: How long after saying it lives this replica may not be reaped for
         #: its connection's closing: two looks missed, and some slack.
-        self.quiet = 2 * interval + 0.5
+        self.quiet = 2 * interval + 0.25
         #: "run_id:client_id" of the holder, "" while it has none.
         self.name = ""
         self.departures_total = 0

@@ -135,7 +135,7 @@ class RedisStore:
         timeout: float = 0.1,
         on_failure: OnFailure = "closed",
         limits: Limits | None = None,
-        departure_check: float = 1.0,
+        departure_check: float = 0.5,
     ):
         if lease_ttl <= 0 or timeout <= 0:
             raise ValueError("lease_ttl and timeout must be positive")
