@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
+from redis.exceptions import NoPermissionError, ReadOnlyError, ResponseError
 
-from wsgate.admission.redis.presence import client_ids, departed, judged, run_id_of
+from wsgate.admission.redis.presence import (
+    client_ids,
+    departed,
+    judged,
+    refused_for_good,
+    run_id_of,
+)
 
 
 def test_run_id_from_a_parsed_or_a_raw_info_reply() -> None:
@@ -55,3 +62,12 @@ def test_departed_never_names_a_listed_client_or_another_servers(
     for replica, (server, client) in names.items():
         if server == "run1" and str(client) not in listed:
             assert replica in gone
+
+
+def test_departures_are_given_up_only_for_a_command_the_server_refuses() -> None:
+    assert refused_for_good(NoPermissionError("NOPERM this user has no permissions"))
+    assert refused_for_good(ResponseError("ERR unknown command 'CLIENT', with args"))
+    assert refused_for_good(ResponseError("ERR unknown subcommand 'ID'. Try CLIENT HELP."))
+    # A passing state: the watch goes on.
+    assert not refused_for_good(ReadOnlyError("You can't write against a read only replica."))
+    assert not refused_for_good(ResponseError("ERR Error running script: attempt to call nil"))

@@ -58,12 +58,12 @@ import logging
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 from redis.typing import EncodableT
 
 from wsgate.admission.redis import script
 
-__all__ = ["Presence", "client_ids", "departed", "judged", "run_id_of"]
+__all__ = ["Presence", "client_ids", "departed", "judged", "refused_for_good", "run_id_of"]
 
 logger = logging.getLogger("wsgate.state")
 
@@ -112,6 +112,18 @@ def departed(names: dict[str, str], listed: set[str]) -> dict[str, str]:
     return {
         replica: name for replica, name in names.items() if name.partition(":")[2] not in listed
     }
+
+
+def refused_for_good(error: ResponseError) -> bool:
+    """Whether the server refuses the command itself (renamed, or not for this
+    user), rather than answering from a passing state (READONLY after a failover,
+    a script error): only then are departures given up."""
+    text = str(error).lower()
+    return (
+        isinstance(error, NoPermissionError)
+        or "unknown command" in text
+        or "unknown subcommand" in text
+    )
 
 
 class Presence:
@@ -190,8 +202,10 @@ class Presence:
                     client_id = await client.client_id()
                     name = f"{run_id}:{int(client_id)}" if run_id else ""
                 except ResponseError as error:
-                    self._refuse(error)
-                    return
+                    if refused_for_good(error):
+                        self._refuse(error)
+                        return
+                    name = ""
                 except (RedisError, OSError):
                     name = ""  # reconnects on the next round
                 if name != self.name:
@@ -216,8 +230,9 @@ class Presence:
                     async with asyncio.timeout(self._timeout):
                         await self._look(client)
                 except ResponseError as error:
-                    self._refuse(error)
-                    return
+                    if refused_for_good(error):
+                        self._refuse(error)
+                        return
                 except (RedisError, OSError, TimeoutError):
                     pass  # Redis is away: the leases and the sync deal with that
         finally:
