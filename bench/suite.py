@@ -438,7 +438,16 @@ class Bench:
                 return opened.first_error or "could not connect"
             check = self.pool.check(timeout=5.0)
             if check.completed < opened.opened:
-                return check.first_error or "no echo"
+                if check.first_error is not None:
+                    return check.first_error
+                # A connection closed by the far side before the check left the round.
+                closed = opened.opened - check.connections
+                if closed <= 0:
+                    return "no echo"
+                return (
+                    f"{closed} of {opened.opened} connections were closed by the far side "
+                    f"after their upgrade, before their first echo"
+                )
             return None
         except DriverError as error:
             return str(error).splitlines()[0]

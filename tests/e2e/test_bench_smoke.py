@@ -39,8 +39,9 @@ def _run_smoke(out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
 def test_smoke_run_measures_every_path_and_writes_sane_results(tmp_path: Path) -> None:
     out = tmp_path / "results"
     done = _run_smoke(out)
-    print(done.stdout[-6000:])  # pytest shows it when an assertion below fails
-    assert done.returncode == 0, done.stdout[-4000:]
+    print(done.stdout)  # all of it (a failed path's log is near the start): shown on failure
+    failed = [line for line in done.stdout.splitlines() if "FAILED" in line]
+    assert done.returncode == 0, "\n".join(failed) or done.stdout[-4000:]
 
     data = json.loads((out / "latest.json").read_text())
     markdown = (out / "latest.md").read_text()
