@@ -98,8 +98,7 @@ class LeaseKeeper:
         sent = time.monotonic()
         presence, alive_for = self._presence()
         quiet = caller.in_flight == 0
-        started = caller.started
-        seq = started + 1  # the call below is the next one started
+        seq = caller.next_call  # the renewal's place; no other call started if it stays last
         call = script.renew_call(
             0,
             self._replica_id,
@@ -116,7 +115,7 @@ class LeaseKeeper:
         except StateUnavailable as error:
             sync.failed(str(error))
             return
-        quiet = quiet and caller.in_flight == 0 and caller.started == started + 1
+        quiet = quiet and caller.in_flight == 0 and caller.started == seq
         reply = script.decode_renew(raw)
         self._log_reaped(reply)
         sync.renewed(reply, sent, time.monotonic(), quiet=quiet, seq=seq)
@@ -144,7 +143,7 @@ class LeaseKeeper:
                 presence=presence,
                 alive_for=alive_for,
             )
-            seq = self._caller.started + 1
+            seq = self._caller.next_call
             try:
                 raw = await self._caller.call(call)
             except StateUnavailable as error:

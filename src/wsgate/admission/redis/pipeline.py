@@ -234,6 +234,13 @@ class ScriptCaller:
         self._idle = asyncio.Event()
         self._idle.set()
 
+    @property
+    def next_call(self) -> int:
+        """The place the next call started will have among all calls: they run
+        in Redis in the order they start, so a reply's view is as recent as
+        its place (``ReplicaSync`` keeps the most recent)."""
+        return self.started + 1
+
     async def disconnect(self) -> None:
         self._pipeline.cancel()
         client, self.client = self.client, None

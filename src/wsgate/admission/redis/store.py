@@ -290,7 +290,7 @@ class RedisStore:
                 exclude=exclude,
                 client_cap=client_cap,
             )
-            seq = self._caller.started + 1  # calls run in the order they start
+            seq = self._caller.next_call
             try:
                 raw = await self._caller.call(
                     call, abandoned=functools.partial(self._undo_admission, counted)
@@ -363,7 +363,7 @@ class RedisStore:
             self._clients[client] -= 1
             if self._clients[client] <= 0:
                 del self._clients[client]
-        seq = self._caller.started + 1  # the release's place among the calls
+        seq = self._caller.next_call  # the release's place among the calls
         if not self._sync.released(backend, seq=seq):
             return None  # re-registration will carry the new truth
         reply = self._caller.send(
