@@ -15,9 +15,12 @@ from wsgate.testbed.topology import BackendProcess, GatewayProcess, start_gatewa
 
 __all__ = [
     "CLIENT_IPS",
+    "DEPARTED_WITHIN",
+    "DEPARTURE_CHECK",
     "all_in_sync",
     "live",
     "never_over",
+    "presence",
     "redis_total",
     "replicas",
     "spread_over",
@@ -75,6 +78,13 @@ def redis_total(server: RedisServer | RedisCluster, namespace: str) -> dict[str,
     finally:
         if client is not server:
             client.close()
+
+
+#: How often the replicas of the departure tests look for ended ones (seconds).
+DEPARTURE_CHECK = 0.25
+#: Within how long of a kill its slots are taken back: silent for two checks and
+#: a quarter of a second, two checks to see it, and a second of slack.
+DEPARTED_WITHIN = (2 * DEPARTURE_CHECK + 0.25) + 2 * DEPARTURE_CHECK + 1.0
 
 
 def presence(server: RedisServer, namespace: str) -> dict[str, str]:

@@ -22,6 +22,7 @@ __all__ = [
     "assert_capacity_free",
     "close_all",
     "open_many",
+    "open_until",
     "pod_of",
     "raw_request",
 ]
@@ -65,6 +66,20 @@ async def open_many(
             outcomes.statuses[101] += 1
             outcomes.open.append(result)
     return outcomes
+
+
+async def open_until(
+    url: str, count: int, *, tries: int = 100, pause: float = 0.05
+) -> list[ClientConnection]:
+    """Connect again and again until ``count`` sessions are open (refusals are
+    retried ``pause`` apart), or ``tries`` run out: what got through."""
+    opened: list[ClientConnection] = []
+    for _ in range(tries):
+        opened += (await open_many(url, count - len(opened))).open
+        if len(opened) >= count:
+            break
+        await asyncio.sleep(pause)
+    return opened
 
 
 async def close_all(connections: list[ClientConnection]) -> None:

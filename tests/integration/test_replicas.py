@@ -16,6 +16,8 @@ from collections import Counter
 
 import pytest
 from fleet import (
+    DEPARTED_WITHIN,
+    DEPARTURE_CHECK,
     all_in_sync,
     live,
     never_over,
@@ -25,12 +27,12 @@ from fleet import (
     spread_over,
     truth,
 )
-from gwtools import close_all, open_many, open_one, wait_until
+from gwtools import close_all, open_many, open_one, open_until, wait_until
 from lifecycle import close_seen
 from websockets.asyncio.client import ClientConnection
 
 from wsgate.testbed.processes import ProcessGroup, RedisServer
-from wsgate.testbed.topology import start_backends
+from wsgate.testbed.topology import BackendProcess, GatewayProcess, start_backends
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -123,13 +125,7 @@ async def test_a_killed_replicas_slots_come_back_within_the_lease(
     victim.process.kill()
     killed = time.monotonic()
     await wait_until(lambda: sum(live(backends)) == 0, within=5)
-    admitted: list[ClientConnection] = []
-    for _ in range(100):
-        outcome = await open_many(survivor.ws_url, 1)
-        admitted += outcome.open
-        if len(admitted) == 2:
-            break
-        await asyncio.sleep(0.05)
+    admitted = await open_until(survivor.ws_url, 2)
     took = time.monotonic() - killed
     try:
         assert len(admitted) == 2
@@ -268,12 +264,7 @@ async def test_a_replica_frozen_past_its_lease_sheds_its_excess(
     frozen.process.signal(signal.SIGSTOP)
     try:
         # Its lease runs out; the other replica reaps it and fills the slots again.
-        newer: list[ClientConnection] = []
-        for _ in range(80):
-            newer += (await open_many(other.ws_url, 2 - len(newer))).open
-            if len(newer) == 2:
-                break
-            await asyncio.sleep(0.05)
+        newer = await open_until(other.ws_url, 2, tries=80)
         assert len(newer) == 2
         assert live(backends) == [4]
     finally:
@@ -291,18 +282,34 @@ async def test_a_replica_frozen_past_its_lease_sheds_its_excess(
     await close_all(newer)
 
 
+async def watched_pair(
+    procs: ProcessGroup,
+    redis_server: RedisServer,
+    backends: list[BackendProcess],
+    namespace: str,
+    *,
+    lease_ttl: str,
+    cap: int,
+) -> list[GatewayProcess]:
+    """Two replicas that look for departures, once each has named its connection."""
+    gateways = replicas(
+        procs, backends, 2, redis_server, namespace,
+        state={"lease_ttl": lease_ttl, "departure_check": f"{DEPARTURE_CHECK}s"},
+        limits={"max_connections_per_backend": cap},
+    )  # fmt: skip
+    await wait_until(lambda: len(presence(redis_server, namespace)) == 2, within=5)
+    return gateways
+
+
 async def test_a_killed_replicas_slots_come_back_long_before_its_lease(
     procs: ProcessGroup, redis_server: RedisServer
 ) -> None:
     # A lease of 30 s: only the closing of the killed process's connections can
     # explain the slots coming back within a couple of departure checks.
     backends = start_backends(procs, 2, tripwire=1)
-    state = {"lease_ttl": "30s", "departure_check": "250ms"}
-    victim, survivor = replicas(
-        procs, backends, 2, redis_server, "depart", state=state,
-        limits={"max_connections_per_backend": 1},
-    )  # fmt: skip
-    await wait_until(lambda: len(presence(redis_server, "depart")) == 2, within=5)
+    victim, survivor = await watched_pair(
+        procs, redis_server, backends, "depart", lease_ttl="30s", cap=1
+    )
     held = await open_many(victim.ws_url, 2)
     assert held.statuses == Counter({101: 2})
     refused = await open_many(survivor.ws_url, 1)
@@ -311,18 +318,11 @@ async def test_a_killed_replicas_slots_come_back_long_before_its_lease(
     victim.process.kill()
     killed = time.monotonic()
     await wait_until(lambda: sum(live(backends)) == 0, within=5)
-    admitted: list[ClientConnection] = []
-    for _ in range(100):
-        admitted += (await open_many(survivor.ws_url, 2 - len(admitted))).open
-        if len(admitted) == 2:
-            break
-        await asyncio.sleep(0.05)
+    admitted = await open_until(survivor.ws_url, 2)
     took = time.monotonic() - killed
     try:
         assert len(admitted) == 2
-        # Silent for two checks and a quarter of a second, two checks to see
-        # it, and slack: against a 30 s lease.
-        assert took <= (2 * 0.25 + 0.25) + 2 * 0.25 + 1.0
+        assert took <= DEPARTED_WITHIN  # against a 30 s lease
         never_over(backends, 1)
         assert live(backends) == [1, 1]
         assert redis_total(redis_server, "depart") == {b.pod_id: 1 for b in backends}
@@ -338,12 +338,9 @@ async def test_a_frozen_replica_is_not_taken_for_a_departed_one(
     # A frozen process (or one cut off by the network) keeps its connections open
     # on the server's side: its slots stay counted until its lease runs out.
     backends = start_backends(procs, 1, tripwire=2)
-    state = {"lease_ttl": "6s", "departure_check": "250ms"}
-    frozen, other = replicas(
-        procs, backends, 2, redis_server, "asleep", state=state,
-        limits={"max_connections_per_backend": 2},
-    )  # fmt: skip
-    await wait_until(lambda: len(presence(redis_server, "asleep")) == 2, within=5)
+    frozen, other = await watched_pair(
+        procs, redis_server, backends, "asleep", lease_ttl="6s", cap=2
+    )
     old = await open_many(frozen.ws_url, 2)
     assert old.statuses == Counter({101: 2})
 

@@ -14,13 +14,12 @@ import time
 from collections import Counter
 
 import pytest
-from fleet import live, never_over, presence, redis_total, truth
-from gwtools import Churn, close_all, open_many, wait_until
+from fleet import DEPARTED_WITHIN, DEPARTURE_CHECK, live, never_over, presence, redis_total, truth
+from gwtools import Churn, close_all, open_many, open_until, wait_until
 from redis import Redis
-from websockets.asyncio.client import ClientConnection
 
 from wsgate.testbed.processes import ProcessGroup, RedisSentinel, RedisServer, wait_for_port
-from wsgate.testbed.topology import start_backends, start_gateway
+from wsgate.testbed.topology import BackendProcess, GatewayProcess, start_backends, start_gateway
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -46,34 +45,54 @@ def replication_up(replica: RedisServer) -> bool:
         client.close()
 
 
-async def test_gateways_follow_a_sentinel_failover_with_caps_held(
-    procs: ProcessGroup, redis_server: RedisServer
-) -> None:
+async def sentinel_watched(
+    procs: ProcessGroup, master: RedisServer
+) -> tuple[RedisServer, list[RedisSentinel]]:
+    """A replica of ``master`` and three sentinels watching it, once it replicates."""
     if shutil.which("redis-sentinel") is None:
         pytest.skip("redis-sentinel is not installed; ./scripts/setup.sh installs it")
-    master = redis_server
     replica = RedisServer(
         procs, "redis-replica", args=["--replicaof", "127.0.0.1", str(master.port)]
     ).start()
     sentinels = [RedisSentinel(procs, f"sentinel-{i}", master, SERVICE).start() for i in range(3)]
     await wait_until(lambda: replication_up(replica), within=15)
+    return replica, sentinels
 
-    backends = start_backends(procs, 3, tripwire=2)
-    state = {
-        "sentinels": [s.address for s in sentinels],
-        "service": SERVICE,
-        "namespace": "ha",
-        "lease_ttl": f"{LEASE_TTL}s",
-        "timeout": "250ms",
-    }
+
+def gateways_on(
+    procs: ProcessGroup,
+    backends: list[BackendProcess],
+    sentinels: list[RedisSentinel],
+    *,
+    cap: int,
+    **state: str,
+) -> list[GatewayProcess]:
+    """Two gateways finding their master through ``sentinels``, listening."""
+    found = {"sentinels": [s.address for s in sentinels], "service": SERVICE, "timeout": "250ms"}
     gateways = [
         start_gateway(
-            procs, backends, name=f"gw-{i}", state=state, limits={"max_connections_per_backend": 2}
+            procs,
+            backends,
+            name=f"gw-{i}",
+            state=found | state,
+            limits={"max_connections_per_backend": cap},
         )
         for i in range(2)
     ]
     for gateway in gateways:
         wait_for_port("127.0.0.1", gateway.admin_port, process=gateway.process)
+    return gateways
+
+
+async def test_gateways_follow_a_sentinel_failover_with_caps_held(
+    procs: ProcessGroup, redis_server: RedisServer
+) -> None:
+    master = redis_server
+    replica, sentinels = await sentinel_watched(procs, master)
+    backends = start_backends(procs, 3, tripwire=2)
+    gateways = gateways_on(
+        procs, backends, sentinels, cap=2, namespace="ha", lease_ttl=f"{LEASE_TTL}s"
+    )
 
     churn = Churn([g.ws_url for g in gateways], clients=12)
     traffic = asyncio.create_task(churn.run(within=60))
@@ -124,31 +143,13 @@ async def test_after_a_failover_a_killed_replica_departs_from_the_new_master(
     # Names of the old master's clients are not judged on the new one; once each
     # replica names its connection there, a killed replica departs within checks,
     # against a lease of 30 s.
-    if shutil.which("redis-sentinel") is None:
-        pytest.skip("redis-sentinel is not installed; ./scripts/setup.sh installs it")
     master = redis_server
-    replica = RedisServer(
-        procs, "redis-replica", args=["--replicaof", "127.0.0.1", str(master.port)]
-    ).start()
-    sentinels = [RedisSentinel(procs, f"sentinel-{i}", master, SERVICE).start() for i in range(3)]
-    await wait_until(lambda: replication_up(replica), within=15)
+    replica, sentinels = await sentinel_watched(procs, master)
     backends = start_backends(procs, 2, tripwire=1)
-    state = {
-        "sentinels": [s.address for s in sentinels],
-        "service": SERVICE,
-        "namespace": "gone",
-        "lease_ttl": "30s",
-        "timeout": "250ms",
-        "departure_check": "250ms",
-    }
-    victim, survivor = (
-        start_gateway(
-            procs, backends, name=f"gw-{i}", state=state, limits={"max_connections_per_backend": 1}
-        )
-        for i in range(2)
-    )
-    for gateway in (victim, survivor):
-        wait_for_port("127.0.0.1", gateway.admin_port, process=gateway.process)
+    victim, survivor = gateways_on(
+        procs, backends, sentinels, cap=1, namespace="gone", lease_ttl="30s",
+        departure_check=f"{DEPARTURE_CHECK}s",
+    )  # fmt: skip
     held = await open_many(victim.ws_url, 2)
     assert held.statuses == Counter({101: 2})
 
@@ -166,16 +167,11 @@ async def test_after_a_failover_a_killed_replica_departs_from_the_new_master(
 
     victim.process.kill()
     killed = time.monotonic()
-    admitted: list[ClientConnection] = []
-    for _ in range(100):
-        admitted += (await open_many(survivor.ws_url, 2 - len(admitted))).open
-        if len(admitted) == 2:
-            break
-        await asyncio.sleep(0.05)
+    admitted = await open_until(survivor.ws_url, 2)
     took = time.monotonic() - killed
     try:
         assert len(admitted) == 2
-        assert took <= (2 * 0.25 + 0.25) + 2 * 0.25 + 1.0
+        assert took <= DEPARTED_WITHIN  # against a 30 s lease
         never_over(backends, 1)
         assert redis_total(replica, "gone") == {b.pod_id: 1 for b in backends}
         assert survivor.admin("/snapshot")["state"]["departures_total"] == 1

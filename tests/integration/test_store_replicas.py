@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from fleet import presence
 from redis import Redis
 
 from wsgate.admission import Admitted, Candidate, Limits, Reason, Rejected, Ticket
@@ -159,14 +160,6 @@ async def test_a_dead_replicas_slots_come_back_within_the_lease(
     assert total == {"pod-0": 1}
 
 
-def presence(server: RedisServer) -> dict[str, str]:
-    client = Redis.from_url(server.url, decode_responses=True)
-    try:
-        return dict(client.hgetall(f"{key_prefix(NS)}:presence"))
-    finally:
-        client.close()
-
-
 async def test_a_replica_whose_connections_closed_is_reaped_before_its_lease(
     make_replica: MakeReplica, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -174,7 +167,7 @@ async def test_a_replica_whose_connections_closed_is_reaped_before_its_lease(
     check = 0.1
     dead = await make_replica(departure_check=check)  # both leases: 30 s
     alive = await make_replica(departure_check=check)
-    await wait_until(lambda: len(presence(redis_server)) == 2, within=3)
+    await wait_until(lambda: len(presence(redis_server, NS)) == 2, within=3)
     for _ in range(2):
         assert isinstance(await dead.admit(pods(2)), Admitted)
     assert isinstance(await alive.admit(pods(2)), Rejected)
@@ -192,7 +185,7 @@ async def test_a_replica_whose_connections_closed_is_reaped_before_its_lease(
     quiet = 2 * check + 0.25  # silent for this long, beside its connection closing
     assert waited <= quiet + 2 * check + 0.5
     total, held = shared_state(redis_server)
-    assert dead.replica_id not in held and dead.replica_id not in presence(redis_server)
+    assert dead.replica_id not in held and dead.replica_id not in presence(redis_server, NS)
     assert total == {"pod-0": 1}
     assert alive.departures_total == 1
     assert f"replica {dead.replica_id} closed its connection to Redis" in caplog.text
@@ -202,8 +195,8 @@ async def test_a_departure_is_void_if_the_replica_named_another_connection_or_li
     make_replica: MakeReplica, redis_server: RedisServer
 ) -> None:
     store = await make_replica(departure_check=0.1)
-    await wait_until(lambda: store.replica_id in presence(redis_server), within=3)
-    named = presence(redis_server)[store.replica_id]
+    await wait_until(lambda: store.replica_id in presence(redis_server, NS), within=3)
+    named = presence(redis_server, NS)[store.replica_id]
     assert isinstance(await store.admit(pods(2)), Admitted)
     client = Redis.from_url(redis_server.url, decode_responses=True)
     try:
@@ -223,7 +216,7 @@ async def test_a_departure_is_void_if_the_replica_named_another_connection_or_li
         await asyncio.sleep(2 * 0.1 + 0.5)
         assert depart(named) == 1
         assert shared_state(redis_server)[0] == {}
-        assert store.replica_id not in presence(redis_server)
+        assert store.replica_id not in presence(redis_server, NS)
     finally:
         client.close()
 
@@ -234,16 +227,16 @@ async def test_a_living_replica_whose_watched_connection_was_reset_is_not_depart
     # Its holder notices the reset within a second; the other looks ten times a second.
     reset = await make_replica(departure_check=1.0)
     watcher = await make_replica(departure_check=0.1)
-    await wait_until(lambda: len(presence(redis_server)) == 2, within=3)
+    await wait_until(lambda: len(presence(redis_server, NS)) == 2, within=3)
     assert isinstance(await reset.admit(pods(2)), Admitted)
-    named = presence(redis_server)[reset.replica_id]
+    named = presence(redis_server, NS)[reset.replica_id]
     client = Redis.from_url(redis_server.url, decode_responses=True)
     try:
         client.execute_command("CLIENT", "KILL", "ID", named.partition(":")[2])
     finally:
         client.close()
     # It names the connection it holds now; meanwhile it kept saying it lives.
-    await wait_until(lambda: presence(redis_server).get(reset.replica_id, named) != named, 3)
+    await wait_until(lambda: presence(redis_server, NS).get(reset.replica_id, named) != named, 3)
     await asyncio.sleep(0.5)  # five more looks
     assert watcher.departures_total == 0
     total, held = shared_state(redis_server)
