@@ -52,9 +52,12 @@ PYTHONMALLOC=malloc run 240 tests/integration/test_relay.py tests/unit/test_fram
 # The data plane: each gateway these tests start inherits this environment, so
 # it runs the same build. Python's own allocator here: a process under ASan with
 # PYTHONMALLOC=malloc takes twice as long to start, and these tests start many.
+# The dialed upgrades' every answer (test_dialed_upgrades) goes through the same build.
 run 420 tests/integration/test_gateway_relay.py tests/integration/test_slot_endings.py \
+  tests/integration/test_dialed_upgrades.py \
   -k "every_size or fragmented or many_sessions or stream_both_ways or open_files_limit \
-      or backend_close_code or backend_closing or mid_response or stop_frees"
+      or backend_close_code or backend_closing or mid_response or stop_frees \
+      or dialed_upgrades"
 
 if compgen -G "$work/asan*" >/dev/null || compgen -G "$work/ubsan*" >/dev/null; then
   cat "$work"/asan* "$work"/ubsan* >&2 2>/dev/null || true

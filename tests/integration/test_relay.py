@@ -8,6 +8,7 @@ descriptor is readable, as the event loop does, to hear of sessions that ended.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -48,6 +49,7 @@ class Bench:
     listener: socket.socket
     ended: list[tuple[str, str]] = field(default_factory=list)
     sockets: list[socket.socket] = field(default_factory=list)
+    answers: list[tuple[str, bytes, int]] = field(default_factory=list)
 
     def session(
         self, name: str = "s", rest: bytes = b""
@@ -78,8 +80,13 @@ class Bench:
 def bench() -> Iterator[Bench]:
     listener = socket.create_server(("127.0.0.1", 0))
     ended: list[tuple[str, str]] = []
-    relay = Relay(lambda owner, outcome: ended.append((owner, outcome)), linger=0.5)
-    bench = Bench(relay, listener, ended)
+    answers: list[tuple[str, bytes, int]] = []
+    relay = Relay(
+        lambda owner, outcome: ended.append((owner, outcome)),
+        on_answer=lambda owner, answer, error: answers.append((owner, answer, error)),
+        linger=0.5,
+    )
+    bench = Bench(relay, listener, ended, answers=answers)
     try:
         yield bench
     finally:
@@ -363,6 +370,204 @@ def test_closed_relay_refuses_and_closes_what_it_is_given(bench: Bench) -> None:
         bench.relay.add(a.detach(), os.dup(b.fileno()), b"", "late")
     assert open_descriptors() == before + 1  # b alone: the relay closed what it got
     b.close()
+
+
+# -- dials: the backend's side opened by the relay ------------------------------------
+
+UPGRADE = b"GET /ws HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+
+
+def dial(bench: Bench, owner: str = "d", request: bytes = UPGRADE) -> tuple[Link, socket.socket]:
+    """(link, backend): a dial to the bench's listener, and the backend's end of it."""
+    host, port = bench.listener.getsockname()
+    link = bench.relay.dial(host, port, request, owner)
+    bench.listener.settimeout(5)
+    backend, _ = bench.listener.accept()
+    bench.sockets.append(backend)
+    return link, backend
+
+
+def client_pair(bench: Bench) -> tuple[socket.socket, int]:
+    """(client, fd): a client connection and the gateway's descriptor of it."""
+    client, inner = tcp_pair(bench.listener)
+    bench.sockets.append(client)
+    return client, inner.detach()
+
+
+def test_a_dial_writes_the_request_and_reports_the_whole_answer_then_relays(
+    bench: Bench,
+) -> None:
+    link, backend = dial(bench, "upgrade")
+    backend.settimeout(5)
+    assert receive(bench, backend, len(UPGRADE)) == UPGRADE
+    early = frame(b"right after the 101")
+    backend.sendall(SWITCHED + early)  # frames may come with the head
+    bench.pump(lambda: bool(bench.answers))
+    assert bench.answers == [("upgrade", SWITCHED + early, 0)]
+    assert link.connected and len(bench.relay) == 0  # not a session until attached
+    client, client_fd = client_pair(bench)
+    link.attach(client_fd, b"HTTP/1.1 101 rewritten\r\n\r\n", early, "session")
+    assert len(bench.relay) == 1
+    expected = b"HTTP/1.1 101 rewritten\r\n\r\n" + early
+    assert receive(bench, client, len(expected)) == expected
+    client.sendall(b"up")
+    assert receive(bench, backend, 2) == b"up"
+    backend.sendall(frame(b"down"))
+    assert receive(bench, client, len(frame(b"down"))) == frame(b"down")
+    assert (link.bytes_in, link.bytes_out) == (2, len(early) + len(frame(b"down")))
+    backend.close()
+    bench.pump(lambda: bool(bench.ended))
+    assert bench.ended == [("session", "backend_closed")]  # the attached owner hears
+
+
+def test_an_answer_is_reported_once_its_head_is_whole(bench: Bench) -> None:
+    _, backend = dial(bench)
+    assert receive(bench, backend, len(UPGRADE)) == UPGRADE
+    for piece in (SWITCHED[:10], SWITCHED[10:-3], SWITCHED[-3:-1]):
+        backend.sendall(piece)
+        bench.pump_for(0.05)
+        assert bench.answers == []
+    backend.sendall(SWITCHED[-1:])
+    bench.pump(lambda: bool(bench.answers))
+    assert bench.answers == [("d", SWITCHED, 0)]
+
+
+def test_a_refused_connect_is_reported_with_its_errno_and_leaves_no_descriptor(
+    bench: Bench,
+) -> None:
+    closed = socket.create_server(("127.0.0.1", 0))
+    host, port = closed.getsockname()
+    closed.close()
+    before = open_descriptors()
+    link = bench.relay.dial(host, port, UPGRADE, "refused")
+    bench.pump(lambda: bool(bench.answers))
+    assert bench.answers == [("refused", b"", errno.ECONNREFUSED)]
+    assert not link.connected and not link.abort()  # over already
+    assert open_descriptors() == before
+
+
+def test_a_backend_closing_before_its_head_ends_is_reported_as_cut(bench: Bench) -> None:
+    _, backend = dial(bench)
+    assert receive(bench, backend, len(UPGRADE)) == UPGRADE
+    backend.sendall(b"HTTP/1.1 101 Sw")
+    backend.close()
+    bench.pump(lambda: bool(bench.answers))
+    assert bench.answers == [("d", b"HTTP/1.1 101 Sw", -1)]
+
+
+def test_an_answer_that_is_no_upgrade_gives_the_socket_back(bench: Bench) -> None:
+    link, backend = dial(bench)
+    assert receive(bench, backend, len(UPGRADE)) == UPGRADE
+    refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 12\r\n\r\n"
+    backend.sendall(refusal)
+    bench.pump(lambda: bool(bench.answers))
+    assert bench.answers == [("d", refusal, 0)]
+    taken = socket.socket(fileno=link.take())
+    bench.sockets.append(taken)
+    backend.sendall(b"not for you!")  # the body: the relay no longer reads this socket
+    taken.settimeout(5)
+    assert taken.recv(100) == b"not for you!"
+    with pytest.raises(ValueError):
+        link.take()
+    taken.close()
+    backend.settimeout(5)
+    assert backend.recv(10) == b""
+    assert bench.ended == []
+
+
+def test_an_aborted_dial_closes_at_once_and_reports_nothing(bench: Bench) -> None:
+    link, backend = dial(bench)
+    assert receive(bench, backend, len(UPGRADE)) == UPGRADE
+    assert link.abort()
+    backend.settimeout(5)
+    assert backend.recv(10) == b""  # closed now, not at the relay's leisure
+    bench.pump_for(0.1)
+    assert bench.answers == [] and bench.ended == []
+    assert not link.abort()
+    client, client_fd = client_pair(bench)
+    with pytest.raises(ValueError):
+        link.attach(client_fd, b"", b"", "late")  # the relay closed the descriptor
+    client.settimeout(5)
+    assert client.recv(10) == b""
+
+
+def test_a_dial_still_connecting_can_be_aborted(bench: Bench) -> None:
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    host, port = full.getsockname()
+    queued = []
+    # An accept queue that is full drops the next handshakes: those connects hang.
+    for _ in range(4):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex((host, port))
+        queued.append(sock)
+    before = open_descriptors()
+    try:
+        link = bench.relay.dial(host, port, UPGRADE, "hanging")
+        bench.pump_for(0.2)
+        assert not link.connected and bench.answers == []
+        assert link.abort()
+        assert open_descriptors() == before
+    finally:
+        for sock in queued:
+            sock.close()
+        full.close()
+
+
+def test_a_head_that_never_ends_is_reported_at_the_limit(bench: Bench) -> None:
+    _, backend = dial(bench)
+    assert receive(bench, backend, len(UPGRADE)) == UPGRADE
+    backend.sendall(b"HTTP/1.1 101 ok\r\nX: " + b"x" * 70_000)
+    bench.pump(lambda: bool(bench.answers))
+    [(_, answer, error)] = bench.answers
+    assert error == 0 and 64 * 1024 <= len(answer) <= 70_000 + 20
+
+
+def test_dials_answered_failed_taken_and_aborted_leave_no_descriptor(bench: Bench) -> None:
+    before = open_descriptors()
+    for round_ in range(3):
+        dials = [dial(bench, f"{round_}-{i}") for i in range(40)]
+        for _, backend in dials:
+            backend.sendall(b"HTTP/1.1 101 ok\r\n\r\n")
+        bench.pump(lambda round_=round_: len(bench.answers) == 40 * (round_ + 1))
+        for index, (link, backend) in enumerate(dials):
+            if index % 3 == 0:
+                client, client_fd = client_pair(bench)
+                link.attach(client_fd, b"", b"", f"s{index}")
+                link.finish()
+                client.close()
+            elif index % 3 == 1:
+                os.close(link.take())
+            else:
+                assert link.abort()
+            backend.close()
+        bench.pump_for(0.05)
+        bench.sockets.clear()
+    assert open_descriptors() == before
+
+
+def test_dials_refuse_what_is_not_an_address(bench: Bench) -> None:
+    with pytest.raises(ValueError, match="not an IP address"):
+        bench.relay.dial("localhost", 80, UPGRADE, "name")
+    with pytest.raises(ValueError, match="not an IP address"):
+        bench.relay.dial("127.0.0.1", 0, UPGRADE, "port")
+    plain = Relay(lambda owner, outcome: None)
+    try:
+        with pytest.raises(ValueError, match="no dials"):
+            plain.dial("127.0.0.1", 80, UPGRADE, "nobody to answer")
+    finally:
+        plain.close()
+
+
+def test_closing_the_relay_closes_a_pending_dial(bench: Bench) -> None:
+    _, backend = dial(bench)
+    assert receive(bench, backend, len(UPGRADE)) == UPGRADE
+    bench.relay.close()
+    backend.settimeout(5)
+    assert backend.recv(10) == b""
 
 
 class _Recorder:

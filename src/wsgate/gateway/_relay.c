@@ -44,6 +44,18 @@
  * Python closed between two batches, after the next whole batch, since that
  * batch may have been fetched before the close.
  *
+ * Dialing. For an upgrade the relay can also open the backend's side itself
+ * (dial): Python makes the decision and hands over the backend's address and
+ * the request's bytes; the relay thread connects, writes the request, reads
+ * until the response head is whole, takes the socket out of its epoll set and
+ * reports the answer (on_answer, through the same eventfd) or why there is
+ * none. The backend's socket never becomes an event-loop transport. Python
+ * reads the answer: to a 101 it attaches the client's socket with the head to
+ * send it (the link relays from then on, as if added); any other answer it
+ * takes the socket back (take) and reads the rest of the response itself.
+ * Until attached, a link counts in no session figure and reports no end; a
+ * dial Python gives up on (abort) is closed at once and reports nothing more.
+ *
  * Lifetime. A relay holds a reference to each of its links and each link one
  * to its relay and to its owner; both types take part in the collector, so a
  * relay nobody closed and nobody refers to is found, stopped (its thread
@@ -53,7 +65,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -77,6 +92,11 @@
 #define OPCODE_CLOSE 0x8
 #define MAX_HEADER 14
 #define EVENTS_PER_RUN 256
+/* A backend's answer to a dialed upgrade is reported once its head is whole, or
+ * once this much came without one (Python then finds it malformed). */
+#define MAX_ANSWER (64 * 1024)
+/* dial_error of an answer cut short: the backend closed before its head ended. */
+#define ANSWER_CUT (-1)
 
 /* -- frame tracker ------------------------------------------------------------------- */
 
@@ -282,7 +302,10 @@ typedef struct {
     OutBuffer out;     /* bytes waiting to be written to this socket */
 } End;
 
-enum { RELAYING, LINGERING, CLOSED };
+/* A dialed link goes DIALING (connecting, writing the request), ANSWERING
+ * (reading the response head), ANSWERED (off the epoll set, waiting for Python
+ * to attach the client or take the socket), then RELAYING as an added one. */
+enum { DIALING, ANSWERING, ANSWERED, RELAYING, LINGERING, CLOSED };
 
 enum {
     OUTCOME_NONE,
@@ -330,6 +353,10 @@ typedef struct LinkObject {
     struct LinkObject *next_ended;  /* on the relay's list of links to report */
     struct LinkObject *next_gone;   /* on one of its lists of links with no socket left */
     struct LinkObject *next_backend_gone; /* on the relay's list of backend sockets closed */
+    struct LinkObject *next_answered; /* on the relay's list of dials to report */
+    OutBuffer answer; /* a dial's response head, as read */
+    int connected;    /* a dial's connect has completed */
+    int dial_error;   /* why a dial failed: an errno, ANSWER_CUT, or 0 */
     PyObject *owner; /* handed to on_end; Python's side only (touched with the GIL) */
 } LinkObject;
 
@@ -348,10 +375,12 @@ typedef struct RelayObject {
     double linger;
     PyObject *on_end;
     PyObject *on_backend_closed; /* or NULL */
+    PyObject *on_answer; /* or NULL: dials are not offered */
     LinkObject *links; /* the relay holds a reference to each until it is freeable */
     LinkObject *lingering_links; /* those of `links` that linger: what the sweep visits */
     Py_ssize_t count;  /* links relaying */
     Py_ssize_t lingering;
+    LinkObject *answered; /* dials to report: answered or failed */
     LinkObject *ended;    /* to report */
     LinkObject *backend_gone; /* backend socket closed: to report after `ended` */
     LinkObject *released; /* no socket left: closed by Python, or in the batch in progress */
@@ -678,12 +707,114 @@ link_readable(RelayObject *relay, End *end)
     }
 }
 
+/* -- dials: the backend's side opened by the relay ------------------------------------ */
+
+/* Whether a head ends in `data`: a blank line (CRLF CRLF, or bare LFs as
+ * lenient parsers accept), looked for from `from` on. */
+static int
+head_complete(const char *data, size_t len, size_t from)
+{
+    size_t at = from > 3 ? from - 3 : 0;
+    while (at < len) {
+        const char *lf = memchr(data + at, '\n', len - at);
+        if (lf == NULL)
+            return 0;
+        size_t i = (size_t)(lf - data);
+        if (i + 1 < len && data[i + 1] == '\n')
+            return 1;
+        if (i + 2 < len && data[i + 1] == '\r' && data[i + 2] == '\n')
+            return 1;
+        at = i + 1;
+    }
+    return 0;
+}
+
+/* Close a link that never relayed: its only socket is the backend's. No end and
+ * no closed backend is reported for it (Python learns of it by other means). */
+static void
+link_drop_dial(RelayObject *relay, LinkObject *link)
+{
+    End *backend = &link->ends[BACKEND];
+    if (backend->fd >= 0) {
+        if (backend->interest)
+            epoll_ctl(relay->epfd, EPOLL_CTL_DEL, backend->fd, NULL);
+        close(backend->fd);
+        backend->fd = -1;
+        backend->interest = 0;
+    }
+    out_free(&backend->out);
+    link_release(link);
+}
+
+/* The dial is over: answered (error 0: the socket waits for Python, out of the
+ * epoll set) or failed (the socket is closed). Either way it is reported. */
+static void
+link_dial_done(RelayObject *relay, LinkObject *link, int error)
+{
+    End *backend = &link->ends[BACKEND];
+    link->dial_error = error;
+    if (error) {
+        link_drop_dial(relay, link);
+    }
+    else {
+        epoll_ctl(relay->epfd, EPOLL_CTL_DEL, backend->fd, NULL);
+        backend->interest = 0;
+        STORE(link->state, ANSWERED);
+    }
+    link->next_answered = relay->answered;
+    relay->answered = link;
+}
+
+static void
+link_dial_event(RelayObject *relay, LinkObject *link, End *backend)
+{
+    if (link->state == DIALING) {
+        /* Writable: connected, or failed, and then the send says why. */
+        if (end_flush(backend) < 0) {
+            link_dial_done(relay, link, errno ? errno : EPIPE);
+            return;
+        }
+        if (out_pending(backend)) {
+            if (backend->out.off > 0)
+                STORE(link->connected, 1); /* part of it left: connected */
+            return; /* the rest when writable again */
+        }
+        STORE(link->connected, 1);
+        STORE(link->state, ANSWERING);
+        end_watch(relay, backend, EPOLLIN);
+        return;
+    }
+    /* ANSWERING */
+    ssize_t size;
+    do {
+        size = recv(backend->fd, relay->scratch, relay->scratch_size, 0);
+    } while (size < 0 && errno == EINTR);
+    if (size > 0) {
+        size_t seen = link->answer.len;
+        if (out_append(&link->answer, (const char *)relay->scratch, (size_t)size) < 0)
+            link_dial_done(relay, link, ENOMEM);
+        else if (head_complete(link->answer.data, link->answer.len, seen) ||
+                 link->answer.len >= MAX_ANSWER)
+            link_dial_done(relay, link, 0);
+    }
+    else if (size == 0) {
+        link_dial_done(relay, link, ANSWER_CUT);
+    }
+    else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        link_dial_done(relay, link, errno);
+    }
+}
+
 static void
 relay_event(RelayObject *relay, End *end, uint32_t events)
 {
     LinkObject *link = end->link;
     if (end->fd < 0 || link->state == CLOSED)
         return; /* closed since this batch was fetched */
+    if (link->state == DIALING || link->state == ANSWERING) {
+        link_dial_event(relay, link, end);
+        return;
+    }
     if (link->state == LINGERING) {
         if ((events & (EPOLLERR | EPOLLHUP)) || end_flush(end) < 0 || !out_pending(end))
             end_close(relay, end);
@@ -767,22 +898,47 @@ relay_thread(void *arg)
         relay->freeable = gone_append(gone_append(relay->freeable, retiring), relay->released);
         relay->released = NULL;
         int report = relay->ended != NULL || relay->backend_gone != NULL ||
-                     relay->freeable != NULL;
+                     relay->freeable != NULL || relay->answered != NULL;
         pthread_mutex_unlock(&relay->lock);
         if (report)
             signal_fd(relay->reportfd);
     }
 }
 
-/* What report() does after taking the lists: call on_end, then
+/* What report() does after taking the lists: call on_answer, on_end, then
  * on_backend_closed, then let go of links. The lists are taken together, and a
  * link's backend socket is closed no later than its end is recorded and before
  * it can be freeable, so each link hears of its end first and of its backend
  * socket after. Runs on Python's thread with the GIL and without the lock. */
 static void
-relay_deliver(RelayObject *relay, LinkObject *ended, LinkObject *backend_gone,
-              LinkObject *freeable)
+relay_deliver(RelayObject *relay, LinkObject *answered, LinkObject *ended,
+              LinkObject *backend_gone, LinkObject *freeable)
 {
+    while (answered != NULL) {
+        LinkObject *link = answered;
+        answered = link->next_answered;
+        link->next_answered = NULL;
+        /* The relay thread is done with the answer: a dial's link is off its
+         * epoll set, or closed. */
+        PyObject *answer = PyBytes_FromStringAndSize(link->answer.data,
+                                                     (Py_ssize_t)link->answer.len);
+        out_free(&link->answer);
+        PyObject *owner = Py_XNewRef(link->owner);
+        if (answer == NULL) {
+            PyErr_WriteUnraisable((PyObject *)link);
+        }
+        else if (owner != NULL && relay->on_answer != NULL) {
+            PyObject *error = PyLong_FromLong(link->dial_error);
+            PyObject *result = error == NULL ? NULL
+                : PyObject_CallFunctionObjArgs(relay->on_answer, owner, answer, error, NULL);
+            if (result == NULL)
+                PyErr_WriteUnraisable(relay->on_answer);
+            Py_XDECREF(result);
+            Py_XDECREF(error);
+        }
+        Py_XDECREF(answer);
+        Py_XDECREF(owner);
+    }
     while (ended != NULL) {
         LinkObject *link = ended;
         ended = link->next_ended;
@@ -820,6 +976,96 @@ relay_deliver(RelayObject *relay, LinkObject *ended, LinkObject *backend_gone,
     }
 }
 
+/* -- making and starting links (Python's thread, with the GIL) ---------------------- */
+
+/* A new link of `relay` holding two descriptors (-1: none yet). Not on the
+ * relay's lists yet; the caller's reference is the one returned. */
+static LinkObject *
+link_new(RelayObject *relay, int state, int client_fd, int backend_fd, PyObject *owner)
+{
+    LinkObject *link = PyObject_GC_New(LinkObject, &LinkType);
+    if (link == NULL)
+        return NULL;
+    link->relay = (RelayObject *)Py_NewRef(relay);
+    tracker_init(&link->tracker);
+    link->bytes_in = link->bytes_out = 0;
+    link->state = state;
+    link->outcome = OUTCOME_NONE;
+    link->injected = 0;
+    link->close = NULL;
+    link->owner = Py_NewRef(owner);
+    link->prev = link->next = link->next_ended = link->next_gone = NULL;
+    link->linger_prev = link->linger_next = link->next_backend_gone = NULL;
+    link->next_answered = NULL;
+    memset(&link->answer, 0, sizeof link->answer);
+    link->connected = 0;
+    link->dial_error = 0;
+    int fds[2] = {client_fd, backend_fd};
+    for (int side = CLIENT; side <= BACKEND; side++) {
+        End *end = &link->ends[side];
+        end->link = link;
+        end->fd = fds[side];
+        end->side = side;
+        end->interest = 0;
+        memset(&end->out, 0, sizeof end->out);
+    }
+    PyObject_GC_Track(link);
+    return link;
+}
+
+/* Put a new link on the relay's list: from now on it holds a reference of its
+ * own (with the GIL and the lock held). */
+static void
+relay_adopt(RelayObject *relay, LinkObject *link)
+{
+    Py_INCREF(link); /* the relay's, until the link is freeable */
+    link->next = relay->links;
+    if (relay->links)
+        relay->links->prev = link;
+    relay->links = link;
+}
+
+/* Relay from now on: both sockets watched, `head` then `rest` on their way to
+ * the client (`rest` as if the backend had just sent it). Returns 0, or the
+ * errno of a failed registration (the link is then finished, unreported). */
+static int
+link_start(RelayObject *relay, LinkObject *link, const void *head, Py_ssize_t head_len,
+           const void *rest, Py_ssize_t rest_len)
+{
+    STORE(link->state, RELAYING);
+    ADD(relay->count, 1);
+    for (int side = CLIENT; side <= BACKEND; side++) {
+        End *end = &link->ends[side];
+        struct epoll_event event = {.events = EPOLLIN, .data.ptr = end};
+        if (epoll_ctl(relay->epfd, EPOLL_CTL_ADD, end->fd, &event) < 0) {
+            int failure = errno;
+            link_end(link, OUTCOME_FINISHED, 0);
+            return failure;
+        }
+        end->interest = EPOLLIN;
+    }
+    if (head_len)
+        end_send(&link->ends[CLIENT], head, (size_t)head_len);
+    if (rest_len && link->state == RELAYING)
+        link_from_backend(link, rest, rest_len);
+    link_watch(link);
+    return 0;
+}
+
+/* Unlock after a change Python made to `link`: tell Python what ended, and
+ * have the relay thread retire the link if the change closed it. */
+static void
+relay_unlock(RelayObject *relay, LinkObject *link)
+{
+    int report = relay->ended != NULL || relay->backend_gone != NULL;
+    int kick = link->state == CLOSED;
+    pthread_mutex_unlock(&relay->lock);
+    if (report)
+        signal_fd(relay->reportfd);
+    if (kick)
+        signal_fd(relay->kickfd);
+}
+
 /* -- Link's Python face ----------------------------------------------------------------- */
 
 static int
@@ -845,6 +1091,7 @@ Link_dealloc(LinkObject *self)
     PyObject_GC_UnTrack(self);
     for (int side = CLIENT; side <= BACKEND; side++)
         out_free(&self->ends[side].out);
+    out_free(&self->answer);
     PyMem_RawFree(self->close);
     Py_XDECREF(self->owner);
     Py_XDECREF(self->relay);
@@ -921,6 +1168,77 @@ Link_finish(LinkObject *self, PyObject *unused)
 }
 
 static PyObject *
+Link_attach(LinkObject *self, PyObject *args)
+{
+    int client_fd;
+    Py_buffer head, rest;
+    PyObject *owner;
+    if (!PyArg_ParseTuple(args, "iy*y*O:attach", &client_fd, &head, &rest, &owner))
+        return NULL;
+    RelayObject *relay = self->relay;
+    pthread_mutex_lock(&relay->lock);
+    int failure = -1;
+    if (self->state == ANSWERED) {
+        self->ends[CLIENT].fd = client_fd;
+        Py_SETREF(self->owner, Py_NewRef(owner)); /* Python's field: the GIL is held */
+        failure = link_start(relay, self, head.buf, head.len, rest.buf, rest.len);
+    }
+    relay_unlock(relay, self);
+    PyBuffer_Release(&head);
+    PyBuffer_Release(&rest);
+    if (failure < 0) {
+        close(client_fd);
+        PyErr_SetString(PyExc_ValueError, "the link has no answered dial to attach to");
+        return NULL;
+    }
+    if (failure) {
+        errno = failure;
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_CLEAR(self->owner);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Link_take(LinkObject *self, PyObject *unused)
+{
+    RelayObject *relay = self->relay;
+    pthread_mutex_lock(&relay->lock);
+    int fd = -1;
+    if (self->state == ANSWERED) {
+        End *backend = &self->ends[BACKEND];
+        fd = backend->fd;
+        backend->fd = -1;
+        link_release(self);
+    }
+    relay_unlock(relay, self);
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "the link has no answered dial to take");
+        return NULL;
+    }
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *
+Link_abort(LinkObject *self, PyObject *unused)
+{
+    RelayObject *relay = self->relay;
+    pthread_mutex_lock(&relay->lock);
+    int dialing = self->state < RELAYING;
+    if (dialing)
+        link_drop_dial(relay, self);
+    relay_unlock(relay, self);
+    return PyBool_FromLong(dialing);
+}
+
+static PyObject *
+Link_connected(LinkObject *self, void *closure)
+{
+    return PyBool_FromLong(LOAD(self->connected));
+}
+
+static PyObject *
 Link_bytes_in(LinkObject *self, void *closure)
 {
     return PyLong_FromUnsignedLongLong(LOAD(self->bytes_in));
@@ -951,6 +1269,15 @@ static PyMethodDef Link_methods[] = {
     {"close_gracefully", (PyCFunction)Link_close_gracefully, METH_VARARGS,
      "Write client_close at the next frame boundary, backend_close to the backend; "
      "False when already closing or ended."},
+    {"attach", (PyCFunction)Link_attach, METH_VARARGS,
+     "attach(client_fd, head, rest, owner): relay an answered dial from now on. Takes "
+     "the client's socket (closed by the relay from now on, even on error); head, then "
+     "rest (as if the backend had just sent it) go to the client; owner replaces the "
+     "dial's for on_end and on_backend_closed."},
+    {"take", (PyCFunction)Link_take, METH_NOARGS,
+     "The backend's socket of an answered dial, now the caller's to read and close."},
+    {"abort", (PyCFunction)Link_abort, METH_NOARGS,
+     "Close a dial not attached yet, at once and without a report; False if not one."},
     {"finish", (PyCFunction)Link_finish, METH_NOARGS,
      "End the session now (no on_end call); waiting bytes are still flushed, and "
      "on_backend_closed follows once the backend's socket is closed."},
@@ -963,6 +1290,8 @@ static PyGetSetDef Link_getset[] = {
     {"outcome", (getter)Link_outcome, NULL, "How the session ended, or None.", NULL},
     {"lingering", (getter)Link_lingering, NULL,
      "True while ended but still flushing to a slow peer.", NULL},
+    {"connected", (getter)Link_connected, NULL,
+     "A dial's connect has completed (True for an added link too).", NULL},
     {NULL},
 };
 
@@ -991,6 +1320,7 @@ Relay_traverse(RelayObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->on_end);
     Py_VISIT(self->on_backend_closed);
+    Py_VISIT(self->on_answer);
     int failed = 0;
     pthread_mutex_lock(&self->lock);
     for (LinkObject *link = self->links; link != NULL && !failed; link = link->next)
@@ -1010,6 +1340,7 @@ Relay_clear(RelayObject *self)
     relay_shut(self, 0);
     Py_CLEAR(self->on_end);
     Py_CLEAR(self->on_backend_closed);
+    Py_CLEAR(self->on_answer);
     return 0;
 }
 
@@ -1032,6 +1363,10 @@ relay_shut(RelayObject *self, int deliver)
     pthread_mutex_lock(&self->lock);
     while (self->links != NULL) {
         LinkObject *link = self->links;
+        if (link->state < RELAYING) {
+            link_drop_dial(self, link); /* a dial not attached: its owner hears nothing */
+            continue;
+        }
         link_end(link, OUTCOME_FINISHED, 0);
         if (link->state == LINGERING) {
             end_cut(self, &link->ends[CLIENT]);
@@ -1045,14 +1380,15 @@ relay_shut(RelayObject *self, int deliver)
             *fds[i] = -1;
         }
     }
+    LinkObject *answered = self->answered;
     LinkObject *ended = self->ended, *backend_gone = self->backend_gone;
     LinkObject *gone = gone_append(self->freeable, self->released);
-    self->ended = self->backend_gone = self->freeable = self->released = NULL;
+    self->answered = self->ended = self->backend_gone = self->freeable = self->released = NULL;
     pthread_mutex_unlock(&self->lock);
     if (deliver)
-        relay_deliver(self, ended, backend_gone, gone);
+        relay_deliver(self, answered, ended, backend_gone, gone);
     else
-        relay_deliver(self, NULL, NULL, gone);
+        relay_deliver(self, NULL, NULL, NULL, gone);
 }
 
 static void
@@ -1069,16 +1405,19 @@ Relay_dealloc(RelayObject *self)
 static PyObject *
 Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"on_end", "on_backend_closed", "read_size", "linger", NULL};
-    PyObject *on_end, *on_backend_closed = Py_None;
+    static char *kwlist[] = {"on_end", "on_backend_closed", "on_answer", "read_size", "linger",
+                             NULL};
+    PyObject *on_end, *on_backend_closed = Py_None, *on_answer = Py_None;
     Py_ssize_t read_size = 256 * 1024;
     double linger = 5.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$Ond:Relay", kwlist, &on_end,
-                                     &on_backend_closed, &read_size, &linger))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$OOnd:Relay", kwlist, &on_end,
+                                     &on_backend_closed, &on_answer, &read_size, &linger))
         return NULL;
     if (!PyCallable_Check(on_end) ||
-        (on_backend_closed != Py_None && !PyCallable_Check(on_backend_closed))) {
-        PyErr_SetString(PyExc_TypeError, "on_end and on_backend_closed must be callable");
+        (on_backend_closed != Py_None && !PyCallable_Check(on_backend_closed)) ||
+        (on_answer != Py_None && !PyCallable_Check(on_answer))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "on_end, on_backend_closed and on_answer must be callable");
         return NULL;
     }
     if (read_size < 1024 || linger < 0) {
@@ -1099,6 +1438,7 @@ Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->scratch_size = (size_t)read_size;
     self->on_end = Py_NewRef(on_end);
     self->on_backend_closed = on_backend_closed == Py_None ? NULL : Py_NewRef(on_backend_closed);
+    self->on_answer = on_answer == Py_None ? NULL : Py_NewRef(on_answer);
     self->epfd = epoll_create1(EPOLL_CLOEXEC);
     self->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     self->kickfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -1146,64 +1486,19 @@ Relay_add(RelayObject *self, PyObject *args)
     if (self->epfd < 0)
         PyErr_SetString(PyExc_ValueError, "the relay is closed");
     else
-        link = PyObject_GC_New(LinkObject, &LinkType);
+        link = link_new(self, RELAYING, client_fd, backend_fd, owner);
     if (link == NULL) {
         PyBuffer_Release(&rest);
         close(client_fd);
         close(backend_fd);
         return NULL;
     }
-    link->relay = (RelayObject *)Py_NewRef(self);
-    tracker_init(&link->tracker);
-    link->bytes_in = link->bytes_out = 0;
-    link->state = RELAYING;
-    link->outcome = OUTCOME_NONE;
-    link->injected = 0;
-    link->close = NULL;
-    link->owner = Py_NewRef(owner);
-    link->prev = link->next = link->next_ended = link->next_gone = NULL;
-    link->linger_prev = link->linger_next = link->next_backend_gone = NULL;
-    int fds[2] = {client_fd, backend_fd};
-    for (int side = CLIENT; side <= BACKEND; side++) {
-        End *end = &link->ends[side];
-        end->link = link;
-        end->fd = fds[side];
-        end->side = side;
-        end->interest = 0;
-        memset(&end->out, 0, sizeof end->out);
-    }
-    PyObject_GC_Track(link);
-    Py_INCREF(link); /* the relay's, until the link is freeable */
     pthread_mutex_lock(&self->lock);
-    link->next = self->links;
-    if (self->links)
-        self->links->prev = link;
-    self->links = link;
-    ADD(self->count, 1);
-    int registered = 1, failure = 0;
-    for (int side = CLIENT; side <= BACKEND && registered; side++) {
-        End *end = &link->ends[side];
-        struct epoll_event event = {.events = EPOLLIN, .data.ptr = end};
-        if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, end->fd, &event) == 0)
-            end->interest = EPOLLIN;
-        else
-            registered = 0, failure = errno;
-    }
-    if (!registered)
-        link_end(link, OUTCOME_FINISHED, 0);
-    else if (rest.len) {
-        link_from_backend(link, rest.buf, rest.len);
-        link_watch(link);
-    }
-    int report = self->ended != NULL || self->backend_gone != NULL;
-    int kick = link->state == CLOSED;
-    pthread_mutex_unlock(&self->lock);
+    relay_adopt(self, link);
+    int failure = link_start(self, link, NULL, 0, rest.buf, rest.len);
+    relay_unlock(self, link);
     PyBuffer_Release(&rest);
-    if (report)
-        signal_fd(self->reportfd);
-    if (kick)
-        signal_fd(self->kickfd);
-    if (!registered) {
+    if (failure) {
         /* Set only now: no Python call is made while the relay thread may wait. */
         errno = failure;
         PyErr_SetFromErrno(PyExc_OSError);
@@ -1214,17 +1509,117 @@ Relay_add(RelayObject *self, PyObject *args)
     return (PyObject *)link;
 }
 
+/* The address of a backend given as an IP literal (no name is resolved here). */
+static int
+parse_ip(const char *host, int port, struct sockaddr_storage *addr, socklen_t *len)
+{
+    memset(addr, 0, sizeof *addr);
+    struct sockaddr_in *v4 = (struct sockaddr_in *)addr;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)addr;
+    if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)port);
+        *len = sizeof *v4;
+        return 0;
+    }
+    if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)port);
+        *len = sizeof *v6;
+        return 0;
+    }
+    return -1;
+}
+
+static PyObject *
+Relay_dial(RelayObject *self, PyObject *args)
+{
+    const char *host;
+    int port;
+    Py_buffer request;
+    PyObject *owner;
+    if (!PyArg_ParseTuple(args, "siy*O:dial", &host, &port, &request, &owner))
+        return NULL;
+    struct sockaddr_storage addr;
+    socklen_t addr_len;
+    int fd = -1, failure = 0;
+    LinkObject *link = NULL;
+    if (self->epfd < 0 || self->on_answer == NULL) {
+        PyErr_SetString(PyExc_ValueError,
+                        self->epfd < 0 ? "the relay is closed" : "the relay takes no dials");
+        goto error;
+    }
+    if (port < 1 || port > 65535 || parse_ip(host, port, &addr, &addr_len) < 0) {
+        PyErr_Format(PyExc_ValueError, "not an IP address and port: %s:%d", host, port);
+        goto error;
+    }
+    fd = socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto error;
+    }
+    int on = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+    int connected = connect(fd, (struct sockaddr *)&addr, addr_len) == 0;
+    if (!connected && errno != EINPROGRESS) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto error;
+    }
+    link = link_new(self, DIALING, -1, fd, owner);
+    if (link == NULL)
+        goto error;
+    fd = -1; /* the link's now */
+    link->connected = connected;
+    End *backend = &link->ends[BACKEND];
+    if (out_append(&backend->out, request.buf, (size_t)request.len) < 0) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    pthread_mutex_lock(&self->lock);
+    relay_adopt(self, link);
+    struct epoll_event event = {.events = EPOLLOUT, .data.ptr = backend};
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, backend->fd, &event) == 0)
+        backend->interest = EPOLLOUT;
+    else {
+        failure = errno;
+        link_drop_dial(self, link);
+    }
+    relay_unlock(self, link);
+    PyBuffer_Release(&request);
+    if (failure) {
+        errno = failure;
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_CLEAR(link->owner);
+        Py_DECREF(link);
+        return NULL;
+    }
+    return (PyObject *)link;
+
+error:
+    PyBuffer_Release(&request);
+    if (fd >= 0)
+        close(fd);
+    if (link != NULL) { /* never on the relay's lists: its socket is closed here */
+        close(link->ends[BACKEND].fd);
+        link->ends[BACKEND].fd = -1;
+        Py_CLEAR(link->owner);
+        Py_DECREF(link);
+    }
+    return NULL;
+}
+
 static PyObject *
 Relay_report(RelayObject *self, PyObject *unused)
 {
     pthread_mutex_lock(&self->lock);
     if (self->reportfd >= 0)
         drain_fd(self->reportfd);
+    LinkObject *answered = self->answered;
     LinkObject *ended = self->ended, *backend_gone = self->backend_gone;
     LinkObject *freeable = self->freeable;
-    self->ended = self->backend_gone = self->freeable = NULL;
+    self->answered = self->ended = self->backend_gone = self->freeable = NULL;
     pthread_mutex_unlock(&self->lock);
-    relay_deliver(self, ended, backend_gone, freeable);
+    relay_deliver(self, answered, ended, backend_gone, freeable);
     Py_RETURN_NONE;
 }
 
@@ -1255,6 +1650,11 @@ static PyMethodDef Relay_methods[] = {
      "by the relay from now on, even on error); rest goes to the client first, as if "
      "the backend had just sent it; owner is passed to on_end(owner, outcome) and "
      "to on_backend_closed(owner)."},
+    {"dial", (PyCFunction)Relay_dial, METH_VARARGS,
+     "dial(host, port, request, owner) -> Link. Connect to an IP address and port on the "
+     "relay's thread, write request, read the response head: on_answer(owner, answer, "
+     "error) tells once, with error 0 (the head is whole, or 64 KiB came without one), "
+     "an errno, or -1 (the backend closed first)."},
     {"report", (PyCFunction)Relay_report, METH_NOARGS,
      "Call on_end for the sessions that ended; let go of the links the relay is done with."},
     {"close", (PyCFunction)Relay_close, METH_NOARGS,
@@ -1275,7 +1675,8 @@ static PySequenceMethods Relay_as_sequence = {
 static PyTypeObject RelayType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "wsgate.gateway._relay.Relay",
-    .tp_doc = "Relay(on_end, *, on_backend_closed=None, read_size=262144, linger=5.0): "
+    .tp_doc = "Relay(on_end, *, on_backend_closed=None, on_answer=None, read_size=262144, "
+              "linger=5.0): "
               "established sessions, "
               "relayed in C by a thread of their own.",
     .tp_basicsize = sizeof(RelayObject),

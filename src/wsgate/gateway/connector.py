@@ -1,7 +1,8 @@
 """Connections to backends: opened with a timeout, pooled for keep-alive HTTP.
 
 The connector opens :class:`~wsgate.gateway.upstream.Upstream` connections and
-keeps the idle ones; it blames no one. A connect that fails raises
+keeps the idle ones; for an upgrade to a plain-TCP backend it has the relay
+dial instead (:mod:`wsgate.gateway.dial`). It blames no one. A connect that fails raises
 :class:`ConnectFailed` (the caller records it against the backend) or, when
 the gateway's own limits stopped it, :class:`OutOfResources`.
 """
@@ -10,14 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
+import ipaddress
+import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from wsgate.edge.tls import TlsError, backend_tls
+from wsgate.gateway._relay import Link, Relay
+from wsgate.gateway.dial import Dial
 from wsgate.gateway.upstream import Upstream
 from wsgate.upstreams.pool import Backend
 
-__all__ = ["OWN_LIMITS", "ConnectFailed", "Connector", "OutOfResources"]
+__all__ = ["OWN_LIMITS", "ConnectFailed", "Connector", "Dialed", "OutOfResources"]
 
 # Idle keep-alive connections kept per backend, and for how long.
 POOL_SIZE = 64
@@ -37,6 +43,23 @@ class ConnectFailed(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class Dialed(NamedTuple):
+    """What a dial came to once the backend took the connection."""
+
+    link: Link  # holds the backend's socket until attached, taken or aborted
+    answer: bytes  # the response head as read (and what came with it)
+    error: int  # 0: answered; else the backend failed before its head ended
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class _Deadline:
@@ -59,10 +82,55 @@ class Connector:
     def __init__(self, connect_timeout: float):
         self.connect_timeout = connect_timeout  # a reload may change it
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.relay: Relay | None = None  # dials upgrades when given (dial_with)
         self._idle: dict[str, list[Upstream]] = {}
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+
+    def dial_with(self, relay: Relay | None) -> None:
+        """Have ``relay`` open upgrades' backend connections (None: transports only)."""
+        self.relay = relay
+
+    def dials(self, backend: Backend) -> bool:
+        """Whether an upgrade to ``backend`` is dialed by the relay.
+
+        Only plain TCP to an address: the relay resolves no names and speaks no TLS.
+        """
+        return self.relay is not None and backend.tls is None and _is_ip(backend.host)
+
+    async def dial(self, backend: Backend, request: bytes) -> Dialed:
+        """Have the relay connect to ``backend``, write ``request`` and read the answer's head.
+
+        Raises:
+            ConnectFailed: the backend refused, could not be reached, or was too slow
+                to take the connection.
+            OutOfResources: the gateway's own open-files limit (or memory).
+        """
+        relay, loop = self.relay, self.loop
+        assert relay is not None and loop is not None, "Connector.start and dial_with first"
+        dial = Dial(loop.create_future())
+        try:
+            link = relay.dial(backend.host, backend.port, request, dial)
+        except OSError as error:
+            if error.errno in OWN_LIMITS:
+                raise OutOfResources(error) from None
+            raise ConnectFailed(f"connect failed: {error}") from None
+        timer = loop.call_later(self.connect_timeout, dial.expire, link)
+        try:
+            answer, failure = await dial.future
+        except asyncio.CancelledError:
+            link.abort()  # the client left: the backend's socket is closed now
+            raise
+        finally:
+            timer.cancel()
+        if failure and not link.connected:
+            if failure in OWN_LIMITS:
+                raise OutOfResources(os.strerror(failure))
+            if failure == errno.ETIMEDOUT:
+                raise ConnectFailed("connect failed: timeout")
+            raise ConnectFailed(f"connect failed: [Errno {failure}] {os.strerror(failure)}")
+        return Dialed(link, answer, failure)
 
     async def acquire(self, backend: Backend, *, pooled: bool) -> Upstream:
         """A connection to ``backend`` (an idle pooled one for HTTP).
@@ -142,6 +210,7 @@ class Connector:
                 upstream.abandon()
 
     def close(self) -> None:
+        self.relay = None
         for idle in list(self._idle.values()):
             for upstream in list(idle):
                 upstream.abandon()

@@ -14,12 +14,13 @@ socket is closed (until then the backend still counts the request).
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 from wsgate.admission import Reason, Rejected
 from wsgate.gateway.access_log import Record
 from wsgate.gateway.admit import Admission
-from wsgate.gateway.connector import ConnectFailed, OutOfResources
+from wsgate.gateway.connector import ConnectFailed, Dialed, OutOfResources
 from wsgate.gateway.flow import Endpoint
 from wsgate.gateway.head import (
     RequestHead,
@@ -28,6 +29,7 @@ from wsgate.gateway.head import (
     render_request,
     render_response,
 )
+from wsgate.gateway.http1 import BadMessage, Head, ResponseReader, Upgrade
 from wsgate.gateway.outcomes import Ending, Kind, Outcome
 from wsgate.gateway.plane import Plane, Route
 from wsgate.gateway.reservation import Reservation
@@ -79,6 +81,22 @@ def _chunk(data: bytes) -> bytes:
 
 def _may_have_body(status: int, request: RequestHead) -> bool:
     return not (request.method == b"HEAD" or status < 200 or status in (204, 304))
+
+
+def _switched(answer: bytes) -> tuple[ResponseHead, bytes] | None:
+    """The head of a dial's answer and what followed it, if it is a 101 that upgraded."""
+    try:
+        events = ResponseReader().feed(answer)
+    except BadMessage:
+        return None
+    head = None
+    for event in events:
+        if isinstance(event, Head):
+            assert isinstance(event.head, ResponseHead)
+            head = event.head
+        elif isinstance(event, Upgrade):
+            return (head, event.rest) if head is not None and head.status == 101 else None
+    return None
 
 
 class Exchange:
@@ -143,8 +161,14 @@ class Exchange:
                 if backend is None:
                     tried.add(reservation.backend_id)
                     continue
+                connector = plane.connector
+                # An upgrade to a plain-TCP backend is dialed by the relay's thread.
+                dialing = head.upgrade and self.client.proto == "http" and connector.dials(backend)
                 try:
-                    upstream = await plane.connector.acquire(backend, pooled=not head.upgrade)
+                    if dialing:
+                        dialed = await connector.dial(backend, self._request_bytes(backend))
+                    else:
+                        upstream = await connector.acquire(backend, pooled=not head.upgrade)
                 except ConnectFailed as failure:
                     backend.connect_failures_total += 1
                     route.pool.record_failure(backend, failure.reason)
@@ -156,40 +180,98 @@ class Exchange:
                 fallback = preferred is not None and preferred != backend.id
                 if fallback:
                     plane.stats.affinity_fallbacks += 1
+                if dialing:
+                    return await self._answered(reservation, backend, dialed, fallback)
                 return await self._forward(reservation, backend, upstream, fallback)
         close = not (keep_alive and request.ended)
         self._reject(Rejected(Reason.BACKEND_UNREACHABLE, 1.0), close=close)
         return not close
 
-    async def _forward(
-        self, reservation: Reservation, backend: Backend, upstream: Upstream, fallback: bool
-    ) -> bool:
-        plane, client, request = self.plane, self.client, self.request
-        head = request.head
-        record = Record(
-            self.kind, self.client_ip, self.request_id, self.started, backend.id, fallback=fallback
-        )
-        self.reservation, self.backend, self.upstream, self.record = (
-            reservation, backend, upstream, record,
-        )  # fmt: skip
-        backend.admitted_total += 1
-        plane.stats.admitted_total += 1
-        assert self.route is not None
-        self.route.admitted_total += 1
-        self.finished = finished = plane.loop.create_future()
-        client.peer, upstream.peer = upstream, client  # flow control, both ways
-        upstream.begin(self, head_request=head.method == b"HEAD", upgrade=head.upgrade)
+    def _request_bytes(self, backend: Backend) -> bytes:
+        """The request's head as the backend is sent it (with an upgrade's early bytes)."""
+        head = self.request.head
         wire = render_request(
             head,
             client_ip=self.client_ip,
             request_id=self.request_id,
             host=backend.address,
-            proto=client.proto,
+            proto=self.client.proto,
         )
-        if head.upgrade:
-            upstream.write(wire + request.rest)
-            record.bytes_in += len(request.rest)
+        return wire + self.request.rest if head.upgrade else wire
+
+    def _admitted(self, reservation: Reservation, backend: Backend, fallback: bool) -> Record:
+        """Count the admission and start its record: a backend took the connection."""
+        record = Record(
+            self.kind, self.client_ip, self.request_id, self.started, backend.id, fallback=fallback
+        )
+        self.reservation, self.backend, self.record = reservation, backend, record
+        backend.admitted_total += 1
+        self.plane.stats.admitted_total += 1
+        assert self.route is not None
+        self.route.admitted_total += 1
+        if self.request.head.upgrade:
+            record.bytes_in += len(self.request.rest)
+        return record
+
+    async def _answered(
+        self, reservation: Reservation, backend: Backend, dialed: Dialed, fallback: bool
+    ) -> bool:
+        """An upgrade the relay dialed: a session on a 101, else the answer read here."""
+        link, answer, failure = dialed
+        if failure:
+            # The backend took the connection and failed before answering; the relay
+            # has closed its socket.
+            self._admitted(reservation, backend, fallback)
+            return self._backend_failed(Ending.BACKEND_FAILED)
+        switched = _switched(answer)
+        if switched is None:
+            # Refused, or not understood: the response is read as through a transport.
+            sock = socket.socket(fileno=link.take())
+            connector = self.plane.connector
+            try:
+                _, upstream = await self.plane.loop.connect_accepted_socket(
+                    lambda: Upstream(backend, connector.forget), sock
+                )
+            except OSError:
+                sock.close()
+                self._admitted(reservation, backend, fallback)
+                return self._backend_failed(Ending.BACKEND_FAILED)
+            return await self._forward(reservation, backend, upstream, fallback, answer=answer)
+        head, rest = switched
+        record = self._admitted(reservation, backend, fallback)
+        record.status = head.status
+        extra = self._admission.cookie_headers(backend.id, self.request.head)
+        response = render_response(head, keep_alive=False, chunked=False, extra=extra)
+        self.plane.sessions.attach(
+            reservation, record, backend, self.client.upgrade(), link, response, rest
+        )
+        assert self.route is not None
+        self.route.pool.record_success(backend)
+        return True
+
+    async def _forward(
+        self,
+        reservation: Reservation,
+        backend: Backend,
+        upstream: Upstream,
+        fallback: bool,
+        *,
+        answer: bytes | None = None,
+    ) -> bool:
+        """Forward through ``upstream``; ``answer``: the relay sent the request, this came."""
+        plane, client, request = self.plane, self.client, self.request
+        head = request.head
+        record = self._admitted(reservation, backend, fallback)
+        self.upstream = upstream
+        self.finished = finished = plane.loop.create_future()
+        client.peer, upstream.peer = upstream, client  # flow control, both ways
+        upstream.begin(self, head_request=head.method == b"HEAD", upgrade=head.upgrade)
+        if answer is not None:
+            upstream.data_received(answer)
+        elif head.upgrade:
+            upstream.write(self._request_bytes(backend))
         else:
+            wire = self._request_bytes(backend)
             body = b"".join(request.body)
             request.body.clear()
             request.body_size = 0
@@ -242,7 +324,14 @@ class Exchange:
                 # The backend has answered in full: the slot is free as the block ends.
                 plane.connector.give_back(upstream)
             return keep and not plane.draining
-        # The backend failed before or during the response.
+        upstream.abandon()
+        upstream.release_when_closed(reservation)
+        return self._backend_failed(ending)
+
+    def _backend_failed(self, ending: Ending) -> bool:
+        """The backend failed before or during its response: a 502 if none was begun."""
+        route, backend, record = self.route, self.backend, self.record
+        assert route is not None and backend is not None and record is not None
         if record.status == 0:
             backend.connect_failures_total += 1
             route.pool.record_failure(backend, ending)
@@ -250,9 +339,7 @@ class Exchange:
                 error_response(502, Reason.BACKEND_UNREACHABLE, retry_after=1.0, close=True)
             )
             record.status = 502
-        upstream.abandon()
-        upstream.release_when_closed(reservation)
-        plane.log.finished(record, ending)
+        self.plane.log.finished(record, ending)
         return False
 
     def _reject(self, decision: Rejected, *, close: bool) -> None:

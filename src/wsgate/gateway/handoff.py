@@ -4,7 +4,8 @@ After ``101`` the session's bytes never pass through Python again: the relay
 (:mod:`wsgate.gateway._relay`) gets a duplicate of each socket's descriptor,
 and the transports let theirs go. Usually nothing waits in uvloop's write
 buffers and :func:`hand_over` does it at once; otherwise a :class:`Handoff`
-holds both transports until uvloop has written what it holds for them.
+holds the transports until uvloop has written what it holds for them. When
+the relay dialed the backend, the client's socket is the only transport.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ __all__ = ["HandOver", "Handoff", "Receiver", "Spares", "hand_over"]
 class Receiver(Protocol):
     """Who takes the sockets: a session, told the descriptors or why there are none."""
 
-    def relay(self, client_fd: int, backend_fd: int, rest: bytes) -> None: ...
+    def relay(self, client_fd: int, backend_fd: int | None, rest: bytes) -> None:
+        """The descriptors; ``backend_fd`` None: the relay has the backend's socket."""
+        ...
 
     def finish(self, outcome: str) -> None: ...
 
@@ -53,7 +56,7 @@ class Handoff(asyncio.Protocol):
         self,
         receiver: Receiver,
         client_transport: asyncio.Transport,
-        backend_transport: asyncio.Transport,
+        backend_transport: asyncio.Transport | None,
         rest: bytes,
         spares: Spares,
     ):
@@ -62,17 +65,14 @@ class Handoff(asyncio.Protocol):
         self.backend_transport = backend_transport
         self.rest = rest
         self.spares = spares
-        for transport in (client_transport, backend_transport):
+        for transport in _both(client_transport, backend_transport):
             transport.set_protocol(self)
             transport.pause_reading()  # the relay reads from here on
             transport.set_write_buffer_limits(0, 0)
 
     def hand_over_when_written(self) -> None:
         receiver = self.receiver
-        if receiver is None or any(
-            transport.get_write_buffer_size()
-            for transport in (self.client_transport, self.backend_transport)
-        ):
+        if receiver is None or _unwritten(self.client_transport, self.backend_transport):
             return
         self.receiver = None
         _hand_over(receiver, self.client_transport, self.backend_transport, self.rest, self.spares)
@@ -95,23 +95,40 @@ class Handoff(asyncio.Protocol):
 
 # How a new session's sockets reach the relay: hand_over, or a test's stand-in.
 HandOver = Callable[
-    [Receiver, asyncio.Transport, asyncio.Transport, bytes, Spares], "Handoff | None"
+    [Receiver, asyncio.Transport, "asyncio.Transport | None", bytes, Spares], "Handoff | None"
 ]
+
+
+def _both(
+    client_transport: asyncio.Transport, backend_transport: asyncio.Transport | None
+) -> tuple[asyncio.Transport, ...]:
+    if backend_transport is None:
+        return (client_transport,)
+    return (client_transport, backend_transport)
+
+
+def _unwritten(
+    client_transport: asyncio.Transport, backend_transport: asyncio.Transport | None
+) -> bool:
+    return bool(client_transport.get_write_buffer_size()) or (
+        backend_transport is not None and bool(backend_transport.get_write_buffer_size())
+    )
 
 
 def hand_over(
     receiver: Receiver,
     client_transport: asyncio.Transport,
-    backend_transport: asyncio.Transport,
+    backend_transport: asyncio.Transport | None,
     rest: bytes,
     spares: Spares,
 ) -> Handoff | None:
-    """Give ``receiver`` both sockets now, or a :class:`Handoff` that will once written.
+    """Give ``receiver`` the sockets now, or a :class:`Handoff` that will once written.
 
-    ``spares`` free a descriptor kept for this moment when duplicating one hits
-    the open-files limit (see :class:`~wsgate.gateway.descriptors.SpareDescriptors`).
+    ``backend_transport`` is None when the relay dialed the backend. ``spares``
+    free a descriptor kept for this moment when duplicating one hits the
+    open-files limit (see :class:`~wsgate.gateway.descriptors.SpareDescriptors`).
     """
-    if client_transport.get_write_buffer_size() or backend_transport.get_write_buffer_size():
+    if _unwritten(client_transport, backend_transport):
         return Handoff(receiver, client_transport, backend_transport, rest, spares)
     _hand_over(receiver, client_transport, backend_transport, rest, spares)
     return None
@@ -120,7 +137,7 @@ def hand_over(
 def _hand_over(
     receiver: Receiver,
     client_transport: asyncio.Transport,
-    backend_transport: asyncio.Transport,
+    backend_transport: asyncio.Transport | None,
     rest: bytes,
     spares: Spares,
 ) -> None:
@@ -138,14 +155,16 @@ def _hand_over(
         spares.refill_soon()
         receiver.finish(Outcome.CLIENT_ERROR)
         return
-    try:
-        backend_fd = _duplicate(backend_transport, spares)
-    except OSError:
-        os.close(client_fd)
-        _abort(client_transport, backend_transport)
-        spares.refill_soon()
-        receiver.finish(Outcome.BACKEND_ERROR)
-        return
+    backend_fd = None
+    if backend_transport is not None:
+        try:
+            backend_fd = _duplicate(backend_transport, spares)
+        except OSError:
+            os.close(client_fd)
+            _abort(client_transport, backend_transport)
+            spares.refill_soon()
+            receiver.finish(Outcome.BACKEND_ERROR)
+            return
     _abort(client_transport, backend_transport)
     spares.refill_soon()
     receiver.relay(client_fd, backend_fd, rest)
@@ -168,7 +187,9 @@ class _Gone(asyncio.Protocol):
 _GONE = _Gone()
 
 
-def _abort(*transports: asyncio.Transport) -> None:
+def _abort(*transports: asyncio.Transport | None) -> None:
     for transport in transports:
+        if transport is None:
+            continue
         transport.set_protocol(_GONE)
         transport.abort()

@@ -132,6 +132,7 @@ class Gateway:
         await self.listener.start(loop)
         # The relay thread starts once there is somewhere for its sessions to come from.
         self.sessions.start(loop)
+        self.connector.dial_with(self.sessions.relay)  # upgrades' backend sides, in C
         self.spares.refill()
         self.spawn(self._housekeeping(), "housekeeping")
         self.ready = True

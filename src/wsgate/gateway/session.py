@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 from wsgate.gateway._relay import Link, Relay
 from wsgate.gateway.access_log import Record, RequestLog
+from wsgate.gateway.dial import answered
 from wsgate.gateway.handoff import Handoff, HandOver, Spares, hand_over
 from wsgate.gateway.outcomes import CloseReason, Outcome
 from wsgate.gateway.reservation import Reservation
@@ -67,7 +68,10 @@ class Sessions:
         self.loop = loop
         # Established sessions are relayed in C; a session hears from it when it ends.
         self.relay = relay = Relay(
-            Session.finish, on_backend_closed=Session.backend_closed, linger=CLOSE_GRACE
+            Session.finish,
+            on_backend_closed=Session.backend_closed,
+            on_answer=answered,
+            linger=CLOSE_GRACE,
         )
         loop.add_reader(relay.fileno(), relay.report)
 
@@ -100,6 +104,27 @@ class Sessions:
             session.handoff = self.hand_over(
                 session, client_transport, backend_transport, rest, self.spares
             )
+        if self.closing is not None:
+            session.close_gracefully(*self.closing)
+        return session
+
+    def attach(
+        self,
+        reservation: Reservation,
+        record: Record,
+        backend: Backend,
+        client_transport: asyncio.Transport,
+        link: Link,
+        head: bytes,
+        rest: bytes,
+    ) -> Session:
+        """A session of a dial the relay made: ``head`` (the 101) and ``rest`` go to the client."""
+        reservation.commit()
+        session = Session(self, reservation, record, backend)
+        session.dialed = (link, head)
+        backend.connections.add(session)
+        self.live.add(session)
+        session.handoff = self.hand_over(session, client_transport, None, rest, self.spares)
         if self.closing is not None:
             session.close_gracefully(*self.closing)
         return session
@@ -140,7 +165,7 @@ class Session:
     """
 
     __slots__ = (
-        "backend", "close_timer", "closing_code", "closing_reason", "done",
+        "backend", "close_timer", "closing_code", "closing_reason", "dialed", "done",
         "duration_factor", "handoff", "link", "record", "reservation", "sessions", "started",
     )  # fmt: skip
 
@@ -161,16 +186,28 @@ class Session:
         self.done = False
         self.handoff: Handoff | None = None
         self.link: Link | TransportLink | None = None
+        # A dial's link and the 101 for the client, until the client's socket joins it.
+        self.dialed: tuple[Link, bytes] | None = None
 
-    def relay(self, client_fd: int, backend_fd: int, rest: bytes) -> None:
-        """The sockets are ours alone now: the relay moves their bytes from here on."""
+    def relay(self, client_fd: int, backend_fd: int | None, rest: bytes) -> None:
+        """The sockets are ours alone now: the relay moves their bytes from here on.
+
+        ``backend_fd`` is None when the relay dialed the backend: its link has it.
+        """
         self.handoff = None
         relay = self.sessions.relay
         try:
-            if relay is None:
+            if backend_fd is None:
+                assert self.dialed is not None
+                link, head = self.dialed
+                self.dialed = None
+                link.attach(client_fd, head, rest, self)
+                self.link = link
+            elif relay is None:
                 raise OSError("the relay is not running")
-            self.link = relay.add(client_fd, backend_fd, rest, self)
-        except OSError as error:
+            else:
+                self.link = relay.add(client_fd, backend_fd, rest, self)
+        except (OSError, ValueError) as error:
             log.warning("relay refused a session: %s", error)
             self.finish(Outcome.RELAY_FAILED)
             return
@@ -234,6 +271,9 @@ class Session:
         if self.handoff is not None:
             self.handoff.abort()
             self.handoff = None
+        if self.dialed is not None:
+            self.dialed[0].abort()  # the backend's socket is closed now
+            self.dialed = None
         record = self.record
         link = self.link
         if link is not None:
