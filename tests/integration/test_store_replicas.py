@@ -191,6 +191,49 @@ async def test_a_replica_whose_connections_closed_is_reaped_before_its_lease(
     assert f"replica {dead.replica_id} closed its connection to Redis" in caplog.text
 
 
+async def test_refusals_while_a_departure_is_due_say_to_retry_once_it_is(
+    make_replica: MakeReplica, redis_server: RedisServer
+) -> None:
+    check = 0.25
+    configured = Limits().no_capacity_retry_after
+    dead = await make_replica(departure_check=check)  # both leases: 30 s
+    alive = await make_replica(departure_check=check)
+    await wait_until(lambda: len(presence(redis_server, NS)) == 2, within=3)
+    for _ in range(2):
+        assert isinstance(await dead.admit(pods(2)), Admitted)
+    full = await alive.admit(pods(2))
+    assert isinstance(full, Rejected) and full.retry_after == configured  # nobody leaving
+    await dead.abandon()  # its connections close, as a process's do when it ends
+    killed = time.monotonic()
+    quiet = 2 * check + 0.25
+    refusals: list[tuple[float, float]] = []  # (when, Retry-After)
+    decision: Admitted | Rejected = full
+    while time.monotonic() - killed < quiet + 2 * check + 1.0:
+        decision = await alive.admit(pods(2))
+        if isinstance(decision, Admitted):
+            break
+        assert decision.reason is Reason.NO_CAPACITY
+        refusals.append((time.monotonic(), decision.retry_after))
+        await asyncio.sleep(0.02)
+    admitted_at = time.monotonic()
+    assert isinstance(decision, Admitted)
+    # The first refusal makes the watcher look; from the next look on, every
+    # refusal says to come back once the slots are due, and they were back by then.
+    hinted = [i for i, (_, retry) in enumerate(refusals) if retry < configured]
+    assert hinted, refusals
+    first = hinted[0]
+    assert refusals[first][0] - killed <= check / 5 + 0.25, refusals
+    assert hinted == list(range(first, len(refusals))), refusals
+    for at, retry in refusals[first:]:
+        assert retry <= quiet + check + 0.05
+        assert at + retry >= admitted_at - 0.05  # not sent back before the slots were
+    # Departed: a refusal for a pool that is full again says what is configured.
+    assert isinstance(await alive.admit(pods(2)), Admitted)
+    await asyncio.sleep(check)
+    again = await alive.admit(pods(2))
+    assert isinstance(again, Rejected) and again.retry_after == configured
+
+
 async def test_a_departure_is_void_if_the_replica_named_another_connection_or_lives(
     make_replica: MakeReplica, redis_server: RedisServer
 ) -> None:

@@ -46,6 +46,13 @@ Why it does not reap the living:
   covers: its next call finds its token gone, it registers its truth again,
   and any backend that is over its cap sheds the excess.
 
+While a replica found gone waits out its ``quiet``, its slots are about to
+come back: a refusal for capacity then tells the client to retry once they
+are due (``retry_hint``), not after the configured ``Retry-After``, and
+makes the watcher look at once rather than at its next interval (at most five
+times an interval), so that the clients of a crashed replica, who all arrive
+in the first moments, hear it too.
+
 ``wsgate`` stays correct without any of this (Redis Cluster, or a server that
 refuses ``CLIENT``): the watcher logs why once and the leases do the work.
 """
@@ -55,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -163,6 +171,9 @@ class Presence:
         #: "run_id:client_id" of the holder, "" while it has none.
         self.name = ""
         self.departures_total = 0
+        #: When the replicas last found gone will have been reaped (monotonic), or 0.
+        self.departing_by = 0.0
+        self._wake = asyncio.Event()  # look now: a refusal may be a departure's
         self._tasks: list[asyncio.Task[None]] = []
         self._refused = False  # the server refused a command the watch needs
         self._first_look = asyncio.Event()  # the holder has tried once
@@ -179,6 +190,15 @@ class Presence:
             async with asyncio.timeout(within):
                 await self._first_look.wait()
         return self.name
+
+    def retry_hint(self, now: float) -> float | None:
+        """Seconds until a replica found gone is due to be reaped, if one is."""
+        left = self.departing_by - now
+        return left if left > 0 else None
+
+    def look_soon(self) -> None:
+        """Look at the others now, not at the next interval (a refusal asks)."""
+        self._wake.set()
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -225,7 +245,12 @@ class Presence:
         client = self._connect()
         try:
             while True:
-                await asyncio.sleep(self.interval)
+                # At most five looks an interval, however many refusals ask.
+                await asyncio.sleep(self.interval / 5)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.interval * 4 / 5):
+                        await self._wake.wait()
+                self._wake.clear()
                 try:
                     async with asyncio.timeout(self._timeout):
                         await self._look(client)
@@ -240,6 +265,7 @@ class Presence:
                 await client.aclose()
 
     async def _look(self, client: aioredis.Redis) -> None:
+        started = time.monotonic()
         key = script.replicas_key(self._namespace)
         token = self._token()
         if token:
@@ -250,9 +276,11 @@ class Presence:
         names = {script.text(k): script.text(v) for k, v in raw.items()}
         watched = judged(names, run_id, me=self._replica_id)
         if not watched:
+            self.departing_by = 0.0
             return
         ids: list[EncodableT] = [name.partition(":")[2] for name in watched.values()]
         listed = client_ids(await client.client_list(client_id=ids))
+        due = 0.0
         for replica, name in departed(watched, listed).items():
             if await script.evalsha(client, key, script.depart_call(replica, name)):
                 self.departures_total += 1
@@ -260,6 +288,11 @@ class Presence:
                     "replica %s closed its connection to Redis: its slots are free again",
                     replica,
                 )
+            else:
+                # Still within the while it last said it lives for (at most
+                # ``quiet`` from now): reaped by the first look after that.
+                due = started + self.quiet + self.interval
+        self.departing_by = due
 
     def _refuse(self, error: ResponseError) -> None:
         if not self._refused:

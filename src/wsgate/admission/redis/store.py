@@ -216,6 +216,17 @@ class RedisStore:
         presence = self._presence
         return (presence.name, presence.quiet) if presence is not None else ("", 0.0)
 
+    def _when_departed(self, decision: Rejected) -> Rejected:
+        """A refusal for capacity while a gone replica's slots are due back: retry then."""
+        presence = self._presence
+        if presence is None or decision.reason is not Reason.NO_CAPACITY:
+            return decision
+        presence.look_soon()
+        hint = presence.retry_hint(time.monotonic())
+        if hint is None or hint >= decision.retry_after:
+            return decision
+        return Rejected(Reason.NO_CAPACITY, hint)
+
     def _presence_renamed(self) -> None:
         self._lease.wake()  # the others must watch the connection we hold now
 
@@ -310,7 +321,7 @@ class RedisStore:
             if isinstance(decision, str):
                 return self._admitted(decision, counted)
             if decision is not None:
-                return decision
+                return self._when_departed(decision)
             break
         if self.on_failure == "closed":
             return Rejected(Reason.STATE_UNAVAILABLE, max(1.0, math.ceil(self._lease.retry_every)))
