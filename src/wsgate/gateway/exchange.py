@@ -227,13 +227,16 @@ class Exchange:
         if switched is None:
             # Refused, or not understood: the response is read as through a transport.
             sock = socket.socket(fileno=link.take())
-            connector = self.plane.connector
+            upstream = Upstream(backend, self.plane.connector.forget)
             try:
-                _, upstream = await self.plane.loop.connect_accepted_socket(
-                    lambda: Upstream(backend, connector.forget), sock
-                )
+                await self.plane.loop.connect_accepted_socket(lambda: upstream, sock)
+            except asyncio.CancelledError:
+                # The client left: the backend counts the request until this socket
+                # is closed (uvloop closes it as the cancel passes).
+                upstream.release_when_closed(reservation)
+                raise
             except OSError:
-                sock.close()
+                sock.close()  # a no-op once uvloop has let go of it
                 self._admitted(reservation, backend, fallback)
                 return self._backend_failed(Ending.BACKEND_FAILED)
             return await self._forward(reservation, backend, upstream, fallback, answer=answer)
