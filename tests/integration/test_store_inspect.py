@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from fleet import presence
 
 from wsgate.admission import Admitted, Candidate, Limits
 from wsgate.admission.redis import RedisStore
@@ -100,6 +101,12 @@ async def test_json_shows_replicas_counts_caps_and_rate(
     assert state["totals"] == {
         "replicas": 2, "backends": 2, "live": 3, "capacity": 4, "held": 3, "clients": 0,
     }  # fmt: skip
+    # Each is watched by the connection it named, which the server has.
+    named = presence(redis_server, "shown")
+    for replica in state["replicas"]:
+        connection = replica["connection"]
+        assert connection["name"] == named[replica["id"]] and connection["open"] is True
+        assert 0 <= connection["quiet_for"] <= 2 * 0.5 + 0.25  # says it lives for this long
 
 
 async def test_table_shows_the_same(
@@ -111,6 +118,25 @@ async def test_table_shows_the_same(
     assert "gw-a" in out and "gw-b" in out
     assert "10.0.0.1:8080" in out and "2 / 2" in out and "1 / 2" in out
     assert "connect rate:" in out and "of 10 tokens" in out
+
+
+async def test_a_replica_whose_connections_closed_is_shown_so(redis_server: RedisServer) -> None:
+    """Nobody else watches it here, so it stays named until its lease runs out."""
+    store = RedisStore(
+        redis_server.url, namespace="alone", replica_id="gw-gone", lease_ttl=15.0, timeout=2.0
+    )
+    await store.start()
+    named = presence(redis_server, "alone")["gw-gone"]
+    await store.abandon()  # its connections close, as a process's do when it ends
+    code, out, err = await wsgate_state(
+        "--redis", redis_server.url, "--namespace", "alone", "--json"
+    )
+    assert code == 0, err
+    [replica] = json.loads(out)["replicas"]
+    assert replica["connection"]["name"] == named and replica["connection"]["open"] is False
+    code, out, err = await wsgate_state("--redis", redis_server.url, "--namespace", "alone")
+    assert code == 0, err
+    assert "gw-gone" in out and "closed" in out
 
 
 async def test_an_unused_namespace_says_so(redis_server: RedisServer) -> None:

@@ -157,6 +157,7 @@ def test_describe_turns_the_reply_into_plain_data() -> None:
         "expires_in": 9.0,
         "held": {"pod-1": 2},
         "slots": 2,
+        "connection": None,  # no departures watched in this reply
     }
     assert gw_b["lease_age"] is None and gw_b["expires_in"] == -0.5
     pod_1, pod_2 = state["backends"]
@@ -178,6 +179,32 @@ def test_describe_turns_the_reply_into_plain_data() -> None:
         "held": 4,
         "clients": 0,
     }
+
+
+def test_describe_says_whether_each_watched_connection_is_open() -> None:
+    now_ms = 1_000_000.0
+    leases = [b"gw-a", b"gw-b", b"gw-c"]
+    reply = [
+        *snapshot_reply(),
+        b"0",  # clients
+        [b"gw-a", b"run1:7", b"gw-b", b"run1:8", b"gw-c", b"run0:3"],  # who is watched by what
+        [b"gw-a", str(now_ms + 800).encode(), b"gw-b", str(now_ms - 5).encode()],  # alive until
+    ]
+    reply[1] = [x for replica in leases for x in (replica, str(now_ms + 9000).encode())]
+    open_names = {"run1:7": True, "run1:8": False}  # gw-c's is another server's: not asked
+    state = describe(reply, store="redis://x", namespace="ns", open_names=open_names)
+    connections = {r["id"]: r["connection"] for r in state["replicas"]}
+    assert connections == {
+        "gw-a": {"name": "run1:7", "open": True, "quiet_for": 0.8},
+        "gw-b": {"name": "run1:8", "open": False, "quiet_for": 0.0},
+        "gw-c": {"name": "run0:3", "open": None, "quiet_for": 0.0},
+    }
+    from rich.console import Console
+
+    console = Console(width=140, record=True, color_system=None)
+    console.print(render(state))
+    text = console.export_text()
+    assert "open" in text and "closed" in text and "?" in text
 
 
 def test_render_marks_expired_leases_and_backends_over_cap() -> None:

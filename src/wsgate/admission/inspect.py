@@ -13,12 +13,13 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -26,6 +27,7 @@ from rich.text import Text
 from wsgate.admission.redis import connect, key_prefix, run_script
 from wsgate.admission.redis.connection import Target as StoreTarget
 from wsgate.admission.redis.connection import describe_target, state_target
+from wsgate.admission.redis.presence import client_ids, run_id_of
 from wsgate.config import ConfigError, load_config, parse_duration
 from wsgate.routing import route_namespace
 from wsgate.runtime import run_async
@@ -202,7 +204,32 @@ async def read_state(
     async with asyncio.timeout(patience):
         raw = await run_script(client, namespace, "inspect", 0)
         buckets = await _count_client_buckets(client, namespace)
-    return describe(raw, store=shown, namespace=namespace, client_buckets=buckets)
+        names = _flat(raw[9]) if len(raw) > 9 else {}
+        open_names = await _open_connections(client, names)
+    return describe(
+        raw, store=shown, namespace=namespace, client_buckets=buckets, open_names=open_names
+    )
+
+
+async def _open_connections(client: aioredis.Redis, names: dict[str, str]) -> dict[str, bool]:
+    """Whether this server still has each of the replicas' named connections.
+
+    A name is ``run_id:client_id``: only those of this server can be asked about,
+    and a Cluster's commands may go to any node, so it is not asked. A name left
+    out is not known.
+    """
+    if not names or isinstance(client, aioredis.RedisCluster):
+        return {}
+    try:
+        run_id = run_id_of(await client.info("server"))
+        ours = [name for name in names.values() if name.partition(":")[0] == run_id]
+        if not ours:
+            return {}
+        ids: list[EncodableT] = [name.partition(":")[2] for name in ours]
+        listed = client_ids(await client.client_list(client_id=ids))
+    except RedisError:
+        return {}  # CLIENT or INFO refused: not known
+    return {name: name.partition(":")[2] in listed for name in ours}
 
 
 async def _count_client_buckets(client: aioredis.Redis, namespace: str) -> int:
@@ -231,9 +258,18 @@ def _rate(per_second: str | None, burst: str | None) -> dict[str, float] | None:
 
 
 def describe(
-    raw: Sequence[Any], *, store: str, namespace: str, client_buckets: int = 0
+    raw: Sequence[Any],
+    *,
+    store: str,
+    namespace: str,
+    client_buckets: int = 0,
+    open_names: Mapping[str, bool] | None = None,
 ) -> dict[str, Any]:
-    """Turn the script's ``inspect`` reply into JSON-ready data. Pure."""
+    """Turn the script's ``inspect`` reply into JSON-ready data. Pure.
+
+    ``open_names``: whether the server still has each of the replicas' named
+    connections (a name left out is not known), for each replica's ``connection``.
+    """
     now_ms = float(_text(raw[0])) / 1000
     expiries = _flat(raw[1])
     renewed = _flat(raw[2])
@@ -248,6 +284,9 @@ def describe(
             k: int(v) for k, v in _flat(cast(Sequence[Any], held_nested[i + 1])).items()
         }
 
+    watched = _flat(raw[9]) if len(raw) > 9 else {}
+    seen = _flat(raw[10]) if len(raw) > 10 else {}
+
     replicas = []
     for replica, expiry in expiries.items():
         last = renewed.get(replica)
@@ -258,6 +297,9 @@ def describe(
                 "expires_in": round((float(expiry) - now_ms) / 1000, 3),
                 "held": held.get(replica, {}),
                 "slots": sum(held.get(replica, {}).values()),
+                "connection": _connection(
+                    watched.get(replica), seen.get(replica), now_ms, open_names
+                ),
             }
         )
 
@@ -306,6 +348,32 @@ def describe(
     }
 
 
+def _connection(
+    name: str | None, seen_until: str | None, now_ms: float, open_names: Mapping[str, bool] | None
+) -> dict[str, Any] | None:
+    """The connection a replica is watched by (docs/state.md, "Departures"), or None."""
+    if not name:
+        return None
+    return {
+        "name": name,
+        # True: the server has it; False: closed (a departure is due); None: not known.
+        "open": (open_names or {}).get(name),
+        # How long the replica has said it lives for (it is not departed before).
+        "quiet_for": round(max(0.0, float(seen_until) - now_ms) / 1000, 3) if seen_until else 0.0,
+    }
+
+
+def _connection_cell(connection: dict[str, Any] | None) -> Text:
+    if connection is None:
+        return Text("-")
+    if connection["open"] is None:
+        return Text("?")
+    if connection["open"]:
+        return Text("open")
+    quiet = connection["quiet_for"]
+    return Text(f"closed, departs in {quiet:.1f}s" if quiet else "closed", style="red")
+
+
 def render(state: dict[str, Any]) -> RenderableType:
     """The rich view of :func:`describe`'s data."""
     route = f"  route {state['route']}" if "route" in state else ""
@@ -326,6 +394,7 @@ def render(state: dict[str, Any]) -> RenderableType:
     replicas.add_column("lease age", justify="right")
     replicas.add_column("expires in", justify="right")
     replicas.add_column("slots", justify="right")
+    replicas.add_column("watched connection")
     for replica in state["replicas"]:
         age = replica["lease_age"]
         left = replica["expires_in"]
@@ -334,6 +403,7 @@ def render(state: dict[str, Any]) -> RenderableType:
             "-" if age is None else f"{age:.1f}s",
             Text(f"{left:.1f}s") if left >= 0 else Text("expired", style="red"),
             str(replica["slots"]),
+            _connection_cell(replica.get("connection")),
         )
 
     backends = Table(title="backends", title_justify="left", expand=False)

@@ -665,6 +665,8 @@ local function inspect(argv)
     rate_offset(now),
     held,
     redis.call('HLEN', CLIENTS),
+    redis.call('HGETALL', PRESENCE),
+    redis.call('HGETALL', SEEN),
   }
 end
 
