@@ -1176,14 +1176,17 @@ Link_attach(LinkObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iy*y*O:attach", &client_fd, &head, &rest, &owner))
         return NULL;
     RelayObject *relay = self->relay;
+    PyObject *previous = NULL; /* the dial's owner, let go of once unlocked */
     pthread_mutex_lock(&relay->lock);
     int failure = -1;
     if (self->state == ANSWERED) {
         self->ends[CLIENT].fd = client_fd;
-        Py_SETREF(self->owner, Py_NewRef(owner)); /* Python's field: the GIL is held */
+        previous = self->owner; /* Python's field: the GIL is held */
+        self->owner = Py_NewRef(owner);
         failure = link_start(relay, self, head.buf, head.len, rest.buf, rest.len);
     }
     relay_unlock(relay, self);
+    Py_XDECREF(previous);
     PyBuffer_Release(&head);
     PyBuffer_Release(&rest);
     if (failure < 0) {
