@@ -108,8 +108,11 @@ def check_answer(raw: bytes, status: int, body: bytes) -> None:
     allowed = judgement.allowed
     if allowed == {Outcome.REFUSE}:
         # The gateway's own answer: a 4xx of its own, not the backend's; a handshake
-        # asking for another protocol version may be told the one spoken (426).
-        own = (400, 408, 431, 426) if judgement.why == VERSION_REFUSED else (400, 408, 431)
+        # asking for another protocol version may be told the one spoken (426). A
+        # head read leniently (a request-line's extra space, say) is judged by its
+        # lenient reading, whose reason comes last: refusing the version is right then.
+        version_refused = judgement.why.rsplit("; ", 1)[-1] == VERSION_REFUSED
+        own = (400, 408, 431, 426) if version_refused else (400, 408, 431)
         assert status in own and json.loads(body)["error"] == "bad_request", (
             raw,
             status,
