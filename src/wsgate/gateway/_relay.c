@@ -1477,6 +1477,19 @@ Relay_fileno(RelayObject *self, PyObject *unused)
     return PyLong_FromLong(self->reportfd);
 }
 
+/* A new link the relay could not take (its sockets are closed): raise the
+ * errno, set only now since no Python call is made while the relay thread may
+ * wait, and let the caller's reference go. */
+static PyObject *
+link_refused(LinkObject *link, int failure)
+{
+    errno = failure;
+    PyErr_SetFromErrno(PyExc_OSError);
+    Py_CLEAR(link->owner);
+    Py_DECREF(link);
+    return NULL;
+}
+
 static PyObject *
 Relay_add(RelayObject *self, PyObject *args)
 {
@@ -1501,15 +1514,7 @@ Relay_add(RelayObject *self, PyObject *args)
     int failure = link_start(self, link, NULL, 0, rest.buf, rest.len);
     relay_unlock(self, link);
     PyBuffer_Release(&rest);
-    if (failure) {
-        /* Set only now: no Python call is made while the relay thread may wait. */
-        errno = failure;
-        PyErr_SetFromErrno(PyExc_OSError);
-        Py_CLEAR(link->owner);
-        Py_DECREF(link);
-        return NULL;
-    }
-    return (PyObject *)link;
+    return failure ? link_refused(link, failure) : (PyObject *)link;
 }
 
 /* The address of a backend given as an IP literal (no name is resolved here). */
@@ -1589,14 +1594,7 @@ Relay_dial(RelayObject *self, PyObject *args)
     }
     relay_unlock(self, link);
     PyBuffer_Release(&request);
-    if (failure) {
-        errno = failure;
-        PyErr_SetFromErrno(PyExc_OSError);
-        Py_CLEAR(link->owner);
-        Py_DECREF(link);
-        return NULL;
-    }
-    return (PyObject *)link;
+    return failure ? link_refused(link, failure) : (PyObject *)link;
 
 error:
     PyBuffer_Release(&request);
