@@ -110,9 +110,7 @@ def _both(
 def _unwritten(
     client_transport: asyncio.Transport, backend_transport: asyncio.Transport | None
 ) -> bool:
-    return bool(client_transport.get_write_buffer_size()) or (
-        backend_transport is not None and bool(backend_transport.get_write_buffer_size())
-    )
+    return any(t.get_write_buffer_size() for t in _both(client_transport, backend_transport))
 
 
 def hand_over(
@@ -187,9 +185,9 @@ class _Gone(asyncio.Protocol):
 _GONE = _Gone()
 
 
-def _abort(*transports: asyncio.Transport | None) -> None:
-    for transport in transports:
-        if transport is None:
-            continue
+def _abort(
+    client_transport: asyncio.Transport, backend_transport: asyncio.Transport | None
+) -> None:
+    for transport in _both(client_transport, backend_transport):
         transport.set_protocol(_GONE)
         transport.abort()

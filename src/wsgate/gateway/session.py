@@ -85,10 +85,7 @@ class Sessions:
         rest: bytes,
     ) -> Session:
         """A session of both transports; ``rest`` is what the backend sent after its 101."""
-        reservation.commit()
-        session = Session(self, reservation, record, backend)
-        backend.connections.add(session)
-        self.live.add(session)
+        session = self._begin(reservation, record, backend)
         if _is_tls(client_transport) or _is_tls(backend_transport):
             # The C relay reads and writes plain sockets: TLS is relayed on the loop.
             session.link = TransportLink(
@@ -104,9 +101,7 @@ class Sessions:
             session.handoff = self.hand_over(
                 session, client_transport, backend_transport, rest, self.spares
             )
-        if self.closing is not None:
-            session.close_gracefully(*self.closing)
-        return session
+        return self._opened(session)
 
     def attach(
         self,
@@ -119,13 +114,21 @@ class Sessions:
         rest: bytes,
     ) -> Session:
         """A session of a dial the relay made: ``head`` (the 101) and ``rest`` go to the client."""
+        session = self._begin(reservation, record, backend)
+        session.dialed = (link, head)
+        session.handoff = self.hand_over(session, client_transport, None, rest, self.spares)
+        return self._opened(session)
+
+    def _begin(self, reservation: Reservation, record: Record, backend: Backend) -> Session:
+        """A live session holding the committed slot, before its sockets are placed."""
         reservation.commit()
         session = Session(self, reservation, record, backend)
-        session.dialed = (link, head)
         backend.connections.add(session)
         self.live.add(session)
-        session.handoff = self.hand_over(session, client_transport, None, rest, self.spares)
-        if self.closing is not None:
+        return session
+
+    def _opened(self, session: Session) -> Session:
+        if self.closing is not None:  # admitted as a drain began: closed at once
             session.close_gracefully(*self.closing)
         return session
 
