@@ -13,6 +13,7 @@ socket is closed (until then the backend still counts the request).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import socket
 import time
@@ -39,14 +40,14 @@ from wsgate.upstreams.pool import Backend
 __all__ = ["Client", "Exchange", "Request"]
 
 
-class Client(Endpoint):
+class Client(Endpoint, abc.ABC):
     """The client's connection as an exchange sees it: an endpoint that can be upgraded."""
 
     proto = "http"  # what the backend is told the client speaks (X-Forwarded-Proto)
 
+    @abc.abstractmethod
     def upgrade(self) -> asyncio.Transport:
         """Give the connection up to a session; its transport, from now on the session's."""
-        raise NotImplementedError
 
 
 class Request:
