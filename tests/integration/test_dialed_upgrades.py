@@ -60,6 +60,16 @@ class ScriptedBackend:
         return {"address": f"127.0.0.1:{self.port}", "id": f"scripted-{self.port}"}
 
 
+def says(answer: bytes) -> Script:
+    """A script that answers the request with ``answer``."""
+
+    async def say(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+        await writer.drain()
+
+    return say
+
+
 @contextlib.asynccontextmanager
 async def scripted(script: Script) -> AsyncIterator[ScriptedBackend]:
     backend = ScriptedBackend(script)
@@ -164,11 +174,7 @@ async def test_a_refused_connect_goes_to_the_next_candidate(procs: ProcessGroup)
     dead = {"address": f"127.0.0.1:{closed.getsockname()[1]}", "id": "dead"}
     closed.close()
 
-    async def switch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(SWITCHED)
-        await writer.drain()
-
-    async with scripted(switch) as backend:
+    async with scripted(says(SWITCHED)) as backend:
         gateway = start_gateway(
             procs,
             [dead, backend.entry],
@@ -192,11 +198,7 @@ async def test_a_refused_connect_goes_to_the_next_candidate(procs: ProcessGroup)
 async def test_an_answer_that_is_no_http_is_a_502_and_frees_the_slot(
     procs: ProcessGroup,
 ) -> None:
-    async def odd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"nonsense\r\n\r\n")
-        await writer.drain()
-
-    async with scripted(odd) as backend:
+    async with scripted(says(b"nonsense\r\n\r\n")) as backend:
         gateway = gateway_for(procs, backend.entry)
         for _ in range(2):
             status, _, _ = await raw_request("127.0.0.1", gateway.port, UPGRADE)
