@@ -1,4 +1,4 @@
-"""What a proxy spends per upgrade or per relayed message, in instructions.
+"""What a proxy spends per upgrade or per relayed message: instructions, or where its time goes.
 
 Runs the raw echo backend and the chosen paths of the bench in front of it
 (wsgate with either store, HAProxy, nginx), each proxy on its own CPU in turn,
@@ -15,11 +15,17 @@ CPU runs at one of two speeds), and every rate figure of the main bench swings
 with it. Instruction counts do not: they resolve differences of a few percent
 between proxies, and between two versions of one.
 
-    .venv/bin/python -m bench.cost [--work setup|relay] [--paths wsgate-memory,haproxy]
-                                   [--rounds 5] [--seconds 2.5]
+Where the CPU has no counters to offer (``--by clock``, the default there),
+``perf record`` samples the proxy's CPU clock instead, with call chains, and
+the run says where each path's CPU time per unit went: its own code in user
+space, and the kernel's share by system call (:mod:`bench.samples`). That is
+what tells a proxy that makes more system calls, or wakes more threads, from
+one that runs more code.
 
-Needs ``perf`` (Debian's linux-perf, installed by ``scripts/setup.sh --bench``)
-with hardware counters; the run says so in one line where they are missing.
+    .venv/bin/python -m bench.cost [--work setup|relay] [--paths wsgate-memory,haproxy]
+                                   [--rounds 5] [--seconds 2.5] [--by instructions|clock]
+
+Needs ``perf`` (Debian's linux-perf, installed by ``scripts/setup.sh --bench``).
 """
 
 from __future__ import annotations
@@ -31,8 +37,11 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 from bench.driver import DriverPool
 from bench.proxies import (
@@ -47,6 +56,7 @@ from bench.proxies import (
     start_path,
     tree_cpu_seconds,
 )
+from bench.samples import OUTSIDE_CALLS, USER, tally
 from bench.suite import cpu_split, settle_time_wait, time_wait_now, usage_error
 from wsgate.testbed.processes import ProcessGroup, RedisServer
 
@@ -54,6 +64,8 @@ __all__ = ["main"]
 
 PROG = "python -m bench.cost"
 EVENTS = ("instructions:u", "instructions:k")
+SAMPLE_HZ = 2999  # off the timer's tick, so samples do not beat with it
+SHOWN_CALLS = 8  # system calls named in the clock table; the rest are summed
 
 
 def _perf_on(pid: int) -> subprocess.Popen[str]:
@@ -93,17 +105,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.5)
     parser.add_argument("--conns", type=int, default=50, help="connections (relay)")
     parser.add_argument("--concurrency", type=int, default=50, help="connectors (setup)")
+    parser.add_argument(
+        "--by",
+        choices=("instructions", "clock"),
+        help="count instructions, or sample where the CPU time goes (default: "
+        "instructions where perf can count them)",
+    )
     args = parser.parse_args(argv)
     paths = _paths(args.paths)
     if min(args.rounds, args.conns, args.concurrency) < 1 or args.seconds <= 0:
         usage_error("counts and seconds must be positive", PROG)
     if shutil.which("perf") is None:
         usage_error("perf is not installed (scripts/setup.sh --bench)", PROG)
+    counts_instructions = _perf_counts_instructions()
+    if args.by is None:
+        args.by = "instructions" if counts_instructions else "clock"
+        if not counts_instructions:
+            print("perf cannot count instructions here: sampling the CPU clock instead")
+    elif args.by == "instructions" and not counts_instructions:
+        usage_error("perf cannot count instructions here (try --by clock)", PROG)
 
     unit = "upgrade" if args.work == "setup" else "round trip"
     settle_time_wait(time_wait_now)  # an earlier run's sockets can make connects time out
     load_cpus, proxy_cpus = cpu_split(sorted(os.sched_getaffinity(0)), 1)
-    found: dict[str, list[tuple[float, float, float, float | None]]] = {path: [] for path in paths}
+    found: dict[str, list[_Round]] = {path: [] for path in paths}
     pool = DriverPool(2)
     try:
         with ProcessGroup() as group:
@@ -126,33 +151,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for proxy in proxies[shift:] + proxies[:shift]:
                     entry = _measure(proxy, pool, args, redis_pid(proxy, redis))
                     if entry is None:
-                        raise SystemExit(f"{PROG}: perf counted nothing (no hardware counters?)")
+                        raise SystemExit(f"{PROG}: {proxy.name}: perf found nothing to count")
                     found[proxy.name].append(entry)
-                    user, kernel, cpu_us, store_us = entry
-                    store = f" (Redis: {store_us:,.1f} µs)" if store_us is not None else ""
                     print(
-                        f"round {round_number + 1} {proxy.name}: {user / 1e3:,.1f}k user + "
-                        f"{kernel / 1e3:,.1f}k kernel instructions, {cpu_us:,.1f} µs CPU "
-                        f"per {unit}{store}",
-                        flush=True,
+                        f"round {round_number + 1} {proxy.name}: {_said(entry, unit)}", flush=True
                     )
     finally:
         pool.stop()
-    print(f"\nper {unit}, median of {args.rounds} rounds ({args.work}):\n")
-    print("| path | user instructions | kernel instructions | CPU | Redis's own CPU |")
-    print("|---|---:|---:|---:|---:|")
-    for path, entries in found.items():
-        if entries:
-            user = statistics.median(e[0] for e in entries)
-            kernel = statistics.median(e[1] for e in entries)
-            cpu_us = statistics.median(e[2] for e in entries)
-            stores = [e[3] for e in entries if e[3] is not None]
-            store = f"{statistics.median(stores):,.1f} µs" if stores else "—"
-            print(
-                f"| {path} | {user / 1e3:,.1f}k | {kernel / 1e3:,.1f}k | {cpu_us:,.1f} µs "
-                f"| {store} |"
-            )
+    if args.by == "clock":
+        _print_time(found, unit, args.rounds)
+    else:
+        _print_instructions(found, unit, args.rounds)
     return 0
+
+
+def _said(entry: _Round, unit: str) -> str:
+    store = f" (Redis: {entry.store_us:,.1f} µs)" if entry.store_us is not None else ""
+    if entry.instructions is not None:
+        user, kernel = entry.instructions
+        spent = f"{user / 1e3:,.1f}k user + {kernel / 1e3:,.1f}k kernel instructions, "
+    else:
+        spent = f"{entry.time_us.get(USER, 0.0):,.1f} µs in user space, "
+    return f"{spent}{entry.cpu_us:,.1f} µs CPU per {unit}{store}"
 
 
 def _work(pool: DriverPool, proxy: Endpoint, args: argparse.Namespace, seconds: float) -> int:
@@ -164,34 +184,145 @@ def _work(pool: DriverPool, proxy: Endpoint, args: argparse.Namespace, seconds: 
     return pool.exchange(64, warmup=0.0, duration=seconds).total
 
 
+class _Round:
+    """One round on one proxy, per unit of work: what it cost and, by clock, where."""
+
+    def __init__(self, cpu_us: float, store_us: float | None):
+        self.cpu_us = cpu_us
+        self.store_us = store_us
+        self.instructions: tuple[float, float] | None = None  # user, kernel
+        self.time_us: dict[str, float] = {}  # µs by use (bench.samples)
+
+
+def _perf_counts_instructions() -> bool:
+    probe = subprocess.run(
+        ["perf", "stat", "-x,", "-e", EVENTS[0], "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return probe.returncode == 0 and "<not supported>" not in probe.stderr
+
+
+def _record_on(pid: int, out: Path) -> subprocess.Popen[str]:
+    argv = ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(SAMPLE_HZ), "-g"]
+    argv += ["-p", str(pid), "-o", str(out)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _recorded(perf: subprocess.Popen[str], out: Path) -> str:
+    perf.send_signal(signal.SIGINT)
+    perf.communicate(timeout=30)
+    script = subprocess.run(
+        ["perf", "script", "-i", str(out), "-F", "tid,ip,sym"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    return script.stdout
+
+
 def _measure(
     proxy: Endpoint, pool: DriverPool, args: argparse.Namespace, store: int | None
-) -> tuple[float, float, float, float | None] | None:
-    """One round on one proxy: instructions (user, kernel) and CPU µs per unit of work,
-    and the CPU µs of the Redis server ``store`` it admits through, if any."""
+) -> _Round | None:
+    """One round on one proxy: instructions (user, kernel) or time by use, and CPU µs
+    per unit of work, and the CPU µs of the Redis server ``store`` it admits through."""
     assert proxy.pid is not None
     if args.work == "relay":
         opened = pool.open(proxy.target, args.conns)
         if opened.opened < args.conns:
             raise SystemExit(f"{PROG}: {proxy.name}: opened {opened.opened} of {args.conns}")
-    try:
-        _work(pool, proxy, args, 0.3)  # warm: the first upgrades or messages find caches cold
-        store_before = tree_cpu_seconds(store) if store is not None else 0.0
-        cpu_before = tree_cpu_seconds(proxy.pid)
-        perf = _perf_on(proxy.pid)
-        time.sleep(0.1)  # perf attached before the first unit of work
-        units = _work(pool, proxy, args, args.seconds)
-        time.sleep(0.1)  # and the closes counted too
-        counts = _counts(perf)
-        cpu = tree_cpu_seconds(proxy.pid) - cpu_before
-        store_cpu = tree_cpu_seconds(store) - store_before if store is not None else None
-    finally:
-        pool.close_all()
-    if not counts or units == 0:
+    with tempfile.TemporaryDirectory(prefix="wsgate-cost-") as scratch:
+        recording = Path(scratch) / "perf.data"
+        try:
+            _work(pool, proxy, args, 0.3)  # warm: the first units find caches cold
+            store_before = tree_cpu_seconds(store) if store is not None else 0.0
+            cpu_before = tree_cpu_seconds(proxy.pid)
+            clock = args.by == "clock"
+            perf = _record_on(proxy.pid, recording) if clock else _perf_on(proxy.pid)
+            time.sleep(0.1)  # perf attached before the first unit of work
+            units = _work(pool, proxy, args, args.seconds)
+            time.sleep(0.1)  # and the closes counted too
+            cpu = tree_cpu_seconds(proxy.pid) - cpu_before
+            store_cpu = tree_cpu_seconds(store) - store_before if store is not None else None
+            if args.by == "clock":
+                samples = tally(_recorded(perf, recording))
+            else:
+                counts = _counts(perf)
+        finally:
+            pool.close_all()
+    if units == 0:
         return None
-    per_unit = (counts.get(EVENTS[0], 0) / units, counts.get(EVENTS[1], 0) / units)
-    store_us = 1e6 * store_cpu / units if store_cpu is not None else None
-    return (*per_unit, 1e6 * cpu / units, store_us)
+    found = _Round(1e6 * cpu / units, 1e6 * store_cpu / units if store_cpu is not None else None)
+    if args.by == "clock":
+        if samples.total == 0:
+            return None
+        for use, count in samples.by_use.items():
+            found.time_us[use] = found.cpu_us * count / samples.total
+    else:
+        if not counts:
+            return None
+        found.instructions = (counts.get(EVENTS[0], 0) / units, counts.get(EVENTS[1], 0) / units)
+    return found
+
+
+def _print_instructions(found: dict[str, list[_Round]], unit: str, rounds: int) -> None:
+    print(f"\nper {unit}, median of {rounds} rounds:\n")
+    print("| path | user instructions | kernel instructions | CPU | Redis's own CPU |")
+    print("|---|---:|---:|---:|---:|")
+    for path, entries in found.items():
+        if entries:
+            counted = [e.instructions for e in entries if e.instructions is not None]
+            user = statistics.median(c[0] for c in counted)
+            kernel = statistics.median(c[1] for c in counted)
+            print(
+                f"| {path} | {user / 1e3:,.1f}k | {kernel / 1e3:,.1f}k "
+                f"| {_median_cpu(entries)} | {_median_store(entries)} |"
+            )
+
+
+def _print_time(found: dict[str, list[_Round]], unit: str, rounds: int) -> None:
+    """µs per unit by use, each the median over rounds; the calls most spent in named."""
+    ran = {path: entries for path, entries in found.items() if entries}
+    medians: dict[str, dict[str, float]] = {}
+    for path, entries in ran.items():
+        uses = set().union(*(e.time_us for e in entries))
+        medians[path] = {u: statistics.median(e.time_us.get(u, 0.0) for e in entries) for u in uses}
+    overall: Counter[str] = Counter()
+    for spent in medians.values():
+        for use, us in spent.items():
+            overall[use] += round(us * 1000)
+    calls = [u for u, _ in overall.most_common() if u not in (USER, OUTSIDE_CALLS)]
+    shown = calls[:SHOWN_CALLS]
+    print(f"\nCPU µs per {unit}, median of {rounds} rounds, from CPU-clock samples:\n")
+    print("| | " + " | ".join(ran) + " |")
+    print("|---|" + "---:|" * len(ran))
+
+    def row(label: str, values: list[float]) -> None:
+        print(f"| {label} | " + " | ".join(f"{v:,.1f}" for v in values) + " |")
+
+    row("CPU (from /proc)", [statistics.median(e.cpu_us for e in ran[p]) for p in ran])
+    row(USER, [medians[p].get(USER, 0.0) for p in ran])
+    row("kernel", [sum(v for u, v in medians[p].items() if u != USER) for p in ran])
+    for use in shown:
+        row(f"kernel: {use}", [medians[p].get(use, 0.0) for p in ran])
+    rest = [u for u in calls if u not in shown]
+    row("kernel: other system calls", [sum(medians[p].get(u, 0.0) for u in rest) for p in ran])
+    row(
+        f"kernel: {OUTSIDE_CALLS.removeprefix('kernel, ')}",
+        [medians[p].get(OUTSIDE_CALLS, 0.0) for p in ran],
+    )
+    print("| Redis's own CPU | " + " | ".join(_median_store(ran[p]) for p in ran) + " |")
+
+
+def _median_cpu(entries: list[_Round]) -> str:
+    return f"{statistics.median(e.cpu_us for e in entries):,.1f} µs"
+
+
+def _median_store(entries: list[_Round]) -> str:
+    stores = [e.store_us for e in entries if e.store_us is not None]
+    return f"{statistics.median(stores):,.1f} µs" if stores else "—"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python -m bench.cost`: instruction counts per unit of work, from perf, for a proxy."""
+"""`python -m bench.cost`: instruction counts, or where the CPU time goes, per unit of work."""
 
 from __future__ import annotations
 
@@ -42,6 +42,23 @@ def test_cost_counts_instructions_per_unit_of_work(work: str) -> None:
     # instructions) and some user-space work (Python's for an upgrade, the C relay's
     # few hundred instructions for a round trip).
     assert user > 0.1 and kernel > 1 and cpu_us > 0, row.group(0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("perf") is None, reason="perf is not installed")
+def test_cost_by_clock_says_where_an_upgrades_time_goes() -> None:
+    argv = [sys.executable, "-m", "bench.cost", "--work", "setup", "--paths", "wsgate-memory"]
+    argv += ["--rounds", "1", "--seconds", "0.5", "--by", "clock"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = dict(re.findall(r"^\| ([^|]+?) \| ([\d.,]+) \|$", done.stdout, re.M))
+    spent = {label: float(value.replace(",", "")) for label, value in rows.items()}
+    # The gateway's own code runs per upgrade, and it dials every backend itself:
+    # connect(2) is on the list, with what the kernel spent in it.
+    assert spent["user space"] > 0 and spent["kernel: connect"] > 0, done.stdout
+    # The split shares out the CPU time /proc counted, to the rounding of its rows.
+    parts = spent["user space"] + spent["kernel"]
+    assert abs(parts - spent["CPU (from /proc)"]) <= 0.2, done.stdout
 
 
 def test_cost_refuses_direct_in_one_line() -> None:

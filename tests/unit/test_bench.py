@@ -227,3 +227,49 @@ def test_a_run_waits_for_an_earlier_runs_time_wait_sockets_within_its_patience()
     assert stuck == (50_000, 5.0)
     # Few enough: no wait at all.
     assert settle_time_wait(lambda: 100, clock=lambda: now[0], sleep=sleep) == (100, 0.0)
+
+
+# Three samples as `perf script -F tid,ip,sym` prints them: Python's own code, the
+# kernel inside connect(2) (its handler on the chain), and the kernel switching a
+# thread out while it ran user code; then one in a call whose handler perf did not see.
+_PERF_SCRIPT = """\
+ 3950 
+\t          30124a _PyEval_EvalFrameDefault
+\t    7f9cd5e4864000 [unknown]
+
+ 3950 
+\tffffffff8226e6a7 _raw_spin_lock
+\tffffffff820642f6 __inet_hash_connect
+\tffffffff81e7be31 __sys_connect
+\tffffffff81e7be99 __x64_sys_connect
+\tffffffff8225a101 do_syscall_64
+\tffffffff81000130 entry_SYSCALL_64_after_hwframe
+\t           f82ec __libc_connect
+
+ 3959 
+\tffffffff81234567 finish_task_switch.isra.0
+\tffffffff81234600 __schedule
+\tffffffff81234700 irqentry_exit_to_user_mode
+\tffffffff81234800 asm_sysvec_apic_timer_interrupt
+\t           fc382 _PyEval_EvalFrameDefault
+
+ 3959 
+\tffffffff81234567 finish_task_switch.isra.0
+\tffffffff81234600 schedule
+\tffffffff81234650 exit_to_user_mode_loop
+\tffffffff8225a101 do_syscall_64
+\tffffffff81000130 entry_SYSCALL_64_after_hwframe
+\t           d1234 __GI___libc_write
+
+"""
+
+
+def test_samples_are_put_down_to_user_space_a_system_call_or_the_kernel_outside_one() -> None:
+    from bench.samples import OUTSIDE_CALLS, USER, tally
+
+    found = tally(_PERF_SCRIPT)
+    assert dict(found.by_use) == {USER: 1, "connect": 1, OUTSIDE_CALLS: 1, "write": 1}
+    assert dict(found.by_thread) == {3950: 2, 3959: 2}
+    assert found.total == 4 and found.kernel() == 3
+    assert found.share("connect") == 0.25
+    assert tally("").total == 0 and tally("").share(USER) == 0.0
