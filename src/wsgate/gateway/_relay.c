@@ -42,7 +42,12 @@
  * when no batch of events can point at it any more: one the relay thread
  * closed, at the end of that batch (the next wait starts after the close); one
  * Python closed between two batches, after the next whole batch, since that
- * batch may have been fetched before the close.
+ * batch may have been fetched before the close. A new dial's socket enters the
+ * epoll set after Python has let go of the mutex: a socket that connected during
+ * connect() (as on loopback) is writable at once, and its registration wakes the
+ * relay thread, which would then wait on the mutex, with a futex wait, a wake
+ * and two context switches per dial. Nothing can touch the link in between: it
+ * has no event before it is registered, and Python's own calls hold the GIL.
  *
  * Dialing. For an upgrade the relay can also open the backend's side itself
  * (dial): Python makes the decision and hands over the backend's address and
@@ -1585,14 +1590,18 @@ Relay_dial(RelayObject *self, PyObject *args)
     }
     pthread_mutex_lock(&self->lock);
     relay_adopt(self, link);
-    struct epoll_event event = {.events = EPOLLOUT, .data.ptr = backend};
-    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, backend->fd, &event) == 0)
-        backend->interest = EPOLLOUT;
-    else {
-        failure = errno;
-        link_drop_dial(self, link);
-    }
+    backend->interest = EPOLLOUT;
     relay_unlock(self, link);
+    /* Registered once unlocked (see "Threads" above): a socket that connected at
+     * once is writable already, and its registration wakes the relay thread. */
+    struct epoll_event event = {.events = EPOLLOUT, .data.ptr = backend};
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, backend->fd, &event) < 0) {
+        failure = errno;
+        pthread_mutex_lock(&self->lock);
+        backend->interest = 0;
+        link_drop_dial(self, link);
+        relay_unlock(self, link);
+    }
     PyBuffer_Release(&request);
     return failure ? link_refused(link, failure) : (PyObject *)link;
 
