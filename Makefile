@@ -1,8 +1,11 @@
 # The README's commands. Each one sets up what it needs first.
-.PHONY: setup demo test test-fast test-containers sanitize lint format bench bench-smoke bench-storm image image-base clean
+.PHONY: setup demo test test-fast test-scenarios test-containers sanitize lint format bench bench-smoke bench-storm image image-base clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
+# Bounded scenarios that `make test` leaves out and CI runs on their own
+# (`make test-scenarios`): the fault suite, the fuzzers, the bench's smoke runs.
+SCENARIOS := faults or fuzz or bench
 
 setup:
 	./scripts/setup.sh
@@ -11,10 +14,13 @@ demo: setup
 	$(VENV)/bin/wsgate demo $(ARGS)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not containers and not ($(SCENARIOS))" $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not containers and not slow" $(PYTEST_ARGS)
+
+test-scenarios: setup
+	$(PY) -m pytest -m "($(SCENARIOS)) and not containers" $(PYTEST_ARGS)
 
 # The image built and run with podman, the seed topology from the manifests (root, a
 # few minutes; `make test` leaves these out).

@@ -25,6 +25,7 @@ def _perf_counts_instructions() -> bool:
     return probe.returncode == 0 and "<not supported>" not in probe.stderr
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 @pytest.mark.skipif(not _perf_counts_instructions(), reason="perf cannot count instructions here")
 @pytest.mark.parametrize("work", ["relay", "setup"])
@@ -44,6 +45,7 @@ def test_cost_counts_instructions_per_unit_of_work(work: str) -> None:
     assert user > 0.1 and kernel > 1 and cpu_us > 0, row.group(0)
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("perf") is None, reason="perf is not installed")
 def test_cost_by_clock_says_where_an_upgrades_time_goes() -> None:

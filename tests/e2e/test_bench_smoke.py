@@ -35,6 +35,7 @@ def _run_smoke(out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(argv, bench.returncode, output, "")
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 def test_smoke_run_measures_every_path_and_writes_sane_results(tmp_path: Path) -> None:
     out = tmp_path / "results"
@@ -103,6 +104,7 @@ def test_smoke_run_measures_every_path_and_writes_sane_results(tmp_path: Path) -
         assert "ratio_vs_one" in workers["workers"]["2"], workers
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 def test_the_asyncio_floor_runs_when_named_and_sets_up_every_upgrade(tmp_path: Path) -> None:
     out = tmp_path / "results"

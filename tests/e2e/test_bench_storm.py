@@ -22,6 +22,7 @@ def test_the_reconnect_rate_leaves_out_the_wait_before_the_first_return() -> Non
     assert reconnect_rate(timeline, {**storm, "recovered_at_s": None}) is None
 
 
+@pytest.mark.bench
 @pytest.mark.slow
 def test_the_storm_smoke_run_recovers_within_the_caps(tmp_path: Path) -> None:
     if find_redis_server() is None:

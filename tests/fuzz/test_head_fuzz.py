@@ -16,6 +16,8 @@ from rfc_head import Outcome, judge
 
 from wsgate.gateway.head import render_request
 
+pytestmark = pytest.mark.fuzz
+
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -25,7 +25,7 @@ from rfc_head import VERSION_REFUSED, Outcome, judge
 from wsgate.testbed.processes import ProcessGroup
 from wsgate.testbed.topology import start_backends, start_gateway
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.fuzz, pytest.mark.slow]
 
 REQUESTS = 300
 AT_ONCE = 25

@@ -308,6 +308,7 @@ class SharedAdmission(RuleBasedStateMachine):
             assert count <= CAPS[backend], (backend, count)
 
 
+@pytest.mark.fuzz
 @pytest.mark.slow
 def test_random_interleavings_keep_the_invariant(redis_server: RedisServer) -> None:
     SharedAdmission.url = redis_server.url

@@ -233,11 +233,11 @@ def test_a_run_waits_for_an_earlier_runs_time_wait_sockets_within_its_patience()
 # kernel inside connect(2) (its handler on the chain), and the kernel switching a
 # thread out while it ran user code; then one in a call whose handler perf did not see.
 _PERF_SCRIPT = """\
- 3950 
+ 3950
 \t          30124a _PyEval_EvalFrameDefault
 \t    7f9cd5e4864000 [unknown]
 
- 3950 
+ 3950
 \tffffffff8226e6a7 _raw_spin_lock
 \tffffffff820642f6 __inet_hash_connect
 \tffffffff81e7be31 __sys_connect
@@ -246,14 +246,14 @@ _PERF_SCRIPT = """\
 \tffffffff81000130 entry_SYSCALL_64_after_hwframe
 \t           f82ec __libc_connect
 
- 3959 
+ 3959
 \tffffffff81234567 finish_task_switch.isra.0
 \tffffffff81234600 __schedule
 \tffffffff81234700 irqentry_exit_to_user_mode
 \tffffffff81234800 asm_sysvec_apic_timer_interrupt
 \t           fc382 _PyEval_EvalFrameDefault
 
- 3959 
+ 3959
 \tffffffff81234567 finish_task_switch.isra.0
 \tffffffff81234600 schedule
 \tffffffff81234650 exit_to_user_mode_loop
