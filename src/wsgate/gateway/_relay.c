@@ -36,7 +36,9 @@
  * exception and makes no call into Python while it holds the mutex. The
  * counters Python reads (bytes, outcome, lingering, len) are atomic: reading
  * them never waits for a batch. The relay reports through an eventfd that the
- * event loop watches: report() then calls on_end(owner, outcome) for each ended
+ * event loop watches, written only when no earlier write still waits for
+ * report() (so one wake-up of the loop takes the news of many batches when
+ * Python is busy): report() then calls on_end(owner, outcome) for each ended
  * session, on_backend_closed(owner) for each closed backend socket, and drops
  * the relay's reference to the links it is done with. A link is let go only
  * when no batch of events can point at it any more: one the relay thread
@@ -375,6 +377,7 @@ typedef struct RelayObject {
     int timerfd;  /* ticks while sessions linger, to cut stuck flushes */
     int kickfd;   /* wakes the relay thread: to stop, or to retire closed links */
     int reportfd; /* readable while something waits for report() */
+    int signalled; /* reportfd written since the last report(): one wake-up serves all */
     unsigned char *scratch;
     size_t scratch_size;
     double linger;
@@ -404,6 +407,17 @@ signal_fd(int fd)
     if (fd >= 0 && write(fd, &one, sizeof one) < 0) {
         /* EAGAIN: the counter is full, so the reader is due anyway. */
     }
+}
+
+/* Under the lock: whether `pending` news must wake Python, which it need not
+ * when an earlier signal has not been taken by report() yet. */
+static int
+relay_due(RelayObject *relay, int pending)
+{
+    if (!pending || relay->signalled)
+        return 0;
+    relay->signalled = 1;
+    return 1;
 }
 
 static void
@@ -902,8 +916,8 @@ relay_thread(void *arg)
         }
         relay->freeable = gone_append(gone_append(relay->freeable, retiring), relay->released);
         relay->released = NULL;
-        int report = relay->ended != NULL || relay->backend_gone != NULL ||
-                     relay->freeable != NULL || relay->answered != NULL;
+        int report = relay_due(relay, relay->ended != NULL || relay->backend_gone != NULL ||
+                                          relay->freeable != NULL || relay->answered != NULL);
         pthread_mutex_unlock(&relay->lock);
         if (report)
             signal_fd(relay->reportfd);
@@ -1062,7 +1076,7 @@ link_start(RelayObject *relay, LinkObject *link, const void *head, Py_ssize_t he
 static void
 relay_unlock(RelayObject *relay, LinkObject *link)
 {
-    int report = relay->ended != NULL || relay->backend_gone != NULL;
+    int report = relay_due(relay, relay->ended != NULL || relay->backend_gone != NULL);
     int kick = link->state == CLOSED;
     pthread_mutex_unlock(&relay->lock);
     if (report)
@@ -1144,7 +1158,7 @@ Link_close_gracefully(LinkObject *self, PyObject *args)
         }
         link_watch(self);
     }
-    int report = relay->ended != NULL || relay->backend_gone != NULL;
+    int report = relay_due(relay, relay->ended != NULL || relay->backend_gone != NULL);
     int kick = accepted && self->state == CLOSED; /* a failed send closed it: retire it */
     pthread_mutex_unlock(&relay->lock);
     PyMem_RawFree(frames); /* not taken: already closing or ended */
@@ -1163,7 +1177,7 @@ Link_finish(LinkObject *self, PyObject *unused)
     int was_relaying = self->state == RELAYING;
     link_end(self, OUTCOME_FINISHED, 0);
     int kick = was_relaying && self->state == CLOSED;
-    int report = relay->backend_gone != NULL;
+    int report = relay_due(relay, relay->backend_gone != NULL);
     pthread_mutex_unlock(&relay->lock);
     if (kick)
         signal_fd(relay->kickfd); /* so that the relay thread retires it */
@@ -1624,6 +1638,7 @@ Relay_report(RelayObject *self, PyObject *unused)
     pthread_mutex_lock(&self->lock);
     if (self->reportfd >= 0)
         drain_fd(self->reportfd);
+    self->signalled = 0; /* what comes after this taking signals anew */
     LinkObject *answered = self->answered;
     LinkObject *ended = self->ended, *backend_gone = self->backend_gone;
     LinkObject *freeable = self->freeable;
