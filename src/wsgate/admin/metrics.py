@@ -2,9 +2,10 @@
 
 The data path only bumps plain integers (see :mod:`wsgate.gateway.stats`);
 turning them into metric families happens here, once per scrape, from one
-:class:`~wsgate.admin.snapshot.Snapshot`. The two histograms (connection
-duration, admission latency) are observed by the gateway itself and live on
-the same registry, so ``generate_latest(gw.stats.registry)`` exposes everything.
+:class:`~wsgate.admin.snapshot.Snapshot`, and the two histograms (connection
+duration, admission latency) from the gateway's plain buckets
+(:class:`~wsgate.gateway.stats.Buckets`). The collector is registered on the
+gateway's registry, so ``generate_latest(gw.stats.registry)`` exposes everything.
 
 Names follow the Prometheus conventions: a ``wsgate_`` prefix, base units
 (``_seconds``, ``_bytes``), ``_total`` on counters. Per-backend series carry
@@ -19,7 +20,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from wsgate.admin.snapshot import Snapshot, take_snapshot
@@ -28,12 +34,14 @@ if TYPE_CHECKING:
     from wsgate.edge.tls import ServingCertificate
     from wsgate.gateway.edge_listener import EdgeStats
     from wsgate.gateway.server import Gateway
+    from wsgate.gateway.stats import Buckets, Stats
 
 __all__ = [
     "CONTENT_TYPE",
     "STORE_MODES",
     "GatewayCollector",
     "edge_families",
+    "histogram_families",
     "metric_families",
     "render",
 ]
@@ -51,6 +59,7 @@ class GatewayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         gw = self.gateway
         families = metric_families(take_snapshot(gw))
+        families += histogram_families(gw.stats)
         families += edge_families(gw.edge_stats, gw.serving_certificate)
         # Each route counts its clients in its own store, against its own cap.
         capped = [r for r in gw.routes if r.spec.limits.max_connections_per_client is not None]
@@ -72,8 +81,33 @@ def render(gateway: Gateway) -> bytes:
     return data
 
 
+def histogram_families(stats: Stats) -> list[Metric]:
+    """The connection-duration and admission-latency histograms, from their buckets."""
+
+    def add(family: HistogramMetricFamily, labels: list[str], buckets: Buckets) -> None:
+        # "le" as prometheus_client writes it: 1.0, 5e-05, +Inf.
+        cumulative = [
+            ("+Inf" if bound == float("inf") else repr(float(bound)), n)
+            for bound, n in buckets.cumulative()
+        ]
+        family.add_metric(labels, cumulative, buckets.sum)
+
+    duration = HistogramMetricFamily(
+        "wsgate_connection_duration_seconds",
+        "How long finished connections (WebSocket sessions, HTTP requests) lasted.",
+        labels=["kind"],
+    )
+    for kind, buckets in stats.connection_duration.items():
+        add(duration, [kind], buckets)
+    admission = HistogramMetricFamily(
+        "wsgate_admission_latency_seconds", "Time to decide one admission in the state store."
+    )
+    add(admission, [], stats.admission_latency)
+    return [duration, admission]
+
+
 def metric_families(snap: Snapshot) -> list[Metric]:
-    """The metric families of one snapshot (histograms are not here: they observe live)."""
+    """The metric families of one snapshot (the histograms are in histogram_families)."""
     families: list[Metric] = []
 
     def gauge(name: str, doc: str, value: float) -> None:
