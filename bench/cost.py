@@ -20,7 +20,8 @@ Where the CPU has no counters to offer (``--by clock``, the default there),
 the run says where each path's CPU time per unit went: its own code in user
 space, and the kernel's share by system call (:mod:`bench.samples`). That is
 what tells a proxy that makes more system calls, or wakes more threads, from
-one that runs more code.
+one that runs more code. Either way the run also counts the system calls per
+unit, by name, from the kernel's tracepoints: exact, whatever the CPU's speed.
 
     .venv/bin/python -m bench.cost [--work setup|relay] [--paths wsgate-memory,haproxy]
                                    [--rounds 5] [--seconds 2.5] [--by instructions|clock]
@@ -64,12 +65,20 @@ __all__ = ["main"]
 
 PROG = "python -m bench.cost"
 EVENTS = ("instructions:u", "instructions:k")
+# System calls counted one by one (the kernel's tracepoints): those a proxy makes
+# per connection or per message; the rest are summed from raw_syscalls.
+CALLS = (
+    "accept4", "socket", "connect", "setsockopt", "getsockname", "getpeername", "fcntl",
+    "read", "write", "recvfrom", "sendto", "recvmsg", "sendmsg", "readv", "writev",
+    "epoll_wait", "epoll_pwait", "epoll_ctl", "io_uring_enter", "futex", "shutdown", "close",
+)  # fmt: skip
+ALL_CALLS = "raw_syscalls:sys_enter"
 SAMPLE_HZ = 2999  # off the timer's tick, so samples do not beat with it
 SHOWN_CALLS = 8  # system calls named in the clock table; the rest are summed
 
 
-def _perf_on(pid: int) -> subprocess.Popen[str]:
-    argv = ["perf", "stat", "-x,", "-e", ",".join(EVENTS), "-p", str(pid)]
+def _perf_on(pid: int, events: Sequence[str] = EVENTS) -> subprocess.Popen[str]:
+    argv = ["perf", "stat", "-x,", "-e", ",".join(events), "-p", str(pid)]
     return subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
 
 
@@ -162,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_time(found, unit, args.rounds)
     else:
         _print_instructions(found, unit, args.rounds)
+    _print_calls(found, unit, args.rounds)
     return 0
 
 
@@ -192,6 +202,7 @@ class _Round:
         self.store_us = store_us
         self.instructions: tuple[float, float] | None = None  # user, kernel
         self.time_us: dict[str, float] = {}  # µs by use (bench.samples)
+        self.calls: dict[str, float] = {}  # system calls by name, and "all"
 
 
 def _perf_counts_instructions() -> bool:
@@ -241,6 +252,7 @@ def _measure(
             cpu_before = tree_cpu_seconds(proxy.pid)
             clock = args.by == "clock"
             perf = _record_on(proxy.pid, recording) if clock else _perf_on(proxy.pid)
+            calls = _perf_on(proxy.pid, [ALL_CALLS, *(f"syscalls:sys_enter_{c}" for c in CALLS)])
             time.sleep(0.1)  # perf attached before the first unit of work
             units = _work(pool, proxy, args, args.seconds)
             time.sleep(0.1)  # and the closes counted too
@@ -250,11 +262,15 @@ def _measure(
                 samples = tally(_recorded(perf, recording))
             else:
                 counts = _counts(perf)
+            calls_counted = _counts(calls)
         finally:
             pool.close_all()
     if units == 0:
         return None
     found = _Round(1e6 * cpu / units, 1e6 * store_cpu / units if store_cpu is not None else None)
+    for event, count in calls_counted.items():
+        name = "all" if event == ALL_CALLS else event.removeprefix("syscalls:sys_enter_")
+        found.calls[name] = count / units
     if args.by == "clock":
         if samples.total == 0:
             return None
@@ -314,6 +330,27 @@ def _print_time(found: dict[str, list[_Round]], unit: str, rounds: int) -> None:
         [medians[p].get(OUTSIDE_CALLS, 0.0) for p in ran],
     )
     print("| Redis's own CPU | " + " | ".join(_median_store(ran[p]) for p in ran) + " |")
+
+
+def _print_calls(found: dict[str, list[_Round]], unit: str, rounds: int) -> None:
+    """System calls per unit, each the median over rounds (none where perf counted none)."""
+    ran = {path: entries for path, entries in found.items() if entries and entries[0].calls}
+    if not ran:
+        return
+    per_path = {
+        path: {
+            name: statistics.median(e.calls.get(name, 0.0) for e in entries)
+            for name in ("all", *CALLS)
+        }
+        for path, entries in ran.items()
+    }
+    shown = [c for c in CALLS if any(per_path[p][c] >= 0.05 for p in ran)]
+    shown.sort(key=lambda c: -max(per_path[p][c] for p in ran))
+    print(f"\nsystem calls per {unit}, median of {rounds} rounds (the kernel's tracepoints):\n")
+    print("| | " + " | ".join(ran) + " |")
+    print("|---|" + "---:|" * len(ran))
+    for name in ("all", *shown):
+        print(f"| {name} | " + " | ".join(f"{per_path[p][name]:,.2f}" for p in ran) + " |")
 
 
 def _median_cpu(entries: list[_Round]) -> str:

@@ -61,6 +61,13 @@ def test_cost_by_clock_says_where_an_upgrades_time_goes() -> None:
     # The split shares out the CPU time /proc counted, to the rounding of its rows.
     parts = spent["user space"] + spent["kernel"]
     assert abs(parts - spent["CPU (from /proc)"]) <= 0.2, done.stdout
+    # The tracepoints' count: one accept and one connect per upgrade (the driver's
+    # upgrades all succeed: one of each, to the rounding of a short round).
+    calls = done.stdout.split("system calls per upgrade", 1)[1]
+    counted = dict(re.findall(r"^\| (\w+) \| ([\d.,]+) \|$", calls, re.M))
+    assert 0.9 <= float(counted["accept4"]) <= 1.1, calls
+    assert 0.9 <= float(counted["connect"]) <= 1.1, calls
+    assert float(counted["all"]) > float(counted["accept4"]) + float(counted["connect"]), calls
 
 
 def test_cost_refuses_direct_in_one_line() -> None:
