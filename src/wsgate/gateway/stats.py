@@ -5,8 +5,8 @@ next to nothing), and so are the two histograms: a :class:`Buckets` is a list
 of counts and a sum, observed once per connection or decision. The metrics
 collector turns them into Prometheus families when it is scraped, on a
 registry of this gateway's own. (prometheus_client's own ``Histogram`` takes a
-lock per bucket and per sum on each observation, and an upgrade made two: a
-tenth of the Python an upgrade ran on the memory store.)
+lock per bucket and per sum on each observation, and an upgrade made two:
+about a tenth of the Python an upgrade ran on the memory store, in a profile.)
 """
 
 from __future__ import annotations
