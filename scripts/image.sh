@@ -68,10 +68,13 @@ base() {
     return 0
   fi
   mkdir -p "$CACHE"
-  if [ ! -s "$tarball" ]; then
+  if [ ! -f "$tarball" ] || [ ! -s "$tarball" ]; then
     echo "image: making a bookworm base with mmdebstrap (a minute or two)"
-    mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,ca-certificates \
-      bookworm "$tarball.part"
+    # The format is named: mmdebstrap guesses it from the name's ending, and
+    # some versions take "base-bookworm.tar.part" for a directory to fill.
+    rm -rf "$tarball" "$tarball.part"
+    mmdebstrap --quiet --format=tar --variant=minbase \
+      --include=python3,python3-venv,ca-certificates bookworm "$tarball.part"
     mv "$tarball.part" "$tarball"
   fi
   podman import --quiet "$tarball" "$name" >/dev/null
