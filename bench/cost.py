@@ -61,7 +61,7 @@ from bench.samples import OUTSIDE_CALLS, USER, tally
 from bench.suite import cpu_split, settle_time_wait, time_wait_now, usage_error
 from wsgate.testbed.processes import ProcessGroup, RedisServer
 
-__all__ = ["main"]
+__all__ = ["main", "perf_counts_instructions"]
 
 PROG = "python -m bench.cost"
 EVENTS = ("instructions:u", "instructions:k")
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         usage_error("counts and seconds must be positive", PROG)
     if shutil.which("perf") is None:
         usage_error("perf is not installed (scripts/setup.sh --bench)", PROG)
-    counts_instructions = _perf_counts_instructions()
+    counts_instructions = perf_counts_instructions()
     if args.by is None:
         args.by = "instructions" if counts_instructions else "clock"
         if not counts_instructions:
@@ -205,7 +205,8 @@ class _Round:
         self.calls: dict[str, float] = {}  # system calls by name, and "all"
 
 
-def _perf_counts_instructions() -> bool:
+def perf_counts_instructions() -> bool:
+    """Whether perf can count instructions here (a VM often has no counters)."""
     probe = subprocess.run(
         ["perf", "stat", "-x,", "-e", EVENTS[0], "true"],
         capture_output=True,
@@ -244,13 +245,13 @@ def _measure(
         opened = pool.open(proxy.target, args.conns)
         if opened.opened < args.conns:
             raise SystemExit(f"{PROG}: {proxy.name}: opened {opened.opened} of {args.conns}")
+    clock = args.by == "clock"
     with tempfile.TemporaryDirectory(prefix="wsgate-cost-") as scratch:
         recording = Path(scratch) / "perf.data"
         try:
             _work(pool, proxy, args, 0.3)  # warm: the first units find caches cold
             store_before = tree_cpu_seconds(store) if store is not None else 0.0
             cpu_before = tree_cpu_seconds(proxy.pid)
-            clock = args.by == "clock"
             perf = _record_on(proxy.pid, recording) if clock else _perf_on(proxy.pid)
             calls = _perf_on(proxy.pid, [ALL_CALLS, *(f"syscalls:sys_enter_{c}" for c in CALLS)])
             time.sleep(0.1)  # perf attached before the first unit of work
@@ -258,7 +259,7 @@ def _measure(
             time.sleep(0.1)  # and the closes counted too
             cpu = tree_cpu_seconds(proxy.pid) - cpu_before
             store_cpu = tree_cpu_seconds(store) - store_before if store is not None else None
-            if args.by == "clock":
+            if clock:
                 samples = tally(_recorded(perf, recording))
             else:
                 counts = _counts(perf)
@@ -271,7 +272,7 @@ def _measure(
     for event, count in calls_counted.items():
         name = "all" if event == ALL_CALLS else event.removeprefix("syscalls:sys_enter_")
         found.calls[name] = count / units
-    if args.by == "clock":
+    if clock:
         if samples.total == 0:
             return None
         for use, count in samples.by_use.items():

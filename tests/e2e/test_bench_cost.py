@@ -9,25 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench.cost import perf_counts_instructions
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _perf_counts_instructions() -> bool:
-    if shutil.which("perf") is None:
-        return False
-    probe = subprocess.run(
-        ["perf", "stat", "-x,", "-e", "instructions:u", "true"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return probe.returncode == 0 and "<not supported>" not in probe.stderr
-
-
 @pytest.mark.bench
 @pytest.mark.slow
-@pytest.mark.skipif(not _perf_counts_instructions(), reason="perf cannot count instructions here")
+@pytest.mark.skipif(
+    shutil.which("perf") is None or not perf_counts_instructions(),
+    reason="perf cannot count instructions here",
+)
 @pytest.mark.parametrize("work", ["relay", "setup"])
 def test_cost_counts_instructions_per_unit_of_work(work: str) -> None:
     argv = [sys.executable, "-m", "bench.cost", "--work", work, "--paths", "wsgate-memory"]
