@@ -275,8 +275,8 @@ def _measure(
     if clock:
         if samples.total == 0:
             return None
-        for use, count in samples.by_use.items():
-            found.time_us[use] = found.cpu_us * count / samples.total
+        for use in samples.by_use:
+            found.time_us[use] = found.cpu_us * samples.share(use)
     else:
         if not counts:
             return None
