@@ -10,88 +10,14 @@ the backend saw its connection closed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 
 from gwtools import raw_request, wait_until
+from scripted import SWITCHED, UPGRADE, active, gateway_for, says, scripted
 
 from wsgate.testbed.processes import ProcessGroup
-from wsgate.testbed.topology import GatewayProcess, start_gateway
-
-UPGRADE = (
-    b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
-SWITCHED = (
-    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
-)
-
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@dataclass
-class ScriptedBackend:
-    """A backend that answers each connection as its script says, and remembers."""
-
-    script: Script
-    port: int = 0
-    requests: list[bytes] = field(default_factory=list)  # each connection's request head
-    closed: int = 0  # connections whose far side (the gateway) closed them
-    server: asyncio.Server | None = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            self.requests.append(await reader.readuntil(b"\r\n\r\n"))
-            await self.script(reader, writer)
-            while await reader.read(65536):
-                pass
-            self.closed += 1
-        except (asyncio.IncompleteReadError, ConnectionError):
-            self.closed += 1
-        finally:
-            writer.close()
-
-    @property
-    def entry(self) -> dict[str, str]:
-        return {"address": f"127.0.0.1:{self.port}", "id": f"scripted-{self.port}"}
-
-
-def says(answer: bytes) -> Script:
-    """A script that answers the request with ``answer``."""
-
-    async def say(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(answer)
-        await writer.drain()
-
-    return say
-
-
-@contextlib.asynccontextmanager
-async def scripted(script: Script) -> AsyncIterator[ScriptedBackend]:
-    backend = ScriptedBackend(script)
-    backend.server = await asyncio.start_server(backend._serve, "127.0.0.1", 0)
-    backend.port = backend.server.sockets[0].getsockname()[1]
-    try:
-        yield backend
-    finally:
-        backend.server.close()
-
-
-def gateway_for(procs: ProcessGroup, *backends: dict[str, str]) -> GatewayProcess:
-    return start_gateway(
-        procs,
-        list(backends),
-        limits={"max_connections_per_backend": 1},
-        health={"enabled": False},
-    )
-
-
-def active(gateway: GatewayProcess) -> dict[str, int]:
-    return {b["id"]: b["active"] for b in gateway.admin("/snapshot")["backends"]}
+from wsgate.testbed.topology import start_gateway
 
 
 async def test_a_refused_upgrade_reaches_the_client_whole_and_frees_the_slot(
