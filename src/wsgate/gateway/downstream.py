@@ -50,10 +50,11 @@ def upgrade_problem(head: RequestHead) -> str | None:
 class Downstream(Client):
     """A client connection until it becomes a WebSocket session (or closes)."""
 
-    def __init__(self, plane: Plane, connections: set[Downstream]):
+    def __init__(self, plane: Plane, connections: set[Client], *, early: bytes = b""):
         super().__init__()
         self.plane = plane
         self.connections = connections  # the gateway's: what a drain or a stop closes
+        self.early = early  # read from the socket before it was a transport
         self.client_ip = ""
         self.reader = RequestReader(plane.config.max_head_size)
         self.pending: deque[Request] = deque()
@@ -71,6 +72,9 @@ class Downstream(Client):
         self.plane.stats.accepted_total += 1
         self.connections.add(self)
         self._arm_head_timer()
+        if self.early:
+            early, self.early = self.early, b""
+            self.data_received(early)  # before anything the transport reads
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -16,6 +16,7 @@ from wsgate.edge.client_address import ClientResolver, canonical_address
 from wsgate.edge.proxy_protocol import ProxyErrorKind, starts_like_proxy_header
 from wsgate.gateway.downstream import Downstream
 from wsgate.gateway.edge_listener import EdgeStats
+from wsgate.gateway.exchange import Client
 from wsgate.gateway.head import RequestHead
 from wsgate.gateway.plane import ClientAddress, Plane
 
@@ -28,8 +29,8 @@ class TrustedClientAddress(ClientAddress):
     def __init__(self, resolver: ClientResolver):
         self.resolver = resolver
 
-    def of_connection(self, transport: asyncio.Transport) -> str:
-        return canonical_address(super().of_connection(transport))
+    def of_peer(self, peername: tuple[str, int] | None) -> str:
+        return canonical_address(super().of_peer(peername))
 
     def of_request(self, peer: str, head: RequestHead) -> str:
         return self.resolver(peer, head)
@@ -41,7 +42,7 @@ class EdgeDownstream(Downstream):
     def __init__(
         self,
         plane: Plane,
-        connections: set[Downstream],
+        connections: set[Client],
         client: str,
         *,
         stats: EdgeStats,

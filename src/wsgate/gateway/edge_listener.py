@@ -1,7 +1,8 @@
 """A listener that learns who the client is before HTTP: PROXY header, then TLS.
 
-Used when the config has ``tls`` or ``proxy_protocol`` (a plain listener is the
-event loop's own server). Each accepted connection goes through, in order:
+Used when the config has ``tls`` or ``proxy_protocol`` (otherwise the listener
+is a :class:`~.listener.PlainListener`). Each accepted connection goes through,
+in order:
 
 1. From a source in ``proxy_protocol.trusted``: its PROXY header, read straight
    from the socket. The reader *peeks* and takes off the socket only the bytes
@@ -28,13 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import socket
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
-from wsgate.config import parse_address
 from wsgate.edge.client_address import TrustedNetworks, canonical_address
 from wsgate.edge.proxy_protocol import (
     MAX_V2_SIZE,
@@ -45,19 +45,16 @@ from wsgate.edge.proxy_protocol import (
 )
 from wsgate.edge.tls import ServingCertificate, handshake_failure_reason
 from wsgate.gateway.head import error_response
+from wsgate.gateway.listener import Listener
 
 __all__ = ["EdgeListener", "EdgeStats"]
 
 log = logging.getLogger("wsgate.edge")
 
-ACCEPT_BATCH = 128
-BACKLOG = 4096
 _TLS_HANDSHAKE_RECORD = 0x16
 _PLAIN_HTTP_ANSWER = error_response(
     400, "bad_request", detail="plain HTTP sent to the TLS port", close=True
 )
-# After EMFILE the listening socket stays readable: wait this long before accepting again.
-ACCEPT_PAUSE = 0.1
 
 
 class EdgeStats:
@@ -79,9 +76,9 @@ class _ClosedEarly(Exception):
         self.received = received
 
 
-class EdgeListener:
+class EdgeListener(Listener):
     """Accepts on ``address`` (or ``sock``, already bound) and sets up each connection
-    as the module docstring says. It has the face of the gateway's plain listener."""
+    as the module docstring says."""
 
     def __init__(
         self,
@@ -96,79 +93,16 @@ class EdgeListener:
         proxy_sources: TrustedNetworks | None = None,
         proxy_timeout: float = 3.0,
     ):
-        self.address = address
-        self.sock = sock
-        self.reuse_port = reuse_port
+        super().__init__(address, sock=sock, reuse_port=reuse_port)
         self.protocol_factory = protocol_factory
         self.stats = stats
         self.tls = tls
         self.handshake_timeout = handshake_timeout
         self.proxy_sources = proxy_sources or TrustedNetworks()
         self.proxy_timeout = proxy_timeout
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._setting_up: set[asyncio.Task[None]] = set()
-        self._accepting = False
 
-    @property
-    def addresses(self) -> list[tuple[str, int]]:
-        if self.sock is None or self.sock.fileno() < 0:
-            return []
-        return [self.sock.getsockname()[:2]]
-
-    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.sock is None:
-            self.sock = self._bind()
-        self._loop = loop
-        self.sock.setblocking(False)
-        self._accepting = True
-        loop.add_reader(self.sock.fileno(), self._accept_ready)
-
-    def _bind(self) -> socket.socket:
-        host, port = parse_address(self.address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            sock.listen(BACKLOG)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
-    def close(self) -> None:
-        """Stop accepting; connections still being set up are closed."""
-        if self._loop is not None and self._accepting and self.sock is not None:
-            self._accepting = False
-            self._loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-        for task in list(self._setting_up):
-            task.cancel()
-
-    def _accept_ready(self) -> None:
-        assert self._loop is not None and self.sock is not None
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, address = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("cannot accept: %s; pausing accepts briefly", error.strerror)
-                    self._loop.remove_reader(self.sock.fileno())
-                    self._loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
-                return  # ECONNABORTED and the like concern one connection only
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = self._loop.create_task(self._set_up(conn, canonical_address(address[0])))
-            self._setting_up.add(task)
-            task.add_done_callback(self._setting_up.discard)
-
-    def _resume_accepting(self) -> None:
-        if self._accepting and self._loop is not None and self.sock is not None:
-            self._loop.add_reader(self.sock.fileno(), self._accept_ready)
+    def connected(self, conn: socket.socket, peername: Any) -> None:
+        self.spawn(self._set_up(conn, canonical_address(peername[0])))
 
     async def _set_up(self, conn: socket.socket, peer: str) -> None:
         assert self._loop is not None

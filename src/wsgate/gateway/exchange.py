@@ -41,13 +41,24 @@ __all__ = ["Client", "Exchange", "Request"]
 
 
 class Client(Endpoint, abc.ABC):
-    """The client's connection as an exchange sees it: an endpoint that can be upgraded."""
+    """The client's connection as an exchange sees it: an endpoint that can be upgraded.
+
+    ``task`` is its exchanges' while one is in flight (what a drain waits for).
+    """
 
     proto = "http"  # what the backend is told the client speaks (X-Forwarded-Proto)
+    task: asyncio.Task[None] | None = None
 
     @abc.abstractmethod
-    def upgrade(self) -> asyncio.Transport:
-        """Give the connection up to a session; its transport, from now on the session's."""
+    def upgrade(self) -> asyncio.Transport | socket.socket:
+        """Give the connection up to a session: its transport, or its socket if it has none."""
+
+    async def transport_ready(self) -> None:
+        """Until the connection has a transport (one accepted as a bare socket gets one)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close once what was written is sent."""
 
 
 class Request:
@@ -165,6 +176,10 @@ class Exchange:
                 connector = plane.connector
                 # An upgrade to a plain-TCP backend is dialed by the relay's thread.
                 dialing = head.upgrade and self.client.proto == "http" and connector.dials(backend)
+                if not dialing and self.client.transport is None:
+                    await self.client.transport_ready()  # the session will need it
+                    if self.client.closed:
+                        return False
                 try:
                     if dialing:
                         dialed = await connector.dial(backend, self._request_bytes(backend))
@@ -417,6 +432,7 @@ class Exchange:
         self.client.write(render_response(head, keep_alive=False, chunked=False, extra=extra))
         self._finish(Ending.UPGRADED)
         client_transport = self.client.upgrade()
+        assert not isinstance(client_transport, socket.socket)  # transport_ready saw to it
         # The HTTP reader is done; dropping its parser now frees it by reference
         # counting instead of leaving a cycle for the collector.
         upstream.reader.detach()

@@ -42,14 +42,18 @@ class Route:
 class ClientAddress:
     """Who the client is: the connection's peer address.
 
-    The downstream asks once per connection (:meth:`of_connection`) and once per
+    The downstream asks once per connection (:meth:`of_connection`, or
+    :meth:`of_peer` for a socket accepted without a transport) and once per
     request (:meth:`of_request`); a resolver that trusts a PROXY header or
     ``X-Forwarded-For`` from known proxies answers differently.
     """
 
     def of_connection(self, transport: asyncio.Transport) -> str:
-        peer = transport.get_extra_info("peername")
-        return peer[0] if peer else ""
+        return self.of_peer(transport.get_extra_info("peername"))
+
+    def of_peer(self, peername: tuple[str, int] | None) -> str:
+        """The client of a connection from ``peername`` (a socket's, or None if unknown)."""
+        return peername[0] if peername else ""
 
     def of_request(self, peer: str, head: RequestHead) -> str:
         return peer

@@ -4,7 +4,8 @@
 no part holds the gateway:
 
 - the data plane (:class:`~.plane.Plane`: downstream → exchange → upstream →
-  session → relay), reached through the :class:`~.listener.Listener`, or with
+  session → relay), reached through the :class:`~.listener.PlainListener` (an
+  upgrade whose head came whole is an :class:`~.arrival.Arrival`), or with
   TLS or PROXY protocol through the :class:`~wsgate.gateway.edge_listener.EdgeListener`;
 - the :class:`~.routes.Routes`: the table that gives each request its route,
   and per route its pool, health checks, backend follower, admission (policy,
@@ -31,12 +32,14 @@ from wsgate.config import Config, ConfigError
 from wsgate.edge.client_address import ClientResolver, TrustedNetworks
 from wsgate.edge.tls import ServingCertificate, TlsError
 from wsgate.gateway.access_log import RequestLog
+from wsgate.gateway.arrival import arrive
 from wsgate.gateway.connector import Connector
 from wsgate.gateway.descriptors import SpareDescriptors
 from wsgate.gateway.downstream import Downstream
 from wsgate.gateway.edge_downstream import EdgeDownstream, TrustedClientAddress
 from wsgate.gateway.edge_listener import EdgeListener, EdgeStats
-from wsgate.gateway.listener import Listener
+from wsgate.gateway.exchange import Client
+from wsgate.gateway.listener import Listener, PlainListener
 from wsgate.gateway.outcomes import CloseReason, Outcome
 from wsgate.gateway.plane import Plane
 from wsgate.gateway.routes import RoutePlan, Routes
@@ -96,14 +99,16 @@ class Gateway:
         self.routes = Routes(
             config, self.replica_id, self.stats, self.connector.drop_idle, store=store
         )
-        self.downstreams: set[Downstream] = set()
+        self.downstreams: set[Client] = set()
         self.edge_stats = EdgeStats()
         self.serving_certificate = serving_certificate(config)
-        self.listener: Listener | EdgeListener
+        self.listener: Listener
         if config.tls is not None or config.proxy_protocol is not None:
             self.listener = self._edge_listener(sock, reuse_port)
         else:
-            self.listener = Listener(self._accept, config.listen, sock=sock, reuse_port=reuse_port)
+            self.listener = PlainListener(
+                self._arrived, self._accept, config.listen, sock=sock, reuse_port=reuse_port
+            )
         self.plane: Plane | None = None  # made by start, on the running loop
         self.draining = False
         self.ready = False
@@ -142,9 +147,13 @@ class Gateway:
             self.replica_id, self.config.listen, len(self.routes), backends, self.store.kind,
         )  # fmt: skip
 
-    def _accept(self) -> Downstream:
+    def _arrived(self, sock: socket.socket, peername: Any, data: bytes) -> bool:
         assert self.plane is not None
-        return Downstream(self.plane, self.downstreams)
+        return arrive(self.plane, self.downstreams, sock, peername, data)
+
+    def _accept(self, early: bytes) -> Downstream:
+        assert self.plane is not None
+        return Downstream(self.plane, self.downstreams, early=early)
 
     def _edge_listener(self, sock: socket.socket | None, reuse_port: bool) -> EdgeListener:
         config = self.config

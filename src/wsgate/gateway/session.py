@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import time
 from collections.abc import Iterator
 
@@ -108,15 +109,22 @@ class Sessions:
         reservation: Reservation,
         record: Record,
         backend: Backend,
-        client_transport: asyncio.Transport,
+        client: asyncio.Transport | socket.socket,
         link: Link,
         head: bytes,
         rest: bytes,
     ) -> Session:
-        """A session of a dial the relay made: ``head`` (the 101) and ``rest`` go to the client."""
+        """A session of a dial the relay made: ``head`` (the 101) and ``rest`` go to the client.
+
+        ``client`` is its transport, or its socket if it never became one: that is
+        the relay's as it is, with nothing to flush or duplicate first.
+        """
         session = self._begin(reservation, record, backend)
         session.dialed = (link, head)
-        session.handoff = self.hand_over(session, client_transport, None, rest, self.spares)
+        if isinstance(client, socket.socket):
+            session.relay(client.detach(), None, rest)
+        else:
+            session.handoff = self.hand_over(session, client, None, rest, self.spares)
         return self._opened(session)
 
     def _begin(self, reservation: Reservation, record: Record, backend: Backend) -> Session:

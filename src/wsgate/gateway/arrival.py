@@ -1,0 +1,255 @@
+"""A client connection served straight from its socket, before it is a transport.
+
+The plain listener accepts each connection itself and reads what has already
+arrived (:mod:`.listener`). When that is one whole WebSocket upgrade head (the
+common case: a client sends its head as soon as it connects), the connection
+is an :class:`Arrival`. Its exchange runs at once, and on a ``101`` from a
+backend the relay dialed, its socket goes to the relay as it is: it never
+becomes an event-loop transport and is never duplicated; after its head,
+nothing of it is read or written on the event loop. Anything else (nothing yet, part of a head,
+a request that is no upgrade, a head to refuse) is a
+:class:`~.downstream.Downstream` on a transport, given the bytes already read.
+
+An arrival that must answer the client itself (a rejection, a refused
+upgrade, a 502), or whose backend is not dialed, takes a transport then: what
+it writes meanwhile waits for it, in order, and holds back the backend's side
+as a full write buffer would. While its exchange waits (a queued admission, a
+dial) longer than :data:`WATCH_AFTER`, the socket is watched for the client
+leaving, which cancels the exchange as a closed transport would: the slot, or
+the backend's connection, is let go at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from wsgate.gateway.downstream import upgrade_problem
+from wsgate.gateway.exchange import Client, Exchange, Request
+from wsgate.gateway.flow import HIGH_WATER
+from wsgate.gateway.head import RequestHead
+from wsgate.gateway.http1 import BadMessage, Head, RequestReader, Upgrade
+from wsgate.gateway.plane import Plane
+
+__all__ = ["Arrival", "arrive", "whole_upgrade"]
+
+log = logging.getLogger("wsgate.arrival")
+
+# An exchange still waiting this long (seconds) starts watching for its client leaving.
+WATCH_AFTER = 0.05
+
+
+def arrive(
+    plane: Plane, connections: set[Client], sock: socket.socket, peername: object, data: bytes
+) -> bool:
+    """Serve ``sock`` as an :class:`Arrival` if ``data`` is one whole upgrade head.
+
+    Returns False, having done nothing, for anything else: the caller then
+    serves the connection on a transport.
+    """
+    request = whole_upgrade(data, plane.config.max_head_size)
+    if request is None:
+        return False
+    peer = peername if isinstance(peername, tuple) else None
+    Arrival(plane, connections, sock, plane.client_address.of_peer(peer), request).start()
+    return True
+
+
+def whole_upgrade(data: bytes, max_head_size: int) -> Request | None:
+    """The request in ``data`` if it is a whole WebSocket upgrade head to forward."""
+    if b"\r\n\r\n" not in data:
+        return None
+    try:
+        events = RequestReader(max_head_size).feed(data)
+    except BadMessage:
+        return None  # the downstream answers it
+    # A whole upgrade head reads as its head, its end (no body) and the switch.
+    if len(events) != 3:
+        return None
+    head, _, upgrade = events
+    if not isinstance(head, Head) or not isinstance(upgrade, Upgrade):
+        return None
+    assert isinstance(head.head, RequestHead)
+    if upgrade_problem(head.head) is not None:
+        return None
+    request = Request(head.head)
+    request.rest = upgrade.rest
+    return request
+
+
+class Arrival(Client):
+    """An upgrade request whose connection is still a bare socket (see the module)."""
+
+    def __init__(
+        self,
+        plane: Plane,
+        connections: set[Client],
+        sock: socket.socket,
+        client_ip: str,
+        request: Request,
+    ):
+        super().__init__()
+        self.plane = plane
+        self.connections = connections  # the gateway's: what a drain or a stop closes
+        self.sock = sock
+        self.client_ip = client_ip
+        self.request = request
+        self.upgraded = False
+        self.watching = False  # the socket is in the loop's set, for the client leaving
+        self.watch_timer: asyncio.TimerHandle | None = None
+        self.becoming: asyncio.Task[None] | None = None  # the transport being made
+        self.unsent: list[bytes] = []  # written before the transport came
+        self.close_when_sent = False
+        self.holding_peer = False  # the backend's side is paused for what waits here
+
+    def start(self) -> None:
+        plane = self.plane
+        plane.stats.accepted_total += 1
+        self.connections.add(self)
+        # Most exchanges are over sooner: watching costs a registration and its
+        # removal, so it begins only for one that waits (queued, a slow backend).
+        self.watch_timer = plane.loop.call_later(WATCH_AFTER, self._watch)
+        self.task = plane.loop.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        plane, head = self.plane, self.request.head
+        client_ip = plane.client_address.of_request(self.client_ip, head)
+        exchange = Exchange(plane, plane.route_for(head), self, self.request, client_ip)
+        try:
+            await exchange.run()
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("exchange failed")
+        finally:
+            self.task = None
+            self._unwatch()
+        if not self.upgraded:
+            self.close()  # an upgrade's connection serves no second request
+
+    # -- the client leaving, while the exchange waits -------------------------------------
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self._unwatch()
+        if data:
+            return  # bytes ahead of the answer: the session decides what they are
+        self._gone()
+
+    def _watch(self) -> None:
+        self.watch_timer = None
+        self.watching = True
+        self.plane.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _unwatch(self) -> None:
+        if self.watch_timer is not None:
+            self.watch_timer.cancel()
+            self.watch_timer = None
+        if self.watching:
+            self.watching = False
+            self.plane.loop.remove_reader(self.sock.fileno())
+
+    def _gone(self) -> None:
+        """The client closed (or reset) before its answer: stop everything for it."""
+        self._unwatch()
+        self.closed = True
+        self.connections.discard(self)
+        self.sock.close()
+        if self.task is not None:
+            self.task.cancel()
+        if self.peer is not None:
+            self.peer.abandon()
+
+    # -- what the exchange may do --------------------------------------------------------
+    def upgrade(self) -> asyncio.Transport | socket.socket:
+        self.upgraded = True
+        self.connections.discard(self)
+        if self.transport is not None:
+            return self.transport
+        self._unwatch()
+        return self.sock
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None or self.closed:
+            super().write(data)
+            return
+        self.unsent.append(data)
+        if self.peer is not None and not self.holding_peer:
+            self.holding_peer = True
+            self.peer.pause_reading()
+        self._become_transport()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            if not self.closed:
+                self.transport.close()
+        elif self.becoming is not None:
+            self.close_when_sent = True
+        elif not self.closed:
+            self._gone()
+
+    def abandon(self) -> None:
+        if self.transport is None and self.becoming is not None:
+            self.unsent.clear()
+            self.close_when_sent = True
+            return
+        if self.transport is None:
+            self.close()
+            return
+        super().abandon()
+
+    async def transport_ready(self) -> None:
+        self._become_transport()
+        becoming = self.becoming
+        if becoming is not None:
+            await asyncio.shield(becoming)
+
+    # -- the transport, when one is needed ---------------------------------------------------
+    def _become_transport(self) -> None:
+        if self.transport is None and self.becoming is None and not self.closed:
+            self._unwatch()  # the transport watches the socket from now on
+            self.becoming = self.plane.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            await self.plane.loop.connect_accepted_socket(lambda: self, self.sock)
+        except OSError as error:
+            log.info("cannot serve a connection from %s: %s", self.client_ip, error)
+            self.sock.close()
+            self.unsent.clear()
+            self._gone()
+        finally:
+            self.becoming = None
+
+    # -- asyncio.Protocol, once it is a transport ------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        # Nothing more is read, as a downstream reads nothing after an upgrade head:
+        # bytes sent ahead of a 101 wait in the kernel for the session.
+        self.pause_reading()
+        unsent, self.unsent = self.unsent, []
+        if unsent:
+            self.transport.writelines(unsent)
+        if self.holding_peer:
+            self.holding_peer = False
+            if self.peer is not None and self.transport.get_write_buffer_size() <= HIGH_WATER:
+                self.peer.resume_reading()
+        if self.close_when_sent:
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        return True  # the request is whole: keep our side open until its answer is sent
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.connections.discard(self)
+        if self.task is not None and not self.upgraded:
+            self.task.cancel()
+        if self.peer is not None:
+            self.peer.abandon()
