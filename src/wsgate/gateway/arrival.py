@@ -60,10 +60,13 @@ def whole_upgrade(data: bytes, max_head_size: int) -> Request | None:
     """The request in ``data`` if it is a whole WebSocket upgrade head to forward."""
     if b"\r\n\r\n" not in data:
         return None
+    reader = RequestReader(max_head_size)
     try:
-        events = RequestReader(max_head_size).feed(data)
+        events = reader.feed(data)
     except BadMessage:
         return None  # the downstream answers it
+    finally:
+        reader.detach()  # freed by reference counting, not left to the collector
     # A whole upgrade head reads as its head, its end (no body) and the switch.
     if len(events) != 3:
         return None

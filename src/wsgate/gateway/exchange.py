@@ -97,10 +97,13 @@ def _may_have_body(status: int, request: RequestHead) -> bool:
 
 def _switched(answer: bytes) -> tuple[ResponseHead, bytes] | None:
     """The head of a dial's answer and what followed it, if it is a 101 that upgraded."""
+    reader = ResponseReader()
     try:
-        events = ResponseReader().feed(answer)
+        events = reader.feed(answer)
     except BadMessage:
         return None
+    finally:
+        reader.detach()  # freed by reference counting, not left to the collector
     head = None
     for event in events:
         if isinstance(event, Head):
