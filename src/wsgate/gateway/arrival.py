@@ -197,14 +197,11 @@ class Arrival(Client):
             self._gone()
 
     def abandon(self) -> None:
-        if self.transport is None and self.becoming is not None:
-            self.unsent.clear()
-            self.close_when_sent = True
+        if self.transport is not None:
+            super().abandon()
             return
-        if self.transport is None:
-            self.close()
-            return
-        super().abandon()
+        self.unsent.clear()  # nothing of it is owed now
+        self.close()
 
     async def transport_ready(self) -> None:
         self._become_transport()
@@ -223,9 +220,8 @@ class Arrival(Client):
             await self.plane.loop.connect_accepted_socket(lambda: self, self.sock)
         except OSError as error:
             log.info("cannot serve a connection from %s: %s", self.client_ip, error)
-            self.sock.close()
             self.unsent.clear()
-            self._gone()
+            self._gone()  # closes the socket
         finally:
             self.becoming = None
 
