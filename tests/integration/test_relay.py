@@ -421,6 +421,18 @@ def test_a_dial_writes_the_request_and_reports_the_whole_answer_then_relays(
     assert bench.ended == [("session", "backend_closed")]  # the attached owner hears
 
 
+def test_a_request_larger_than_the_socket_takes_is_written_whole(bench: Bench) -> None:
+    # Connected at once on loopback, the dial writes what the socket takes; the
+    # relay's thread writes the rest once the backend reads.
+    request = UPGRADE[:-2] + b"X-Big: " + b"b" * (8 << 20) + b"\r\n\r\n"
+    _, backend = dial(bench, request=request)
+    backend.settimeout(5)
+    assert receive(bench, backend, len(request)) == request
+    backend.sendall(SWITCHED)
+    bench.pump(lambda: bool(bench.answers))
+    assert bench.answers == [("d", SWITCHED, 0)]
+
+
 def test_an_answer_is_reported_once_its_head_is_whole(bench: Bench) -> None:
     _, backend = dial(bench)
     assert receive(bench, backend, len(UPGRADE)) == UPGRADE

@@ -45,21 +45,27 @@
  * closed, at the end of that batch (the next wait starts after the close); one
  * Python closed between two batches, after the next whole batch, since that
  * batch may have been fetched before the close. A new dial's socket enters the
- * epoll set after Python has let go of the mutex: a socket that connected during
- * connect() (as on loopback) is writable at once, and its registration wakes the
- * relay thread, which would then wait on the mutex, with a futex wait, a wake
- * and two context switches per dial. Nothing can touch the link in between: it
- * has no event before it is registered, and Python's own calls hold the GIL.
+ * epoll set after Python has let go of the mutex: a socket that is writable (or
+ * answered) at once would wake the relay thread on its registration, and that
+ * thread would then wait on the mutex, with a futex wait, a wake and two context
+ * switches per dial. Nothing can touch the link in between: it has no event
+ * before it is registered, and Python's own calls hold the GIL.
  *
  * Dialing. For an upgrade the relay can also open the backend's side itself
  * (dial): Python makes the decision and hands over the backend's address and
- * the request's bytes; the relay thread connects, writes the request, reads
- * until the response head is whole, takes the socket out of its epoll set and
- * reports the answer (on_answer, through the same eventfd) or why there is
- * none. The backend's socket never becomes an event-loop transport. Python
- * reads the answer: to a 101 it attaches the client's socket with the head to
- * send it (the link relays from then on, as if added); any other answer it
- * takes the socket back (take) and reads the rest of the response itself.
+ * the request's bytes. The call connects and tries to write the request
+ * itself: on loopback the handshake is done by the time connect() returns, and
+ * the relay thread then first wakes for the answer. Otherwise the relay thread
+ * writes it once the socket is writable. The relay thread reads until the
+ * response head is whole and reports the answer (on_answer, through the same
+ * eventfd) or why there is none. The answer is waited for with a one-shot
+ * registration: the event that completes the head leaves the socket in the
+ * epoll set, disarmed, and attaching arms it again with one call (where taking
+ * it out and putting it back would be two). The backend's socket never becomes
+ * an event-loop transport. Python reads the answer: to a 101 it attaches the
+ * client's socket with the head to send it (the link relays from then on, as if
+ * added); any other answer it takes the socket back (take, which takes it out
+ * of the set) and reads the rest of the response itself.
  * Until attached, a link counts in no session figure and reports no end; a
  * dial Python gives up on (abort) is closed at once and reports nothing more.
  *
@@ -306,12 +312,14 @@ typedef struct {
     int fd;            /* -1 once closed */
     int side;          /* CLIENT or BACKEND */
     uint32_t interest; /* what epoll watches for now */
+    int registered;    /* in the epoll set, armed or not (a dial's answer disarms it) */
     OutBuffer out;     /* bytes waiting to be written to this socket */
 } End;
 
 /* A dialed link goes DIALING (connecting, writing the request), ANSWERING
- * (reading the response head), ANSWERED (off the epoll set, waiting for Python
- * to attach the client or take the socket), then RELAYING as an added one. */
+ * (reading the response head), ANSWERED (in the epoll set but disarmed, waiting
+ * for Python to attach the client or take the socket), then RELAYING as an
+ * added one. */
 enum { DIALING, ANSWERING, ANSWERED, RELAYING, LINGERING, CLOSED };
 
 enum {
@@ -480,6 +488,19 @@ end_watch(RelayObject *relay, End *end, uint32_t interest)
         end->interest = interest;
 }
 
+/* Arm a one-shot registration again: its last event disarmed it. */
+static void
+end_rearm(RelayObject *relay, End *end)
+{
+    struct epoll_event event = {.events = end->interest, .data.ptr = end};
+    epoll_ctl(relay->epfd, EPOLL_CTL_MOD, end->fd, &event);
+}
+
+/* A dial waits for its answer with a one-shot registration: the event that
+ * completes the head leaves the socket in the set, disarmed, and the session's
+ * start arms it again (one call, where a removal and an addition are two). */
+#define ANSWER_INTEREST (EPOLLIN | EPOLLONESHOT)
+
 /* Watch each socket for what it can do now: read while its peer has nothing
  * waiting, write while it has something waiting. */
 static void
@@ -590,6 +611,7 @@ end_close(RelayObject *relay, End *end)
         epoll_ctl(relay->epfd, EPOLL_CTL_DEL, end->fd, NULL);
         close(end->fd);
         end->fd = -1;
+        end->registered = 0;
         if (end->side == BACKEND) {
             /* From now on the backend cannot count this session: Python may free its slot. */
             link->next_backend_gone = relay->backend_gone;
@@ -755,29 +777,29 @@ link_drop_dial(RelayObject *relay, LinkObject *link)
 {
     End *backend = &link->ends[BACKEND];
     if (backend->fd >= 0) {
-        if (backend->interest)
+        if (backend->registered)
             epoll_ctl(relay->epfd, EPOLL_CTL_DEL, backend->fd, NULL);
         close(backend->fd);
         backend->fd = -1;
         backend->interest = 0;
+        backend->registered = 0;
     }
     out_free(&backend->out);
     link_release(link);
 }
 
-/* The dial is over: answered (error 0: the socket waits for Python, out of the
- * epoll set) or failed (the socket is closed). Either way it is reported. */
+/* The dial is over: answered (error 0: the socket waits for Python, disarmed
+ * by the event that brought the end of the head) or failed (the socket is
+ * closed). Either way it is reported. */
 static void
 link_dial_done(RelayObject *relay, LinkObject *link, int error)
 {
-    End *backend = &link->ends[BACKEND];
     link->dial_error = error;
     if (error) {
         link_drop_dial(relay, link);
     }
     else {
-        epoll_ctl(relay->epfd, EPOLL_CTL_DEL, backend->fd, NULL);
-        backend->interest = 0;
+        link->ends[BACKEND].interest = 0;
         STORE(link->state, ANSWERED);
     }
     link->next_answered = relay->answered;
@@ -800,10 +822,11 @@ link_dial_event(RelayObject *relay, LinkObject *link, End *backend)
         }
         STORE(link->connected, 1);
         STORE(link->state, ANSWERING);
-        end_watch(relay, backend, EPOLLIN);
+        end_watch(relay, backend, ANSWER_INTEREST);
         return;
     }
-    /* ANSWERING */
+    /* ANSWERING: the event disarmed the socket; it is armed again while the head
+     * is not whole. */
     ssize_t size;
     do {
         size = recv(backend->fd, relay->scratch, relay->scratch_size, 0);
@@ -815,12 +838,17 @@ link_dial_event(RelayObject *relay, LinkObject *link, End *backend)
         else if (head_complete(link->answer.data, link->answer.len, seen) ||
                  link->answer.len >= MAX_ANSWER)
             link_dial_done(relay, link, 0);
+        else
+            end_rearm(relay, backend);
     }
     else if (size == 0) {
         link_dial_done(relay, link, ANSWER_CUT);
     }
     else if (errno != EAGAIN && errno != EWOULDBLOCK) {
         link_dial_done(relay, link, errno);
+    }
+    else {
+        end_rearm(relay, backend);
     }
 }
 
@@ -1026,6 +1054,7 @@ link_new(RelayObject *relay, int state, int client_fd, int backend_fd, PyObject 
         end->fd = fds[side];
         end->side = side;
         end->interest = 0;
+        end->registered = 0;
         memset(&end->out, 0, sizeof end->out);
     }
     PyObject_GC_Track(link);
@@ -1056,11 +1085,14 @@ link_start(RelayObject *relay, LinkObject *link, const void *head, Py_ssize_t he
     for (int side = CLIENT; side <= BACKEND; side++) {
         End *end = &link->ends[side];
         struct epoll_event event = {.events = EPOLLIN, .data.ptr = end};
-        if (epoll_ctl(relay->epfd, EPOLL_CTL_ADD, end->fd, &event) < 0) {
+        /* A dial's socket is in the set already, disarmed by its answer. */
+        int op = end->registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+        if (epoll_ctl(relay->epfd, op, end->fd, &event) < 0) {
             int failure = errno;
             link_end(link, OUTCOME_FINISHED, 0);
             return failure;
         }
+        end->registered = 1;
         end->interest = EPOLLIN;
     }
     if (head_len)
@@ -1071,12 +1103,14 @@ link_start(RelayObject *relay, LinkObject *link, const void *head, Py_ssize_t he
     return 0;
 }
 
-/* Unlock after a change Python made to `link`: tell Python what ended, and
- * have the relay thread retire the link if the change closed it. */
+/* Unlock after a change Python made to `link`: tell Python what ended (or a
+ * dial that failed at once), and have the relay thread retire the link if the
+ * change closed it. */
 static void
 relay_unlock(RelayObject *relay, LinkObject *link)
 {
-    int report = relay_due(relay, relay->ended != NULL || relay->backend_gone != NULL);
+    int report = relay_due(relay, relay->ended != NULL || relay->backend_gone != NULL ||
+                                      relay->answered != NULL);
     int kick = link->state == CLOSED;
     pthread_mutex_unlock(&relay->lock);
     if (report)
@@ -1231,7 +1265,10 @@ Link_take(LinkObject *self, PyObject *unused)
     if (self->state == ANSWERED) {
         End *backend = &self->ends[BACKEND];
         fd = backend->fd;
+        /* Out of the set before the event loop registers it in its own. */
+        epoll_ctl(relay->epfd, EPOLL_CTL_DEL, fd, NULL);
         backend->fd = -1;
+        backend->registered = 0;
         link_release(self);
     }
     relay_unlock(relay, self);
@@ -1596,23 +1633,51 @@ Relay_dial(RelayObject *self, PyObject *args)
     if (link == NULL)
         goto error;
     fd = -1; /* the link's now */
-    link->connected = connected;
     End *backend = &link->ends[BACKEND];
     if (out_append(&backend->out, request.buf, (size_t)request.len) < 0) {
         PyErr_NoMemory();
         goto error;
     }
+    /* On loopback the handshake is over by the time connect() returns, though it
+     * says EINPROGRESS: the request is written here, and the relay thread first
+     * wakes for the answer. A socket still connecting takes nothing (EAGAIN) and
+     * what is left is the relay thread's to write once it is writable. A send
+     * that fails here (a refused connect says so now) ends the dial, reported as
+     * the relay thread would. The link is on no list yet: nothing else can touch
+     * it. */
+    uint32_t interest = EPOLLOUT;
+    int failed = 0;
+    if (end_flush(backend) < 0) {
+        failed = errno ? errno : EPIPE;
+    }
+    else if (!out_pending(backend)) {
+        connected = 1;
+        STORE(link->state, ANSWERING);
+        interest = ANSWER_INTEREST;
+    }
+    else if (backend->out.off > 0) {
+        connected = 1; /* part of it left: connected */
+    }
+    link->connected = connected;
     pthread_mutex_lock(&self->lock);
     relay_adopt(self, link);
-    backend->interest = EPOLLOUT;
+    if (failed) {
+        link_dial_done(self, link, failed);
+        relay_unlock(self, link);
+        PyBuffer_Release(&request);
+        return (PyObject *)link;
+    }
+    backend->interest = interest;
+    backend->registered = 1;
     relay_unlock(self, link);
     /* Registered once unlocked (see "Threads" above): a socket that connected at
      * once is writable already, and its registration wakes the relay thread. */
-    struct epoll_event event = {.events = EPOLLOUT, .data.ptr = backend};
+    struct epoll_event event = {.events = interest, .data.ptr = backend};
     if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, backend->fd, &event) < 0) {
         failure = errno;
         pthread_mutex_lock(&self->lock);
         backend->interest = 0;
+        backend->registered = 0;
         link_drop_dial(self, link);
         relay_unlock(self, link);
     }
