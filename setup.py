@@ -1,16 +1,18 @@
-"""The one compiled module: the relay of established sessions (Linux: epoll, eventfd).
+"""The compiled modules (Linux): the relay of established sessions (epoll,
+eventfd) and the plain listener's batch accept.
 
 Everything else about the package is in pyproject.toml.
 """
 
 from setuptools import Extension, setup
 
+FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+
 setup(
     ext_modules=[
+        Extension("wsgate.gateway._relay", ["src/wsgate/gateway/_relay.c"], extra_compile_args=FLAGS),
         Extension(
-            "wsgate.gateway._relay",
-            ["src/wsgate/gateway/_relay.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-        )
+            "wsgate.gateway._accept", ["src/wsgate/gateway/_accept.c"], extra_compile_args=FLAGS
+        ),
     ]
 )

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make sanitize`: the relay (the one piece of C) built with AddressSanitizer and
+# `make sanitize`: the C (the relay, the batch accept) built with AddressSanitizer and
 # UndefinedBehaviorSanitizer, warnings as errors, in a copy of the package; then
 # the tests that go through it, against that copy, bounded in time.
 #
@@ -25,13 +25,14 @@ find "$work/src" -name '*.so' -delete
 flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1 -Werror"
 CC="$CC" CFLAGS="$flags" LDFLAGS="-fsanitize=address,undefined" \
   "$PY" setup.py -q build_ext --build-lib "$work/lib" --build-temp "$work/build"
-cp "$work"/lib/wsgate/gateway/_relay*.so "$work/src/wsgate/gateway/"
+cp "$work"/lib/wsgate/gateway/_*.so "$work/src/wsgate/gateway/"
 
 export PYTHONPATH="$work/src" LD_PRELOAD="$libasan"
 export ASAN_OPTIONS="detect_leaks=0:malloc_context_size=5:abort_on_error=1:log_path=$work/asan"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$work/ubsan"
 # The tests must import the instrumented build, not the one in src/.
-"$PY" -c 'import sys, wsgate.gateway._relay as r; sys.exit(not r.__file__.startswith(sys.argv[1]))' "$work/src"
+"$PY" -c 'import sys, wsgate.gateway._relay as r, wsgate.gateway._accept as a
+sys.exit(not all(m.__file__.startswith(sys.argv[1]) for m in (r, a)))' "$work/src"
 
 status=0
 run() {  # run SECONDS PYTEST-ARGS...: one bounded pytest run; remember the first failure
@@ -45,10 +46,10 @@ run() {  # run SECONDS PYTEST-ARGS...: one bounded pytest run; remember the firs
     status=$code
   fi
 }
-# The relay and the frame tracker in this process. PYTHONMALLOC=malloc puts every
-# Python object (the relay's links too) under ASan's eye.
-PYTHONMALLOC=malloc run 240 tests/integration/test_relay.py tests/unit/test_frames.py \
-  tests/integration/test_spare_descriptors.py
+# The relay, the frame tracker and the batch accept in this process.
+# PYTHONMALLOC=malloc puts every Python object (the relay's links too) under ASan's eye.
+PYTHONMALLOC=malloc run 240 tests/integration/test_relay.py tests/integration/test_accept.py \
+  tests/unit/test_frames.py tests/integration/test_spare_descriptors.py
 # The data plane: each gateway these tests start inherits this environment, so
 # it runs the same build. Python's own allocator here: a process under ASan with
 # PYTHONMALLOC=malloc takes twice as long to start, and these tests start many.

@@ -53,8 +53,8 @@ fi
 command -v kubectl >/dev/null || echo "setup: kubectl not found: the deploy/ manifest tests will skip" >&2
 
 stamp=.venv/.wsgate-installed
-# Reinstall (and so recompile the relay) when the package definition or the C source changes.
-digest=$(cat pyproject.toml setup.py src/wsgate/gateway/_relay.c | sha256sum | cut -c1-16)
+# Reinstall (and so recompile the C) when the package definition or the C sources change.
+digest=$(cat pyproject.toml setup.py src/wsgate/gateway/*.c | sha256sum | cut -c1-16)
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

@@ -4,11 +4,12 @@ The plain listener accepts each connection itself and reads what has already
 arrived (:mod:`.listener`). When that is one whole WebSocket upgrade head (the
 common case: a client sends its head as soon as it connects), the connection
 is an :class:`Arrival`. Its exchange runs at once, and on a ``101`` from a
-backend the relay dialed, its socket goes to the relay as it is: it never
-becomes an event-loop transport and is never duplicated; after its head,
-nothing of it is read or written on the event loop. Anything else (nothing yet, part of a head,
-a request that is no upgrade, a head to refuse) is a
-:class:`~.downstream.Downstream` on a transport, given the bytes already read.
+backend the relay dialed, its descriptor goes to the relay as it is: it never
+becomes a socket object or an event-loop transport and is never duplicated;
+after its head, nothing of it is read or written on the event loop. Anything
+else (nothing yet, part of a head, a request that is no upgrade, a head to
+refuse) is a :class:`~.downstream.Downstream` on a transport, given the bytes
+already read.
 
 An arrival that must answer the client itself (a rejection, a refused
 upgrade, a 502), or whose backend is not dialed, takes a transport then: what
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 
 from wsgate.gateway.downstream import upgrade_problem
@@ -40,10 +42,8 @@ log = logging.getLogger("wsgate.arrival")
 WATCH_AFTER = 0.05
 
 
-def arrive(
-    plane: Plane, connections: set[Client], sock: socket.socket, peername: object, data: bytes
-) -> bool:
-    """Serve ``sock`` as an :class:`Arrival` if ``data`` is one whole upgrade head.
+def arrive(plane: Plane, connections: set[Client], fd: int, peername: object, data: bytes) -> bool:
+    """Serve the connection ``fd`` as an :class:`Arrival` if ``data`` is one whole upgrade head.
 
     Returns False, having done nothing, for anything else: the caller then
     serves the connection on a transport.
@@ -52,7 +52,7 @@ def arrive(
     if request is None:
         return False
     peer = peername if isinstance(peername, tuple) else None
-    Arrival(plane, connections, sock, plane.client_address.of_peer(peer), request).start()
+    Arrival(plane, connections, fd, plane.client_address.of_peer(peer), request).start()
     return True
 
 
@@ -82,20 +82,21 @@ def whole_upgrade(data: bytes, max_head_size: int) -> Request | None:
 
 
 class Arrival(Client):
-    """An upgrade request whose connection is still a bare socket (see the module)."""
+    """An upgrade request whose connection is still a bare descriptor (see the module)."""
 
     def __init__(
         self,
         plane: Plane,
         connections: set[Client],
-        sock: socket.socket,
+        fd: int,
         client_ip: str,
         request: Request,
     ):
         super().__init__()
         self.plane = plane
         self.connections = connections  # the gateway's: what a drain or a stop closes
-        self.sock = sock
+        self.fd = fd  # ours until it is closed, or the relay or a transport has it
+        self.sock: socket.socket | None = None  # made only when needed (a peek, a transport)
         self.client_ip = client_ip
         self.request = request
         self.upgraded = False
@@ -134,7 +135,7 @@ class Arrival(Client):
     # -- the client leaving, while the exchange waits -------------------------------------
     def _readable(self) -> None:
         try:
-            data = self.sock.recv(1, socket.MSG_PEEK)
+            data = self._socket().recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -147,7 +148,7 @@ class Arrival(Client):
     def _watch(self) -> None:
         self.watch_timer = None
         self.watching = True
-        self.plane.loop.add_reader(self.sock.fileno(), self._readable)
+        self.plane.loop.add_reader(self.fd, self._readable)
 
     def _unwatch(self) -> None:
         if self.watch_timer is not None:
@@ -155,26 +156,36 @@ class Arrival(Client):
             self.watch_timer = None
         if self.watching:
             self.watching = False
-            self.plane.loop.remove_reader(self.sock.fileno())
+            self.plane.loop.remove_reader(self.fd)
 
     def _gone(self) -> None:
         """The client closed (or reset) before its answer: stop everything for it."""
         self._unwatch()
         self.closed = True
         self.connections.discard(self)
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()  # safe twice: a transport that failed may have closed it
+        else:
+            os.close(self.fd)
         if self.task is not None:
             self.task.cancel()
         if self.peer is not None:
             self.peer.abandon()
 
     # -- what the exchange may do --------------------------------------------------------
-    def upgrade(self) -> asyncio.Transport | socket.socket:
+    def upgrade(self) -> asyncio.Transport | int:
         self.upgraded = True
         self.connections.discard(self)
         if self.transport is not None:
             return self.transport
         self._unwatch()
+        return self.sock.detach() if self.sock is not None else self.fd
+
+    def _socket(self) -> socket.socket:
+        """The connection as a socket object, made the first time it is needed."""
+        if self.sock is None:
+            self.sock = socket.socket(fileno=self.fd)
+            self.sock.setblocking(False)
         return self.sock
 
     def write(self, data: bytes) -> None:
@@ -217,7 +228,7 @@ class Arrival(Client):
 
     async def _connect(self) -> None:
         try:
-            await self.plane.loop.connect_accepted_socket(lambda: self, self.sock)
+            await self.plane.loop.connect_accepted_socket(lambda: self, self._socket())
         except OSError as error:
             log.info("cannot serve a connection from %s: %s", self.client_ip, error)
             self.unsent.clear()

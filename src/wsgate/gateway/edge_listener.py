@@ -33,7 +33,6 @@ import logging
 import socket
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 from wsgate.edge.client_address import TrustedNetworks, canonical_address
 from wsgate.edge.proxy_protocol import (
@@ -45,7 +44,7 @@ from wsgate.edge.proxy_protocol import (
 )
 from wsgate.edge.tls import ServingCertificate, handshake_failure_reason
 from wsgate.gateway.head import error_response
-from wsgate.gateway.listener import Listener
+from wsgate.gateway.listener import ACCEPT_BATCH, Listener
 
 __all__ = ["EdgeListener", "EdgeStats"]
 
@@ -101,8 +100,18 @@ class EdgeListener(Listener):
         self.proxy_sources = proxy_sources or TrustedNetworks()
         self.proxy_timeout = proxy_timeout
 
-    def connected(self, conn: socket.socket, peername: Any) -> None:
-        self.spawn(self._set_up(conn, canonical_address(peername[0])))
+    def accept_some(self, listening: socket.socket) -> None:
+        for accepted in range(ACCEPT_BATCH):
+            try:
+                conn, peername = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                if accepted == 0:
+                    raise
+                return  # met again, and raised, on the next call
+            conn.setblocking(False)
+            self.spawn(self._set_up(conn, canonical_address(peername[0])))
 
     async def _set_up(self, conn: socket.socket, peer: str) -> None:
         assert self._loop is not None

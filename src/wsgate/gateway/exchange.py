@@ -50,8 +50,8 @@ class Client(Endpoint, abc.ABC):
     task: asyncio.Task[None] | None = None
 
     @abc.abstractmethod
-    def upgrade(self) -> asyncio.Transport | socket.socket:
-        """Give the connection up to a session: its transport, or its socket if it has none."""
+    def upgrade(self) -> asyncio.Transport | int:
+        """Give the connection up to a session: its transport, or its descriptor if it has none."""
 
     async def transport_ready(self) -> None:
         """Until the connection has a transport (one accepted as a bare socket gets one)."""
@@ -435,7 +435,7 @@ class Exchange:
         self.client.write(render_response(head, keep_alive=False, chunked=False, extra=extra))
         self._finish(Ending.UPGRADED)
         client_transport = self.client.upgrade()
-        assert not isinstance(client_transport, socket.socket)  # transport_ready saw to it
+        assert not isinstance(client_transport, int)  # transport_ready saw to it
         # The HTTP reader is done; dropping its parser now frees it by reference
         # counting instead of leaving a cycle for the collector.
         upstream.reader.detach()

@@ -7,9 +7,10 @@ When the process is out of descriptors (or memory) the socket stays readable
 with nothing to accept, so accepting pauses briefly instead of spinning.
 What becomes of each connection is its subclass's:
 
-- :class:`PlainListener` (neither TLS nor PROXY protocol) reads what has
-  arrived. One whole WebSocket upgrade head is served straight from the
-  socket (:mod:`.arrival`); anything else becomes a
+- :class:`PlainListener` (neither TLS nor PROXY protocol) accepts each batch
+  with one call into C (:mod:`._accept`), which reads what each connection
+  has sent. One whole WebSocket upgrade head is served straight from its
+  descriptor (:mod:`.arrival`); anything else becomes a
   :class:`~.downstream.Downstream` on a transport, given the bytes read.
 - :class:`~wsgate.gateway.edge_listener.EdgeListener` reads a PROXY header
   and makes the TLS handshake first.
@@ -27,6 +28,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from wsgate.config import parse_address
+from wsgate.gateway._accept import accept_batch
 
 __all__ = ["ACCEPT_BATCH", "ACCEPT_PAUSE", "BACKLOG", "Listener", "PlainListener"]
 
@@ -45,8 +47,8 @@ _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class Listener(abc.ABC):
-    """Accepts on ``address`` (or ``sock``, already bound); each connection to
-    :meth:`connected`."""
+    """Accepts on ``address`` (or ``sock``, already bound), a batch at a time
+    (:meth:`accept_some`)."""
 
     def __init__(
         self, address: str, *, sock: socket.socket | None = None, reuse_port: bool = False
@@ -107,34 +109,35 @@ class Listener(abc.ABC):
 
     def _accept_ready(self) -> None:
         assert self._loop is not None and self.sock is not None
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, address = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                if error.errno in _OUT_OF_RESOURCES:
-                    log.warning("cannot accept: %s; pausing accepts briefly", error.strerror)
-                    self._loop.remove_reader(self.sock.fileno())
-                    self._loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
-                return  # ECONNABORTED and the like concern one connection only
-            conn.setblocking(False)
-            self.connected(conn, address)
+        try:
+            self.accept_some(self.sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            if error.errno in _OUT_OF_RESOURCES:
+                log.warning("cannot accept: %s; pausing accepts briefly", error.strerror)
+                self._loop.remove_reader(self.sock.fileno())
+                self._loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+            # ECONNABORTED and the like concern one connection only
 
     def _resume_accepting(self) -> None:
         if self._accepting and self._loop is not None and self.sock is not None:
             self._loop.add_reader(self.sock.fileno(), self._accept_ready)
 
     @abc.abstractmethod
-    def connected(self, conn: socket.socket, peername: Any) -> None:
-        """Set up one accepted connection (non-blocking, Nagle off)."""
+    def accept_some(self, listening: socket.socket) -> None:
+        """Accept and set up up to :data:`ACCEPT_BATCH` waiting connections.
+
+        Raises:
+            OSError: accepting the first one failed (out of descriptors, say).
+        """
 
 
 class PlainListener(Listener):
     """A listener of plain HTTP: each connection to ``take`` or to a transport.
 
-    ``take(conn, peername, data)`` is offered the connection with its first
-    bytes and returns whether it serves it; a connection it does not take
+    ``take(fd, peername, data)`` is offered the connection's descriptor with its
+    first bytes and returns whether it serves it; a connection it does not take
     becomes a transport whose protocol is ``protocol_factory(data)``. The
     kernel is asked to queue a connection for accept only once its first bytes
     are in (``TCP_DEFER_ACCEPT``), so the first read finds the head rather than
@@ -144,7 +147,7 @@ class PlainListener(Listener):
 
     def __init__(
         self,
-        take: Callable[[socket.socket, Any, bytes], bool],
+        take: Callable[[int, Any, bytes], bool],
         protocol_factory: Callable[[bytes], asyncio.Protocol],
         address: str,
         *,
@@ -161,16 +164,14 @@ class PlainListener(Listener):
         with contextlib.suppress(OSError, AttributeError):  # Linux's; elsewhere, a transport
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
 
-    def connected(self, conn: socket.socket, peername: Any) -> None:
-        try:
-            data = conn.recv(FIRST_READ)
-        except (BlockingIOError, InterruptedError):
-            data = b""  # nothing yet: the transport waits for it
-        except OSError:
-            conn.close()  # reset before a byte came: nothing to answer
-            return
-        if not (data and self.take(conn, peername, data)):
-            self.spawn(self._serve_on_transport(conn, data))
+    def accept_some(self, listening: socket.socket) -> None:
+        take = self.take
+        for fd, peername, data in accept_batch(listening.fileno(), ACCEPT_BATCH, FIRST_READ):
+            if not (data and take(fd, peername, data)):
+                # Nothing yet, or not a whole upgrade: the transport reads on.
+                conn = socket.socket(fileno=fd)
+                conn.setblocking(False)
+                self.spawn(self._serve_on_transport(conn, data))
 
     async def _serve_on_transport(self, conn: socket.socket, data: bytes) -> None:
         assert self._loop is not None

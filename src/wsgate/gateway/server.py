@@ -147,9 +147,9 @@ class Gateway:
             self.replica_id, self.config.listen, len(self.routes), backends, self.store.kind,
         )  # fmt: skip
 
-    def _arrived(self, sock: socket.socket, peername: Any, data: bytes) -> bool:
+    def _arrived(self, fd: int, peername: Any, data: bytes) -> bool:
         assert self.plane is not None
-        return arrive(self.plane, self.downstreams, sock, peername, data)
+        return arrive(self.plane, self.downstreams, fd, peername, data)
 
     def _accept(self, early: bytes) -> Downstream:
         assert self.plane is not None

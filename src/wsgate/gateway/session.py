@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 import time
 from collections.abc import Iterator
 
@@ -109,20 +108,20 @@ class Sessions:
         reservation: Reservation,
         record: Record,
         backend: Backend,
-        client: asyncio.Transport | socket.socket,
+        client: asyncio.Transport | int,
         link: Link,
         head: bytes,
         rest: bytes,
     ) -> Session:
         """A session of a dial the relay made: ``head`` (the 101) and ``rest`` go to the client.
 
-        ``client`` is its transport, or its socket if it never became one: that is
-        the relay's as it is, with nothing to flush or duplicate first.
+        ``client`` is its transport, or its descriptor if it never became one: that
+        is the relay's as it is, with nothing to flush or duplicate first.
         """
         session = self._begin(reservation, record, backend)
         session.dialed = (link, head)
-        if isinstance(client, socket.socket):
-            session.relay(client.detach(), None, rest)
+        if isinstance(client, int):
+            session.relay(client, None, rest)
         else:
             session.handoff = self.hand_over(session, client, None, rest, self.spares)
         return self._opened(session)
