@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 
+from wsgate.gateway.deadlines import Deadlines
 from wsgate.gateway.downstream import upgrade_problem
 from wsgate.gateway.exchange import Client, Exchange, Request
 from wsgate.gateway.flow import HIGH_WATER
@@ -34,25 +35,35 @@ from wsgate.gateway.head import RequestHead
 from wsgate.gateway.http1 import BadMessage, Head, RequestReader, Upgrade
 from wsgate.gateway.plane import Plane
 
-__all__ = ["Arrival", "arrive", "whole_upgrade"]
+__all__ = ["WATCH_AFTER", "Arrival", "arrive", "whole_upgrade"]
 
 log = logging.getLogger("wsgate.arrival")
 
-# An exchange still waiting this long (seconds) starts watching for its client leaving.
+# An exchange still waiting this long (seconds) starts watching for its client
+# leaving: the delay of the ``watches`` given to :func:`arrive`.
 WATCH_AFTER = 0.05
 
 
-def arrive(plane: Plane, connections: set[Client], fd: int, peername: object, data: bytes) -> bool:
+def arrive(
+    plane: Plane,
+    connections: set[Client],
+    watches: Deadlines,
+    fd: int,
+    peername: object,
+    data: bytes,
+) -> bool:
     """Serve the connection ``fd`` as an :class:`Arrival` if ``data`` is one whole upgrade head.
 
-    Returns False, having done nothing, for anything else: the caller then
-    serves the connection on a transport.
+    ``watches`` holds when each arrival starts watching for its client leaving
+    (its delay: :data:`WATCH_AFTER`). Returns False, having done nothing, for
+    anything else: the caller then serves the connection on a transport.
     """
     request = whole_upgrade(data, plane.config.max_head_size)
     if request is None:
         return False
     peer = peername if isinstance(peername, tuple) else None
-    Arrival(plane, connections, fd, plane.client_address.of_peer(peer), request).start()
+    client_ip = plane.client_address.of_peer(peer)
+    Arrival(plane, connections, watches, fd, client_ip, request).start()
     return True
 
 
@@ -88,6 +99,7 @@ class Arrival(Client):
         self,
         plane: Plane,
         connections: set[Client],
+        watches: Deadlines,
         fd: int,
         client_ip: str,
         request: Request,
@@ -95,13 +107,13 @@ class Arrival(Client):
         super().__init__()
         self.plane = plane
         self.connections = connections  # the gateway's: what a drain or a stop closes
+        self.watches = watches
         self.fd = fd  # ours until it is closed, or the relay or a transport has it
         self.sock: socket.socket | None = None  # made only when needed (a peek, a transport)
         self.client_ip = client_ip
         self.request = request
         self.upgraded = False
         self.watching = False  # the socket is in the loop's set, for the client leaving
-        self.watch_timer: asyncio.TimerHandle | None = None
         self.becoming: asyncio.Task[None] | None = None  # the transport being made
         self.unsent: list[bytes] = []  # written before the transport came
         self.close_when_sent = False
@@ -113,7 +125,7 @@ class Arrival(Client):
         self.connections.add(self)
         # Most exchanges are over sooner: watching costs a registration and its
         # removal, so it begins only for one that waits (queued, a slow backend).
-        self.watch_timer = plane.loop.call_later(WATCH_AFTER, self._watch)
+        self.watches.set(self, self._watch)
         self.task = plane.loop.create_task(self._serve())
 
     async def _serve(self) -> None:
@@ -146,14 +158,11 @@ class Arrival(Client):
         self._gone()
 
     def _watch(self) -> None:
-        self.watch_timer = None
         self.watching = True
         self.plane.loop.add_reader(self.fd, self._readable)
 
     def _unwatch(self) -> None:
-        if self.watch_timer is not None:
-            self.watch_timer.cancel()
-            self.watch_timer = None
+        self.watches.cancel(self)
         if self.watching:
             self.watching = False
             self.plane.loop.remove_reader(self.fd)

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from wsgate.edge.tls import TlsError, backend_tls
 from wsgate.gateway._relay import Link, Relay
+from wsgate.gateway.deadlines import Deadlines
 from wsgate.gateway.dial import Dial
 from wsgate.gateway.upstream import Upstream
 from wsgate.upstreams.pool import Backend
@@ -80,13 +81,27 @@ class Connector:
     """Opens backend connections within ``connect_timeout`` and keeps idle ones for reuse."""
 
     def __init__(self, connect_timeout: float):
-        self.connect_timeout = connect_timeout  # a reload may change it
+        self._connect_timeout = connect_timeout
         self.loop: asyncio.AbstractEventLoop | None = None
         self.relay: Relay | None = None  # dials upgrades when given (dial_with)
         self._idle: dict[str, list[Upstream]] = {}
+        # Every connect's deadline, behind one timer (a connect nearly always
+        # ends long before it).
+        self._deadlines: Deadlines | None = None
+
+    @property
+    def connect_timeout(self) -> float:
+        return self._connect_timeout
+
+    @connect_timeout.setter
+    def connect_timeout(self, seconds: float) -> None:  # a reload may change it
+        self._connect_timeout = seconds
+        if self._deadlines is not None:
+            self._deadlines.delay = seconds
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self._deadlines = Deadlines(loop, self._connect_timeout)
 
     def dial_with(self, relay: Relay | None) -> None:
         """Have ``relay`` open upgrades' backend connections (None: transports only)."""
@@ -107,23 +122,25 @@ class Connector:
                 to take the connection.
             OutOfResources: the gateway's own open-files limit (or memory).
         """
-        relay, loop = self.relay, self.loop
-        assert relay is not None and loop is not None, "Connector.start and dial_with first"
+        relay, loop, deadlines = self.relay, self.loop, self._deadlines
+        assert relay is not None and loop is not None and deadlines is not None, (
+            "Connector.start and dial_with first"
+        )
         dial = Dial(loop.create_future())
         try:
-            link = relay.dial(backend.host, backend.port, request, dial)
+            link = dial.link = relay.dial(backend.host, backend.port, request, dial)
         except OSError as error:
             if error.errno in OWN_LIMITS:
                 raise OutOfResources(error) from None
             raise ConnectFailed(f"connect failed: {error}") from None
-        timer = loop.call_later(self.connect_timeout, dial.expire, link)
+        deadlines.set(dial, dial.expire)
         try:
             answer, failure = await dial.future
         except asyncio.CancelledError:
             link.abort()  # the client left: the backend's socket is closed now
             raise
         finally:
-            timer.cancel()
+            deadlines.cancel(dial)
         if failure and not link.connected:
             if failure in OWN_LIMITS:
                 raise OutOfResources(os.strerror(failure))
@@ -146,8 +163,8 @@ class Connector:
                 upstream = idle.pop()
                 if not upstream.closed:
                     return upstream
-        loop = self.loop
-        assert loop is not None, "Connector.start first"
+        loop, deadlines = self.loop, self._deadlines
+        assert loop is not None and deadlines is not None, "Connector.start first"
         # What asyncio.timeout does, without its per-use objects and running-loop
         # lookups (each a getpid() system call on Python 3.11): this is paid once
         # per upgrade.
@@ -155,12 +172,12 @@ class Connector:
         assert task is not None
         cancelling = task.cancelling()
         deadline = _Deadline(task)
-        timer = loop.call_later(self.connect_timeout, deadline.expire)
+        deadlines.set(deadline, deadline.expire)
         error: OSError | None = None
         try:
             context, server_name = backend_tls(backend.tls, backend.host)
         except TlsError as failure:
-            timer.cancel()
+            deadlines.cancel(deadline)
             raise ConnectFailed(str(failure)) from None
         try:
             _, upstream = await loop.create_connection(
@@ -177,7 +194,7 @@ class Connector:
         except OSError as failure:
             error = failure
         finally:
-            timer.cancel()
+            deadlines.cancel(deadline)
         if error is not None:
             if error.errno in OWN_LIMITS:
                 raise OutOfResources(error) from None
@@ -211,6 +228,8 @@ class Connector:
 
     def close(self) -> None:
         self.relay = None
+        if self._deadlines is not None:
+            self._deadlines.close()
         for idle in list(self._idle.values()):
             for upstream in list(idle):
                 upstream.abandon()

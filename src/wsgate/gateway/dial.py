@@ -22,25 +22,30 @@ ANSWER_CUT = -1
 
 
 class Dial:
-    """One dial: settled with ``(answer, error)``; error 0, an errno, or ANSWER_CUT."""
+    """One dial: settled with ``(answer, error)``; error 0, an errno, or ANSWER_CUT.
 
-    __slots__ = ("future",)
+    ``link`` is the relay's, once it has taken the dial.
+    """
+
+    __slots__ = ("future", "link")
 
     def __init__(self, future: asyncio.Future[tuple[bytes, int]]):
         self.future = future
+        self.link: Link | None = None
 
     def answered(self, answer: bytes, error: int) -> None:
         """The relay's report (a dial given up before it came is settled already)."""
         if not self.future.done():
             self.future.set_result((answer, error))
 
-    def expire(self, link: Link) -> None:
+    def expire(self) -> None:
         """The connect deadline: a dial still connecting is given up as timed out.
 
         Once connected, the backend has the request and may take its time to
         answer, as it may through a transport.
         """
-        if not link.connected and link.abort():
+        link = self.link
+        if link is not None and not link.connected and link.abort():
             self.answered(b"", errno.ETIMEDOUT)
 
 

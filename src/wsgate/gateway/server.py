@@ -32,8 +32,9 @@ from wsgate.config import Config, ConfigError
 from wsgate.edge.client_address import ClientResolver, TrustedNetworks
 from wsgate.edge.tls import ServingCertificate, TlsError
 from wsgate.gateway.access_log import RequestLog
-from wsgate.gateway.arrival import arrive
+from wsgate.gateway.arrival import WATCH_AFTER, arrive
 from wsgate.gateway.connector import Connector
+from wsgate.gateway.deadlines import Deadlines
 from wsgate.gateway.descriptors import SpareDescriptors
 from wsgate.gateway.downstream import Downstream
 from wsgate.gateway.edge_downstream import EdgeDownstream, TrustedClientAddress
@@ -110,6 +111,7 @@ class Gateway:
                 self._arrived, self._accept, config.listen, sock=sock, reuse_port=reuse_port
             )
         self.plane: Plane | None = None  # made by start, on the running loop
+        self.arrival_watches: Deadlines | None = None  # likewise
         self.draining = False
         self.ready = False
         self.started_at = time.time()
@@ -124,6 +126,7 @@ class Gateway:
         self._drain_cut = asyncio.Event()
         await self.routes.start()
         self.connector.start(loop)
+        self.arrival_watches = Deadlines(loop, WATCH_AFTER)
         self.plane = Plane(
             loop,
             self.config,
@@ -149,7 +152,8 @@ class Gateway:
 
     def _arrived(self, fd: int, peername: Any, data: bytes) -> bool:
         assert self.plane is not None
-        return arrive(self.plane, self.downstreams, fd, peername, data)
+        assert self.arrival_watches is not None
+        return arrive(self.plane, self.downstreams, self.arrival_watches, fd, peername, data)
 
     def _accept(self, early: bytes) -> Downstream:
         assert self.plane is not None
