@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from wsgate.testbed.processes import ProcessGroup, RedisServer, find_redis_server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background by a script (`make test &`) inherits SIGINT
+    # ignored, and so would every command it starts: the tests that stop a
+    # `--watch` command as Ctrl-C does would find it deaf. A handler of our own
+    # here is reset to the default in each child, as a terminal's would be.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

@@ -111,7 +111,8 @@ def mutated_heads(draw: st.DrawFn) -> bytes:
         if kind == "insert":
             raw = raw[:at] + draw(st.sampled_from(_NASTY)) + raw[at:]
         elif kind == "delete":
-            raw = raw[:at] + raw[at + 1 :]
+            if len(raw) > 1:  # never all of it: the next mutation needs a byte to stand at
+                raw = raw[:at] + raw[at + 1 :]
         elif kind == "lf":  # one CRLF becomes a bare LF
             crlf = raw.find(b"\r\n", at)
             if crlf >= 0:
