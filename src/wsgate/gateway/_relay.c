@@ -806,23 +806,35 @@ link_dial_done(RelayObject *relay, LinkObject *link, int error)
     relay->answered = link;
 }
 
+/* Write what is left of a dial's request: the errno of a failed send (the dial
+ * is over: a refused connect says so here), or 0. A socket still connecting
+ * takes nothing (EAGAIN); once any of the request went it is connected, and
+ * once all of it went the dial waits for the answer (ANSWERING). */
+static int
+dial_write(LinkObject *link)
+{
+    End *backend = &link->ends[BACKEND];
+    if (end_flush(backend) < 0)
+        return errno ? errno : EPIPE;
+    int written = !out_pending(backend);
+    if (written || backend->out.off > 0)
+        STORE(link->connected, 1);
+    if (written)
+        STORE(link->state, ANSWERING);
+    return 0;
+}
+
 static void
 link_dial_event(RelayObject *relay, LinkObject *link, End *backend)
 {
     if (link->state == DIALING) {
         /* Writable: connected, or failed, and then the send says why. */
-        if (end_flush(backend) < 0) {
-            link_dial_done(relay, link, errno ? errno : EPIPE);
-            return;
-        }
-        if (out_pending(backend)) {
-            if (backend->out.off > 0)
-                STORE(link->connected, 1); /* part of it left: connected */
-            return; /* the rest when writable again */
-        }
-        STORE(link->connected, 1);
-        STORE(link->state, ANSWERING);
-        end_watch(relay, backend, ANSWER_INTEREST);
+        int failure = dial_write(link);
+        if (failure)
+            link_dial_done(relay, link, failure);
+        else if (link->state == ANSWERING)
+            end_watch(relay, backend, ANSWER_INTEREST);
+        /* else the rest when writable again */
         return;
     }
     /* ANSWERING: the event disarmed the socket; it is armed again while the head
@@ -1640,25 +1652,13 @@ Relay_dial(RelayObject *self, PyObject *args)
     }
     /* On loopback the handshake is over by the time connect() returns, though it
      * says EINPROGRESS: the request is written here, and the relay thread first
-     * wakes for the answer. A socket still connecting takes nothing (EAGAIN) and
-     * what is left is the relay thread's to write once it is writable. A send
-     * that fails here (a refused connect says so now) ends the dial, reported as
-     * the relay thread would. The link is on no list yet: nothing else can touch
-     * it. */
-    uint32_t interest = EPOLLOUT;
-    int failed = 0;
-    if (end_flush(backend) < 0) {
-        failed = errno ? errno : EPIPE;
-    }
-    else if (!out_pending(backend)) {
-        connected = 1;
-        STORE(link->state, ANSWERING);
-        interest = ANSWER_INTEREST;
-    }
-    else if (backend->out.off > 0) {
-        connected = 1; /* part of it left: connected */
-    }
+     * wakes for the answer. What a socket still connecting did not take is the
+     * relay thread's to write once it is writable. A send that fails here ends
+     * the dial, reported as the relay thread would. The link is on no list yet:
+     * nothing else can touch it. */
     link->connected = connected;
+    int failed = dial_write(link);
+    uint32_t interest = link->state == ANSWERING ? ANSWER_INTEREST : EPOLLOUT;
     pthread_mutex_lock(&self->lock);
     relay_adopt(self, link);
     if (failed) {
@@ -1670,8 +1670,8 @@ Relay_dial(RelayObject *self, PyObject *args)
     backend->interest = interest;
     backend->registered = 1;
     relay_unlock(self, link);
-    /* Registered once unlocked (see "Threads" above): a socket that connected at
-     * once is writable already, and its registration wakes the relay thread. */
+    /* Registered once unlocked (see "Threads" above): a socket writable, or
+     * answered, at once wakes the relay thread on its registration. */
     struct epoll_event event = {.events = interest, .data.ptr = backend};
     if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, backend->fd, &event) < 0) {
         failure = errno;

@@ -111,8 +111,6 @@ class Listener(abc.ABC):
         assert self._loop is not None and self.sock is not None
         try:
             self.accept_some(self.sock)
-        except (BlockingIOError, InterruptedError):
-            return
         except OSError as error:
             if error.errno in _OUT_OF_RESOURCES:
                 log.warning("cannot accept: %s; pausing accepts briefly", error.strerror)
