@@ -7,40 +7,18 @@ sent them from, and whether the descriptor it was given answers it.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
-import resource
 import socket
 import struct
 import time
 from collections.abc import Iterator
 
 import pytest
+from descriptors import open_descriptors, open_files_limit
 
 from wsgate.gateway._accept import accept_batch
-
-
-def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def lowest_free_descriptor() -> int:
-    probe = os.open(os.devnull, os.O_RDONLY)  # the kernel gives the lowest free number
-    os.close(probe)
-    return probe
-
-
-@contextlib.contextmanager
-def open_files_limit(more: int) -> Iterator[None]:
-    """Room for ``more`` new descriptors from here on, and none after them."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_descriptor() + more, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from descriptors import open_descriptors
 
 from wsgate.gateway._relay import Link, Relay
 from wsgate.gateway.frames import close_frame, masked_close_frame
@@ -140,10 +141,6 @@ def read_to_eof(bench: Bench, sock: socket.socket, timeout: float = 5.0) -> byte
 
     bench.pump(closed, timeout)
     return b"".join(chunks)
-
-
-def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def test_bytes_pass_both_ways_in_order_and_are_counted(bench: Bench) -> None:

@@ -11,13 +11,11 @@ spares ran out after a few sessions and the next session answered 101 was droppe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import resource
 import time
-from collections.abc import Iterator
 
 import uvloop
+from descriptors import open_files_limit
 
 from wsgate.gateway.descriptors import SPARE_DESCRIPTORS, SpareDescriptors
 from wsgate.gateway.handoff import hand_over
@@ -37,22 +35,6 @@ class HandedOver:
 
     def finish(self, outcome: str) -> None:
         self.dropped = outcome
-
-
-def lowest_free_descriptor() -> int:
-    used = {int(name) for name in os.listdir("/proc/self/fd")}
-    return next(fd for fd in range(len(used) + 1) if fd not in used)
-
-
-@contextlib.contextmanager
-def open_files_limit_now() -> Iterator[None]:
-    """No new descriptor from here on (until a descriptor below the limit is closed)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_descriptor(), hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def take_every_free_descriptor(into: list[int]) -> None:
@@ -86,7 +68,7 @@ def test_hand_overs_at_the_limit_on_a_slow_loop_never_drop_a_session() -> None:
         taken: list[int] = []
         sessions = []
         try:
-            with open_files_limit_now():
+            with open_files_limit():
                 for index in range(rounds):
                     session = HandedOver()
                     sessions.append(session)
