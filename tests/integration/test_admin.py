@@ -142,6 +142,18 @@ async def must_open(port: int) -> RawWebSocket:
     return result
 
 
+async def until_held(http: aiohttp.ClientSession, admin_url: str, held: int) -> None:
+    """Until the gateway holds ``held`` slots. It frees a session's slot once its
+    socket to the backend is closed, and the client's end of stream can come
+    first: the next admission must wait for the gateway's count, not the client's."""
+    async with asyncio.timeout(5):
+        while True:
+            clusters = json.loads(await get_text(http, f"{admin_url}/clusters"))
+            if sum(row["active"] for row in clusters["backends"]) == held:
+                return
+            await asyncio.sleep(0.01)
+
+
 async def must_refuse(port: int) -> Answer:
     result = await open_websocket(port)
     assert isinstance(result, Answer), "expected a refusal, got a session"
@@ -216,10 +228,12 @@ async def test_metrics_clusters_and_stats_equal_what_backends_and_clients_saw(
     await second.ask("two")
     refusals.append(await must_refuse(port))  # both backends full: 503
     await first.close()
+    await until_held(http, gateway.admin_url, 1)
     third = await must_open(port)  # the last token
     await third.ask("three")
     refusals.append(await must_refuse(port))  # full again: 503
     await second.close()
+    await until_held(http, gateway.admin_url, 1)
     refusals.append(await must_refuse(port))  # a slot is free but no token is left: 429
 
     assert [r.status for r in refusals] == [503, 503, 429]
