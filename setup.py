@@ -1,5 +1,5 @@
 """The compiled modules (Linux): the relay of established sessions (epoll,
-eventfd) and the plain listener's batch accept.
+eventfd), the plain listener's batch accept and the reader of common upgrade heads.
 
 Everything else about the package is in pyproject.toml.
 """
@@ -13,6 +13,9 @@ setup(
         Extension("wsgate.gateway._relay", ["src/wsgate/gateway/_relay.c"], extra_compile_args=FLAGS),
         Extension(
             "wsgate.gateway._accept", ["src/wsgate/gateway/_accept.c"], extra_compile_args=FLAGS
+        ),
+        Extension(
+            "wsgate.gateway._heads", ["src/wsgate/gateway/_heads.c"], extra_compile_args=FLAGS
         ),
     ]
 )

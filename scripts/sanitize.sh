@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make sanitize`: the C (the relay, the batch accept) built with AddressSanitizer and
+# `make sanitize`: the C (the relay, the batch accept, the heads) built with AddressSanitizer and
 # UndefinedBehaviorSanitizer, warnings as errors, in a copy of the package; then
 # the tests that go through it, against that copy, bounded in time.
 #
@@ -31,8 +31,8 @@ export PYTHONPATH="$work/src" LD_PRELOAD="$libasan"
 export ASAN_OPTIONS="detect_leaks=0:malloc_context_size=5:abort_on_error=1:log_path=$work/asan"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$work/ubsan"
 # The tests must import the instrumented build, not the one in src/.
-"$PY" -c 'import sys, wsgate.gateway._relay as r, wsgate.gateway._accept as a
-sys.exit(not all(m.__file__.startswith(sys.argv[1]) for m in (r, a)))' "$work/src"
+"$PY" -c 'import sys, wsgate.gateway._relay as r, wsgate.gateway._accept as a, wsgate.gateway._heads as h
+sys.exit(not all(m.__file__.startswith(sys.argv[1]) for m in (r, a, h)))' "$work/src"
 
 status=0
 run() {  # run SECONDS PYTEST-ARGS...: one bounded pytest run; remember the first failure
@@ -46,10 +46,11 @@ run() {  # run SECONDS PYTEST-ARGS...: one bounded pytest run; remember the firs
     status=$code
   fi
 }
-# The relay, the frame tracker and the batch accept in this process.
+# The relay, the frame tracker, the batch accept and the heads in this process.
 # PYTHONMALLOC=malloc puts every Python object (the relay's links too) under ASan's eye.
 PYTHONMALLOC=malloc run 240 tests/integration/test_relay.py tests/integration/test_accept.py \
-  tests/unit/test_frames.py tests/integration/test_spare_descriptors.py
+  tests/unit/test_frames.py tests/integration/test_spare_descriptors.py \
+  tests/unit/test_plain_heads.py tests/unit/test_arrival.py
 # The data plane: each gateway these tests start inherits this environment, so
 # it runs the same build. Python's own allocator here: a process under ASan with
 # PYTHONMALLOC=malloc takes twice as long to start, and these tests start many.

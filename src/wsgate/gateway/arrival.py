@@ -31,8 +31,7 @@ from wsgate.gateway.deadlines import Deadlines
 from wsgate.gateway.downstream import upgrade_problem
 from wsgate.gateway.exchange import Client, Exchange, Request
 from wsgate.gateway.flow import HIGH_WATER
-from wsgate.gateway.head import RequestHead
-from wsgate.gateway.http1 import BadMessage, Head, RequestReader, Upgrade
+from wsgate.gateway.http1 import upgrade_request
 from wsgate.gateway.plane import Plane
 
 __all__ = ["WATCH_AFTER", "Arrival", "arrive", "whole_upgrade"]
@@ -69,26 +68,14 @@ def arrive(
 
 def whole_upgrade(data: bytes, max_head_size: int) -> Request | None:
     """The request in ``data`` if it is a whole WebSocket upgrade head to forward."""
-    if b"\r\n\r\n" not in data:
+    found = upgrade_request(data, max_head_size)
+    if found is None:
         return None
-    reader = RequestReader(max_head_size)
-    try:
-        events = reader.feed(data)
-    except BadMessage:
+    head, rest = found
+    if upgrade_problem(head) is not None:
         return None  # the downstream answers it
-    finally:
-        reader.detach()  # freed by reference counting, not left to the collector
-    # A whole upgrade head reads as its head, its end (no body) and the switch.
-    if len(events) != 3:
-        return None
-    head, _, upgrade = events
-    if not isinstance(head, Head) or not isinstance(upgrade, Upgrade):
-        return None
-    assert isinstance(head.head, RequestHead)
-    if upgrade_problem(head.head) is not None:
-        return None
-    request = Request(head.head)
-    request.rest = upgrade.rest
+    request = Request(head)
+    request.rest = rest
     return request
 
 

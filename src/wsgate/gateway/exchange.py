@@ -30,7 +30,7 @@ from wsgate.gateway.head import (
     render_request,
     render_response,
 )
-from wsgate.gateway.http1 import BadMessage, Head, ResponseReader, Upgrade
+from wsgate.gateway.http1 import switching_response
 from wsgate.gateway.outcomes import Ending, Kind, Outcome
 from wsgate.gateway.plane import Plane, Route
 from wsgate.gateway.reservation import Reservation
@@ -93,25 +93,6 @@ def _chunk(data: bytes) -> bytes:
 
 def _may_have_body(status: int, request: RequestHead) -> bool:
     return not (request.method == b"HEAD" or status < 200 or status in (204, 304))
-
-
-def _switched(answer: bytes) -> tuple[ResponseHead, bytes] | None:
-    """The head of a dial's answer and what followed it, if it is a 101 that upgraded."""
-    reader = ResponseReader()
-    try:
-        events = reader.feed(answer)
-    except BadMessage:
-        return None
-    finally:
-        reader.detach()  # freed by reference counting, not left to the collector
-    head = None
-    for event in events:
-        if isinstance(event, Head):
-            assert isinstance(event.head, ResponseHead)
-            head = event.head
-        elif isinstance(event, Upgrade):
-            return (head, event.rest) if head is not None and head.status == 101 else None
-    return None
 
 
 class Exchange:
@@ -242,7 +223,7 @@ class Exchange:
             # has closed its socket.
             self._admitted(reservation, backend, fallback)
             return self._backend_failed(Ending.BACKEND_FAILED)
-        switched = _switched(answer)
+        switched = switching_response(answer)
         if switched is None:
             # Refused, or not understood: the response is read as through a transport.
             sock = socket.socket(fileno=link.take())

@@ -4,6 +4,11 @@
 (``Head``, ``Body``, ``End``, ``Upgrade``), in the manner of h11: the protocols
 in :mod:`.downstream` and :mod:`.upstream` only move bytes in and out. Problems a client can
 cause raise :class:`BadMessage` carrying the status to answer with.
+
+:func:`upgrade_request` and :func:`switching_response` read the two heads of an
+upgrade that arrive whole (the client's, the backend's 101). The plainest heads,
+nearly all of them, are read in one call into C (``_heads.c``); any other is
+read by the readers here, so the answer is the readers' either way.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 
 import httptools
 
+from wsgate.gateway import _heads
 from wsgate.gateway.head import RequestHead, ResponseHead, request_problem
 
 __all__ = [
@@ -24,6 +30,10 @@ __all__ = [
     "RequestReader",
     "ResponseReader",
     "Upgrade",
+    "read_switching_response",
+    "read_upgrade_request",
+    "switching_response",
+    "upgrade_request",
 ]
 
 
@@ -301,3 +311,69 @@ class ResponseReader:
     def on_message_complete(self) -> None:
         self._events.append(_END)
         self._head = None
+
+
+def upgrade_request(data: bytes, max_head_size: int) -> tuple[RequestHead, bytes] | None:
+    """The head ``data`` starts with, and what follows it, if it is a whole upgrade request.
+
+    None for anything else: part of a head, a request that is no upgrade, one with
+    a body, one the reader refuses (it answers that one on a transport).
+    """
+    plain = _heads.upgrade_request(data, max_head_size)
+    if plain is not None:
+        method, target, headers, end = plain
+        head = RequestHead(headers=headers, method=method, target=target, upgrade=True)
+        # The checks the reader makes of every head (Host): one that fails them
+        # is left to the reader, which refuses it.
+        if request_problem(head) is None:
+            return head, data[end:]
+    return read_upgrade_request(data, max_head_size)
+
+
+def read_upgrade_request(data: bytes, max_head_size: int) -> tuple[RequestHead, bytes] | None:
+    """:func:`upgrade_request` by the reader alone, for a head of any shape."""
+    if b"\r\n\r\n" not in data:
+        return None
+    reader = RequestReader(max_head_size)
+    try:
+        events = reader.feed(data)
+    except BadMessage:
+        return None
+    finally:
+        reader.detach()  # freed by reference counting, not left to the collector
+    # A whole upgrade head reads as its head, its end (no body) and the switch.
+    if len(events) != 3:
+        return None
+    found, _, upgrade = events
+    if not isinstance(found, Head) or not isinstance(upgrade, Upgrade):
+        return None
+    assert isinstance(found.head, RequestHead)
+    return found.head, upgrade.rest
+
+
+def switching_response(answer: bytes) -> tuple[ResponseHead, bytes] | None:
+    """The head of a backend's answer and what followed it, if it is a 101 that upgraded."""
+    plain = _heads.switching_response(answer)
+    if plain is not None:
+        reason, headers, end = plain
+        return ResponseHead(headers=headers, status=101, reason=reason), answer[end:]
+    return read_switching_response(answer)
+
+
+def read_switching_response(answer: bytes) -> tuple[ResponseHead, bytes] | None:
+    """:func:`switching_response` by the reader alone, for a head of any shape."""
+    reader = ResponseReader()
+    try:
+        events = reader.feed(answer)
+    except BadMessage:
+        return None
+    finally:
+        reader.detach()  # freed by reference counting, not left to the collector
+    head = None
+    for event in events:
+        if isinstance(event, Head):
+            assert isinstance(event.head, ResponseHead)
+            head = event.head
+        elif isinstance(event, Upgrade):
+            return (head, event.rest) if head is not None and head.status == 101 else None
+    return None
