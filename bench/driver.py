@@ -556,8 +556,10 @@ def _describe(error: BaseException) -> str:
 
 
 async def _sleep_until(moment: float) -> None:
-    delay = moment - time.monotonic()
-    if delay > 0:
+    # uvloop's timers count whole milliseconds of a clock read once per turn of
+    # the loop: a sleep can end up to a millisecond early, and an echo on
+    # loopback can come back within that millisecond, before its window opens.
+    while (delay := moment - time.monotonic()) > 0:  # noqa: ASYNC110 (a moment, no event)
         await asyncio.sleep(delay)
 
 
