@@ -20,7 +20,6 @@ from websockets.uri import parse_uri
 
 from wsgate import wire
 from wsgate.gateway import _heads
-from wsgate.gateway.head import RequestHead, ResponseHead, request_problem
 from wsgate.gateway.http1 import (
     read_switching_response,
     read_upgrade_request,
@@ -48,42 +47,15 @@ def answer(fields: list[bytes], start: bytes = b"HTTP/1.1 101 Switching Protocol
     return b"\r\n".join([start, *fields]) + b"\r\n\r\n" + REST
 
 
-def plain_request(data: bytes, max_head: int = MAX_HEAD) -> tuple[RequestHead, bytes] | None:
-    """What the gateway reads through C alone, and the checks the reader makes of every
-    head (None: left to the reader)."""
-    found = _heads.upgrade_request(data, max_head)
-    if found is None:
-        return None
-    method, target, headers, end = found
-    head = RequestHead(headers=headers, method=method, target=target, upgrade=True)
-    return (head, data[end:]) if request_problem(head) is None else None
-
-
-def plain_response(data: bytes) -> tuple[ResponseHead, bytes] | None:
-    found = _heads.switching_response(data)
-    if found is None:
-        return None
-    reason, headers, end = found
-    return ResponseHead(headers=headers, status=101, reason=reason), data[end:]
-
-
 def agrees_on_request(data: bytes, max_head: int = MAX_HEAD) -> bool:
-    """Whether C read ``data`` as the reader does; False when C left it to the reader."""
-    plain = plain_request(data, max_head)
-    if plain is None:
-        return False
-    assert plain == read_upgrade_request(data, max_head), data
-    assert upgrade_request(data, max_head) == plain
-    return True
+    """Whether C read ``data``; either way the gateway's reading is the reader's."""
+    assert upgrade_request(data, max_head) == read_upgrade_request(data, max_head), data
+    return _heads.upgrade_request(data, max_head) is not None
 
 
 def agrees_on_response(data: bytes) -> bool:
-    plain = plain_response(data)
-    if plain is None:
-        return False
-    assert plain == read_switching_response(data), data
-    assert switching_response(data) == plain
-    return True
+    assert switching_response(data) == read_switching_response(data), data
+    return _heads.switching_response(data) is not None
 
 
 # -- the heads that clients and servers send are read in C --------------------------------

@@ -201,6 +201,66 @@ other:
     return 0;
 }
 
+/* The request head at the start of data[0, size), or None for another shape;
+ * NULL with an exception set. */
+static PyObject *
+read_upgrade_request(const unsigned char *data, Py_ssize_t size, Py_ssize_t max_head_size)
+{
+    static const char method[] = "GET ";
+    static const char version[] = " HTTP/1.1";
+    const Py_ssize_t method_len = sizeof method - 1, version_len = sizeof version - 1;
+    Py_ssize_t eol = line_end(data, 0, size);
+    if (eol < method_len + 1 + version_len || memcmp(data, method, method_len) != 0 ||
+        memcmp(data + eol - version_len, version, version_len) != 0)
+        Py_RETURN_NONE;
+    Py_ssize_t target = method_len, target_end = eol - version_len;
+    if (data[target] != '/')
+        Py_RETURN_NONE;
+    for (Py_ssize_t i = target; i < target_end; i++)
+        if (data[i] <= 0x20 || data[i] >= 0x7f)
+            Py_RETURN_NONE;
+    Fields fields;
+    int read = read_fields(data, eol + 2, size, true, &fields);
+    if (read <= 0)
+        return read < 0 ? NULL : Py_NewRef(Py_None);
+    if ((target_end - target) + fields.measure > max_head_size) {
+        Py_DECREF(fields.headers);
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(y#y#Nn)", (const char *)data, method_len - 1,
+                         (const char *)data + target, target_end - target, fields.headers,
+                         fields.end);
+}
+
+/* The 101 head at the start of data[0, size), or None for another shape; NULL
+ * with an exception set. */
+static PyObject *
+read_switching_response(const unsigned char *data, Py_ssize_t size)
+{
+    static const char status[] = "HTTP/1.1 101";
+    const Py_ssize_t status_len = sizeof status - 1;
+    Py_ssize_t eol = line_end(data, 0, size);
+    if (eol < status_len || memcmp(data, status, status_len) != 0)
+        Py_RETURN_NONE;
+    Py_ssize_t reason = eol, reason_end = eol;
+    if (eol > status_len) {
+        if (data[status_len] != ' ')
+            Py_RETURN_NONE;
+        reason = status_len + 1;
+        for (Py_ssize_t i = reason; i < eol; i++)
+            if (!is_text(data[i]))
+                Py_RETURN_NONE;
+        if (reason_end > reason && (is_blank(data[reason]) || is_blank(data[reason_end - 1])))
+            Py_RETURN_NONE;
+    }
+    Fields fields;
+    int read = read_fields(data, eol + 2, size, false, &fields);
+    if (read <= 0)
+        return read < 0 ? NULL : Py_NewRef(Py_None);
+    return Py_BuildValue("(y#Nn)", (const char *)data + reason, reason_end - reason,
+                         fields.headers, fields.end);
+}
+
 static PyObject *
 upgrade_request(PyObject *module, PyObject *args)
 {
@@ -208,39 +268,7 @@ upgrade_request(PyObject *module, PyObject *args)
     Py_ssize_t max_head_size;
     if (!PyArg_ParseTuple(args, "y*n:upgrade_request", &view, &max_head_size))
         return NULL;
-    const unsigned char *data = view.buf;
-    Py_ssize_t size = view.len;
-    PyObject *result = NULL;
-    static const char method[] = "GET ";
-    static const char version[] = " HTTP/1.1";
-    const Py_ssize_t method_len = sizeof method - 1, version_len = sizeof version - 1;
-    Py_ssize_t eol = line_end(data, 0, size);
-    if (eol < method_len + 1 + version_len || memcmp(data, method, method_len) != 0 ||
-        memcmp(data + eol - version_len, version, version_len) != 0)
-        goto other;
-    Py_ssize_t target = method_len, target_end = eol - version_len;
-    if (data[target] != '/')
-        goto other;
-    for (Py_ssize_t i = target; i < target_end; i++)
-        if (data[i] <= 0x20 || data[i] >= 0x7f)
-            goto other;
-    Fields fields;
-    int read = read_fields(data, eol + 2, size, true, &fields);
-    if (read < 0)
-        goto done;
-    if (read == 0)
-        goto other;
-    if ((target_end - target) + fields.measure > max_head_size) {
-        Py_DECREF(fields.headers);
-        goto other;
-    }
-    result = Py_BuildValue("(y#y#Nn)", (const char *)data, method_len - 1,
-                           (const char *)data + target, target_end - target, fields.headers,
-                           fields.end);
-    goto done;
-other:
-    result = Py_NewRef(Py_None);
-done:
+    PyObject *result = read_upgrade_request(view.buf, view.len, max_head_size);
     PyBuffer_Release(&view);
     return result;
 }
@@ -251,37 +279,7 @@ switching_response(PyObject *module, PyObject *args)
     Py_buffer view;
     if (!PyArg_ParseTuple(args, "y*:switching_response", &view))
         return NULL;
-    const unsigned char *data = view.buf;
-    Py_ssize_t size = view.len;
-    PyObject *result = NULL;
-    static const char status[] = "HTTP/1.1 101";
-    const Py_ssize_t status_len = sizeof status - 1;
-    Py_ssize_t eol = line_end(data, 0, size);
-    if (eol < status_len || memcmp(data, status, status_len) != 0)
-        goto other;
-    Py_ssize_t reason = eol, reason_end = eol;
-    if (eol > status_len) {
-        if (data[status_len] != ' ')
-            goto other;
-        reason = status_len + 1;
-        for (Py_ssize_t i = reason; i < eol; i++)
-            if (!is_text(data[i]))
-                goto other;
-        if (reason_end > reason && (is_blank(data[reason]) || is_blank(data[reason_end - 1])))
-            goto other;
-    }
-    Fields fields;
-    int read = read_fields(data, eol + 2, size, false, &fields);
-    if (read < 0)
-        goto done;
-    if (read == 0)
-        goto other;
-    result = Py_BuildValue("(y#Nn)", (const char *)data + reason, reason_end - reason,
-                           fields.headers, fields.end);
-    goto done;
-other:
-    result = Py_NewRef(Py_None);
-done:
+    PyObject *result = read_switching_response(view.buf, view.len);
     PyBuffer_Release(&view);
     return result;
 }

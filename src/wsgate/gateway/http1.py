@@ -334,15 +334,9 @@ def read_upgrade_request(data: bytes, max_head_size: int) -> tuple[RequestHead, 
     """:func:`upgrade_request` by the reader alone, for a head of any shape."""
     if b"\r\n\r\n" not in data:
         return None
-    reader = RequestReader(max_head_size)
-    try:
-        events = reader.feed(data)
-    except BadMessage:
-        return None
-    finally:
-        reader.detach()  # freed by reference counting, not left to the collector
+    events = _read_once(RequestReader(max_head_size), data)
     # A whole upgrade head reads as its head, its end (no body) and the switch.
-    if len(events) != 3:
+    if events is None or len(events) != 3:
         return None
     found, _, upgrade = events
     if not isinstance(found, Head) or not isinstance(upgrade, Upgrade):
@@ -362,18 +356,22 @@ def switching_response(answer: bytes) -> tuple[ResponseHead, bytes] | None:
 
 def read_switching_response(answer: bytes) -> tuple[ResponseHead, bytes] | None:
     """:func:`switching_response` by the reader alone, for a head of any shape."""
-    reader = ResponseReader()
-    try:
-        events = reader.feed(answer)
-    except BadMessage:
-        return None
-    finally:
-        reader.detach()  # freed by reference counting, not left to the collector
+    events = _read_once(ResponseReader(), answer)
     head = None
-    for event in events:
+    for event in events or ():
         if isinstance(event, Head):
             assert isinstance(event.head, ResponseHead)
             head = event.head
         elif isinstance(event, Upgrade):
             return (head, event.rest) if head is not None and head.status == 101 else None
     return None
+
+
+def _read_once(reader: RequestReader | ResponseReader, data: bytes) -> list[Event] | None:
+    """The events of ``data`` read by a reader made for it, or None if it is malformed."""
+    try:
+        return reader.feed(data)
+    except BadMessage:
+        return None
+    finally:
+        reader.detach()  # freed by reference counting, not left to the collector
