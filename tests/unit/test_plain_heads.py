@@ -134,6 +134,9 @@ LEFT_TO_THE_READER = {
     "another option": request([*FIELDS[:2], b"Connection: Upgrade, foo", *FIELDS[3:]]),
     "no Upgrade field": request([f for f in FIELDS if not f.startswith(b"Upgrade")]),
     "no Connection field": request([f for f in FIELDS if not f.startswith(b"Connection")]),
+    "an empty Upgrade field": request(
+        [b"Upgrade: " if f.startswith(b"Upgrade") else f for f in FIELDS]
+    ),
     "a word that only starts with upgrade": request(
         [*FIELDS[:2], b"Connection: upgraded", *FIELDS[3:]]
     ),
@@ -186,6 +189,7 @@ ANSWERS_LEFT_TO_THE_READER = {
     "two spaces before the reason": answer(FIELDS[1:3], b"HTTP/1.1 101  Switching"),
     "no Upgrade field": answer(FIELDS[2:3]),
     "no Connection field": answer(FIELDS[1:2]),
+    "an empty Upgrade field": answer([b"Upgrade:", FIELDS[2]]),
     "Connection: close": answer([FIELDS[1], b"Connection: close"]),
     "Content-Length": answer([*FIELDS[1:3], b"Content-Length: 5"]),
     "a bare LF": answer([FIELDS[1] + b"\nX: y", FIELDS[2]]),

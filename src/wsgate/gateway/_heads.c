@@ -23,7 +23,7 @@
  *   and trailing blanks, as the request reader takes it (a response's value
  *   must not end in one: its reader would keep them);
  * - every line ends in CRLF, and an empty line ends the head;
- * - there is an Upgrade field, and a Connection field (one or more) whose
+ * - there is an Upgrade field with a value, and a Connection field (one or more) whose
  *   every option is "upgrade" or "keep-alive", one at least "upgrade": the
  *   message is an upgrade, and nothing asks to close;
  * - no Content-Length, Transfer-Encoding or Proxy-Connection (the framing
@@ -176,7 +176,7 @@ read_fields(const unsigned char *data, Py_ssize_t p, Py_ssize_t size, bool trim_
             is_word(name, name_len, "proxy-connection"))
             goto other;
         if (is_word(name, name_len, "upgrade"))
-            upgrade = true;
+            upgrade = upgrade || b > a; /* an empty one asks for nothing, as httptools reads it */
         else if (is_word(name, name_len, "connection"))
             connection |= connection_options(data + a, b - a);
         measure += name_len + (b - a) + 4;
