@@ -53,12 +53,16 @@ def test_cost_by_clock_says_where_an_upgrades_time_goes() -> None:
     # The split shares out the CPU time /proc counted, to the rounding of its rows.
     parts = spent["user space"] + spent["kernel"]
     assert abs(parts - spent["CPU (from /proc)"]) <= 0.2, done.stdout
-    # The tracepoints' count: one accept and one connect per upgrade (the driver's
-    # upgrades all succeed: one of each, to the rounding of a short round).
+    # The tracepoints' count: the gateway dials each backend once, with one socket and
+    # one connect per upgrade (the driver's upgrades all succeed: one of each, to the
+    # rounding of a short round). The listener accepts until accept4 says EAGAIN, so
+    # each wake-up ends with one call that takes nothing: how many connections a
+    # wake-up finds waiting depends on the machine's speed, between one and all 50.
     calls = done.stdout.split("system calls per upgrade", 1)[1]
     counted = dict(re.findall(r"^\| (\w+) \| ([\d.,]+) \|$", calls, re.M))
-    assert 0.9 <= float(counted["accept4"]) <= 1.1, calls
+    assert 0.9 <= float(counted["socket"]) <= 1.1, calls
     assert 0.9 <= float(counted["connect"]) <= 1.1, calls
+    assert 0.9 <= float(counted["accept4"]) <= 2.1, calls
     assert float(counted["all"]) > float(counted["accept4"]) + float(counted["connect"]), calls
 
 
