@@ -29,8 +29,13 @@ from wsgate.admission.memory import MemoryStore
 from wsgate.balancing import make_policy
 from wsgate.config import build_config
 from wsgate.gateway.admit import Admission
-from wsgate.gateway.downstream import upgrade_problem
-from wsgate.gateway.head import RequestHead, ResponseHead, render_request, render_response
+from wsgate.gateway.head import (
+    RequestHead,
+    ResponseHead,
+    render_request,
+    render_response,
+    upgrade_problem,
+)
 from wsgate.gateway.http1 import Head, RequestReader, ResponseReader
 from wsgate.gateway.reservation import Reservation
 from wsgate.gateway.stats import Stats

@@ -20,6 +20,14 @@ from websockets.uri import parse_uri
 
 from wsgate import wire
 from wsgate.gateway import _heads
+from wsgate.gateway.head import (
+    HOP_BY_HOP,
+    NOT_FORWARDED,
+    RequestHead,
+    ResponseHead,
+    render_request,
+    render_response,
+)
 from wsgate.gateway.http1 import (
     read_switching_response,
     read_upgrade_request,
@@ -47,15 +55,48 @@ def answer(fields: list[bytes], start: bytes = b"HTTP/1.1 101 Switching Protocol
     return b"\r\n".join([start, *fields]) + b"\r\n\r\n" + REST
 
 
+def in_c(data: bytes, max_head: int = MAX_HEAD) -> bool:
+    return _heads.upgrade_request(data, max_head, NOT_FORWARDED) is not None
+
+
+def answer_in_c(data: bytes) -> bool:
+    return _heads.switching_response(data, HOP_BY_HOP) is not None
+
+
+def same_fields(ours: RequestHead | ResponseHead, readers: RequestHead | ResponseHead) -> bool:
+    """Whether every lookup of a field finds the same values in both heads."""
+    names = {name.lower() for name, _ in readers.headers} | {b"absent"}
+    return all(ours.values(name) == readers.values(name) for name in names) and all(
+        ours.values(name.upper()) == readers.values(name) for name in names
+    )
+
+
 def agrees_on_request(data: bytes, max_head: int = MAX_HEAD) -> bool:
-    """Whether C read ``data``; either way the gateway's reading is the reader's."""
-    assert upgrade_request(data, max_head) == read_upgrade_request(data, max_head), data
-    return _heads.upgrade_request(data, max_head) is not None
+    """Whether C read ``data``; either way the gateway's reading is the reader's.
+
+    The same head, the same answer to every lookup, and the same head forwarded.
+    """
+    ours, readers = upgrade_request(data, max_head), read_upgrade_request(data, max_head)
+    assert ours == readers, data
+    if ours is not None and readers is not None:
+        assert same_fields(ours[0], readers[0]), data
+        forward = {"client_ip": "10.0.0.7", "request_id": "r-1", "host": "127.0.0.9:80"}
+        assert render_request(ours[0], **forward) == render_request(readers[0], **forward), data
+    return in_c(data, max_head)
 
 
 def agrees_on_response(data: bytes) -> bool:
-    assert switching_response(data) == read_switching_response(data), data
-    return _heads.switching_response(data) is not None
+    ours, readers = switching_response(data), read_switching_response(data)
+    assert ours == readers, data
+    if ours is not None and readers is not None:
+        assert same_fields(ours[0], readers[0]), data
+        extra = [(b"Set-Cookie", b"a=b")]
+        rendered = [
+            render_response(head, keep_alive=False, chunked=False, extra=extra)
+            for head in (ours[0], readers[0])
+        ]
+        assert rendered[0] == rendered[1], data
+    return answer_in_c(data)
 
 
 # -- the heads that clients and servers send are read in C --------------------------------
@@ -154,18 +195,81 @@ LEFT_TO_THE_READER = {
 
 @pytest.mark.parametrize("data", LEFT_TO_THE_READER.values(), ids=LEFT_TO_THE_READER.keys())
 def test_other_shapes_are_left_to_the_reader(data: bytes) -> None:
-    assert _heads.upgrade_request(data, MAX_HEAD) is None
+    assert not in_c(data)
     # ...which reads it as it always did.
     assert upgrade_request(data, MAX_HEAD) == read_upgrade_request(data, MAX_HEAD)
 
 
-def test_a_head_whose_host_the_reader_refuses_is_refused() -> None:
+def test_a_head_whose_host_the_reader_refuses_is_left_to_it() -> None:
     no_host = [f for f in FIELDS if not f.startswith(b"Host")]
     for fields in ([*FIELDS, b"Host: other"], no_host, [b"Host: a b", *no_host]):
         data = request(fields)
-        assert _heads.upgrade_request(data, MAX_HEAD) is not None  # of the plain shape...
+        assert not in_c(data)  # of the plain shape, but no valid request...
         assert upgrade_request(data, MAX_HEAD) is None  # ...and refused, as the reader does
         assert read_upgrade_request(data, MAX_HEAD) is None
+
+
+def without(name: bytes) -> list[bytes]:
+    return [f for f in FIELDS if not f.lower().startswith(name.lower() + b":")]
+
+
+# Of the plain shape, but no valid WebSocket handshake: the downstream answers each.
+NO_HANDSHAKE = {
+    "a key of 15 bytes": [*without(b"Sec-WebSocket-Key"), b"Sec-WebSocket-Key: " + b"A" * 20],
+    "a key not in base64": [
+        *without(b"Sec-WebSocket-Key"),
+        b"Sec-WebSocket-Key: " + b"*" * 22 + b"==",
+    ],
+    "two keys": [*FIELDS, b"Sec-WebSocket-Key: " + KEY],
+    "no key": without(b"Sec-WebSocket-Key"),
+    "version 8": [*without(b"Sec-WebSocket-Version"), b"Sec-WebSocket-Version: 8"],
+    "two versions": [*FIELDS, b"Sec-WebSocket-Version: 13"],
+    "no version": without(b"Sec-WebSocket-Version"),
+    "an upgrade to h2c": [*without(b"Upgrade"), b"Upgrade: h2c"],
+    "two upgrades": [*without(b"Upgrade"), b"Upgrade: websocket, h2c"],
+}
+
+
+@pytest.mark.parametrize("fields", NO_HANDSHAKE.values(), ids=NO_HANDSHAKE.keys())
+def test_a_head_that_is_no_valid_handshake_is_left_to_the_reader(fields: list[bytes]) -> None:
+    data = request(fields)
+    assert not in_c(data)
+    assert upgrade_request(data, MAX_HEAD) is None  # the downstream answers it (400, 426)
+    assert read_upgrade_request(data, MAX_HEAD) is None
+
+
+def test_a_valid_handshake_in_any_case_is_read_in_c() -> None:
+    fields = [
+        b"host: [::1]:8080", b"UPGRADE: WebSocket", b"connection: upgrade",
+        b"sec-websocket-key: " + KEY, b"SEC-WEBSOCKET-VERSION: 13",
+    ]  # fmt: skip
+    assert agrees_on_request(request(fields))
+
+
+def test_the_fields_the_gateway_sets_are_not_forwarded_from_c() -> None:
+    spoofed = [b"X-Forwarded-For: 6.6.6.6", b"X-Request-Id: mine", b"Forwarded: for=6.6.6.6"]
+    kept = [b"X-Kept: 1", b"Cookie: a=b"]
+    data = request([*FIELDS, *spoofed, *kept])
+    assert agrees_on_request(data)
+    found = upgrade_request(data, MAX_HEAD)
+    assert found is not None
+    forwarded = render_request(found[0], client_ip="10.0.0.7", request_id="r-1", host="b:1")
+    for line in kept:
+        assert b"\r\n" + line + b"\r\n" in forwarded
+    for line in spoofed:
+        assert line not in forwarded
+    assert b"X-Forwarded-For: 10.0.0.7\r\n" in forwarded
+    assert b"X-Request-Id: r-1\r\n" in forwarded
+
+
+def test_a_head_with_only_the_fields_the_gateway_sets_forwards_no_empty_line() -> None:
+    fields = [b"Host: h", b"Upgrade: websocket", b"Connection: Upgrade"]
+    data = answer(fields, b"HTTP/1.1 101 Switching Protocols")
+    found = switching_response(data)
+    assert found is not None and answer_in_c(data)
+    head = render_response(found[0], keep_alive=False, chunked=False)
+    assert head.endswith(b"\r\n\r\n") and head.count(b"\r\n\r\n") == 1
+    assert agrees_on_response(answer([b"Upgrade: websocket", b"Connection: Upgrade"]))
 
 
 def test_a_head_over_the_limit_as_the_reader_measures_it_is_left_to_the_reader() -> None:
@@ -177,7 +281,7 @@ def test_a_head_over_the_limit_as_the_reader_measures_it_is_left_to_the_reader()
         len(name) + len(value.strip()) + 4 for name, _, value in (f.partition(b":") for f in fields)
     )
     assert agrees_on_request(data, measure)
-    assert _heads.upgrade_request(data, measure - 1) is None
+    assert not in_c(data, measure - 1)
     assert read_upgrade_request(data, measure - 1) is None  # the reader's 431
 
 
@@ -200,7 +304,7 @@ ANSWERS_LEFT_TO_THE_READER = {
     "data", ANSWERS_LEFT_TO_THE_READER.values(), ids=ANSWERS_LEFT_TO_THE_READER.keys()
 )
 def test_other_answers_are_left_to_the_reader(data: bytes) -> None:
-    assert _heads.switching_response(data) is None
+    assert not answer_in_c(data)
     assert switching_response(data) == read_switching_response(data)
 
 
@@ -209,7 +313,16 @@ _TEXT = b"a Z09-_.~!$&'()*+,;=:@/?%\"#[]{}\\^|`\t\x7f\x80\xff\x00\r\n"
 _text = st.binary(max_size=12).map(lambda b: bytes(_TEXT[c % len(_TEXT)] for c in b))
 _names = st.sampled_from(
     [b"X-A", b"x!#$%&'*+-.^_`|~", b"Upgrade", b"CONNECTION", b"connection", b"Host", b"X y",
-     b"X:", b"", b"Content-Length", b"Proxy-Connection", b"Transfer-Encoding"]
+     b"X:", b"", b"Content-Length", b"Proxy-Connection", b"Transfer-Encoding", b"X-A",
+     b"sec-websocket-key", b"Sec-WebSocket-Version", b"X-Forwarded-For", b"x-request-id",
+     b"Forwarded", b"X-Real-IP", b"X-Forwarded-Proto", b"Keep-Alive", b"TE", b"Trailer"]
+)  # fmt: skip
+_values = st.one_of(
+    _text,
+    st.sampled_from(
+        [KEY, KEY[:-1], KEY + b"=", b"13", b"8", b"websocket", b"WebSocket", b"h2c",
+         b"[::1]:80", b"[::1", b"a.b:", b"a:b", b"%41", b"", b"x" * 22 + b"=="]
+    ),
 )  # fmt: skip
 _options = st.lists(
     st.sampled_from([b"upgrade", b"Upgrade", b"keep-alive", b"close", b"", b" ", b"upgrades"]),
@@ -224,7 +337,9 @@ def _fields(draw: st.DrawFn) -> list[bytes]:
     fields += draw(
         st.lists(
             st.one_of(
-                st.builds(lambda n, a, v, b: n + b":" + a + v + b, _names, _blanks, _text, _blanks),
+                st.builds(
+                    lambda n, a, v, b: n + b":" + a + v + b, _names, _blanks, _values, _blanks
+                ),
                 st.builds(lambda a, v: b"Connection:" + a + v, _blanks, _options),
             ),
             max_size=5,

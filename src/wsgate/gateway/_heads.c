@@ -5,9 +5,10 @@
  * (from the first bytes the listener accepted it with) and the backend's 101
  * (which the relay's thread read whole). httptools reads each of them with a
  * call into Python per field, per part of the start line and per event, and
- * the gateway builds its head from those calls; at a few thousand upgrades a
- * second that is a good share of a CPU spent on two heads that look alike
- * every time.
+ * the gateway builds its head from those calls, then indexes its fields by
+ * name, checks the handshake and picks the fields it forwards; at a few
+ * thousand upgrades a second that is a good share of a CPU spent on two heads
+ * that look alike every time.
  *
  * This module reads only heads of the plainest shape, and everything else
  * says None: the caller then reads the same bytes with httptools, as it always
@@ -29,11 +30,24 @@
  * - no Content-Length, Transfer-Encoding or Proxy-Connection (the framing
  *   and the connection's fate, which httptools decides, are not in doubt);
  * - for a request, its fields measure at most max_head_size as the reader
- *   measures them (the target, and each field's name and value and four).
+ *   measures them (the target, and each field's name and value and four);
+ * - a request is also a valid handshake, by the checks the gateway makes of
+ *   every upgrade (RFC 9110 7.2, RFC 6455 4.2.1), each field once: a Host of
+ *   the URI's grammar, "Upgrade: websocket", a Sec-WebSocket-Key of 16 bytes
+ *   in base64 and "Sec-WebSocket-Version: 13". Any other request, a valid one
+ *   spelt otherwise included, is left to the reader and those checks, which
+ *   answer it; so a request read here is one they would pass.
+ *
+ * With the fields it gives what the gateway would build from them next: their
+ * index (each lower-cased name and its values, in order) and the fields it
+ * forwards as they are, as lines joined by CRLF: those whose lower-cased name
+ * is not in the set the caller names (the hop-by-hop fields, and for a request
+ * those the gateway sets itself), so which fields go on is said in one place.
  *
  * The tests compare what this returns with what the readers make of the same
- * bytes, for heads of every shape (tests/unit/test_heads_c.py), and check that
- * the heads of common clients and of the demo backend are of this shape.
+ * bytes, for heads of every shape (tests/unit/test_plain_heads.py): the head,
+ * every lookup of a field and the head forwarded; and check that the heads of
+ * common clients and of the demo backend are of this shape.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -41,13 +55,36 @@
 #include <stdbool.h>
 #include <string.h>
 
+/* ASCII only, whatever the C locale says of other bytes. */
+static bool
+is_digit(unsigned char c)
+{
+    return c >= '0' && c <= '9';
+}
+
+static bool
+is_alnum(unsigned char c)
+{
+    return is_digit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
+static bool
+is_hex(unsigned char c)
+{
+    return is_digit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+
+static unsigned char
+lower_ascii(unsigned char c)
+{
+    return c >= 'A' && c <= 'Z' ? (unsigned char)(c + ('a' - 'A')) : c;
+}
+
 /* RFC 9110 5.6.2: tchar. */
 static bool
 is_tchar(unsigned char c)
 {
-    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'))
-        return true;
-    return c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL;
+    return is_alnum(c) || (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
 }
 
 /* A byte of a field's value or of a reason: HTAB, SP, VCHAR, obs-text. */
@@ -71,10 +108,7 @@ is_word(const unsigned char *p, Py_ssize_t n, const char *word)
     if (n != len)
         return false;
     for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned char c = p[i];
-        if (c >= 'A' && c <= 'Z')
-            c = (unsigned char)(c + ('a' - 'A'));
-        if (c != (unsigned char)word[i])
+        if (lower_ascii(p[i]) != (unsigned char)word[i])
             return false;
     }
     return true;
@@ -94,11 +128,112 @@ line_end(const unsigned char *data, Py_ssize_t p, Py_ssize_t end)
     return -1;
 }
 
+/* The lines of a head's end-to-end fields, as they are forwarded: a buffer on
+ * the stack for the usual head, grown on the heap for a large one. */
+typedef struct {
+    char small[2048];
+    char *data;
+    Py_ssize_t len, cap;
+} Lines;
+
+static void
+lines_init(Lines *lines)
+{
+    lines->data = lines->small;
+    lines->len = 0;
+    lines->cap = (Py_ssize_t)sizeof lines->small;
+}
+
+static void
+lines_free(Lines *lines)
+{
+    if (lines->data != lines->small)
+        PyMem_Free(lines->data);
+}
+
+/* Append the line "name: value", after a CRLF unless it is the first;
+ * -1 with MemoryError set. */
+static int
+lines_add(Lines *lines, const unsigned char *name, Py_ssize_t name_len,
+          const unsigned char *value, Py_ssize_t value_len)
+{
+    Py_ssize_t sep = lines->len > 0 ? 2 : 0;
+    Py_ssize_t need = lines->len + sep + name_len + value_len + 2;
+    if (need > lines->cap) {
+        Py_ssize_t cap = need * 2;
+        char *grown = PyMem_Malloc((size_t)cap);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(grown, lines->data, (size_t)lines->len);
+        lines_free(lines);
+        lines->data = grown;
+        lines->cap = cap;
+    }
+    char *out = lines->data + lines->len;
+    if (sep) {
+        *out++ = '\r';
+        *out++ = '\n';
+    }
+    memcpy(out, name, (size_t)name_len);
+    out += name_len;
+    *out++ = ':';
+    *out++ = ' ';
+    memcpy(out, value, (size_t)value_len);
+    lines->len = need;
+    return 0;
+}
+
+/* RFC 9110 7.2 (the request reader's check of Host): uri-host [ ":" port ],
+ * uri-host an IP-literal of hex digits, colons and dots in brackets, or a
+ * reg-name (RFC 3986 3.2.2), possibly empty. */
+static bool
+is_valid_host(const unsigned char *v, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    if (n > 0 && v[0] == '[') {
+        i = 1;
+        while (i < n && (is_hex(v[i]) || v[i] == ':' || v[i] == '.'))
+            i++;
+        if (i == 1 || i >= n || v[i] != ']')
+            return false;
+        i++;
+    }
+    else {
+        while (i < n && (is_alnum(v[i]) || (v[i] != 0 && strchr("-._~%!$&'()*+,;=", v[i]))))
+            i++;
+    }
+    if (i < n && v[i] == ':') {
+        i++;
+        while (i < n && is_digit(v[i]))
+            i++;
+    }
+    return i == n;
+}
+
+/* A Sec-WebSocket-Key of 16 bytes in base64 (RFC 6455 4.1): 22 characters of
+ * the alphabet and the padding "==", the one spelling of 16 bytes. */
+static bool
+is_valid_key(const unsigned char *v, Py_ssize_t n)
+{
+    if (n != 24 || v[22] != '=' || v[23] != '=')
+        return false;
+    for (Py_ssize_t i = 0; i < 22; i++)
+        if (!(is_alnum(v[i]) || v[i] == '+' || v[i] == '/'))
+            return false;
+    return true;
+}
+
 /* What the fields of one head said. */
 typedef struct {
-    PyObject *headers; /* list of (name, value) */
-    Py_ssize_t end;    /* offset just past the empty line */
-    Py_ssize_t measure; /* the request reader's measure of the fields */
+    PyObject *headers;    /* list of (name, value) */
+    PyObject *index;      /* dict: lower-cased name -> list of its values, in order */
+    PyObject *end_to_end; /* bytes: the fields whose names are not in `dropped`, as lines
+                           * "name: value" joined by CRLF */
+    Py_ssize_t end;       /* offset just past the empty line */
+    Py_ssize_t measure;   /* the request reader's measure of the fields */
+    bool handshake;       /* one valid Host, Upgrade: websocket, key and version 13 */
 } Fields;
 
 enum { CONNECTION_UPGRADE = 1, CONNECTION_OTHER = 2 };
@@ -131,21 +266,87 @@ connection_options(const unsigned char *v, Py_ssize_t n)
     return found;
 }
 
+/* Add one field to the list and to the index (its name lower-cased), and to
+ * the end-to-end lines unless its lower-cased name is in `dropped`. */
+static int
+add_field(Fields *out, Lines *lines, PyObject *dropped, const unsigned char *name,
+          Py_ssize_t name_len, const unsigned char *value, Py_ssize_t value_len)
+{
+    PyObject *name_obj = PyBytes_FromStringAndSize((const char *)name, name_len);
+    PyObject *value_obj = PyBytes_FromStringAndSize((const char *)value, value_len);
+    PyObject *lower = PyBytes_FromStringAndSize(NULL, name_len);
+    PyObject *field = NULL;
+    int result = -1;
+    if (name_obj == NULL || value_obj == NULL || lower == NULL)
+        goto done;
+    char *low = PyBytes_AS_STRING(lower);
+    for (Py_ssize_t i = 0; i < name_len; i++)
+        low[i] = (char)lower_ascii(name[i]);
+    field = PyTuple_Pack(2, name_obj, value_obj);
+    if (field == NULL || PyList_Append(out->headers, field) < 0)
+        goto done;
+    PyObject *values = PyDict_GetItemWithError(out->index, lower); /* borrowed */
+    if (values != NULL) {
+        if (PyList_Append(values, value_obj) < 0)
+            goto done;
+    }
+    else {
+        if (PyErr_Occurred())
+            goto done;
+        values = PyList_New(1);
+        if (values == NULL)
+            goto done;
+        PyList_SET_ITEM(values, 0, Py_NewRef(value_obj));
+        int set = PyDict_SetItem(out->index, lower, values);
+        Py_DECREF(values);
+        if (set < 0)
+            goto done;
+    }
+    int is_dropped = PySet_Contains(dropped, lower);
+    if (is_dropped < 0)
+        goto done;
+    if (!is_dropped && lines_add(lines, name, name_len, value, value_len) < 0)
+        goto done;
+    result = 0;
+done:
+    Py_XDECREF(name_obj);
+    Py_XDECREF(value_obj);
+    Py_XDECREF(lower);
+    Py_XDECREF(field);
+    return result;
+}
+
+static void
+fields_clear(Fields *out)
+{
+    Py_CLEAR(out->headers);
+    Py_CLEAR(out->index);
+    Py_CLEAR(out->end_to_end);
+}
+
 /* Read the fields from offset p to the empty line. Returns 1 with *out filled
- * (a new list in out->headers) for a head of the plain shape, 0 for any other
- * head (nothing allocated), -1 with an exception set. The request reader drops
- * the blanks after a value and the response reader keeps them: a response's
- * value that ends in a blank (rare) is not of the plain shape (trim_end 0). */
+ * (new references) for a head of the plain shape, 0 for any other head
+ * (nothing held), -1 with an exception set. The request reader drops the
+ * blanks after a value and the response reader keeps them: a response's value
+ * that ends in a blank (rare) is not of the plain shape (trim_end 0). */
 static int
 read_fields(const unsigned char *data, Py_ssize_t p, Py_ssize_t size, bool trim_end,
-            Fields *out)
+            PyObject *dropped, Fields *out)
 {
-    PyObject *headers = PyList_New(0);
-    if (headers == NULL)
+    out->headers = PyList_New(0);
+    out->index = PyDict_New();
+    out->end_to_end = NULL;
+    if (out->headers == NULL || out->index == NULL) {
+        fields_clear(out);
         return -1;
+    }
+    Lines lines;
+    lines_init(&lines);
     Py_ssize_t measure = 0;
     bool upgrade = false;
     int connection = 0;
+    int hosts = 0, upgrades = 0, keys = 0, versions = 0;
+    bool fields_valid = true;
     for (;;) {
         Py_ssize_t eol = line_end(data, p, size);
         if (eol < 0)
@@ -169,42 +370,64 @@ read_fields(const unsigned char *data, Py_ssize_t p, Py_ssize_t size, bool trim_
             goto other;
         while (b > a && is_blank(data[b - 1]))
             b--;
-        const unsigned char *name = data + p;
-        Py_ssize_t name_len = name_end - p;
+        const unsigned char *name = data + p, *value = data + a;
+        Py_ssize_t name_len = name_end - p, value_len = b - a;
         if (is_word(name, name_len, "content-length") ||
             is_word(name, name_len, "transfer-encoding") ||
             is_word(name, name_len, "proxy-connection"))
             goto other;
-        if (is_word(name, name_len, "upgrade"))
-            upgrade = upgrade || b > a; /* an empty one asks for nothing, as httptools reads it */
-        else if (is_word(name, name_len, "connection"))
-            connection |= connection_options(data + a, b - a);
-        measure += name_len + (b - a) + 4;
-        PyObject *field = Py_BuildValue("(y#y#)", (const char *)name, name_len,
-                                        (const char *)data + a, b - a);
-        if (field == NULL || PyList_Append(headers, field) < 0) {
-            Py_XDECREF(field);
-            Py_DECREF(headers);
-            return -1;
+        if (is_word(name, name_len, "upgrade")) {
+            upgrade = upgrade || value_len > 0; /* an empty one asks for nothing, as httptools reads it */
+            upgrades++;
+            fields_valid = fields_valid && is_word(value, value_len, "websocket");
         }
-        Py_DECREF(field);
+        else if (is_word(name, name_len, "connection"))
+            connection |= connection_options(value, value_len);
+        else if (is_word(name, name_len, "host")) {
+            hosts++;
+            fields_valid = fields_valid && is_valid_host(value, value_len);
+        }
+        else if (is_word(name, name_len, "sec-websocket-key")) {
+            keys++;
+            fields_valid = fields_valid && is_valid_key(value, value_len);
+        }
+        else if (is_word(name, name_len, "sec-websocket-version")) {
+            versions++;
+            fields_valid = fields_valid && value_len == 2 && memcmp(value, "13", 2) == 0;
+        }
+        measure += name_len + value_len + 4;
+        if (add_field(out, &lines, dropped, name, name_len, value, value_len) < 0)
+            goto failed;
         p = eol + 2;
     }
     if (!upgrade || connection != CONNECTION_UPGRADE)
         goto other;
-    out->headers = headers;
+    out->end_to_end = PyBytes_FromStringAndSize(lines.data, lines.len);
+    lines_free(&lines);
+    if (out->end_to_end == NULL) {
+        fields_clear(out);
+        return -1;
+    }
     out->end = p;
     out->measure = measure;
+    out->handshake =
+        fields_valid && hosts == 1 && upgrades == 1 && keys == 1 && versions == 1;
     return 1;
 other:
-    Py_DECREF(headers);
+    lines_free(&lines);
+    fields_clear(out);
     return 0;
+failed:
+    lines_free(&lines);
+    fields_clear(out);
+    return -1;
 }
 
-/* The request head at the start of data[0, size), or None for another shape;
- * NULL with an exception set. */
+/* The request head at the start of data[0, size) if it is of the plain shape
+ * and a valid WebSocket handshake, or None; NULL with an exception set. */
 static PyObject *
-read_upgrade_request(const unsigned char *data, Py_ssize_t size, Py_ssize_t max_head_size)
+read_upgrade_request(const unsigned char *data, Py_ssize_t size, Py_ssize_t max_head_size,
+                     PyObject *dropped)
 {
     static const char method[] = "GET ";
     static const char version[] = " HTTP/1.1";
@@ -220,22 +443,22 @@ read_upgrade_request(const unsigned char *data, Py_ssize_t size, Py_ssize_t max_
         if (data[i] <= 0x20 || data[i] >= 0x7f)
             Py_RETURN_NONE;
     Fields fields;
-    int read = read_fields(data, eol + 2, size, true, &fields);
+    int read = read_fields(data, eol + 2, size, true, dropped, &fields);
     if (read <= 0)
         return read < 0 ? NULL : Py_NewRef(Py_None);
-    if ((target_end - target) + fields.measure > max_head_size) {
-        Py_DECREF(fields.headers);
+    if (!fields.handshake || (target_end - target) + fields.measure > max_head_size) {
+        fields_clear(&fields);
         Py_RETURN_NONE;
     }
-    return Py_BuildValue("(y#y#Nn)", (const char *)data, method_len - 1,
+    return Py_BuildValue("(y#y#NNNn)", (const char *)data, method_len - 1,
                          (const char *)data + target, target_end - target, fields.headers,
-                         fields.end);
+                         fields.index, fields.end_to_end, fields.end);
 }
 
 /* The 101 head at the start of data[0, size), or None for another shape; NULL
  * with an exception set. */
 static PyObject *
-read_switching_response(const unsigned char *data, Py_ssize_t size)
+read_switching_response(const unsigned char *data, Py_ssize_t size, PyObject *dropped)
 {
     static const char status[] = "HTTP/1.1 101";
     const Py_ssize_t status_len = sizeof status - 1;
@@ -254,11 +477,11 @@ read_switching_response(const unsigned char *data, Py_ssize_t size)
             Py_RETURN_NONE;
     }
     Fields fields;
-    int read = read_fields(data, eol + 2, size, false, &fields);
+    int read = read_fields(data, eol + 2, size, false, dropped, &fields);
     if (read <= 0)
         return read < 0 ? NULL : Py_NewRef(Py_None);
-    return Py_BuildValue("(y#Nn)", (const char *)data + reason, reason_end - reason,
-                         fields.headers, fields.end);
+    return Py_BuildValue("(y#NNNn)", (const char *)data + reason, reason_end - reason,
+                         fields.headers, fields.index, fields.end_to_end, fields.end);
 }
 
 static PyObject *
@@ -266,9 +489,11 @@ upgrade_request(PyObject *module, PyObject *args)
 {
     Py_buffer view;
     Py_ssize_t max_head_size;
-    if (!PyArg_ParseTuple(args, "y*n:upgrade_request", &view, &max_head_size))
+    PyObject *dropped;
+    if (!PyArg_ParseTuple(args, "y*nO!:upgrade_request", &view, &max_head_size,
+                          &PyFrozenSet_Type, &dropped))
         return NULL;
-    PyObject *result = read_upgrade_request(view.buf, view.len, max_head_size);
+    PyObject *result = read_upgrade_request(view.buf, view.len, max_head_size, dropped);
     PyBuffer_Release(&view);
     return result;
 }
@@ -277,20 +502,24 @@ static PyObject *
 switching_response(PyObject *module, PyObject *args)
 {
     Py_buffer view;
-    if (!PyArg_ParseTuple(args, "y*:switching_response", &view))
+    PyObject *dropped;
+    if (!PyArg_ParseTuple(args, "y*O!:switching_response", &view, &PyFrozenSet_Type,
+                          &dropped))
         return NULL;
-    PyObject *result = read_switching_response(view.buf, view.len);
+    PyObject *result = read_switching_response(view.buf, view.len, dropped);
     PyBuffer_Release(&view);
     return result;
 }
 
 static PyMethodDef methods[] = {
     {"upgrade_request", upgrade_request, METH_VARARGS,
-     "upgrade_request(data, max_head_size) -> (method, target, headers, end) or None\n\n"
+     "upgrade_request(data, max_head_size, dropped) -> "
+     "(method, target, headers, index, end_to_end, end) or None\n\n"
      "The WebSocket upgrade request head at the start of data, if it is of the plain "
-     "shape; None for any other bytes."},
+     "shape and a valid handshake; None for any other bytes. end_to_end holds the "
+     "fields whose lower-cased names are not in the frozenset dropped."},
     {"switching_response", switching_response, METH_VARARGS,
-     "switching_response(data) -> (reason, headers, end) or None\n\n"
+     "switching_response(data, dropped) -> (reason, headers, index, end_to_end, end) or None\n\n"
      "The 101 head at the start of data, if it is of the plain shape; None for any "
      "other bytes."},
     {NULL, NULL, 0, NULL},

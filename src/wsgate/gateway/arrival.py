@@ -28,7 +28,6 @@ import os
 import socket
 
 from wsgate.gateway.deadlines import Deadlines
-from wsgate.gateway.downstream import upgrade_problem
 from wsgate.gateway.exchange import Client, Exchange, Request
 from wsgate.gateway.flow import HIGH_WATER
 from wsgate.gateway.http1 import upgrade_request
@@ -70,10 +69,8 @@ def whole_upgrade(data: bytes, max_head_size: int) -> Request | None:
     """The request in ``data`` if it is a whole WebSocket upgrade head to forward."""
     found = upgrade_request(data, max_head_size)
     if found is None:
-        return None
+        return None  # the downstream reads on, or answers it
     head, rest = found
-    if upgrade_problem(head) is not None:
-        return None  # the downstream answers it
     request = Request(head)
     request.rest = rest
     return request

@@ -24,7 +24,7 @@ from wsgate.gateway.head import (
     Header,
     RequestHead,
     error_response,
-    websocket_problem,
+    upgrade_problem,
 )
 from wsgate.gateway.http1 import BadMessage, Body, End, Head, RequestReader, Upgrade
 from wsgate.gateway.outcomes import Kind, Outcome
@@ -36,15 +36,6 @@ log = logging.getLogger("wsgate.downstream")
 
 # Requests a client may send ahead of their answers before reading stops.
 PIPELINE_LIMIT = 16
-
-
-def upgrade_problem(head: RequestHead) -> str | None:
-    """Why an upgrade is refused before admission (400), or None."""
-    if head.upgrade and head.is_websocket:
-        return websocket_problem(head)
-    if head.upgrade:
-        return "only WebSocket upgrades are supported"
-    return None
 
 
 class Downstream(Client):

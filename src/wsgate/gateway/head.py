@@ -17,6 +17,7 @@ from http import HTTPStatus
 
 __all__ = [
     "HOP_BY_HOP",
+    "NOT_FORWARDED",
     "UNSUPPORTED_VERSION",
     "WEBSOCKET_VERSION",
     "RequestHead",
@@ -27,6 +28,7 @@ __all__ = [
     "render_response",
     "request_problem",
     "retry_after_seconds",
+    "upgrade_problem",
     "websocket_problem",
 ]
 
@@ -56,6 +58,10 @@ class _Head:
     # Lower-cased name -> its values in order, built on the first lookup: the
     # dozen lookups a message gets then cost one lower() per header in all.
     _index: dict[bytes, list[bytes]] | None = field(default=None, repr=False, compare=False)
+    # The fields forwarded as they are (not hop-by-hop, nor set by the gateway),
+    # as "Name: value" lines joined by CRLF, when the reader in C made them with
+    # the head; None: rendering picks them from ``headers``.
+    end_to_end: bytes | None = field(default=None, repr=False, compare=False)
 
     def _indexed(self) -> dict[bytes, list[bytes]]:
         index: dict[bytes, list[bytes]] = {}
@@ -161,6 +167,15 @@ WEBSOCKET_VERSION = b"13"
 UNSUPPORTED_VERSION = "Sec-WebSocket-Version must be 13, once"
 
 
+def upgrade_problem(head: RequestHead) -> str | None:
+    """Why an upgrade is refused before admission (400), or None."""
+    if head.upgrade and head.is_websocket:
+        return websocket_problem(head)
+    if head.upgrade:
+        return "only WebSocket upgrades are supported"
+    return None
+
+
 def websocket_problem(head: RequestHead) -> str | None:
     """Why this upgrade request is not a valid WebSocket handshake (RFC 6455 4.2.1), or None."""
     if head.method != b"GET":
@@ -192,10 +207,22 @@ def _join(lines: list[bytes]) -> bytes:
     return b"\r\n".join(lines)
 
 
-# Set by the gateway from what it resolved: a client's own copies never pass.
-_REPLACED = frozenset(
-    {b"x-forwarded-for", b"forwarded", b"x-real-ip", b"x-forwarded-proto", b"x-request-id"}
-)
+# The fields of a request not forwarded as they are: the hop-by-hop ones, and
+# those the gateway sets from what it resolved (a client's own copies never pass).
+NOT_FORWARDED = HOP_BY_HOP | {
+    b"x-forwarded-for", b"forwarded", b"x-real-ip", b"x-forwarded-proto", b"x-request-id"
+}  # fmt: skip
+
+
+def _add_end_to_end(lines: list[bytes], head: _Head, dropped: frozenset[bytes]) -> None:
+    """Add the fields of ``head`` not in ``dropped`` to the lines of a head being made."""
+    made = head.end_to_end
+    if made is None:
+        lines.extend(
+            name + b": " + value for name, value in head.headers if name.lower() not in dropped
+        )
+    elif made:
+        lines.append(made)
 
 
 def render_request(
@@ -224,11 +251,7 @@ def render_request(
     lines = [b"%s %s HTTP/1.1" % (head.method, head.target)]
     if head.get(b"host") is None:
         lines.append(b"Host: " + host.encode())
-    for name, value in head.headers:
-        lower = name.lower()
-        if lower in _REPLACED or lower in HOP_BY_HOP:
-            continue
-        lines.append(name + b": " + value)
+    _add_end_to_end(lines, head, NOT_FORWARDED)
     if head.upgrade:
         lines.append(b"Connection: Upgrade")
         lines.append(b"Upgrade: " + (head.get(b"upgrade") or b"websocket"))
@@ -259,10 +282,7 @@ def render_response(
         HTTPStatus(head.status).phrase.encode() if _known(head.status) else b""
     )
     lines = [b"HTTP/1.1 %d %s" % (head.status, reason)]
-    for name, value in head.headers:
-        if name.lower() in HOP_BY_HOP:
-            continue
-        lines.append(name + b": " + value)
+    _add_end_to_end(lines, head, HOP_BY_HOP)
     if head.status == 101:
         lines.append(b"Connection: Upgrade")
         lines.append(b"Upgrade: " + (head.get(b"upgrade") or b"websocket"))

@@ -7,7 +7,8 @@ cause raise :class:`BadMessage` carrying the status to answer with.
 
 :func:`upgrade_request` and :func:`switching_response` read the two heads of an
 upgrade that arrive whole (the client's, the backend's 101). The plainest heads,
-nearly all of them, are read in one call into C (``_heads.c``); any other is
+nearly all of them, are read in one call into C (``_heads.c``), which also
+indexes their fields and lays out those forwarded as they are; any other is
 read by the readers here, so the answer is the readers' either way.
 """
 
@@ -19,7 +20,14 @@ from typing import Any
 import httptools
 
 from wsgate.gateway import _heads
-from wsgate.gateway.head import RequestHead, ResponseHead, request_problem
+from wsgate.gateway.head import (
+    HOP_BY_HOP,
+    NOT_FORWARDED,
+    RequestHead,
+    ResponseHead,
+    request_problem,
+    upgrade_problem,
+)
 
 __all__ = [
     "BadMessage",
@@ -314,19 +322,21 @@ class ResponseReader:
 
 
 def upgrade_request(data: bytes, max_head_size: int) -> tuple[RequestHead, bytes] | None:
-    """The head ``data`` starts with, and what follows it, if it is a whole upgrade request.
+    """The head ``data`` starts with, and what follows it, if it is a WebSocket upgrade to forward.
 
     None for anything else: part of a head, a request that is no upgrade, one with
-    a body, one the reader refuses (it answers that one on a transport).
+    a body, one the reader refuses or one with an :func:`~.head.upgrade_problem`
+    (the downstream answers those on a transport).
     """
-    plain = _heads.upgrade_request(data, max_head_size)
+    plain = _heads.upgrade_request(data, max_head_size, NOT_FORWARDED)
     if plain is not None:
-        method, target, headers, end = plain
-        head = RequestHead(headers=headers, method=method, target=target, upgrade=True)
-        # The checks the reader makes of every head (Host): one that fails them
-        # is left to the reader, which refuses it.
-        if request_problem(head) is None:
-            return head, data[end:]
+        # C gives only valid handshakes: the reader's checks and the upgrade's pass.
+        method, target, headers, index, end_to_end, end = plain
+        head = RequestHead(
+            headers=headers, method=method, target=target, upgrade=True,
+            _index=index, end_to_end=end_to_end,
+        )  # fmt: skip
+        return head, data[end:]
     return read_upgrade_request(data, max_head_size)
 
 
@@ -341,16 +351,22 @@ def read_upgrade_request(data: bytes, max_head_size: int) -> tuple[RequestHead, 
     found, _, upgrade = events
     if not isinstance(found, Head) or not isinstance(upgrade, Upgrade):
         return None
-    assert isinstance(found.head, RequestHead)
-    return found.head, upgrade.rest
+    head = found.head
+    assert isinstance(head, RequestHead)
+    if upgrade_problem(head) is not None:
+        return None  # the downstream answers it
+    return head, upgrade.rest
 
 
 def switching_response(answer: bytes) -> tuple[ResponseHead, bytes] | None:
     """The head of a backend's answer and what followed it, if it is a 101 that upgraded."""
-    plain = _heads.switching_response(answer)
+    plain = _heads.switching_response(answer, HOP_BY_HOP)
     if plain is not None:
-        reason, headers, end = plain
-        return ResponseHead(headers=headers, status=101, reason=reason), answer[end:]
+        reason, headers, index, end_to_end, end = plain
+        head = ResponseHead(
+            headers=headers, status=101, reason=reason, _index=index, end_to_end=end_to_end
+        )
+        return head, answer[end:]
     return read_switching_response(answer)
 
 
