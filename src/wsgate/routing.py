@@ -137,6 +137,10 @@ class RouteTable:
                 )
             prefixes[key.path_prefix] = name
             self._longest = max(self._longest, len(key.path_prefix))
+        # One route for any host and every path (most gateways have only it) is
+        # the pick of every request: no request needs reading for it.
+        only = self._names.get(None)
+        self.sole = only.get("/") if len(self._names) == 1 and only and len(only) == 1 else None
 
     def pick(self, host: str | None, path: str) -> str | None:
         """The name of the route for a request to ``host`` (already :func:`host_name`)

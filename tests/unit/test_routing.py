@@ -63,6 +63,22 @@ def test_table_picks_what_the_rules_say(keys: list[RouteKey], host: str | None, 
     routes = [(f"r{i}", key) for i, key in enumerate(keys)]
     table = RouteTable(routes)
     assert table.pick(host_name(host), path) == reference_pick(routes, host, path)
+    # The sole route, when the table names one, is what every request picks.
+    if table.sole is not None:
+        assert table.sole == reference_pick(routes, host, path)
+
+
+@pytest.mark.parametrize(
+    "keys,sole",
+    [([RouteKey(None, "/")], "r0"), ([RouteKey(None, "/ws")], None),
+     ([RouteKey("chat.example.com", "/")], None),
+     ([RouteKey(None, "/"), RouteKey(None, "/ws")], None),
+     ([RouteKey(None, "/"), RouteKey("chat.example.com", "/")], None)],
+)  # fmt: skip
+def test_only_one_route_for_every_request_is_the_sole_one(
+    keys: list[RouteKey], sole: str | None
+) -> None:
+    assert RouteTable([(f"r{i}", key) for i, key in enumerate(keys)]).sole == sole
 
 
 @pytest.mark.parametrize(

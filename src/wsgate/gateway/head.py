@@ -259,14 +259,14 @@ def render_request(
         lines.append(b"Connection: keep-alive")
         if head.chunked:
             lines.append(b"Transfer-Encoding: chunked")
-    ip = client_ip.encode()
-    lines.append(b"X-Forwarded-For: " + ip)
-    lines.append(b"X-Forwarded-Proto: " + proto.encode())
-    lines.append(b"X-Real-IP: " + ip)
+    ip, scheme = client_ip.encode(), proto.encode()
     # RFC 7239 section 6: an IPv6 node is bracketed, and then quoted.
     node = b'"[' + ip + b']"' if b":" in ip else ip
-    lines.append(b"Forwarded: for=" + node + b";proto=" + proto.encode())
-    lines.append(b"X-Request-Id: " + request_id.encode())
+    lines.append(
+        b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Real-IP: %s\r\n"
+        b"Forwarded: for=%s;proto=%s\r\nX-Request-Id: %s"
+        % (ip, scheme, ip, node, scheme, request_id.encode())
+    )
     return _join(lines)
 
 

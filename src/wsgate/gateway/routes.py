@@ -208,8 +208,10 @@ class Routes:
 
     def route_for(self, head: RequestHead) -> Route | None:
         """The route of a request, or None when no route matches it (404)."""
-        host, path = request_host_and_path(head.target, head.get(b"host"))
-        name = self.table.pick(host, path)
+        table = self.table
+        name = table.sole
+        if name is None:
+            name = table.pick(*request_host_and_path(head.target, head.get(b"host")))
         return None if name is None else self.parts[name].route
 
     @property
