@@ -23,10 +23,20 @@ what tells a proxy that makes more system calls, or wakes more threads, from
 one that runs more code. Either way the run also counts the system calls per
 unit, by name, from the kernel's tracepoints: exact, whatever the CPU's speed.
 
-    .venv/bin/python -m bench.cost [--work setup|relay] [--paths wsgate-memory,haproxy]
-                                   [--rounds 5] [--seconds 2.5] [--by instructions|clock]
+``--by callgrind`` counts instructions where the CPU has no counters: each
+proxy runs under valgrind's callgrind (the same code, many times slower), its
+counting switched on for the work alone, and the run says the user-space
+instructions per unit (the kernel's are not seen) and their ratio to
+HAProxy's. The counts repeat from run to run whatever else the machine does;
+a proxy that slow gathers fewer calls into each batch, so they are a little
+above what the same code spends at full speed.
 
-Needs ``perf`` (Debian's linux-perf, installed by ``scripts/setup.sh --bench``).
+    .venv/bin/python -m bench.cost [--work setup|relay] [--paths wsgate-memory,haproxy]
+                                   [--rounds 5] [--seconds 2.5]
+                                   [--by instructions|clock|callgrind]
+
+Needs ``perf`` (Debian's linux-perf, installed by ``scripts/setup.sh --bench``),
+or valgrind for ``--by callgrind``.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from bench.proxies import (
     BASE_PATHS,
     TLS_PATHS,
     Endpoint,
+    Launch,
     Unavailable,
     parse_path_name,
     pin_tree,
@@ -73,6 +84,10 @@ CALLS = (
     "epoll_wait", "epoll_pwait", "epoll_ctl", "io_uring_enter", "futex", "shutdown", "close",
 )  # fmt: skip
 ALL_CALLS = "raw_syscalls:sys_enter"
+# Under valgrind a proxy runs many times slower (its first units of work are
+# translated as they run: its warm-up is as long as the rounds').
+CALLGRIND_START = 300.0
+CALLGRIND_SLOWDOWN = 50.0
 SAMPLE_HZ = 2999  # off the timer's tick, so samples do not beat with it
 SHOWN_CALLS = 8  # system calls named in the clock table; the rest are summed
 
@@ -116,17 +131,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=50, help="connectors (setup)")
     parser.add_argument(
         "--by",
-        choices=("instructions", "clock"),
-        help="count instructions, or sample where the CPU time goes (default: "
-        "instructions where perf can count them)",
+        choices=("instructions", "clock", "callgrind"),
+        help="count instructions, sample where the CPU time goes, or count user-space "
+        "instructions under valgrind (default: instructions where perf can count them)",
     )
     args = parser.parse_args(argv)
     paths = _paths(args.paths)
     if min(args.rounds, args.conns, args.concurrency) < 1 or args.seconds <= 0:
         usage_error("counts and seconds must be positive", PROG)
-    if shutil.which("perf") is None:
+    if args.by == "callgrind":
+        if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+            usage_error("valgrind is not installed (apt-get install valgrind)", PROG)
+    elif shutil.which("perf") is None:
         usage_error("perf is not installed (scripts/setup.sh --bench)", PROG)
-    counts_instructions = perf_counts_instructions()
+    counts_instructions = args.by == "callgrind" or perf_counts_instructions()
     if args.by is None:
         args.by = "instructions" if counts_instructions else "clock"
         if not counts_instructions:
@@ -144,9 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             echo, echo_pid = start_echo(group)
             redis: list[RedisServer] = []
             proxies: list[Endpoint] = []
+            counting = group.log_dir / "callgrind"
+            counting.mkdir(exist_ok=True)
             for path in paths:
+                under = _under_callgrind(counting / path) if args.by == "callgrind" else None
                 try:
-                    proxies.append(start_path(path, group, echo, nofile=4096, redis=redis))
+                    proxies.append(
+                        start_path(path, group, echo, nofile=4096, redis=redis, under=under)
+                    )
                 except Unavailable as error:
                     print(str(error))
             for pid in [*pool.pids, echo_pid, *(r.process.pid for r in redis if r.process)]:
@@ -158,7 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for round_number in range(args.rounds):
                 shift = round_number % max(1, len(proxies))
                 for proxy in proxies[shift:] + proxies[:shift]:
-                    entry = _measure(proxy, pool, args, redis_pid(proxy, redis))
+                    store = redis_pid(proxy, redis)
+                    if args.by == "callgrind":
+                        entry = _measure_callgrind(proxy, pool, args, store, counting / proxy.name)
+                    else:
+                        entry = _measure(proxy, pool, args, store)
                     if entry is None:
                         raise SystemExit(f"{PROG}: {proxy.name}: perf found nothing to count")
                     found[proxy.name].append(entry)
@@ -169,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pool.stop()
     if args.by == "clock":
         _print_time(found, unit, args.rounds)
+    elif args.by == "callgrind":
+        _print_user_instructions(found, unit, args.rounds)
     else:
         _print_instructions(found, unit, args.rounds)
     _print_calls(found, unit, args.rounds)
@@ -179,6 +208,8 @@ def _said(entry: _Round, unit: str) -> str:
     store = f" (Redis: {entry.store_us:,.1f} µs)" if entry.store_us is not None else ""
     if entry.instructions is not None:
         user, kernel = entry.instructions
+        if kernel is None:  # callgrind: user space only, and no CPU time worth telling
+            return f"{user / 1e3:,.1f}k user instructions per {unit}{store}"
         spent = f"{user / 1e3:,.1f}k user + {kernel / 1e3:,.1f}k kernel instructions, "
     else:
         spent = f"{entry.time_us.get(USER, 0.0):,.1f} µs in user space, "
@@ -200,7 +231,7 @@ class _Round:
     def __init__(self, cpu_us: float, store_us: float | None):
         self.cpu_us = cpu_us
         self.store_us = store_us
-        self.instructions: tuple[float, float] | None = None  # user, kernel
+        self.instructions: tuple[float, float | None] | None = None  # user, kernel
         self.time_us: dict[str, float] = {}  # µs by use (bench.samples)
         self.calls: dict[str, float] = {}  # system calls by name, and "all"
 
@@ -284,6 +315,87 @@ def _measure(
     return found
 
 
+def _under_callgrind(out: Path) -> Launch:
+    """A proxy run under callgrind, counting nothing until it is told to."""
+    wrapper = (
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no",
+        f"--callgrind-out-file={out}.%p",
+    )  # fmt: skip
+    return Launch(wrapper, start_timeout=CALLGRIND_START, slowdown=CALLGRIND_SLOWDOWN)
+
+
+def _callgrind(pid: int, *options: str) -> None:
+    subprocess.run(
+        ["callgrind_control", *options, str(pid)],
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+
+
+def callgrind_total(dump: str) -> int:
+    """The instructions a callgrind dump counted (its ``totals:``, else its ``summary:``)."""
+    found: dict[str, int] = {}
+    for line in dump.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("totals", "summary") and value.strip().split()[0].isdigit():
+            found[key] = int(value.split()[0])
+    if not found:
+        raise ValueError("no totals in the callgrind dump")
+    return found.get("totals", found.get("summary", 0))
+
+
+def _measure_callgrind(
+    proxy: Endpoint, pool: DriverPool, args: argparse.Namespace, store: int | None, out: Path
+) -> _Round | None:
+    """One round on a proxy under callgrind: its user instructions per unit of work."""
+    assert proxy.pid is not None
+    if args.work == "relay":
+        opened = pool.open(proxy.target, args.conns)
+        if opened.opened < args.conns:
+            raise SystemExit(f"{PROG}: {proxy.name}: opened {opened.opened} of {args.conns}")
+    try:
+        _callgrind(proxy.pid, "--instr=on")
+        _work(pool, proxy, args, args.seconds)  # warm: code is translated as it first runs
+        time.sleep(0.5)
+        _callgrind(proxy.pid, "--zero")
+        store_before = tree_cpu_seconds(store) if store is not None else 0.0
+        units = _work(pool, proxy, args, args.seconds)
+        time.sleep(1.0)  # the closes counted too
+        before = set(out.parent.glob(f"{out.name}.*"))
+        _callgrind(proxy.pid, "--dump")
+        store_cpu = tree_cpu_seconds(store) - store_before if store is not None else None
+        _callgrind(proxy.pid, "--instr=off")
+        dumps = sorted(
+            set(out.parent.glob(f"{out.name}.*")) - before, key=lambda p: p.stat().st_mtime
+        )
+    finally:
+        pool.close_all()
+    if units == 0:
+        raise SystemExit(f"{PROG}: {proxy.name}: no {args.work} work was done under callgrind")
+    if not dumps:
+        raise SystemExit(f"{PROG}: {proxy.name}: callgrind wrote no counts ({out}.*)")
+    found = _Round(0.0, 1e6 * store_cpu / units if store_cpu is not None else None)
+    found.instructions = (callgrind_total(dumps[-1].read_text()) / units, None)
+    return found
+
+
+def _print_user_instructions(found: dict[str, list[_Round]], unit: str, rounds: int) -> None:
+    """User-space instructions per unit (callgrind), and each path's ratio to HAProxy's."""
+    user = {
+        path: statistics.median(e.instructions[0] for e in entries if e.instructions)
+        for path, entries in found.items()
+        if entries
+    }
+    reference = user.get("haproxy")
+    print(f"\nuser-space instructions per {unit}, median of {rounds} rounds (callgrind):\n")
+    print("| path | instructions | HAProxy's / the path's | Redis's own CPU |")
+    print("|---|---:|---:|---:|")
+    for path, count in user.items():
+        ratio = f"{reference / count:.2f}x" if reference else "—"
+        print(f"| {path} | {count / 1e3:,.1f}k | {ratio} | {_median_store(found[path])} |")
+
+
 def _print_instructions(found: dict[str, list[_Round]], unit: str, rounds: int) -> None:
     print(f"\nper {unit}, median of {rounds} rounds:\n")
     print("| path | user instructions | kernel instructions | CPU | Redis's own CPU |")
@@ -292,7 +404,7 @@ def _print_instructions(found: dict[str, list[_Round]], unit: str, rounds: int) 
         if entries:
             counted = [e.instructions for e in entries if e.instructions is not None]
             user = statistics.median(c[0] for c in counted)
-            kernel = statistics.median(c[1] for c in counted)
+            kernel = statistics.median(c[1] or 0.0 for c in counted)
             print(
                 f"| {path} | {user / 1e3:,.1f}k | {kernel / 1e3:,.1f}k "
                 f"| {_median_cpu(entries)} | {_median_store(entries)} |"

@@ -44,6 +44,7 @@ __all__ = [
     "EXTRA_PATHS",
     "TLS_PATHS",
     "Endpoint",
+    "Launch",
     "Unavailable",
     "parse_path_name",
     "pin_tree",
@@ -125,27 +126,46 @@ def start_path(
     nofile: int,
     redis: list[RedisServer],
     proxy_buffer: int | None = None,
+    under: Launch | None = None,
 ) -> Endpoint:
     """Start one path in front of ``echo``; raise :class:`Unavailable` to skip it.
 
     ``redis`` holds the run's one redis-server once a path has needed it.
     ``proxy_buffer`` sets HAProxy's ``tune.bufsize`` and nginx's
     ``proxy_buffer_size`` (their defaults, 16 KiB and one 4 KiB page, when None).
+    ``under`` runs the proxy under another program (a profiler), given longer to start.
     """
     kind, workers = parse_path_name(name)
+    launch = under or Launch()
     if kind == "direct":
         return Endpoint(name, echo, None, "echo backend alone")
     if kind in ("haproxy", "haproxy-tls"):
         tls = _bench_certificate(group) if kind == "haproxy-tls" else None
-        return _start_haproxy(name, group, echo, nofile, proxy_buffer, tls)
+        return _start_haproxy(name, group, echo, nofile, proxy_buffer, tls, launch)
     if kind == "wsgate-memory-tls":
         tls = _bench_certificate(group)
-        return _start_wsgate(name, group, echo, False, workers, redis, tls)
+        return _start_wsgate(name, group, echo, False, workers, redis, launch, tls)
     if kind == "nginx":
-        return _start_nginx(name, group, echo, nofile, proxy_buffer)
+        return _start_nginx(name, group, echo, nofile, proxy_buffer, launch)
     if kind == "asyncio-floor":
-        return _start_floor(name, group, echo)
-    return _start_wsgate(name, group, echo, kind == "wsgate-redis", workers, redis)
+        return _start_floor(name, group, echo, launch)
+    return _start_wsgate(name, group, echo, kind == "wsgate-redis", workers, redis, launch)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a proxy's command is run: as it is, or after a wrapper's (``valgrind ...``).
+
+    ``slowdown``: how many times slower the wrapper makes it, and so how much
+    longer its own deadlines must be (wsgate's wait for Redis's answers).
+    """
+
+    wrapper: tuple[str, ...] = ()
+    start_timeout: float = 15.0
+    slowdown: float = 1.0
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        return [*self.wrapper, *argv]
 
 
 @dataclass(frozen=True)
@@ -189,7 +209,8 @@ def _start_haproxy(
     echo: Target,
     nofile: int,
     buffer: int | None,
-    tls: _Certificate | None = None,
+    tls: _Certificate | None,
+    launch: Launch,
 ) -> Endpoint:
     binary = HAPROXY if os.access(HAPROXY, os.X_OK) else shutil.which("haproxy")
     if binary is None:
@@ -230,23 +251,31 @@ backend echo
     path = group.log_dir / f"{name}.cfg"
     path.write_text(config)
     argv = [binary, "-db", "-f", str(path)]
-    process = group.start(name, argv, port=("127.0.0.1", port))
+    process = group.start(
+        name, launch.argv(argv), port=("127.0.0.1", port), timeout=launch.start_timeout
+    )
     version = _version([binary, "-v"])
     target = Target("127.0.0.1", port, tls=tls is not None)
     return Endpoint(name, target, process.pid, version, argv)
 
 
-def _start_floor(name: str, group: ProcessGroup, echo: Target) -> Endpoint:
+def _start_floor(name: str, group: ProcessGroup, echo: Target, launch: Launch) -> Endpoint:
     port = free_port()
     argv = [sys.executable, "-m", "bench.floor", "--listen", f"127.0.0.1:{port}"]
     argv += ["--backend", f"{echo.host}:{echo.port}"]
-    process = group.start(name, argv, port=("127.0.0.1", port), env=_bench_env())
+    process = group.start(
+        name,
+        launch.argv(argv),
+        port=("127.0.0.1", port),
+        env=_bench_env(),
+        timeout=launch.start_timeout,
+    )
     version = f"uvloop {importlib.metadata.version('uvloop')}, no admission"
     return Endpoint(name, Target("127.0.0.1", port), process.pid, version, argv)
 
 
 def _start_nginx(
-    name: str, group: ProcessGroup, echo: Target, nofile: int, buffer: int | None
+    name: str, group: ProcessGroup, echo: Target, nofile: int, buffer: int | None, launch: Launch
 ) -> Endpoint:
     binary = NGINX if os.access(NGINX, os.X_OK) else shutil.which("nginx")
     if binary is None:
@@ -305,7 +334,9 @@ http {{
     path = prefix / "nginx.conf"
     path.write_text(config)
     argv = [binary, "-p", str(prefix), "-c", str(path), "-e", str(prefix / "error.log")]
-    process = group.start(name, argv, port=("127.0.0.1", port))
+    process = group.start(
+        name, launch.argv(argv), port=("127.0.0.1", port), timeout=launch.start_timeout
+    )
     version = _version([binary, "-v"])
     return Endpoint(name, Target("127.0.0.1", port), process.pid, version, argv)
 
@@ -317,6 +348,7 @@ def _start_wsgate(
     with_redis: bool,
     workers: int,
     redis: list[RedisServer],
+    launch: Launch,
     tls: _Certificate | None = None,
 ) -> Endpoint:
     try:
@@ -347,12 +379,23 @@ def _start_wsgate(
         argv += ["--state", redis[0].url]
     if workers > 1:
         argv += ["--workers", str(workers)]
+    settings = []
     if tls is not None:
+        settings.append(f"tls: {{cert: {tls.cert}, key: {tls.key}}}")
+    if launch.slowdown > 1:  # Redis's answers are late by the proxy's own pace
+        settings.append(f"state: {{timeout: {0.1 * launch.slowdown:g}s}}")
+    if settings:
         config = group.log_dir / f"{name}.yaml"
-        config.write_text(f"tls: {{cert: {tls.cert}, key: {tls.key}}}\n")
+        config.write_text("".join(f"{line}\n" for line in settings))
         argv += ["-c", str(config)]
-    process = group.start(name, argv, port=("127.0.0.1", port), env=_bench_env())
-    _wait_ready(f"http://127.0.0.1:{admin}/ready", timeout=15.0)
+    process = group.start(
+        name,
+        launch.argv(argv),
+        port=("127.0.0.1", port),
+        env=_bench_env(),
+        timeout=launch.start_timeout,
+    )
+    _wait_ready(f"http://127.0.0.1:{admin}/ready", timeout=launch.start_timeout)
     target = Target("127.0.0.1", port, tls=tls is not None)
     return Endpoint(name, target, process.pid, _wsgate_version(), argv)
 

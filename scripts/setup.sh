@@ -36,7 +36,8 @@ if [ "$want_browser" = 1 ]; then
 fi
 if [ "$want_bench" = 1 ]; then
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || packages+=(nginx)
-  command -v perf >/dev/null || packages+=(linux-perf)  # bench.setup_cost counts instructions
+  command -v perf >/dev/null || packages+=(linux-perf)  # bench.cost counts instructions
+  command -v valgrind >/dev/null || packages+=(valgrind)  # ...or, without counters, callgrind does
 fi
 if [ "${#packages[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -71,3 +71,26 @@ def test_cost_refuses_direct_in_one_line() -> None:
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 2
     assert done.stderr.strip() == "python -m bench.cost: error: direct has no proxy to count"
+
+
+@pytest.mark.bench
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("callgrind_control") is None, reason="valgrind is not installed")
+def test_cost_by_callgrind_counts_user_instructions_beside_haproxys() -> None:
+    argv = [sys.executable, "-m", "bench.cost", "--work", "setup"]
+    argv += ["--paths", "wsgate-memory,haproxy", "--rounds", "1", "--seconds", "1"]
+    argv += ["--by", "callgrind"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {
+        path: (float(count.replace(",", "")) * 1e3, float(ratio))
+        for path, count, ratio in re.findall(
+            r"^\| (wsgate-memory|haproxy) \| ([\d.,]+)k \| ([\d.]+)x \| — \|$", done.stdout, re.M
+        )
+    }
+    assert set(rows) == {"wsgate-memory", "haproxy"}, done.stdout
+    (ours, ratio), (haproxys, one) = rows["wsgate-memory"], rows["haproxy"]
+    # An upgrade is thousands of instructions in any proxy (a head read, a head
+    # written, a connect), and the ratio is what the two counts say.
+    assert ours > 5_000 and haproxys > 5_000, done.stdout
+    assert one == 1.0 and abs(ratio - haproxys / ours) < 0.01, done.stdout

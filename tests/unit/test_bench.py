@@ -292,3 +292,13 @@ def test_a_driver_waiting_for_a_moment_does_not_wake_before_it() -> None:
         return early
 
     assert uvloop.run(early_wakes()) == 0
+
+
+def test_a_callgrind_dump_says_its_totals() -> None:
+    from bench.cost import callgrind_total
+
+    dump = "version: 1\nevents: Ir\nsummary: 1200\nfn=x\n3 7\ntotals: 1234\n"
+    assert callgrind_total(dump) == 1234
+    assert callgrind_total("events: Ir\nsummary: 99\n") == 99
+    with pytest.raises(ValueError):
+        callgrind_total("events: Ir\nfn=x\n")
