@@ -28,8 +28,9 @@ proxy runs under valgrind's callgrind (the same code, many times slower), its
 counting switched on for the work alone, and the run says the user-space
 instructions per unit (the kernel's are not seen) and their ratio to
 HAProxy's. The counts repeat from run to run whatever else the machine does;
-a proxy that slow gathers fewer calls into each batch, so they are a little
-above what the same code spends at full speed.
+a proxy that slow finds more work waiting at each wake-up, so what it pays
+per batch (a wait, a report, a call to Redis) is shared by more units than at
+full speed.
 
     .venv/bin/python -m bench.cost [--work setup|relay] [--paths wsgate-memory,haproxy]
                                    [--rounds 5] [--seconds 2.5]
