@@ -36,7 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.driver import Target
-from wsgate.testbed.processes import ProcessGroup, RedisServer, free_port, wsgate_argv
+from wsgate.testbed.processes import (
+    Process,
+    ProcessGroup,
+    RedisServer,
+    free_port,
+    wsgate_argv,
+)
 from wsgate.testbed.topology import free_port_run
 
 __all__ = [
@@ -164,8 +170,22 @@ class Launch:
     start_timeout: float = 15.0
     slowdown: float = 1.0
 
-    def argv(self, argv: Sequence[str]) -> list[str]:
-        return [*self.wrapper, *argv]
+    def start(
+        self,
+        group: ProcessGroup,
+        name: str,
+        argv: Sequence[str],
+        port: int,
+        env: dict[str, str] | None = None,
+    ) -> Process:
+        """Start the proxy ``argv`` so, and wait until it listens on ``port``."""
+        return group.start(
+            name,
+            [*self.wrapper, *argv],
+            port=("127.0.0.1", port),
+            env=env,
+            timeout=self.start_timeout,
+        )
 
 
 @dataclass(frozen=True)
@@ -251,9 +271,7 @@ backend echo
     path = group.log_dir / f"{name}.cfg"
     path.write_text(config)
     argv = [binary, "-db", "-f", str(path)]
-    process = group.start(
-        name, launch.argv(argv), port=("127.0.0.1", port), timeout=launch.start_timeout
-    )
+    process = launch.start(group, name, argv, port)
     version = _version([binary, "-v"])
     target = Target("127.0.0.1", port, tls=tls is not None)
     return Endpoint(name, target, process.pid, version, argv)
@@ -263,13 +281,7 @@ def _start_floor(name: str, group: ProcessGroup, echo: Target, launch: Launch) -
     port = free_port()
     argv = [sys.executable, "-m", "bench.floor", "--listen", f"127.0.0.1:{port}"]
     argv += ["--backend", f"{echo.host}:{echo.port}"]
-    process = group.start(
-        name,
-        launch.argv(argv),
-        port=("127.0.0.1", port),
-        env=_bench_env(),
-        timeout=launch.start_timeout,
-    )
+    process = launch.start(group, name, argv, port, env=_bench_env())
     version = f"uvloop {importlib.metadata.version('uvloop')}, no admission"
     return Endpoint(name, Target("127.0.0.1", port), process.pid, version, argv)
 
@@ -334,9 +346,7 @@ http {{
     path = prefix / "nginx.conf"
     path.write_text(config)
     argv = [binary, "-p", str(prefix), "-c", str(path), "-e", str(prefix / "error.log")]
-    process = group.start(
-        name, launch.argv(argv), port=("127.0.0.1", port), timeout=launch.start_timeout
-    )
+    process = launch.start(group, name, argv, port)
     version = _version([binary, "-v"])
     return Endpoint(name, Target("127.0.0.1", port), process.pid, version, argv)
 
@@ -388,13 +398,7 @@ def _start_wsgate(
         config = group.log_dir / f"{name}.yaml"
         config.write_text("".join(f"{line}\n" for line in settings))
         argv += ["-c", str(config)]
-    process = group.start(
-        name,
-        launch.argv(argv),
-        port=("127.0.0.1", port),
-        env=_bench_env(),
-        timeout=launch.start_timeout,
-    )
+    process = launch.start(group, name, argv, port, env=_bench_env())
     _wait_ready(f"http://127.0.0.1:{admin}/ready", timeout=launch.start_timeout)
     target = Target("127.0.0.1", port, tls=tls is not None)
     return Endpoint(name, target, process.pid, _wsgate_version(), argv)
