@@ -163,8 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             echo, echo_pid = start_echo(group)
             redis: list[RedisServer] = []
             proxies: list[Endpoint] = []
-            counting = group.log_dir / "callgrind"
-            counting.mkdir(exist_ok=True)
+            counting = group.log_dir / "callgrind"  # the dumps, under --by callgrind
+            if args.by == "callgrind":
+                counting.mkdir()
             for path in paths:
                 under = _under_callgrind(counting / path) if args.by == "callgrind" else None
                 try:
@@ -183,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shift = round_number % max(1, len(proxies))
                 for proxy in proxies[shift:] + proxies[:shift]:
                     store = redis_pid(proxy, redis)
+                    entry: _Round | None
                     if args.by == "callgrind":
                         entry = _measure_callgrind(proxy, pool, args, store, counting / proxy.name)
                     else:
@@ -267,16 +269,21 @@ def _recorded(perf: subprocess.Popen[str], out: Path) -> str:
     return script.stdout
 
 
+def _open_for_relay(proxy: Endpoint, pool: DriverPool, args: argparse.Namespace) -> None:
+    """Open the connections a relay round works on (a set-up round opens its own)."""
+    if args.work == "relay":
+        opened = pool.open(proxy.target, args.conns)
+        if opened.opened < args.conns:
+            raise SystemExit(f"{PROG}: {proxy.name}: opened {opened.opened} of {args.conns}")
+
+
 def _measure(
     proxy: Endpoint, pool: DriverPool, args: argparse.Namespace, store: int | None
 ) -> _Round | None:
     """One round on one proxy: instructions (user, kernel) or time by use, and CPU µs
     per unit of work, and the CPU µs of the Redis server ``store`` it admits through."""
     assert proxy.pid is not None
-    if args.work == "relay":
-        opened = pool.open(proxy.target, args.conns)
-        if opened.opened < args.conns:
-            raise SystemExit(f"{PROG}: {proxy.name}: opened {opened.opened} of {args.conns}")
+    _open_for_relay(proxy, pool, args)
     clock = args.by == "clock"
     with tempfile.TemporaryDirectory(prefix="wsgate-cost-") as scratch:
         recording = Path(scratch) / "perf.data"
@@ -339,8 +346,9 @@ def callgrind_total(dump: str) -> int:
     found: dict[str, int] = {}
     for line in dump.splitlines():
         key, _, value = line.partition(":")
-        if key in ("totals", "summary") and value.strip().split()[0].isdigit():
-            found[key] = int(value.split()[0])
+        count = value.split()[:1]
+        if key in ("totals", "summary") and count and count[0].isdigit():
+            found[key] = int(count[0])
     if not found:
         raise ValueError("no totals in the callgrind dump")
     return found.get("totals", found.get("summary", 0))
@@ -348,13 +356,10 @@ def callgrind_total(dump: str) -> int:
 
 def _measure_callgrind(
     proxy: Endpoint, pool: DriverPool, args: argparse.Namespace, store: int | None, out: Path
-) -> _Round | None:
+) -> _Round:
     """One round on a proxy under callgrind: its user instructions per unit of work."""
     assert proxy.pid is not None
-    if args.work == "relay":
-        opened = pool.open(proxy.target, args.conns)
-        if opened.opened < args.conns:
-            raise SystemExit(f"{PROG}: {proxy.name}: opened {opened.opened} of {args.conns}")
+    _open_for_relay(proxy, pool, args)
     try:
         _callgrind(proxy.pid, "--instr=on")
         _work(pool, proxy, args, args.seconds)  # warm: code is translated as it first runs
