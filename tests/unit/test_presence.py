@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 from redis.exceptions import NoPermissionError, ReadOnlyError, ResponseError
 
 from wsgate.admission.redis.presence import (
+    AT_ONCE,
+    Presence,
     client_ids,
     departed,
     judged,
@@ -71,3 +73,17 @@ def test_departures_are_given_up_only_for_a_command_the_server_refuses() -> None
     # A passing state: the watch goes on.
     assert not refused_for_good(ReadOnlyError("You can't write against a read only replica."))
     assert not refused_for_good(ResponseError("ERR Error running script: attempt to call nil"))
+
+
+def test_a_refusal_hears_when_slots_are_back_and_one_that_raced_their_return_to_come_now() -> None:
+    def unused() -> None:
+        raise AssertionError("a hint needs no connection")
+
+    presence = Presence(unused, "ns", "me", interval=0.5, timeout=1, renamed=unused, token=str)  # type: ignore[arg-type]
+    assert presence.retry_hint(asked=10.0, now=10.1) is None  # nobody leaving
+    presence.departing_by = 12.0  # a look found one gone, due by then
+    assert presence.retry_hint(asked=10.0, now=10.5) == 1.5
+    assert presence.retry_hint(asked=12.0, now=12.1) is None  # past due: what is configured
+    presence.reaped_at, presence.departing_by = 11.0, 0.0  # reaped, nobody else leaving
+    assert presence.retry_hint(asked=10.9, now=11.1) == AT_ONCE  # decided before that
+    assert presence.retry_hint(asked=11.2, now=11.3) is None  # full again since

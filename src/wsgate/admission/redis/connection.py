@@ -133,7 +133,7 @@ def connect(target: Target, timeout: float) -> aioredis.Redis:
 
 
 def _sentinel_master(target: Sentinels, timeout: float) -> aioredis.Redis:
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis 8
         list(target.addresses),
         sentinel_kwargs={
             "password": target.sentinel_password,

@@ -48,10 +48,11 @@ Why it does not reap the living:
 
 While a replica found gone waits out its ``quiet``, its slots are about to
 come back: a refusal for capacity then tells the client to retry once they
-are due (``retry_hint``), not after the configured ``Retry-After``, and
-makes the watcher look at once rather than at its next interval (at most five
-times an interval), so that the clients of a crashed replica, who all arrive
-in the first moments, hear it too.
+are due (``retry_hint``), not after the configured ``Retry-After`` (one
+decided just before they came back is told to retry at once), and makes the
+watcher look at once rather than at its next interval (at most five times an
+interval), so that the clients of a crashed replica, who all arrive in the
+first moments, hear it too.
 
 ``wsgate`` stays correct without any of this (Redis Cluster, or a server that
 refuses ``CLIENT``): the watcher logs why once and the leases do the work.
@@ -74,6 +75,9 @@ from wsgate.admission.redis import script
 __all__ = ["Presence", "client_ids", "departed", "judged", "refused_for_good", "run_id_of"]
 
 logger = logging.getLogger("wsgate.state")
+
+#: The hint for a refusal that raced a reap: the slots are back now.
+AT_ONCE = 1.0
 
 
 def run_id_of(info: object) -> str:
@@ -173,6 +177,8 @@ class Presence:
         self.departures_total = 0
         #: When the replicas last found gone will have been reaped (monotonic), or 0.
         self.departing_by = 0.0
+        #: When this watcher last gave a gone replica's slots back (monotonic), or 0.
+        self.reaped_at = 0.0
         self._wake = asyncio.Event()  # look now: a refusal may be a departure's
         self._tasks: list[asyncio.Task[None]] = []
         self._refused = False  # the server refused a command the watch needs
@@ -191,8 +197,17 @@ class Presence:
                 await self._first_look.wait()
         return self.name
 
-    def retry_hint(self, now: float) -> float | None:
-        """Seconds until a replica found gone is due to be reaped, if one is."""
+    def retry_hint(self, asked: float, now: float) -> float | None:
+        """Seconds until a gone replica's slots are back, for a refusal asked at ``asked``.
+
+        A refusal asked before the last reap may have been decided before the
+        slots it gave back were free, and its answer arrives after: in a
+        storm many are in flight at that moment, and each is told to come
+        back at once (a second: ``Retry-After``'s least), not in the
+        configured while.
+        """
+        if self.reaped_at > asked:
+            return AT_ONCE
         left = self.departing_by - now
         return left if left > 0 else None
 
@@ -284,6 +299,7 @@ class Presence:
         for replica, name in departed(watched, listed).items():
             if await script.evalsha(client, key, script.depart_call(replica, name)):
                 self.departures_total += 1
+                self.reaped_at = time.monotonic()
                 logger.info(
                     "replica %s closed its connection to Redis: its slots are free again",
                     replica,

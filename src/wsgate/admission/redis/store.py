@@ -216,13 +216,13 @@ class RedisStore:
         presence = self._presence
         return (presence.name, presence.quiet) if presence is not None else ("", 0.0)
 
-    def _when_departed(self, decision: Rejected) -> Rejected:
+    def _when_departed(self, decision: Rejected, asked: float) -> Rejected:
         """A refusal for capacity while a gone replica's slots are due back: retry then."""
         presence = self._presence
         if presence is None or decision.reason is not Reason.NO_CAPACITY:
             return decision
         presence.look_soon()
-        hint = presence.retry_hint(time.monotonic())
+        hint = presence.retry_hint(asked, time.monotonic())
         if hint is None or hint >= decision.retry_after:
             return decision
         return Rejected(Reason.NO_CAPACITY, hint)
@@ -289,8 +289,9 @@ class RedisStore:
         for _attempt in range(2):
             if not sync.in_sync:
                 break
+            asked = time.monotonic()
             call = script.admit_call(
-                sync.deadline(time.monotonic()),
+                sync.deadline(asked),
                 self.replica_id,
                 sync.token,
                 self._pool.update(),
@@ -321,7 +322,7 @@ class RedisStore:
             if isinstance(decision, str):
                 return self._admitted(decision, counted)
             if decision is not None:
-                return self._when_departed(decision)
+                return self._when_departed(decision, asked)
             break
         if self.on_failure == "closed":
             return Rejected(Reason.STATE_UNAVAILABLE, max(1.0, math.ceil(self._lease.retry_every)))
