@@ -105,3 +105,27 @@ async def test_a_batch_reloads_a_script_redis_forgot(client: aioredis.Redis) -> 
     assert all(_is_inspect_reply(reply) for reply in replies), replies
     stats = (await client.info("commandstats"))["cmdstat_evalsha"]
     assert (stats["calls"], stats["failed_calls"]) == (2, 1)  # refused once, then run
+
+
+async def test_batches_share_one_connection_and_one_cut_by_its_timeout_is_not_reused(
+    client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    pipeline_client = aioredis.Redis.from_url(redis_server.url)
+    pipeline = ScriptPipeline(replicas_key("batches"), timeout=0.2)
+    try:
+        for _ in range(5):
+            assert _is_inspect_reply(await pipeline.submit(pipeline_client, INSPECT))
+        stats = await client.info("stats")
+        assert (await client.info("clients"))["connected_clients"] == 2  # the test's, the batches'
+        await client.execute_command("CLIENT", "PAUSE", 600)  # the next batch's reply comes late
+        late = pipeline.submit(pipeline_client, ("inspect", 1))  # Redis would answer 'late'
+        with pytest.raises(StateUnavailable):
+            await late
+        await asyncio.sleep(0.6)
+        # Had the cut connection been kept, this would read the reply owed to the one before.
+        assert _is_inspect_reply(await pipeline.submit(pipeline_client, INSPECT))
+        again = await client.info("stats")
+        assert again["total_connections_received"] == stats["total_connections_received"] + 1
+    finally:
+        pipeline.cancel()
+        await pipeline_client.aclose()

@@ -11,7 +11,8 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from wsgate.admission.redis.connection import StateUnavailable, describe_failure
 from wsgate.admission.redis.script import (
@@ -21,7 +22,6 @@ from wsgate.admission.redis.script import (
     batch_call,
     batches_of,
     delayed,
-    evalsha,
 )
 
 __all__ = ["PatientTimer", "ScriptCaller", "ScriptPipeline"]
@@ -99,6 +99,10 @@ class ScriptPipeline:
         self._timeout = timeout
         self._queue: list[_Queued] = []
         self._sender: asyncio.Task[None] | None = None
+        # The connection the batches go on, and the client whose pool it is of
+        # (closing that client closes it).
+        self._connection: AbstractConnection | None = None
+        self._connection_of: aioredis.Redis | None = None
 
     def submit(self, client: aioredis.Redis, call: ScriptCall) -> asyncio.Future[Any]:
         """The raw reply of one script call, or StateUnavailable.
@@ -120,6 +124,7 @@ class ScriptPipeline:
         for queued in self._queue:
             queued.reply.cancel()
         self._queue = []
+        self._connection = self._connection_of = None
 
     async def _send_all(self, client: aioredis.Redis) -> None:
         while self._queue:
@@ -132,10 +137,7 @@ class ScriptPipeline:
         now = asyncio.get_running_loop().time()
         calls = [delayed(queued.call, now - queued.submitted) for queued in batch]
         try:
-            if len(calls) == 1:
-                results: list[Any] = [await self._bounded(evalsha(client, self._key, calls[0]))]
-            else:
-                results = await self._bounded(self._many(client, calls))
+            results = await self._bounded(self._calls(client, calls))
         except (TimeoutError, RedisError, RedisClusterException, OSError) as error:
             results = [error] * len(batch)
         for queued, result in zip(batch, results, strict=True):
@@ -173,15 +175,12 @@ class ScriptPipeline:
         finally:
             timer.cancel()
 
-    async def _many(self, client: aioredis.Redis, calls: list[ScriptCall]) -> list[Any]:
+    async def _calls(self, client: aioredis.Redis, calls: list[ScriptCall]) -> list[Any]:
+        """The reply of each call, or its failure: one call as it is, more as batches."""
+        if len(calls) == 1:
+            return await self._runs(client, [calls[0]])
         batches = batches_of(calls)
-        replies = await self._batches(client, batches)
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if missing:
-            await client.script_load(SCRIPT)
-            again = await self._batches(client, [batches[i] for i in missing])
-            for i, reply in zip(missing, again, strict=True):
-                replies[i] = reply
+        replies = await self._runs(client, [batch_call(batch) for batch in batches])
         results: list[Any] = []
         for batch, reply in zip(batches, replies, strict=True):
             if isinstance(reply, BaseException):
@@ -192,18 +191,48 @@ class ScriptPipeline:
                 results += [RedisError(f"a batch of {len(batch)} got {reply!r}")] * len(batch)
         return results
 
-    async def _batches(self, client: aioredis.Redis, batches: list[list[ScriptCall]]) -> list[Any]:
-        """The reply of each batch (the list of its calls' replies), or its failure."""
-        runs = [batch_call(batch) for batch in batches]
-        if len(runs) == 1 or isinstance(client, RedisCluster):
-            # A cluster pipeline refuses scripts: the batches go side by side instead,
+    async def _runs(self, client: aioredis.Redis, runs: list[ScriptCall]) -> list[Any]:
+        """The reply of each run of the script, or its error; loads the script if missing."""
+        replies = await self._evalshas(client, runs)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            await client.script_load(SCRIPT)
+            again = await self._evalshas(client, [runs[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _evalshas(self, client: aioredis.Redis, runs: list[ScriptCall]) -> list[Any]:
+        """Each run's reply, or the error Redis answered it with, in one write."""
+        if isinstance(client, RedisCluster):
+            # A cluster pipeline refuses scripts: the runs go side by side instead,
             # each to the shard of its key (all of a namespace's keys share one slot).
             sent = (client.evalsha(SCRIPT_SHA, 1, self._key, *run) for run in runs)
             return list(await asyncio.gather(*sent, return_exceptions=True))
-        pipe = client.pipeline(transaction=False)
-        for run in runs:
-            pipe.evalsha(SCRIPT_SHA, 1, self._key, *run)
-        return list(await pipe.execute(raise_on_error=False))
+        # One batch is out at a time, so one connection serves them all: it is
+        # held rather than taken from the pool and given back for each batch,
+        # and a command's way through the client (its retry wrapper, the pool,
+        # the reply callbacks) is not walked for each. Redis-py's connection
+        # still packs and reads, and drops itself when cut or cancelled
+        # mid-reply; the next batch connects it again with ``connect()``, which
+        # asks the sentinels for the master (the reconnect inside a send would
+        # go back to the address it had).
+        connection = self._connection
+        if connection is None or self._connection_of is not client:
+            pool = client.connection_pool
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call, unused-ignore]
+            self._connection, self._connection_of = connection, client
+        elif not connection.is_connected:
+            await connection.connect()  # type: ignore[no-untyped-call, unused-ignore]
+        commands = [("EVALSHA", SCRIPT_SHA, 1, self._key, *run) for run in runs]
+        await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as error:  # the others' replies are still to be read
+                replies.append(error)
+        return replies
 
 
 def _pass_on(waiter: asyncio.Future[Any], reply: asyncio.Future[Any]) -> None:
