@@ -558,6 +558,35 @@ def test_dials_answered_failed_taken_and_aborted_leave_no_descriptor(bench: Benc
     assert open_descriptors() == before
 
 
+def test_sole_descriptors_closed_without_leaving_the_set_serve_their_numbers_again(
+    bench: Bench,
+) -> None:
+    # A dial's socket and an arrival's (sole=True) are closed without EPOLL_CTL_DEL:
+    # the close takes them out of the set. Their numbers come back at once for the
+    # next sessions, which must hear their own bytes only, and each owner its end once.
+    numbers: list[int] = []
+    for round_ in range(30):
+        link, backend = dial(bench, f"dial-{round_}")
+        assert receive(bench, backend, len(UPGRADE)) == UPGRADE
+        backend.sendall(SWITCHED)
+        bench.pump(lambda round_=round_: len(bench.answers) == round_ + 1)
+        client, client_fd = client_pair(bench)
+        numbers.append(client_fd)
+        link.attach(client_fd, b"", b"", f"s{round_}", True)
+        message = frame(f"round {round_}".encode())
+        client.sendall(message)
+        assert receive(bench, backend, len(message)) == message
+        backend.sendall(message)
+        assert receive(bench, client, len(message)) == message
+        client.close()  # the client leaves: the relay closes both of its sockets
+        bench.pump(lambda round_=round_: len(bench.ended) == round_ + 1)
+        backend.close()
+        bench.sockets.clear()
+    assert len(set(numbers)) < len(numbers)  # descriptors were numbered again
+    assert bench.ended == [(f"s{r}", "client_closed") for r in range(30)]
+    assert len(bench.relay) == 0
+
+
 def test_dials_refuse_what_is_not_an_address(bench: Bench) -> None:
     with pytest.raises(ValueError, match="not an IP address"):
         bench.relay.dial("localhost", 80, UPGRADE, "name")

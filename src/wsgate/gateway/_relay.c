@@ -313,6 +313,7 @@ typedef struct {
     int side;          /* CLIENT or BACKEND */
     uint32_t interest; /* what epoll watches for now */
     int registered;    /* in the epoll set, armed or not (a dial's answer disarms it) */
+    int sole;          /* no other descriptor shares its socket (see end_close) */
     OutBuffer out;     /* bytes waiting to be written to this socket */
 } End;
 
@@ -608,7 +609,12 @@ end_close(RelayObject *relay, End *end)
 {
     LinkObject *link = end->link;
     if (end->fd >= 0) {
-        epoll_ctl(relay->epfd, EPOLL_CTL_DEL, end->fd, NULL);
+        /* Closing the last descriptor of a socket takes it out of the epoll set:
+         * a socket the relay alone holds (a dial's, an arrival's) is just closed.
+         * One handed over as a duplicate may still be open in the event loop for
+         * a moment, and would stay in the set, its events pointing at this end. */
+        if (!end->sole)
+            epoll_ctl(relay->epfd, EPOLL_CTL_DEL, end->fd, NULL);
         close(end->fd);
         end->fd = -1;
         end->registered = 0;
@@ -1067,6 +1073,7 @@ link_new(RelayObject *relay, int state, int client_fd, int backend_fd, PyObject 
         end->side = side;
         end->interest = 0;
         end->registered = 0;
+        end->sole = 0;
         memset(&end->out, 0, sizeof end->out);
     }
     PyObject_GC_Track(link);
@@ -1235,10 +1242,10 @@ Link_finish(LinkObject *self, PyObject *unused)
 static PyObject *
 Link_attach(LinkObject *self, PyObject *args)
 {
-    int client_fd;
+    int client_fd, sole = 0;
     Py_buffer head, rest;
     PyObject *owner;
-    if (!PyArg_ParseTuple(args, "iy*y*O:attach", &client_fd, &head, &rest, &owner))
+    if (!PyArg_ParseTuple(args, "iy*y*O|p:attach", &client_fd, &head, &rest, &owner, &sole))
         return NULL;
     RelayObject *relay = self->relay;
     PyObject *previous = NULL; /* the dial's owner, let go of once unlocked */
@@ -1246,6 +1253,7 @@ Link_attach(LinkObject *self, PyObject *args)
     int failure = -1;
     if (self->state == ANSWERED) {
         self->ends[CLIENT].fd = client_fd;
+        self->ends[CLIENT].sole = sole;
         previous = self->owner; /* Python's field: the GIL is held */
         self->owner = Py_NewRef(owner);
         failure = link_start(relay, self, head.buf, head.len, rest.buf, rest.len);
@@ -1341,10 +1349,12 @@ static PyMethodDef Link_methods[] = {
      "Write client_close at the next frame boundary, backend_close to the backend; "
      "False when already closing or ended."},
     {"attach", (PyCFunction)Link_attach, METH_VARARGS,
-     "attach(client_fd, head, rest, owner): relay an answered dial from now on. Takes "
-     "the client's socket (closed by the relay from now on, even on error); head, then "
-     "rest (as if the backend had just sent it) go to the client; owner replaces the "
-     "dial's for on_end and on_backend_closed."},
+     "attach(client_fd, head, rest, owner, sole=False): relay an answered dial from now "
+     "on. Takes the client's socket (closed by the relay from now on, even on error); "
+     "head, then rest (as if the backend had just sent it) go to the client; owner "
+     "replaces the dial's for on_end and on_backend_closed. sole: no other descriptor "
+     "of that socket is open (the relay then closes it without leaving the epoll set "
+     "first)."},
     {"take", (PyCFunction)Link_take, METH_NOARGS,
      "The backend's socket of an answered dial, now the caller's to read and close."},
     {"abort", (PyCFunction)Link_abort, METH_NOARGS,
@@ -1646,6 +1656,7 @@ Relay_dial(RelayObject *self, PyObject *args)
         goto error;
     fd = -1; /* the link's now */
     End *backend = &link->ends[BACKEND];
+    backend->sole = 1; /* made here, never duplicated */
     if (out_append(&backend->out, request.buf, (size_t)request.len) < 0) {
         PyErr_NoMemory();
         goto error;

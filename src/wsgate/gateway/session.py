@@ -121,7 +121,7 @@ class Sessions:
         session = self._begin(reservation, record, backend)
         session.dialed = (link, head)
         if isinstance(client, int):
-            session.relay(client, None, rest)
+            session.relay(client, None, rest, sole=True)
         else:
             session.handoff = self.hand_over(session, client, None, rest, self.spares)
         return self._opened(session)
@@ -199,10 +199,14 @@ class Session:
         # A dial's link and the 101 for the client, until the client's socket joins it.
         self.dialed: tuple[Link, bytes] | None = None
 
-    def relay(self, client_fd: int, backend_fd: int | None, rest: bytes) -> None:
+    def relay(
+        self, client_fd: int, backend_fd: int | None, rest: bytes, *, sole: bool = False
+    ) -> None:
         """The sockets are ours alone now: the relay moves their bytes from here on.
 
         ``backend_fd`` is None when the relay dialed the backend: its link has it.
+        ``sole``: ``client_fd`` is its socket's only descriptor (an arrival's, never
+        a transport's duplicate), which the relay can close without more ado.
         """
         self.handoff = None
         relay = self.sessions.relay
@@ -211,7 +215,7 @@ class Session:
                 assert self.dialed is not None
                 link, head = self.dialed
                 self.dialed = None
-                link.attach(client_fd, head, rest, self)
+                link.attach(client_fd, head, rest, self, sole)
                 self.link = link
             elif relay is None:
                 raise OSError("the relay is not running")
