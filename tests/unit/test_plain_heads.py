@@ -5,14 +5,20 @@ rest, which the readers (httptools) then read. Each test here holds it to that:
 whatever it returns is what the readers return for the same bytes, and the
 heads that common clients and servers send are of its shape (else the gateway
 would be as slow as before, and no other test would notice).
+
+The heads it read are also written in C (``render_request`` and
+``render_response`` call it for them): the last part holds those writers to
+the bytes the Python writers make of the same heads.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+from collections.abc import Callable
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from websockets.client import ClientProtocol
 from websockets.server import ServerProtocol
@@ -25,6 +31,8 @@ from wsgate.gateway.head import (
     NOT_FORWARDED,
     RequestHead,
     ResponseHead,
+    _render_request_py,
+    _render_response_py,
     render_request,
     render_response,
 )
@@ -370,3 +378,252 @@ def test_c_reads_an_answer_as_the_reader_does_or_leaves_it(
     fields: list[bytes], reason: bytes
 ) -> None:
     agrees_on_response(answer(fields, b"HTTP/1.1 101" + reason))
+
+
+# -- the heads read in C are written in C, to the bytes Python writes ----------------------
+def written_in_c(head: RequestHead, **forward: str) -> bytes:
+    """``render_request`` of a head read in C: the C writer's bytes, checked against Python's."""
+    assert head.end_to_end is not None and head.upgrade  # so the C writer is the one used
+    ours = render_request(head, **forward)
+    assert ours == _render_request_py(head, **forward), head
+    return ours
+
+
+def answered_in_c(head: ResponseHead, extra: list[tuple[bytes, bytes]]) -> bytes:
+    assert head.end_to_end is not None and head.status == 101
+    ours = render_response(head, keep_alive=False, chunked=False, extra=extra)
+    assert ours == _render_response_py(head, keep_alive=False, chunked=False, extra=extra), head
+    return ours
+
+
+def read_in_c(data: bytes) -> RequestHead:
+    assert in_c(data)
+    found = upgrade_request(data, MAX_HEAD)
+    assert found is not None
+    return found[0]
+
+
+def answer_read_in_c(data: bytes) -> ResponseHead:
+    assert answer_in_c(data)
+    found = switching_response(data)
+    assert found is not None
+    return found[0]
+
+
+def without_host(head: RequestHead) -> RequestHead:
+    """The head as if the request had named no Host (only an HTTP/1.0 one may, read by the
+    reader; a head read in C always has one): the writers then send the backend's."""
+    assert head.end_to_end is not None
+    kept = [
+        line for line in head.end_to_end.split(b"\r\n") if not line.lower().startswith(b"host:")
+    ]
+    index = {name: values for name, values in head._lookup().items() if name != b"host"}
+    return dataclasses.replace(
+        head,
+        headers=[(n, v) for n, v in head.headers if n.lower() != b"host"],
+        _index=index,
+        end_to_end=b"\r\n".join(kept),
+    )
+
+
+FORWARD = {"client_ip": "10.0.0.7", "request_id": "r-1", "host": "127.0.0.9:80", "proto": "http"}
+
+
+def test_an_upgrade_is_written_for_the_backend_line_by_line() -> None:
+    head = read_in_c(request([*FIELDS, b"X-Forwarded-For: 6.6.6.6", b"Cookie: a=b"]))
+    assert written_in_c(head, **FORWARD) == (
+        b"GET /chat?room=1 HTTP/1.1\r\n"
+        b"Host: example:8080\r\n"
+        b"Sec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n"
+        b"Cookie: a=b\r\n"
+        b"Connection: Upgrade\r\n"
+        b"Upgrade: websocket\r\n"
+        b"X-Forwarded-For: 10.0.0.7\r\n"
+        b"X-Forwarded-Proto: http\r\n"
+        b"X-Real-IP: 10.0.0.7\r\n"
+        b"Forwarded: for=10.0.0.7;proto=http\r\n"
+        b"X-Request-Id: r-1\r\n"
+        b"\r\n"
+    )
+
+
+def test_an_ipv6_client_without_host_is_bracketed_and_given_the_backends_host() -> None:
+    fields = [b"Upgrade: WebSocket" if f.startswith(b"Upgrade") else f for f in FIELDS]
+    head = without_host(read_in_c(request(fields, b"GET / HTTP/1.1")))
+    forward = {
+        "client_ip": "fd00::7",
+        "request_id": "r-2",
+        "host": "[fd00::9]:80",
+        "proto": "https",
+    }
+    assert written_in_c(head, **forward) == (
+        b"GET / HTTP/1.1\r\n"
+        b"Host: [fd00::9]:80\r\n"
+        b"Sec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n"
+        b"Connection: Upgrade\r\n"
+        b"Upgrade: WebSocket\r\n"  # the client's own spelling, as Python sends it
+        b"X-Forwarded-For: fd00::7\r\n"
+        b"X-Forwarded-Proto: https\r\n"
+        b"X-Real-IP: fd00::7\r\n"
+        b'Forwarded: for="[fd00::7]";proto=https\r\n'
+        b"X-Request-Id: r-2\r\n"
+        b"\r\n"
+    )
+
+
+def test_a_101_without_a_reason_or_forwarded_fields_is_written_with_the_cookie_last() -> None:
+    head = answer_read_in_c(
+        answer([b"Connection: Upgrade", b"Upgrade: websocket"], b"HTTP/1.1 101")
+    )
+    assert head.end_to_end == b"" and head.reason == b""
+    cookie = (b"Set-Cookie", b"wsgate_affinity=b1; Path=/; HttpOnly; SameSite=Lax")
+    assert answered_in_c(head, [cookie]) == (
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        b"Connection: Upgrade\r\n"
+        b"Upgrade: websocket\r\n"
+        b"Set-Cookie: wsgate_affinity=b1; Path=/; HttpOnly; SameSite=Lax\r\n"
+        b"\r\n"
+    )
+
+
+def test_a_101_keeps_its_reason_and_its_end_to_end_fields() -> None:
+    accept = b"Sec-WebSocket-Accept: " + wire.accept_key(KEY.decode()).encode()
+    fields = [b"Upgrade: websocket", b"Connection: keep-alive, Upgrade", b"Server: s", accept]
+    head = answer_read_in_c(answer(fields, b"HTTP/1.1 101 Web Socket Protocol Handshake"))
+    assert answered_in_c(head, []) == (
+        b"HTTP/1.1 101 Web Socket Protocol Handshake\r\n"
+        b"Server: s\r\n" + accept + b"\r\n"
+        b"Connection: Upgrade\r\n"
+        b"Upgrade: websocket\r\n"
+        b"\r\n"
+    )
+
+
+def test_the_writers_fail_as_the_python_writers_do() -> None:
+    head = read_in_c(request())
+    # A lone surrogate cannot be encoded, by str.encode() or by C.
+    for writer in (render_request, _render_request_py):
+        with pytest.raises(UnicodeEncodeError):
+            writer(head, client_ip="\udc80", request_id="r", host="h", proto="http")
+    answer_head = answer_read_in_c(answer(FIELDS[1:3]))
+    with pytest.raises(TypeError):
+        render_response(answer_head, keep_alive=False, chunked=False, extra=[(b"X", "str")])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        render_response(answer_head, keep_alive=False, chunked=False, extra=[(b"X",)])  # type: ignore[list-item]
+
+
+def test_other_heads_are_written_by_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    def not_here(*args: object) -> bytes:
+        raise AssertionError("written in C")
+
+    monkeypatch.setattr(_heads, "write_upgrade_request", not_here)
+    monkeypatch.setattr(_heads, "write_switching_response", not_here)
+    # A head the reader read has no forwarded lines laid out.
+    found = read_upgrade_request(request(), MAX_HEAD)
+    assert found is not None and found[0].end_to_end is None
+    render_request(found[0], **FORWARD)
+    # Lines laid out, but no upgrade or no 101: what only Python writes.
+    plain = dataclasses.replace(read_in_c(request()), upgrade=False, chunked=True)
+    assert render_request(plain, **FORWARD).startswith(
+        b"GET /chat?room=1 HTTP/1.1\r\nHost: example:8080\r\n"
+        b"Sec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Connection: keep-alive\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 10.0.0.7\r\n"
+    )
+    refused = dataclasses.replace(answer_read_in_c(answer(FIELDS[1:3])), status=503, reason=b"")
+    assert render_response(refused, keep_alive=True, chunked=True) == (
+        b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: keep-alive\r\n\r\n"
+    )
+
+
+# Fields of the plain shape that leave the handshake valid: names that are tokens
+# (the gateway's own and hop-by-hop ones among them, which are dropped), values of
+# visible ASCII, inner blanks and obs-text.
+_VALUE_BYTES = bytes(range(0x21, 0x7F)) + b" \t\x80\xc3\xa9\xff"
+_plain_values = st.binary(max_size=16).map(
+    lambda b: bytes(_VALUE_BYTES[c % len(_VALUE_BYTES)] for c in b).strip(b" \t")
+)
+_plain_names = st.one_of(
+    st.sampled_from(
+        [b"X-A", b"Cookie", b"Origin", b"X-Forwarded-For", b"x-request-id", b"Forwarded",
+         b"X-Real-IP", b"X-Forwarded-Proto", b"Keep-Alive", b"TE", b"Trailer", b"User-Agent",
+         b"Sec-WebSocket-Extensions", b"Sec-WebSocket-Protocol", b"Date", b"Server"]
+    ),
+    st.text("abcXYZ019!#$%&'*+-.^_`|~", min_size=1, max_size=8).map(str.encode),
+)  # fmt: skip
+_plain_fields = st.lists(
+    st.tuples(_plain_names, st.sampled_from([b"", b" ", b"\t "]), _plain_values).map(
+        lambda f: f[0] + b":" + f[1] + f[2]
+    ),
+    max_size=6,
+)
+_upgrades = st.sampled_from([b"Upgrade: websocket", b"upgrade: WebSocket", b"UPGRADE: websocket"])
+_connections = st.sampled_from(
+    [b"Connection: Upgrade", b"connection: keep-alive, upgrade", b"Connection: upgrade,"]
+)
+_ips = st.one_of(
+    st.ip_addresses().map(str),
+    st.sampled_from(["fe80::1%eth0", "::ffff:10.0.0.1", "unknown", ""]),
+    st.text(max_size=8),
+)
+_request_ids = st.one_of(st.text(max_size=20), st.just("0" * 16))
+_plain_targets = st.binary(max_size=12).map(lambda b: b"/" + bytes(0x21 + c % 94 for c in b))
+_hosts = st.sampled_from(["127.0.0.1:9001", "[fd00::5]:8080", "backend", "b\u00e9:1", ""])
+_protos = st.sampled_from(["http", "https", "ws"])
+_cookies = st.lists(st.tuples(_plain_names, _plain_values), max_size=12)  # past the stack's pieces
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    _plain_fields, _upgrades, _connections, _plain_targets, st.booleans(), st.booleans(),
+    _ips, _request_ids, _hosts, _protos, st.data(),
+)  # fmt: skip
+def test_an_upgrade_read_in_c_is_written_in_c_as_python_writes_it(
+    extra_fields: list[bytes], upgrade: bytes, connection: bytes, target: bytes,
+    has_host: bool, forwards_nothing: bool, client_ip: str, request_id: str, host: str,
+    proto: str, data: st.DataObject,
+) -> None:  # fmt: skip
+    fields = [FIELDS[0], upgrade, connection, *FIELDS[3:], *extra_fields]
+    raw = request(data.draw(st.permutations(fields)), b"GET " + target + b" HTTP/1.1")
+    # Rarely a drawn name is one of the handshake's (a second Host): not plain.
+    assume(in_c(raw))
+    head = read_in_c(raw)
+    if not has_host:
+        head = without_host(head)
+    if forwards_nothing:
+        head = dataclasses.replace(head, end_to_end=b"")
+    written_in_c(head, client_ip=client_ip, request_id=request_id, host=host, proto=proto)
+
+
+_reasons = st.sampled_from(
+    [b"", b" Switching Protocols", b" OK", b" a\tb\xff", b" Web Socket Protocol Handshake"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_plain_fields, _upgrades, _connections, _reasons, _cookies, st.data())
+def test_a_101_read_in_c_is_written_in_c_as_python_writes_it(
+    extra_fields: list[bytes],
+    upgrade: bytes,
+    connection: bytes,
+    reason: bytes,
+    cookies: list[tuple[bytes, bytes]],
+    data: st.DataObject,
+) -> None:
+    fields = data.draw(st.permutations([upgrade, connection, *extra_fields]))
+    raw = answer(fields, b"HTTP/1.1 101" + reason)
+    assume(answer_in_c(raw))
+    answered_in_c(answer_read_in_c(raw), cookies)
+
+
+@pytest.mark.parametrize("make", [list, tuple, iter], ids=["list", "tuple", "iterator"])
+def test_the_101s_extra_fields_may_come_in_any_iterable(
+    make: Callable[[list[tuple[bytes, bytes]]], object],
+) -> None:
+    head = answer_read_in_c(answer(FIELDS[1:3]))
+    cookies = [(b"Set-Cookie", b"a=%d" % i) for i in range(20)]
+    expected = _render_response_py(head, keep_alive=False, chunked=False, extra=cookies)
+    given_as = make(cookies)
+    assert render_response(head, keep_alive=False, chunked=False, extra=given_as) == expected  # type: ignore[arg-type]

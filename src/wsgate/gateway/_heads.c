@@ -1,5 +1,5 @@
 /*
- * The common WebSocket heads, read in one call.
+ * The common WebSocket heads, read and written in one call each.
  *
  * Every upgrade has two heads read on the event loop: the client's request
  * (from the first bytes the listener accepted it with) and the backend's 101
@@ -48,6 +48,21 @@
  * bytes, for heads of every shape (tests/unit/test_plain_heads.py): the head,
  * every lookup of a field and the head forwarded; and check that the heads of
  * common clients and of the demo backend are of this shape.
+ *
+ * The same heads are written here too, once the gateway has decided what
+ * goes in them: the upgrade request the backend is sent (the start line, the
+ * backend's Host when the request had none, the forwarded fields as read,
+ * Connection and Upgrade, and the fields the gateway sets: who the client is,
+ * how it came, the request's id) and the 101 the client is sent (the status
+ * line, the forwarded fields, Connection and Upgrade, the gateway's extra
+ * fields such as its affinity cookie). In Python each is a list of lines, a
+ * formatting of the gateway's fields and a join, a dozen objects made and
+ * dropped per head; here each is one call that measures its pieces and copies
+ * them into the one bytes object it returns. They write the same bytes as the
+ * Python writers in head.py, which decide when to call them (only for a head
+ * read here, whose forwarded fields are already laid out) and stay the one
+ * writer for every other head; the tests compare the two on the heads read
+ * here, in every variation the Python writers make.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -511,6 +526,218 @@ switching_response(PyObject *module, PyObject *args)
     return result;
 }
 
+/* -- the writers ------------------------------------------------------------- */
+
+/* A run of bytes one of the written heads is made of, borrowed from an argument
+ * or a literal. */
+typedef struct {
+    const char *data;
+    Py_ssize_t len;
+} Piece;
+
+#define LITERAL(s) ((Piece){(s), (Py_ssize_t)sizeof(s) - 1})
+
+/* Enough pieces for an upgrade request, and for a 101 with a few extra fields:
+ * the common heads need no allocation but their own. */
+enum { SMALL_PIECES = 40 };
+
+/* The pieces joined, as one new bytes object; NULL with an exception set. */
+static PyObject *
+joined(const Piece *pieces, Py_ssize_t count)
+{
+    Py_ssize_t size = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (pieces[i].len > PY_SSIZE_T_MAX - size)
+            return PyErr_NoMemory();
+        size += pieces[i].len;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL)
+        return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        memcpy(p, pieces[i].data, (size_t)pieces[i].len);
+        p += pieces[i].len;
+    }
+    return out;
+}
+
+/* The bytes of a bytes argument; -1 with TypeError set for any other type. */
+static int
+bytes_piece(PyObject *arg, const char *name, Piece *piece)
+{
+    if (!PyBytes_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "%s must be bytes, not %.200s", name,
+                     Py_TYPE(arg)->tp_name);
+        return -1;
+    }
+    piece->data = PyBytes_AS_STRING(arg);
+    piece->len = PyBytes_GET_SIZE(arg);
+    return 0;
+}
+
+/* A field's value or None: None and b"" both say "websocket", as Python's
+ * `value or b"websocket"` does. */
+static int
+upgrade_piece(PyObject *arg, Piece *piece)
+{
+    if (arg == Py_None)
+        piece->len = 0;
+    else if (bytes_piece(arg, "upgrade", piece) < 0)
+        return -1;
+    if (piece->len == 0)
+        *piece = LITERAL("websocket");
+    return 0;
+}
+
+/* A str argument in UTF-8, as str.encode() gives it (a lone surrogate is the
+ * same UnicodeEncodeError); -1 with an exception set. */
+static int
+text_piece(PyObject *arg, const char *name, Piece *piece)
+{
+    if (!PyUnicode_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "%s must be str, not %.200s", name,
+                     Py_TYPE(arg)->tp_name);
+        return -1;
+    }
+    piece->data = PyUnicode_AsUTF8AndSize(arg, &piece->len);
+    return piece->data == NULL ? -1 : 0;
+}
+
+static bool
+arg_count(const char *function, Py_ssize_t nargs, Py_ssize_t expected)
+{
+    if (nargs == expected)
+        return true;
+    PyErr_Format(PyExc_TypeError, "%s() takes exactly %zd arguments (%zd given)", function,
+                 expected, nargs);
+    return false;
+}
+
+/* write_upgrade_request(method, target, has_host, end_to_end, upgrade_field,
+ *                       client_ip, proto, request_id, backend_host) */
+static PyObject *
+write_upgrade_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!arg_count("write_upgrade_request", nargs, 9))
+        return NULL;
+    Piece method, target, end_to_end, upgrade, ip, proto, request_id, host;
+    int has_host = PyObject_IsTrue(args[2]);
+    if (has_host < 0 || bytes_piece(args[0], "method", &method) < 0 ||
+        bytes_piece(args[1], "target", &target) < 0 ||
+        bytes_piece(args[3], "end_to_end", &end_to_end) < 0 || upgrade_piece(args[4], &upgrade) < 0 ||
+        text_piece(args[5], "client_ip", &ip) < 0 || text_piece(args[6], "proto", &proto) < 0 ||
+        text_piece(args[7], "request_id", &request_id) < 0 ||
+        text_piece(args[8], "backend_host", &host) < 0)
+        return NULL;
+    Piece pieces[SMALL_PIECES];
+    Py_ssize_t n = 0;
+    pieces[n++] = method;
+    pieces[n++] = LITERAL(" ");
+    pieces[n++] = target;
+    pieces[n++] = LITERAL(" HTTP/1.1\r\n");
+    if (!has_host) { /* the request named no authority: the backend's */
+        pieces[n++] = LITERAL("Host: ");
+        pieces[n++] = host;
+        pieces[n++] = LITERAL("\r\n");
+    }
+    if (end_to_end.len > 0) {
+        pieces[n++] = end_to_end;
+        pieces[n++] = LITERAL("\r\n");
+    }
+    pieces[n++] = LITERAL("Connection: Upgrade\r\nUpgrade: ");
+    pieces[n++] = upgrade;
+    pieces[n++] = LITERAL("\r\nX-Forwarded-For: ");
+    pieces[n++] = ip;
+    pieces[n++] = LITERAL("\r\nX-Forwarded-Proto: ");
+    pieces[n++] = proto;
+    pieces[n++] = LITERAL("\r\nX-Real-IP: ");
+    pieces[n++] = ip;
+    pieces[n++] = LITERAL("\r\nForwarded: for=");
+    /* RFC 7239 section 6: an IPv6 node is bracketed, and then quoted. */
+    bool ipv6 = ip.len > 0 && memchr(ip.data, ':', (size_t)ip.len) != NULL;
+    if (ipv6)
+        pieces[n++] = LITERAL("\"[");
+    pieces[n++] = ip;
+    if (ipv6)
+        pieces[n++] = LITERAL("]\"");
+    pieces[n++] = LITERAL(";proto=");
+    pieces[n++] = proto;
+    pieces[n++] = LITERAL("\r\nX-Request-Id: ");
+    pieces[n++] = request_id;
+    pieces[n++] = LITERAL("\r\n\r\n");
+    return joined(pieces, n);
+}
+
+/* write_switching_response(reason, end_to_end, upgrade_field, extra) */
+static PyObject *
+write_switching_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!arg_count("write_switching_response", nargs, 4))
+        return NULL;
+    Piece reason, end_to_end, upgrade;
+    if (bytes_piece(args[0], "reason", &reason) < 0 ||
+        bytes_piece(args[1], "end_to_end", &end_to_end) < 0 || upgrade_piece(args[2], &upgrade) < 0)
+        return NULL;
+    if (reason.len == 0) /* HTTPStatus(101).phrase */
+        reason = LITERAL("Switching Protocols");
+    /* A list or tuple is used as it is; nothing runs Python code while its
+     * items are borrowed. */
+    PyObject *extra = PySequence_Fast(args[3], "extra must be an iterable of (name, value)");
+    if (extra == NULL)
+        return NULL;
+    Py_ssize_t fields = PySequence_Fast_GET_SIZE(extra);
+    PyObject **items = PySequence_Fast_ITEMS(extra);
+    Piece small[SMALL_PIECES];
+    Piece *pieces = small;
+    PyObject *result = NULL;
+    /* 9 pieces around the extra fields' 4 each */
+    if (fields > (PY_SSIZE_T_MAX / (Py_ssize_t)sizeof(Piece) - 9) / 4) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t need = 9 + 4 * fields;
+    if (need > SMALL_PIECES) {
+        pieces = PyMem_New(Piece, (size_t)need);
+        if (pieces == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    Py_ssize_t n = 0;
+    pieces[n++] = LITERAL("HTTP/1.1 101 ");
+    pieces[n++] = reason;
+    pieces[n++] = LITERAL("\r\n");
+    if (end_to_end.len > 0) {
+        pieces[n++] = end_to_end;
+        pieces[n++] = LITERAL("\r\n");
+    }
+    pieces[n++] = LITERAL("Connection: Upgrade\r\nUpgrade: ");
+    pieces[n++] = upgrade;
+    pieces[n++] = LITERAL("\r\n");
+    for (Py_ssize_t i = 0; i < fields; i++) {
+        PyObject *field = items[i];
+        if (!PyTuple_Check(field) || PyTuple_GET_SIZE(field) != 2) {
+            PyErr_Format(PyExc_TypeError, "extra fields must be (name, value) tuples, not %.200s",
+                         Py_TYPE(field)->tp_name);
+            goto done;
+        }
+        if (bytes_piece(PyTuple_GET_ITEM(field, 0), "an extra field's name", &pieces[n]) < 0 ||
+            bytes_piece(PyTuple_GET_ITEM(field, 1), "an extra field's value", &pieces[n + 2]) < 0)
+            goto done;
+        pieces[n + 1] = LITERAL(": ");
+        pieces[n + 3] = LITERAL("\r\n");
+        n += 4;
+    }
+    pieces[n++] = LITERAL("\r\n");
+    result = joined(pieces, n);
+done:
+    if (pieces != small)
+        PyMem_Free(pieces);
+    Py_DECREF(extra);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"upgrade_request", upgrade_request, METH_VARARGS,
      "upgrade_request(data, max_head_size, dropped) -> "
@@ -522,13 +749,25 @@ static PyMethodDef methods[] = {
      "switching_response(data, dropped) -> (reason, headers, index, end_to_end, end) or None\n\n"
      "The 101 head at the start of data, if it is of the plain shape; None for any "
      "other bytes."},
+    {"write_upgrade_request", (PyCFunction)(void (*)(void))write_upgrade_request, METH_FASTCALL,
+     "write_upgrade_request(method, target, has_host, end_to_end, upgrade_field, client_ip, "
+     "proto, request_id, backend_host) -> bytes\n\n"
+     "The upgrade request head the backend is sent, as head.render_request writes it: "
+     "has_host says whether the request had a Host field (else backend_host is sent), "
+     "upgrade_field is its first Upgrade value or None, end_to_end its forwarded fields "
+     "as lines joined by CRLF."},
+    {"write_switching_response", (PyCFunction)(void (*)(void))write_switching_response,
+     METH_FASTCALL,
+     "write_switching_response(reason, end_to_end, upgrade_field, extra) -> bytes\n\n"
+     "The 101 head the client is sent, as head.render_response writes it: extra is an "
+     "iterable of (name, value) tuples of bytes, written last."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "wsgate.gateway._heads",
-    .m_doc = "The common WebSocket heads, read in one call, in C.",
+    .m_doc = "The common WebSocket heads, read and written in one call each, in C.",
     .m_size = -1,
     .m_methods = methods,
 };

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+from wsgate.gateway import _heads
+
 __all__ = [
     "HOP_BY_HOP",
     "NOT_FORWARDED",
@@ -247,7 +249,28 @@ def render_request(
     ``host`` is the backend's authority, sent as ``Host`` when the request has
     none: an HTTP/1.0 client may leave it out, an HTTP/1.1 request may not
     (RFC 9112 3.2), and the head goes out as HTTP/1.1.
+
+    An upgrade whose head the reader in C read is written in C, in one call, to
+    the same bytes; any other head is written here.
     """
+    made = head.end_to_end
+    if made is not None and head.upgrade:
+        # The index itself, not get(): two lookups by name cost more than the writing.
+        index = head._lookup()
+        upgrade = index.get(b"upgrade")
+        return _heads.write_upgrade_request(
+            head.method, head.target, b"host" in index, made, upgrade[0] if upgrade else None,
+            client_ip, proto, request_id, host,
+        )  # fmt: skip
+    return _render_request_py(
+        head, client_ip=client_ip, request_id=request_id, host=host, proto=proto
+    )
+
+
+def _render_request_py(
+    head: RequestHead, *, client_ip: str, request_id: str, host: str, proto: str
+) -> bytes:
+    """:func:`render_request` for a head of any kind."""
     lines = [b"%s %s HTTP/1.1" % (head.method, head.target)]
     if head.get(b"host") is None:
         lines.append(b"Host: " + host.encode())
@@ -277,7 +300,24 @@ def render_response(
     chunked: bool,
     extra: Iterable[Header] = (),
 ) -> bytes:
-    """The response head sent to the client (hop-by-hop headers rewritten)."""
+    """The response head sent to the client (hop-by-hop headers rewritten).
+
+    A 101 whose head the reader in C read is written in C, in one call, to the
+    same bytes; any other head is written here.
+    """
+    made = head.end_to_end
+    if made is not None and head.status == 101:
+        upgrade = head._lookup().get(b"upgrade")
+        return _heads.write_switching_response(
+            head.reason, made, upgrade[0] if upgrade else None, extra
+        )
+    return _render_response_py(head, keep_alive=keep_alive, chunked=chunked, extra=extra)
+
+
+def _render_response_py(
+    head: ResponseHead, *, keep_alive: bool, chunked: bool, extra: Iterable[Header]
+) -> bytes:
+    """:func:`render_response` for a head of any kind."""
     reason = head.reason or (
         HTTPStatus(head.status).phrase.encode() if _known(head.status) else b""
     )
