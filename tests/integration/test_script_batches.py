@@ -129,3 +129,23 @@ async def test_batches_share_one_connection_and_one_cut_by_its_timeout_is_not_re
     finally:
         pipeline.cancel()
         await pipeline_client.aclose()
+
+
+async def test_a_pipeline_closed_while_its_batch_is_out_settles_it_and_no_timeout_follows(
+    client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    pipeline_client = aioredis.Redis.from_url(redis_server.url)
+    pipeline = ScriptPipeline(replicas_key("batches"), timeout=0.2)
+    try:
+        assert _is_inspect_reply(await pipeline.submit(pipeline_client, INSPECT))
+        await client.execute_command("CLIENT", "PAUSE", 500)  # its reply is held up
+        out = pipeline.submit(pipeline_client, INSPECT)
+        await asyncio.sleep(0.05)  # written, waiting
+        pipeline.cancel()
+        await asyncio.sleep(0.3)  # past the batch's timeout
+        # Cancelled as the calls still queued are: neither left waiting nor, had the
+        # close been taken for the timer's own cancel, failed as a timeout.
+        assert out.cancelled()
+    finally:
+        pipeline.cancel()
+        await pipeline_client.aclose()
