@@ -13,7 +13,6 @@ import os
 import select
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -720,27 +719,3 @@ def test_a_relay_nobody_closed_or_refers_to_is_collected_with_its_thread_and_soc
     # Only the test's own sockets are left: the relay's thread, its four descriptors
     # and the six sockets it was given are gone.
     assert after == (before[0], before[1] + 1 + len(far_ends))
-
-
-def test_the_relay_thread_takes_turns_with_the_loop_rather_than_preempting_it() -> None:
-    """The kernel's own view: the relay's thread is SCHED_BATCH, every other one is not."""
-
-    def policies() -> dict[int, int]:
-        found = {}
-        for name in os.listdir("/proc/self/task"):
-            try:
-                found[int(name)] = os.sched_getscheduler(int(name))
-            except ProcessLookupError:
-                continue  # a thread of someone else's that ended meanwhile
-        return found
-
-    before = policies()
-    relay = Relay(lambda owner, outcome: None)
-    try:
-        during = policies()
-    finally:
-        relay.close()
-    new = {tid: policy for tid, policy in during.items() if tid not in before}
-    assert list(new.values()) == [os.SCHED_BATCH]  # one new thread, the relay's
-    here = threading.get_native_id()
-    assert during[here] == before[here] == os.SCHED_OTHER  # the caller's stays as it was

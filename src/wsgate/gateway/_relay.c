@@ -51,19 +51,6 @@
  * switches per dial. Nothing can touch the link in between: it has no event
  * before it is registered, and Python's own calls hold the GIL.
  *
- * Scheduling. The relay thread runs under SCHED_BATCH: it gets the CPU time
- * any thread of the process gets, but waking does not preempt a thread that
- * is running. On a CPU of its own (the usual case with two or more) nothing
- * changes: the scheduler puts a woken thread on an idle CPU as before. On a
- * CPU it shares with the event loop's thread, an ordinary thread woken by
- * each dial's answer would take the CPU from the loop in the middle of its
- * work: a context switch there and one back per upgrade, and the loop's next
- * call into the relay then waits on the mutex the woken thread holds. Under
- * SCHED_BATCH the woken thread runs when the loop's thread waits for events
- * (or at the end of its time slice): the two take turns as the handlers of
- * one event loop do, each with a batch of ready events, as a single-threaded
- * proxy serves its sessions between the accepts of a reconnect storm.
- *
  * Dialing. For an upgrade the relay can also open the backend's side itself
  * (dial): Python makes the decision and hands over the backend's address and
  * the request's bytes. The call connects and tries to write the request
@@ -96,7 +83,6 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
-#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -984,23 +970,6 @@ relay_thread(void *arg)
     }
 }
 
-/* The relay thread, under SCHED_BATCH (see "Scheduling" above): the same share
- * of the CPU as any thread, without preempting the one it wakes next to. The
- * policy is set on the running thread (glibc's thread attributes take only the
- * real-time policies and SCHED_OTHER) before anything can wake it. Where it
- * cannot be set (a sandbox that forbids it), the thread stays an ordinary one:
- * only the set-up's cost on a shared CPU differs. */
-static int
-start_batch_thread(pthread_t *thread, RelayObject *relay)
-{
-    int failed = pthread_create(thread, NULL, relay_thread, relay);
-    if (!failed) {
-        struct sched_param none = {.sched_priority = 0};
-        (void)pthread_setschedparam(*thread, SCHED_BATCH, &none);
-    }
-    return failed;
-}
-
 /* What report() does after taking the lists: call on_answer, on_end, then
  * on_backend_closed, then let go of links. The lists are taken together, and a
  * link's backend socket is closed no later than its end is recorded and before
@@ -1568,7 +1537,7 @@ Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    int failed = start_batch_thread(&self->thread, self);
+    int failed = pthread_create(&self->thread, NULL, relay_thread, self);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (failed) {
         errno = failed;
