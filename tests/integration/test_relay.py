@@ -419,8 +419,8 @@ def test_a_dial_writes_the_request_and_reports_the_whole_answer_then_relays(
 
 
 def test_a_request_larger_than_the_socket_takes_is_written_whole(bench: Bench) -> None:
-    # Connected at once on loopback, the dial writes what the socket takes; the
-    # relay's thread writes the rest once the backend reads.
+    # Connected at once on loopback, the dial writes what the socket takes;
+    # report() writes the rest once the backend reads.
     request = UPGRADE[:-2] + b"X-Big: " + b"b" * (8 << 20) + b"\r\n\r\n"
     _, backend = dial(bench, request=request)
     backend.settimeout(5)
@@ -716,6 +716,52 @@ def test_a_relay_nobody_closed_or_refers_to_is_collected_with_its_thread_and_soc
     for sock in far_ends:
         sock.close()
     listener.close()
-    # Only the test's own sockets are left: the relay's thread, its four descriptors
+    # Only the test's own sockets are left: the relay's thread, its five descriptors
     # and the six sockets it was given are gone.
     assert after == (before[0], before[1] + 1 + len(far_ends))
+
+
+def _voluntary_switches(tid: int) -> int:
+    """How many times the thread ``tid`` has gone to sleep (each wake-up ends in one)."""
+    with open(f"/proc/self/task/{tid}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches line")
+
+
+def test_dials_are_read_on_the_callers_thread_and_wake_the_relays_only_as_sessions() -> None:
+    threads = set(os.listdir("/proc/self/task"))
+    answers: list[tuple[str, bytes, int]] = []
+    relay = Relay(
+        lambda owner, outcome: None,
+        on_answer=lambda owner, answer, error: answers.append((owner, answer, error)),
+    )
+    listener = socket.create_server(("127.0.0.1", 0))
+    bench = Bench(relay, listener, answers=answers)
+    try:
+        (tid,) = (int(name) for name in set(os.listdir("/proc/self/task")) - threads)
+        time.sleep(0.05)  # the relay's thread is waiting on its own set by now
+        asleep = _voluntary_switches(tid)
+        dialed = []
+        for i in range(20):  # one after the other: each answer its own wake-up, if any
+            link, backend = dial(bench, f"d{i}")
+            assert receive(bench, backend, len(UPGRADE)) == UPGRADE
+            backend.sendall(SWITCHED)
+            bench.pump(lambda n=i + 1: len(answers) >= n)
+            dialed.append((link, backend))
+        assert answers == [(f"d{i}", SWITCHED, 0) for i in range(20)]
+        # Twenty connects, requests and answers, and the relay's thread never woke.
+        assert _voluntary_switches(tid) == asleep
+        link, backend = dialed[0]
+        client, client_fd = client_pair(bench)
+        link.attach(client_fd, SWITCHED, b"", "session")
+        assert receive(bench, client, len(SWITCHED)) == SWITCHED
+        client.sendall(b"up")
+        assert receive(bench, backend, 2) == b"up"  # moved by the relay's thread
+        assert _voluntary_switches(tid) > asleep
+    finally:
+        relay.close()
+        for sock in bench.sockets:
+            sock.close()
+        listener.close()

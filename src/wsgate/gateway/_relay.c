@@ -35,39 +35,39 @@
  * never touches a Python object or its reference count, and Python sets no
  * exception and makes no call into Python while it holds the mutex. The
  * counters Python reads (bytes, outcome, lingering, len) are atomic: reading
- * them never waits for a batch. The relay reports through an eventfd that the
- * event loop watches, written only when no earlier write still waits for
- * report() (so one wake-up of the loop takes the news of many batches when
- * Python is busy): report() then calls on_end(owner, outcome) for each ended
- * session, on_backend_closed(owner) for each closed backend socket, and drops
- * the relay's reference to the links it is done with. A link is let go only
- * when no batch of events can point at it any more: one the relay thread
- * closed, at the end of that batch (the next wait starts after the close); one
- * Python closed between two batches, after the next whole batch, since that
- * batch may have been fetched before the close. A new dial's socket enters the
- * epoll set after Python has let go of the mutex: a socket that is writable (or
- * answered) at once would wake the relay thread on its registration, and that
- * thread would then wait on the mutex, with a futex wait, a wake and two context
- * switches per dial. Nothing can touch the link in between: it has no event
- * before it is registered, and Python's own calls hold the GIL.
+ * them never waits for a batch. The relay reports through an eventfd, written
+ * only when no earlier write still waits for report() (so one wake-up of the
+ * loop takes the news of many batches when Python is busy). The event loop
+ * watches the relay's second epoll set, the loop's set (fileno()), which holds
+ * that eventfd and the sockets of the dials in progress: report() takes what
+ * is ready there (a dial's event, the relay thread's news), then calls
+ * on_answer(owner, answer, error) for each dial that is over, on_end(owner,
+ * outcome) for each ended session, on_backend_closed(owner) for each closed
+ * backend socket, and drops the relay's reference to the links it is done
+ * with. A link is let go only when no batch of events can point at it any
+ * more: one the relay thread closed, at the end of that batch (the next wait
+ * starts after the close); one Python closed between two batches, after the
+ * next whole batch, since that batch may have been fetched before the close.
  *
  * Dialing. For an upgrade the relay can also open the backend's side itself
  * (dial): Python makes the decision and hands over the backend's address and
  * the request's bytes. The call connects and tries to write the request
- * itself: on loopback the handshake is done by the time connect() returns, and
- * the relay thread then first wakes for the answer. Otherwise the relay thread
- * writes it once the socket is writable. The relay thread reads until the
- * response head is whole and reports the answer (on_answer, through the same
- * eventfd) or why there is none. The answer is waited for with a one-shot
- * registration: the event that completes the head leaves the socket in the
- * epoll set, disarmed, and attaching arms it again with one call (where taking
- * it out and putting it back would be two). The backend's socket never becomes
- * an event-loop transport. Python reads the answer: to a 101 it attaches the
- * client's socket with the head to send it (the link relays from then on, as if
- * added); any other answer it takes the socket back (take, which takes it out
- * of the set) and reads the rest of the response itself.
- * Until attached, a link counts in no session figure and reports no end; a
- * dial Python gives up on (abort) is closed at once and reports nothing more.
+ * itself: on loopback the handshake is done by the time connect() returns.
+ * The socket then waits in the loop's set, and report() writes the rest of
+ * the request once it is writable and reads until the response head is whole,
+ * on Python's thread: the relay thread never sees a dial before it is a
+ * session. Handing the answer to the relay thread would wake it once per
+ * upgrade for a few hundred bytes, only for it to wake the event loop in
+ * turn: on a CPU the two threads share, that is two context switches per
+ * upgrade, and the loop's next call into the relay then waits on the mutex
+ * the woken thread holds. The backend's socket never becomes an event-loop
+ * transport. The head read, the socket leaves the loop's set and Python reads
+ * the answer: to a 101 it attaches the client's socket with the head to send
+ * it (both sockets enter the relay's set, and the link relays from then on,
+ * as if added); any other answer it takes the socket back (take) and reads the
+ * rest of the response itself. Until attached, a link counts in no session
+ * figure and reports no end; a dial Python gives up on (abort) is closed at
+ * once and reports nothing more.
  *
  * Lifetime. A relay holds a reference to each of its links and each link one
  * to its relay and to its owner; both types take part in the collector, so a
@@ -108,6 +108,8 @@
 /* A backend's answer to a dialed upgrade is reported once its head is whole, or
  * once this much came without one (Python then finds it malformed). */
 #define MAX_ANSWER (64 * 1024)
+/* What report() reads of a dial's answer at a time (on its stack). */
+#define ANSWER_READ (16 * 1024)
 /* dial_error of an answer cut short: the backend closed before its head ended. */
 #define ANSWER_CUT (-1)
 
@@ -312,15 +314,15 @@ typedef struct {
     int fd;            /* -1 once closed */
     int side;          /* CLIENT or BACKEND */
     uint32_t interest; /* what epoll watches for now */
-    int registered;    /* in the epoll set, armed or not (a dial's answer disarms it) */
+    int registered;    /* in an epoll set: the loop's while dialing, the relay's after */
     int sole;          /* no other descriptor shares its socket (see end_close) */
     OutBuffer out;     /* bytes waiting to be written to this socket */
 } End;
 
 /* A dialed link goes DIALING (connecting, writing the request), ANSWERING
- * (reading the response head), ANSWERED (in the epoll set but disarmed, waiting
- * for Python to attach the client or take the socket), then RELAYING as an
- * added one. */
+ * (reading the response head), both in the loop's set, ANSWERED (in no set,
+ * waiting for Python to attach the client or take the socket), then RELAYING
+ * as an added one. */
 enum { DIALING, ANSWERING, ANSWERED, RELAYING, LINGERING, CLOSED };
 
 enum {
@@ -386,6 +388,7 @@ typedef struct RelayObject {
     int timerfd;  /* ticks while sessions linger, to cut stuck flushes */
     int kickfd;   /* wakes the relay thread: to stop, or to retire closed links */
     int reportfd; /* readable while something waits for report() */
+    int loopfd;   /* the event loop's set: reportfd and the dials in progress */
     int signalled; /* reportfd written since the last report(): one wake-up serves all */
     unsigned char *scratch;
     size_t scratch_size;
@@ -480,27 +483,24 @@ out_pending(const End *end)
 }
 
 static void
-end_watch(RelayObject *relay, End *end, uint32_t interest)
+end_watch_in(int epfd, End *end, uint32_t interest)
 {
     if (end->fd < 0 || end->interest == interest)
         return;
     struct epoll_event event = {.events = interest, .data.ptr = end};
-    if (epoll_ctl(relay->epfd, EPOLL_CTL_MOD, end->fd, &event) == 0)
+    if (epoll_ctl(epfd, EPOLL_CTL_MOD, end->fd, &event) == 0)
         end->interest = interest;
 }
 
-/* Arm a one-shot registration again: its last event disarmed it. */
 static void
-end_rearm(RelayObject *relay, End *end)
+end_watch(RelayObject *relay, End *end, uint32_t interest)
 {
-    struct epoll_event event = {.events = end->interest, .data.ptr = end};
-    epoll_ctl(relay->epfd, EPOLL_CTL_MOD, end->fd, &event);
+    end_watch_in(relay->epfd, end, interest);
 }
 
-/* A dial waits for its answer with a one-shot registration: the event that
- * completes the head leaves the socket in the set, disarmed, and the session's
- * start arms it again (one call, where a removal and an addition are two). */
-#define ANSWER_INTEREST (EPOLLIN | EPOLLONESHOT)
+/* A dial's socket waits in the loop's set (see "Dialing" above) for its
+ * connect, then for its answer. */
+#define ANSWER_INTEREST EPOLLIN
 
 /* Watch each socket for what it can do now: read while its peer has nothing
  * waiting, write while it has something waiting. */
@@ -783,8 +783,8 @@ link_drop_dial(RelayObject *relay, LinkObject *link)
 {
     End *backend = &link->ends[BACKEND];
     if (backend->fd >= 0) {
-        if (backend->registered)
-            epoll_ctl(relay->epfd, EPOLL_CTL_DEL, backend->fd, NULL);
+        if (backend->registered) /* a dial's only set is the loop's */
+            epoll_ctl(relay->loopfd, EPOLL_CTL_DEL, backend->fd, NULL);
         close(backend->fd);
         backend->fd = -1;
         backend->interest = 0;
@@ -794,9 +794,10 @@ link_drop_dial(RelayObject *relay, LinkObject *link)
     link_release(link);
 }
 
-/* The dial is over: answered (error 0: the socket waits for Python, disarmed
- * by the event that brought the end of the head) or failed (the socket is
- * closed). Either way it is reported. */
+/* The dial is over: answered (error 0: the socket leaves the loop's set and
+ * waits for Python: a session's start puts it in the relay's, a take gives it
+ * to the event loop) or failed (the socket is closed). Either way it is
+ * reported. */
 static void
 link_dial_done(RelayObject *relay, LinkObject *link, int error)
 {
@@ -805,7 +806,11 @@ link_dial_done(RelayObject *relay, LinkObject *link, int error)
         link_drop_dial(relay, link);
     }
     else {
-        link->ends[BACKEND].interest = 0;
+        End *backend = &link->ends[BACKEND];
+        if (backend->registered)
+            epoll_ctl(relay->loopfd, EPOLL_CTL_DEL, backend->fd, NULL);
+        backend->registered = 0;
+        backend->interest = 0;
         STORE(link->state, ANSWERED);
     }
     link->next_answered = relay->answered;
@@ -830,8 +835,11 @@ dial_write(LinkObject *link)
     return 0;
 }
 
+/* One event of a dial's socket, on Python's thread (from report(), with the
+ * lock held): `buffer` is the caller's, the relay thread's scratch being its own. */
 static void
-link_dial_event(RelayObject *relay, LinkObject *link, End *backend)
+link_dial_event(RelayObject *relay, LinkObject *link, End *backend, char *buffer,
+                size_t buffer_size)
 {
     if (link->state == DIALING) {
         /* Writable: connected, or failed, and then the send says why. */
@@ -839,34 +847,30 @@ link_dial_event(RelayObject *relay, LinkObject *link, End *backend)
         if (failure)
             link_dial_done(relay, link, failure);
         else if (link->state == ANSWERING)
-            end_watch(relay, backend, ANSWER_INTEREST);
+            end_watch_in(relay->loopfd, backend, ANSWER_INTEREST);
         /* else the rest when writable again */
         return;
     }
-    /* ANSWERING: the event disarmed the socket; it is armed again while the head
-     * is not whole. */
+    if (link->state != ANSWERING)
+        return; /* over since this batch was fetched */
     ssize_t size;
     do {
-        size = recv(backend->fd, relay->scratch, relay->scratch_size, 0);
+        size = recv(backend->fd, buffer, buffer_size, 0);
     } while (size < 0 && errno == EINTR);
     if (size > 0) {
         size_t seen = link->answer.len;
-        if (out_append(&link->answer, (const char *)relay->scratch, (size_t)size) < 0)
+        if (out_append(&link->answer, buffer, (size_t)size) < 0)
             link_dial_done(relay, link, ENOMEM);
         else if (head_complete(link->answer.data, link->answer.len, seen) ||
                  link->answer.len >= MAX_ANSWER)
             link_dial_done(relay, link, 0);
-        else
-            end_rearm(relay, backend);
+        /* else the rest of the head when it comes */
     }
     else if (size == 0) {
         link_dial_done(relay, link, ANSWER_CUT);
     }
     else if (errno != EAGAIN && errno != EWOULDBLOCK) {
         link_dial_done(relay, link, errno);
-    }
-    else {
-        end_rearm(relay, backend);
     }
 }
 
@@ -876,10 +880,6 @@ relay_event(RelayObject *relay, End *end, uint32_t events)
     LinkObject *link = end->link;
     if (end->fd < 0 || link->state == CLOSED)
         return; /* closed since this batch was fetched */
-    if (link->state == DIALING || link->state == ANSWERING) {
-        link_dial_event(relay, link, end);
-        return;
-    }
     if (link->state == LINGERING) {
         if ((events & (EPOLLERR | EPOLLHUP)) || end_flush(end) < 0 || !out_pending(end))
             end_close(relay, end);
@@ -983,8 +983,7 @@ relay_deliver(RelayObject *relay, LinkObject *answered, LinkObject *ended,
         LinkObject *link = answered;
         answered = link->next_answered;
         link->next_answered = NULL;
-        /* The relay thread is done with the answer: a dial's link is off its
-         * epoll set, or closed. */
+        /* The dial is over: its socket is in no set (answered) or closed. */
         PyObject *answer = PyBytes_FromStringAndSize(link->answer.data,
                                                      (Py_ssize_t)link->answer.len);
         out_free(&link->answer);
@@ -1104,9 +1103,7 @@ link_start(RelayObject *relay, LinkObject *link, const void *head, Py_ssize_t he
     for (int side = CLIENT; side <= BACKEND; side++) {
         End *end = &link->ends[side];
         struct epoll_event event = {.events = EPOLLIN, .data.ptr = end};
-        /* A dial's socket is in the set already, disarmed by its answer. */
-        int op = end->registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
-        if (epoll_ctl(relay->epfd, op, end->fd, &event) < 0) {
+        if (epoll_ctl(relay->epfd, EPOLL_CTL_ADD, end->fd, &event) < 0) {
             int failure = errno;
             link_end(link, OUTCOME_FINISHED, 0);
             return failure;
@@ -1284,9 +1281,7 @@ Link_take(LinkObject *self, PyObject *unused)
     int fd = -1;
     if (self->state == ANSWERED) {
         End *backend = &self->ends[BACKEND];
-        fd = backend->fd;
-        /* Out of the set before the event loop registers it in its own. */
-        epoll_ctl(relay->epfd, EPOLL_CTL_DEL, fd, NULL);
+        fd = backend->fd; /* in no set since its answer (link_dial_done) */
         backend->fd = -1;
         backend->registered = 0;
         link_release(self);
@@ -1454,7 +1449,7 @@ relay_shut(RelayObject *self, int deliver)
             end_cut(self, &link->ends[BACKEND]);
         }
     }
-    int *fds[] = {&self->epfd, &self->timerfd, &self->kickfd, &self->reportfd};
+    int *fds[] = {&self->epfd, &self->timerfd, &self->kickfd, &self->reportfd, &self->loopfd};
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
         if (*fds[i] >= 0) {
             close(*fds[i]);
@@ -1509,7 +1504,7 @@ Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (self == NULL)
         return NULL;
     pthread_mutex_init(&self->lock, NULL);
-    self->epfd = self->timerfd = self->kickfd = self->reportfd = -1;
+    self->epfd = self->timerfd = self->kickfd = self->reportfd = self->loopfd = -1;
     self->linger = linger;
     self->scratch = PyMem_RawMalloc((size_t)read_size);
     if (self->scratch == NULL) {
@@ -1524,11 +1519,15 @@ Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     self->kickfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     self->reportfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    self->loopfd = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event tick = {.events = EPOLLIN, .data.ptr = &self->timerfd};
     struct epoll_event kick = {.events = EPOLLIN, .data.ptr = &self->kickfd};
+    struct epoll_event news = {.events = EPOLLIN, .data.ptr = &self->reportfd};
     if (self->epfd < 0 || self->timerfd < 0 || self->kickfd < 0 || self->reportfd < 0 ||
+        self->loopfd < 0 ||
         epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->timerfd, &tick) < 0 ||
-        epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->kickfd, &kick) < 0) {
+        epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->kickfd, &kick) < 0 ||
+        epoll_ctl(self->loopfd, EPOLL_CTL_ADD, self->reportfd, &news) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         Py_DECREF(self);
         return NULL;
@@ -1552,7 +1551,7 @@ Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static PyObject *
 Relay_fileno(RelayObject *self, PyObject *unused)
 {
-    return PyLong_FromLong(self->reportfd);
+    return PyLong_FromLong(self->loopfd);
 }
 
 /* A new link the relay could not take (its sockets are closed): raise the
@@ -1662,11 +1661,11 @@ Relay_dial(RelayObject *self, PyObject *args)
         goto error;
     }
     /* On loopback the handshake is over by the time connect() returns, though it
-     * says EINPROGRESS: the request is written here, and the relay thread first
-     * wakes for the answer. What a socket still connecting did not take is the
-     * relay thread's to write once it is writable. A send that fails here ends
-     * the dial, reported as the relay thread would. The link is on no list yet:
-     * nothing else can touch it. */
+     * says EINPROGRESS: the request is written here, and the loop's set first
+     * wakes the event loop for the answer. What a socket still connecting did
+     * not take is written by report() once it is writable. A send that fails
+     * here ends the dial, reported by the next report(). The link is on no list
+     * yet: nothing else can touch it. */
     link->connected = connected;
     int failed = dial_write(link);
     uint32_t interest = link->state == ANSWERING ? ANSWER_INTEREST : EPOLLOUT;
@@ -1681,10 +1680,10 @@ Relay_dial(RelayObject *self, PyObject *args)
     backend->interest = interest;
     backend->registered = 1;
     relay_unlock(self, link);
-    /* Registered once unlocked (see "Threads" above): a socket writable, or
-     * answered, at once wakes the relay thread on its registration. */
+    /* Its events are report()'s, on this thread: the relay thread never sees a
+     * dial before it is a session. */
     struct epoll_event event = {.events = interest, .data.ptr = backend};
-    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, backend->fd, &event) < 0) {
+    if (epoll_ctl(self->loopfd, EPOLL_CTL_ADD, backend->fd, &event) < 0) {
         failure = errno;
         pthread_mutex_lock(&self->lock);
         backend->interest = 0;
@@ -1711,7 +1710,23 @@ error:
 static PyObject *
 Relay_report(RelayObject *self, PyObject *unused)
 {
+    struct epoll_event events[EVENTS_PER_RUN];
+    int ready = 0;
+    if (self->loopfd >= 0) {
+        do {
+            ready = epoll_wait(self->loopfd, events, EVENTS_PER_RUN, 0);
+        } while (ready < 0 && errno == EINTR);
+    }
+    char buffer[ANSWER_READ];
+    int kick = 0;
     pthread_mutex_lock(&self->lock);
+    for (int i = 0; i < ready; i++) {
+        if (events[i].data.ptr == &self->reportfd)
+            continue; /* the relay thread's news: taken below */
+        End *end = events[i].data.ptr;
+        link_dial_event(self, end->link, end, buffer, sizeof buffer);
+        kick |= end->link->state == CLOSED; /* a failed dial: the relay thread retires it */
+    }
     if (self->reportfd >= 0)
         drain_fd(self->reportfd);
     self->signalled = 0; /* what comes after this taking signals anew */
@@ -1720,6 +1735,8 @@ Relay_report(RelayObject *self, PyObject *unused)
     LinkObject *freeable = self->freeable;
     self->answered = self->ended = self->backend_gone = self->freeable = NULL;
     pthread_mutex_unlock(&self->lock);
+    if (kick)
+        signal_fd(self->kickfd);
     relay_deliver(self, answered, ended, backend_gone, freeable);
     Py_RETURN_NONE;
 }
@@ -1745,17 +1762,18 @@ Relay_lingering(RelayObject *self, void *closure)
 
 static PyMethodDef Relay_methods[] = {
     {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS,
-     "A descriptor that is readable while report() has something to do."},
+     "A descriptor that is readable while report() has something to do: the event "
+     "loop's set of the relay thread's news and the dials in progress."},
     {"add", (PyCFunction)Relay_add, METH_VARARGS,
      "add(client_fd, backend_fd, rest, owner) -> Link. Takes the two sockets (closed "
      "by the relay from now on, even on error); rest goes to the client first, as if "
      "the backend had just sent it; owner is passed to on_end(owner, outcome) and "
      "to on_backend_closed(owner)."},
     {"dial", (PyCFunction)Relay_dial, METH_VARARGS,
-     "dial(host, port, request, owner) -> Link. Connect to an IP address and port on the "
-     "relay's thread, write request, read the response head: on_answer(owner, answer, "
-     "error) tells once, with error 0 (the head is whole, or 64 KiB came without one), "
-     "an errno, or -1 (the backend closed first)."},
+     "dial(host, port, request, owner) -> Link. Connect to an IP address and port, "
+     "write request, read the response head (in report(), on the caller's thread): "
+     "on_answer(owner, answer, error) tells once, with error 0 (the head is whole, or "
+     "64 KiB came without one), an errno, or -1 (the backend closed first)."},
     {"report", (PyCFunction)Relay_report, METH_NOARGS,
      "Call on_end for the sessions that ended; let go of the links the relay is done with."},
     {"close", (PyCFunction)Relay_close, METH_NOARGS,

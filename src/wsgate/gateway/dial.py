@@ -1,11 +1,12 @@
-"""An upgrade's backend connection, opened by the relay's thread.
+"""An upgrade's backend connection, opened by the relay's C code.
 
 For a WebSocket upgrade to a plain-TCP backend the relay connects, writes the
 request and reads the response head itself (``Relay.dial``,
-:mod:`wsgate.gateway._relay`): the backend's socket never becomes an event-loop
-transport. A :class:`Dial` is the owner the relay reports the answer to, and
-how the exchange waits for it: a future, settled once, by the answer, by a
-failure, or by the connect deadline.
+:mod:`wsgate.gateway._relay`), on the event loop's thread in ``Relay.report``:
+the backend's socket never becomes an event-loop transport, and the relay's
+own thread first sees it as a session's. A :class:`Dial` is the owner the
+relay reports the answer to, and how the exchange waits for it: a future,
+settled once, by the answer, by a failure, or by the connect deadline.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ class Exchange:
                     tried.add(reservation.backend_id)
                     continue
                 connector = plane.connector
-                # An upgrade to a plain-TCP backend is dialed by the relay's thread.
+                # An upgrade to a plain-TCP backend is dialed by the relay (in C).
                 dialing = head.upgrade and self.client.proto == "http" and connector.dials(backend)
                 if not dialing and self.client.transport is None:
                     await self.client.transport_ready()  # the session will need it
