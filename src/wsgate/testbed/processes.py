@@ -33,11 +33,25 @@ __all__ = [
 ]
 
 
+# Ports free_port has given out in this process, so that it never gives one twice.
+_given: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the kernel's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port that was free a moment ago (the kernel's choice), and not one given before.
+
+    The probe's socket is closed before the caller binds, so the kernel may well
+    choose the same port for the next probe: two ports asked for one after the
+    other (a gateway's listener and its admin API, say) could be one.
+    """
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _given:
+            break
+    _given.add(port)
+    return port
 
 
 def wait_for_port(
